@@ -1,0 +1,115 @@
+"""The one table of architectures: which model families stream exactly, and why the others don't.
+
+``prepare(model)`` readies a loaded model for streaming: it checks the table, hands every attention module the
+rotary frequencies of its layer (read from the model's own rotary module), and switches the model to the
+``streamllm`` attention function registered with transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot stream exactly with attention sinks."""
+
+
+@dataclass(frozen=True)
+class Arch:
+    family: str
+    supported: bool
+    reason: str = ""
+
+
+_ROPE = "RoPE decoder with transformers' rotate-half rotary"
+_LEARNED = "learned absolute positions: positions cannot be reassigned inside the cache, only recomputed (use --method recompute)"
+_ALIBI = "ALiBi attention bias is not supported yet"
+
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": Arch("Llama / SmolLM", True, _ROPE),
+    "mistral": Arch("Mistral", True, _ROPE),
+    "qwen2": Arch("Qwen2 / Qwen2.5", True, _ROPE),
+    "qwen3": Arch("Qwen3", True, _ROPE),
+    "gpt_neox": Arch("GPT-NeoX / Pythia (partial rotary)", True, _ROPE),
+    "phi": Arch("Phi (partial rotary)", True, _ROPE),
+    "gemma3_text": Arch("Gemma3 (per-layer sliding and global attention)", True, _ROPE),
+    "gpt2": Arch("GPT-2", False, _LEARNED),
+    "gpt_neo": Arch("GPT-Neo", False, _LEARNED),
+    "opt": Arch("OPT", False, _LEARNED),
+    "bloom": Arch("BLOOM", False, _ALIBI),
+    "mpt": Arch("MPT", False, _ALIBI),
+}
+
+# Rope types whose frequencies depend on the sequence length: a shift is then not a pure rotation.
+_LENGTH_DEPENDENT_ROPE = {"dynamic", "longrope"}
+
+
+def lookup(config) -> Arch:
+    """The table's entry for a model config; raises ``UnsupportedModelError`` with the reason."""
+    model_type = getattr(config, "model_type", None)
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        known = ", ".join(k for k, a in ARCHITECTURES.items() if a.supported)
+        raise UnsupportedModelError(f"model type {model_type!r} is not supported (supported: {known})")
+    if not arch.supported:
+        raise UnsupportedModelError(f"{arch.family} cannot stream with attention sinks: {arch.reason}")
+    for params in _rope_parameter_sets(config):
+        rope_type = params.get("rope_type", "default")
+        if rope_type in _LENGTH_DEPENDENT_ROPE:
+            raise UnsupportedModelError(f"rope type {rope_type!r} depends on the sequence length and is not supported")
+    return arch
+
+
+def _rope_parameter_sets(config) -> list[dict]:
+    params = getattr(config, "rope_parameters", None) or {}
+    if params and all(isinstance(v, dict) or v is None for v in params.values()):
+        return [v for v in params.values() if v]  # per layer type (Gemma3)
+    return [params]
+
+
+def layer_inv_freqs(model: nn.Module) -> list[torch.Tensor]:
+    """The rotary ``inv_freq`` of every decoder layer, read from the model's own rotary module."""
+    rotary = next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
+    if rotary is None:
+        raise UnsupportedModelError("the model has no rotary embedding module")
+    config = model.config
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    freqs = []
+    for layer_type in layer_types:
+        inv_freq = getattr(rotary, f"{layer_type}_inv_freq", None)
+        if inv_freq is None:
+            inv_freq = rotary.inv_freq
+        freqs.append(inv_freq.detach().to(torch.float64).cpu())
+    return freqs
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, in layer order."""
+    found = [
+        m for m in model.modules() if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
+    ]
+    return sorted(found, key=lambda m: m.layer_idx)
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """Make ``model`` stream with ``streamllm.SinkCache``. Idempotent; returns the model.
+
+    Raises ``UnsupportedModelError`` naming the reason for architectures that cannot stream exactly.
+    """
+    from .attention import ATTENTION_NAME, register
+
+    lookup(model.config)
+    register()
+    freqs = layer_inv_freqs(model)
+    modules = attention_modules(model)
+    if len(modules) != len(freqs):
+        raise UnsupportedModelError(f"found {len(modules)} attention modules for {len(freqs)} layers")
+    for module in modules:
+        # Data the attention function reads; the module's code is untouched.
+        module.streamllm_inv_freq = freqs[module.layer_idx]
+    if model.config._attn_implementation != ATTENTION_NAME:
+        model.set_attn_implementation(ATTENTION_NAME)
+    return model
