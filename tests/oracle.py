@@ -26,11 +26,12 @@ class OracleState:
 
 def _keep(state: OracleState, entries: list, sliding_window: int | None) -> list:
     """Trim a layer's list after a step: sinks + last window (or a sliding layer's own window)."""
+    if sliding_window is not None:  # a local layer keeps its own window (never more than the cache budget)
+        own = sliding_window - 1
+        return entries[-(own if state.window is None else min(own, state.num_sinks + state.window)) :]
     if state.window is None:
         return entries
     cap = state.num_sinks + state.window
-    if sliding_window is not None:
-        return entries[-min(sliding_window - 1, cap):]
     if len(entries) <= cap:
         return entries
     return entries[: state.num_sinks] + entries[len(entries) - state.window :]

@@ -171,8 +171,8 @@ class SinkCache(Cache):
         return len(self.layers)
 
     def cache_length(self) -> int:
-        """Tokens held by the first layer now (the number a user watches stay flat)."""
-        return self.layers[0].length if self.layers else 0
+        """Tokens held now by the fullest layer (the number a user watches stay flat)."""
+        return max((layer.length for layer in self.layers), default=0)
 
     def position_ids(self, num_new: int) -> torch.Tensor:
         """The positions to hand the model for the next ``num_new`` tokens. (1, T)"""

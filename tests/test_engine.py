@@ -1,0 +1,125 @@
+"""The engine against the reference oracle, on tiny random models of every supported architecture."""
+
+import pytest
+import torch
+import transformers as tf
+
+import streamllm
+from helpers import engine_logits
+from oracle import oracle_logits
+from streamllm import SinkCache, StreamConfig, UnsupportedModelError
+from streamllm.cache import NotPreparedError
+from streamllm.stream import Stream
+from tiny import ARCHS, tiny_model
+
+S, W = 2, 14  # cache of 16; streams of 3x+ that
+N = 56
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def model(request):
+    m = tiny_model(request.param)
+    streamllm.prepare(m)
+    return m
+
+
+def _ids(n=N, seed=1):
+    return torch.randint(0, 101, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, N])
+def test_sink_matches_oracle(model, chunk):
+    ids = _ids()
+    ref = oracle_logits(model, ids, S, W)
+    got, cache = engine_logits(model, ids, StreamConfig(num_sinks=S, window=W), chunk)
+    assert (got - ref).abs().max() < 1e-4
+    assert cache.cache_length() == S + W
+
+
+def test_chunked_equals_token_by_token(model):
+    ids = _ids(seed=2)
+    one, _ = engine_logits(model, ids, StreamConfig(num_sinks=S, window=W), 1)
+    many, _ = engine_logits(model, ids, StreamConfig(num_sinks=S, window=W), 23)
+    assert (one - many).abs().max() < 1e-4
+
+
+def test_rebasing_keeps_results_exact(model):
+    ids = _ids(seed=3)
+    plain, _ = engine_logits(model, ids, StreamConfig(num_sinks=S, window=W), 3)
+    rebased, cache = engine_logits(model, ids, StreamConfig(num_sinks=S, window=W, rebase_every=5), 3)
+    assert cache.offset > 0  # rebasing happened
+    assert cache.position_ids(1).max() < S + W + 5 + 3
+    assert (plain - rebased).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["window", "dense"])
+def test_baselines_match_oracle(model, method):
+    ids = _ids(seed=4)
+    config = StreamConfig(num_sinks=S, window=W, method=method)
+    ref = oracle_logits(model, ids, 0, None if method == "dense" else S + W)
+    got, _ = engine_logits(model, ids, config, 7)
+    assert (got - ref).abs().max() < 1e-4
+
+
+def test_below_capacity_sink_equals_dense(model):
+    ids = _ids(n=S + W)
+    sink, _ = engine_logits(model, ids, StreamConfig(num_sinks=S, window=W), 4)
+    with torch.no_grad():
+        dense = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0]
+    assert (sink - dense).abs().max() < 1e-4
+
+
+def test_sinks_change_results_once_eviction_starts(model):
+    ids = _ids(seed=5)
+    sink, _ = engine_logits(model, ids, StreamConfig(num_sinks=S, window=W), 8)
+    window, _ = engine_logits(model, ids, StreamConfig(num_sinks=S, window=W, method="window"), 8)
+    assert (sink[: S + W] - window[: S + W]).abs().max() < 1e-4
+    assert (sink[S + W + 1 :] - window[S + W + 1 :]).abs().max() > 1e-3
+
+
+def test_recompute_equals_dense_on_each_window(model):
+    ids = _ids(n=30, seed=6)
+    C = 8
+    stream = Stream(model, StreamConfig(num_sinks=2, window=6, method="recompute", chunk_size=7))
+    got = torch.cat(list(stream.chunks(ids)))
+    with torch.no_grad():
+        for t in (0, 5, 8, 9, 29):
+            window = ids[max(0, t - C) : t + 1]
+            ref = model(input_ids=torch.tensor([window]), use_cache=False).logits[0, -1]
+            assert (got[t] - ref).abs().max() < 1e-4
+    assert stream.cache_length == C
+
+
+def test_generate_drop_in_matches_oracle(model):
+    prompt = _ids(n=6, seed=7)
+    new = 3 * (S + W)
+    cache = SinkCache(num_sinks=S, window=W)
+    out = model.generate(
+        torch.tensor([prompt]), past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+        output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+    )
+    seq = out.sequences[0].tolist()
+    assert len(seq) == len(prompt) + new
+    ref = oracle_logits(model, seq[:-1], S, W)
+    gen_logits = torch.stack(out.logits)[:, 0]  # (new, V)
+    assert (gen_logits - ref[len(prompt) - 1 :]).abs().max() < 1e-4
+    assert all(layer.keys.shape[2] <= S + W for layer in cache.layers)
+
+
+def test_unprepared_model_is_refused():
+    m = tiny_model("llama")
+    with pytest.raises(NotPreparedError):
+        m(input_ids=torch.tensor([[1, 2, 3]]), cache=SinkCache(2, 4), use_cache=True)
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        (tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50), "learned absolute positions"),
+        (tf.BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=50), "ALiBi"),
+    ],
+)
+def test_unsupported_architectures_name_the_reason(config, reason):
+    model = tf.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UnsupportedModelError, match=reason):
+        streamllm.prepare(model)
