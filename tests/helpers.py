@@ -11,7 +11,12 @@ def engine_logits(model, ids, config: StreamConfig, chunk: int):
     for start in range(0, len(ids), chunk):
         part = ids[start : start + chunk]
         cache.maybe_rebase(len(part))
-        out = model(input_ids=torch.tensor([part]), position_ids=cache.position_ids(len(part)), cache=cache, use_cache=True)
+        out = model(
+            input_ids=torch.tensor([part]),
+            position_ids=cache.position_ids(len(part)),
+            cache=cache,
+            use_cache=True,
+        )
         rows.append(out.logits[0].float())
         for layer in cache.layers:
             assert layer.keys.shape[2] <= (config.policy().capacity or 10**9)

@@ -37,7 +37,9 @@ def _keep(state: OracleState, entries: list, sliding_window: int | None) -> list
     return entries[: state.num_sinks] + entries[len(entries) - state.window :]
 
 
-def oracle_attention(module, query, key, value, attention_mask, scaling=None, oracle=None, sliding_window=None, **kwargs):
+def oracle_attention(
+    module, query, key, value, attention_mask, scaling=None, oracle=None, sliding_window=None, **kwargs
+):
     assert query.shape[2] == 1, "the oracle goes one token at a time"
     inv_freq = module.streamllm_inv_freq
     i, t = module.layer_idx, oracle.t
@@ -72,7 +74,12 @@ def oracle_logits(model, ids: list[int], num_sinks: int, window: int | None) -> 
         rows = []
         for t, tok in enumerate(ids):
             state.t = t
-            out = model(input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[t]]), use_cache=False, oracle=state)
+            out = model(
+                input_ids=torch.tensor([[tok]]),
+                position_ids=torch.tensor([[t]]),
+                use_cache=False,
+                oracle=state,
+            )
             rows.append(out.logits[0, -1].float())
         return torch.stack(rows)
     finally:

@@ -3,14 +3,14 @@
 import pytest
 import torch
 import transformers as tf
-
-import streamllm
 from helpers import engine_logits
 from oracle import oracle_logits
+from tiny import ARCHS, tiny_model
+
+import streamllm
 from streamllm import SinkCache, StreamConfig, UnsupportedModelError
 from streamllm.cache import NotPreparedError
 from streamllm.stream import Stream
-from tiny import ARCHS, tiny_model
 
 S, W = 2, 14  # cache of 16; streams of 3x+ that
 N = 56
@@ -95,8 +95,14 @@ def test_generate_drop_in_matches_oracle(model):
     new = 3 * (S + W)
     cache = SinkCache(num_sinks=S, window=W)
     out = model.generate(
-        torch.tensor([prompt]), past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-        output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        torch.tensor([prompt]),
+        past_key_values=cache,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
     )
     seq = out.sequences[0].tolist()
     assert len(seq) == len(prompt) + new

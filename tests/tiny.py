@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
-COMMON = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=4096)
+COMMON = dict(
+    vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=4096
+)
 
 
 def _configs():
@@ -18,7 +20,9 @@ def _configs():
         "gpt_neox": tf.GPTNeoXConfig(**dict(COMMON, num_attention_heads=4), rotary_pct=0.5),
         "phi": tf.PhiConfig(**dict(COMMON, num_attention_heads=4), partial_rotary_factor=0.5),
         "gemma3_text": tf.Gemma3TextConfig(
-            **dict(gqa, num_hidden_layers=4), head_dim=16, sliding_window=12,
+            **dict(gqa, num_hidden_layers=4),
+            head_dim=16,
+            sliding_window=12,
             layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         ),
     }

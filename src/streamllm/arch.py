@@ -59,7 +59,9 @@ def lookup(config) -> Arch:
     for params in _rope_parameter_sets(config):
         rope_type = params.get("rope_type", "default")
         if rope_type in _LENGTH_DEPENDENT_ROPE:
-            raise UnsupportedModelError(f"rope type {rope_type!r} depends on the sequence length and is not supported")
+            raise UnsupportedModelError(
+                f"rope type {rope_type!r} depends on the sequence length and is not supported"
+            )
     return arch
 
 
@@ -89,7 +91,9 @@ def layer_inv_freqs(model: nn.Module) -> list[torch.Tensor]:
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The self-attention module of every decoder layer, in layer order."""
     found = [
-        m for m in model.modules() if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
+        m
+        for m in model.modules()
+        if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
     ]
     return sorted(found, key=lambda m: m.layer_idx)
 

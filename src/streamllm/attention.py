@@ -33,18 +33,24 @@ def streamllm_attention(module, query, key, value, attention_mask, scaling=None,
     layer = HANDOFF.get()
     if layer is None or layer.pending is None:
         # No SinkCache in play (a plain forward, or another cache): ordinary attention.
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     HANDOFF.set(None)
     inv_freq = getattr(module, "streamllm_inv_freq", None)
     if inv_freq is None:
         layer.pending = None
         raise NotPreparedError("the model was not prepared; call streamllm.prepare(model) first")
     layer.bind(layer.base_policy.for_layer(kwargs.get("sliding_window")), inv_freq)
-    out = attend(layer, query, scaling if scaling is not None else query.shape[-1] ** -0.5, kwargs.get("softcap"))
+    out = attend(
+        layer, query, scaling if scaling is not None else query.shape[-1] ** -0.5, kwargs.get("softcap")
+    )
     return out, None
 
 
-def attend(layer: SinkLayer, query: torch.Tensor, scaling: float, softcap: float | None = None) -> torch.Tensor:
+def attend(
+    layer: SinkLayer, query: torch.Tensor, scaling: float, softcap: float | None = None
+) -> torch.Tensor:
     """Attention of ``query`` (B, H, T, D) over the layer's stored keys plus its pending new keys, then commit."""
     k_new, v_new = layer.pending  # (B, Hkv, T, D)
     layer.pending = None

@@ -138,7 +138,9 @@ class SinkCache(Cache):
     number of tokens seen as its sequence length, so ``generate`` hands the model text positions.
     """
 
-    def __init__(self, num_sinks: int = 4, window: int = 1020, method: str = "sink", config: StreamConfig | None = None):
+    def __init__(
+        self, num_sinks: int = 4, window: int = 1020, method: str = "sink", config: StreamConfig | None = None
+    ):
         super().__init__(layers=[])
         self.config = config or StreamConfig(num_sinks=num_sinks, window=window, method=method)
         self.policy = self.config.policy()
@@ -195,5 +197,7 @@ class SinkCache(Cache):
 
     def memory_bytes(self) -> int:
         return sum(
-            layer.keys.numel() * layer.keys.element_size() * 2 for layer in self.layers if layer.keys is not None
+            layer.keys.numel() * layer.keys.element_size() * 2
+            for layer in self.layers
+            if layer.keys is not None
         )

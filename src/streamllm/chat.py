@@ -14,7 +14,9 @@ _PROBE = [{"role": "user", "content": "\x00u"}, {"role": "assistant", "content":
 class ChatSession:
     """A conversation with constant memory. The chat template is rendered per turn, never for the whole history."""
 
-    def __init__(self, model, tokenizer, config: StreamConfig | None = None, sampling: Sampling | None = None):
+    def __init__(
+        self, model, tokenizer, config: StreamConfig | None = None, sampling: Sampling | None = None
+    ):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; use `generate` instead")
         self.model, self.tokenizer = model, tokenizer
@@ -28,7 +30,9 @@ class ChatSession:
         self.turns, self._close = 0, ""
 
     def _render(self, messages, add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def turn_text(self, user: str) -> str:
         """The text this turn adds to the stream: the previous turn's closing, the user message, the reply prompt."""

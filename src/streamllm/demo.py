@@ -48,7 +48,9 @@ def run_demo(args, config: StreamConfig, load) -> int:
                     f"{event.tok_per_s:5.1f} tok/s | RSS {current_rss_mb():6.0f} MB]",
                     file=out,
                 )
-        rows.append((turn, last.tokens_seen, last.cache_length, last.generated, last.tok_per_s, current_rss_mb()))
+        rows.append(
+            (turn, last.tokens_seen, last.cache_length, last.generated, last.tok_per_s, current_rss_mb())
+        )
         print(
             f"\n    == turn {turn}: streamed {last.tokens_seen} | cache {last.cache_length}/{cap} | "
             f"{last.tok_per_s:.1f} tok/s | RSS {rows[-1][5]:.0f} MB",

@@ -76,13 +76,17 @@ class _Detokenizer:
         return after[len(before) :]
 
 
-def sample(logits: torch.Tensor, sampling: Sampling, recent: Sequence[int], generator: torch.Generator | None) -> int:
+def sample(
+    logits: torch.Tensor, sampling: Sampling, recent: Sequence[int], generator: torch.Generator | None
+) -> int:
     """Pick the next token from logits (V,)."""
     logits = logits.float().clone()
     if sampling.repetition_penalty != 1.0 and recent:
         idx = torch.tensor(sorted(set(recent)))
         picked = logits[idx]
-        logits[idx] = torch.where(picked > 0, picked / sampling.repetition_penalty, picked * sampling.repetition_penalty)
+        logits[idx] = torch.where(
+            picked > 0, picked / sampling.repetition_penalty, picked * sampling.repetition_penalty
+        )
     if sampling.temperature == 0:
         return int(logits.argmax())
     logits = logits / sampling.temperature
@@ -92,7 +96,9 @@ def sample(logits: torch.Tensor, sampling: Sampling, recent: Sequence[int], gene
     probs = torch.softmax(logits, dim=-1)
     if sampling.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
-        cut = torch.cumsum(sorted_p, dim=-1) - sorted_p > sampling.top_p  # keep the smallest set reaching top_p
+        cut = (
+            torch.cumsum(sorted_p, dim=-1) - sorted_p > sampling.top_p
+        )  # keep the smallest set reaching top_p
         sorted_p = sorted_p.masked_fill(cut, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator))
@@ -119,7 +125,9 @@ def stream_generate(
     generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
     eos = set() if sampling.ignore_eos else _eos_ids(model, tokenizer)
     detok = _Detokenizer(tokenizer)
-    hold = max((len(s) for s in sampling.stop), default=1) - 1  # text held back until no stop string can start in it
+    hold = (
+        max((len(s) for s in sampling.stop), default=1) - 1
+    )  # text held back until no stop string can start in it
     pending = ""
     recent: list[int] = ids[-64:]
 
@@ -141,7 +149,16 @@ def stream_generate(
         else:
             text, pending = pending, ""
         elapsed = time.perf_counter() - decode_start
-        yield Event(token, text, stream.cache_length, stream.tokens_seen, n, n / elapsed if elapsed else 0.0, prefill_s, finish)
+        yield Event(
+            token,
+            text,
+            stream.cache_length,
+            stream.tokens_seen,
+            n,
+            n / elapsed if elapsed else 0.0,
+            prefill_s,
+            finish,
+        )
         if finish:
             return
 

