@@ -160,6 +160,12 @@ class SinkCache(Cache):
         HANDOFF.set(layer)
         return out
 
+    def discard_pending(self) -> None:
+        """Drop new keys left unattended by a forward pass that failed midway, so the next one starts clean."""
+        for layer in self.layers:
+            layer.pending = None
+        HANDOFF.set(None)
+
     # -- the stream's view ------------------------------------------------------------------------------
     @property
     def tokens_seen(self) -> int:

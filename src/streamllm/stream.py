@@ -66,13 +66,18 @@ class Stream:
     def _forward(self, chunk: list[int], keep_all: bool) -> torch.Tensor:
         T = len(chunk)
         self.cache.maybe_rebase(T)
-        out = self.model(
-            input_ids=torch.tensor([chunk]),
-            position_ids=self.cache.position_ids(T),
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=0 if keep_all else 1,
-        )
+        try:
+            out = self.model(
+                input_ids=torch.tensor([chunk]),
+                position_ids=self.cache.position_ids(T),
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=0 if keep_all else 1,
+            )
+        except BaseException:
+            # Layers that already committed this chunk make the cache unusable; the caller should reset().
+            self.cache.discard_pending()
+            raise
         self.tokens_seen += T
         return out.logits[0].float()  # (T, V) or (1, V)
 
