@@ -68,8 +68,7 @@ class SinkLayer(CacheLayerMixin):
         return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        held = 0 if self.slot_pos is None else int((self.slot_pos >= 0).sum())
-        return held + query_length, 0
+        return self.length + query_length, 0
 
     def get_max_length(self) -> int:
         return -1 if self.base_policy.capacity is None else self.base_policy.capacity

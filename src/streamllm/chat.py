@@ -24,6 +24,9 @@ class ChatSession:
         self.stream = Stream(model, config)
         self.turns = 0
         self._close = ""  # template text that ends the previous assistant turn, not yet fed
+        self._probe = self._render(_PROBE, False)  # a rendered one-exchange conversation
+        # What the template puts after an assistant message.
+        self._after_reply = self._probe[self._probe.index("\x00a") + 2 :]
 
     def reset(self) -> None:
         self.stream.reset()
@@ -39,8 +42,7 @@ class ChatSession:
         message = {"role": "user", "content": user}
         if self.turns == 0:
             return self._render([message], True)
-        base = self._render(_PROBE, False)
-        return self._close + self._render(_PROBE + [message], True)[len(base) :]
+        return self._close + self._render(_PROBE + [message], True)[len(self._probe) :]
 
     def send(self, user: str) -> Iterator[Event]:
         if not user.strip():
@@ -52,7 +54,5 @@ class ChatSession:
             finish = event.finish_reason
             yield event
         self.turns += 1
-        base = self._render(_PROBE, False)
-        close = base[base.index("\x00a") + 2 :]  # what the template puts after an assistant message
-        eos = self.tokenizer.eos_token or ""
+        close, eos = self._after_reply, self.tokenizer.eos_token or ""
         self._close = close[len(eos) :] if finish == "stop" and close.startswith(eos) else close

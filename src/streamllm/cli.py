@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         if args.command == "demo":
-            from .demo import run_demo
+            from .cli_demo import run_demo
 
             return run_demo(args, _config(args), _load)
         return handlers[args.command](args)

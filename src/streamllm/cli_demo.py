@@ -1,4 +1,4 @@
-"""``streamllm demo``: a nonstop conversation far past the cache size, showing speed, cache length and memory."""
+"""`streamllm demo` (part of the CLI): a nonstop conversation far past the cache size, showing speed, cache length and memory."""
 
 from __future__ import annotations
 
