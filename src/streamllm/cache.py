@@ -42,7 +42,7 @@ class SinkLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, policy: Policy, layer_idx: int):
+    def __init__(self, policy: Policy, layer_idx: int, memo: dict | None = None):
         super().__init__()
         self.base_policy = policy
         self.layer_idx = layer_idx
@@ -52,6 +52,7 @@ class SinkLayer(CacheLayerMixin):
         self.seen = 0  # tokens processed: the next token's text position
         self.offset = 0  # virtual position = text position - offset, for window keys
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.memo = {} if memo is None else memo  # shared by all layers: per-chunk masks (attention.py)
 
     # -- transformers' layer contract ------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -143,10 +144,11 @@ class SinkCache(Cache):
         super().__init__(layers=[])
         self.config = config or StreamConfig(num_sinks=num_sinks, window=window, method=method)
         self.policy = self.config.policy()
+        self._memo: dict = {}
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
-            self.layers.append(SinkLayer(self.policy, len(self.layers)))
+            self.layers.append(SinkLayer(self.policy, len(self.layers), self._memo))
         waiting = HANDOFF.get()
         if waiting is not None and waiting.pending is not None:
             waiting.pending = None

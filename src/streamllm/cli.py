@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import sys
 from pathlib import Path
 
 from .arch import UnsupportedModelError
-from .config import METHODS, ConfigError, StreamConfig
+from .config import METHODS, POSITIONS, ConfigError, StreamConfig
 from .data import DataError
 from .models import BUILTINS, DEFAULT_MODEL, DTYPES, ModelError, is_pulled, model_dir, pull
+from .sysinfo import current_rss_mb, peak_rss_mb
 
 
 class InputError(ValueError):
@@ -20,18 +20,6 @@ class InputError(ValueError):
 
 
 USER_ERRORS = (InputError, ConfigError, ModelError, UnsupportedModelError, DataError, ValueError)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_rss_mb() -> float:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-    except OSError:
-        return peak_rss_mb()
 
 
 def _int_at_least(minimum: int):
@@ -58,6 +46,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     p.add_argument(
         "--chunk-size", type=_positive, default=512, help="tokens per forward pass for long inputs"
+    )
+    p.add_argument(
+        "--positions",
+        choices=POSITIONS,
+        default="cache",
+        help="sinks seen at in-cache positions (the paper) or at text positions",
     )
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
 
@@ -103,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-tokens", type=_positive, default=None)
     p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p.add_argument("--csv", type=Path, help="write per-token rows here (index, nll, running ppl, cache, RSS)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
 
     m = sub.add_parser("models", help="list built-in models, or pull one")
     m.add_argument("action", nargs="?", choices=["list", "pull"], default="list")
@@ -117,7 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args) -> StreamConfig:
     return StreamConfig(
-        num_sinks=args.num_sinks, window=args.window, method=args.method, chunk_size=args.chunk_size
+        num_sinks=args.num_sinks,
+        window=args.window,
+        method=args.method,
+        chunk_size=args.chunk_size,
+        positions=args.positions,
     )
 
 
@@ -263,12 +263,26 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def output_file(path: Path | None, overwrite: bool) -> Path | None:
+    """Check an output path before any work is done: refuse to clobber, need a writable folder."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a file")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} exists; pass --overwrite to replace it")
+    if not path.parent.is_dir():
+        raise InputError(f"folder does not exist: {path.parent}")
+    return path
+
+
 def cmd_perplexity(args) -> int:
     from tqdm import tqdm
 
-    from .perplexity import streaming_nll
+    from .perplexity import perplexity_run
 
     texts = [read_text(path) for path in args.text]
+    csv_path = output_file(args.csv, args.overwrite)
     config = _config(args)
     model, tokenizer = _load(args)
     ids: list[int] = []
@@ -280,13 +294,14 @@ def cmd_perplexity(args) -> int:
     if len(ids) < 2:
         raise InputError("the text has fewer than 2 tokens")
     with tqdm(total=len(ids), unit="tok", file=sys.stderr, disable=None) as bar:
-        result = streaming_nll(model, ids, config, on_chunk=bar.update)
+        result = perplexity_run(model, [ids], config, csv_path, on_chunk=bar.update)
     summary = {
         "ppl": round(result.ppl, 4),
         "tokens": len(ids),
         "method": config.method,
         "num_sinks": config.num_sinks,
         "window": config.window,
+        "positions": config.positions,
         "model": args.model,
         "tok_per_s": round(result.tok_per_s, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),

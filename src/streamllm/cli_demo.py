@@ -7,9 +7,9 @@ import sys
 import time
 
 from .chat import ChatSession
-from .cli import current_rss_mb
 from .config import StreamConfig
 from .generate import Sampling
+from .sysinfo import current_rss_mb
 
 PROMPTS = [
     "Tell me a long story about a lighthouse keeper who finds a message in a bottle.",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from .policy import Policy
 
 METHODS = ("sink", "window", "dense", "recompute")
+POSITIONS = ("cache", "text")
 
 
 class ConfigError(ValueError):
@@ -24,6 +25,11 @@ class StreamConfig:
 
     ``chunk_size`` bounds how many new tokens go through the model at once; ``rebase_every`` is how often (in
     tokens) window keys are rotated back so that the positions handed to the model stay small.
+
+    ``positions``: where the sinks sit relative to a query. ``cache`` (the paper): positions are assigned inside
+    the cache, so a query is never further than ``num_sinks + window`` from a sink. ``text``: every token keeps its
+    original position, so that distance grows without bound. Only the sinks are affected: rotary attention
+    depends on distances alone, and distances within the window are the same either way.
     """
 
     num_sinks: int = 4
@@ -31,10 +37,13 @@ class StreamConfig:
     method: str = "sink"
     chunk_size: int = 512
     rebase_every: int = 4096
+    positions: str = "cache"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.positions not in POSITIONS:
+            raise ConfigError(f"unknown positions {self.positions!r}; choose one of {', '.join(POSITIONS)}")
         for name in ("num_sinks", "window", "chunk_size", "rebase_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -55,7 +64,7 @@ class StreamConfig:
     def policy(self) -> Policy:
         """The eviction policy of the attention layers (global layers; see ``Policy.for_layer``)."""
         if self.method == "sink":
-            return Policy(self.num_sinks, self.window)
+            return Policy(self.num_sinks, self.window, self.positions == "text")
         if self.method == "window":
             return Policy(0, self.cache_size)
         if self.method == "dense":

@@ -1,16 +1,24 @@
-"""Streaming next-token perplexity of a text under a method."""
+"""Streaming next-token perplexity of a token stream under a method, computed in large exact chunks.
+
+Every token inside a chunk sees exactly what it would see when streamed alone (the attention mask comes from the
+cache policy), so the per-token losses equal the token-by-token ones while running tens of times faster.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .config import StreamConfig
 from .stream import Stream
+from .sysinfo import current_rss_mb
 
 
 @dataclass
@@ -27,23 +35,107 @@ class PerplexityResult:
         return (self.nll.numel() + 1) / self.seconds if self.seconds else 0.0
 
 
+def held_after(config: StreamConfig, tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens the cache (or recompute's context) holds once ``tokens`` (N,) tokens have been processed. (N,)"""
+    if config.method == "dense":
+        return tokens
+    return tokens.clamp(max=config.cache_size)
+
+
 @torch.no_grad()
+def iter_nll(model, pieces: Iterable[Sequence[int]], config: StreamConfig) -> Iterator[torch.Tensor]:
+    """Stream token ``pieces`` (any sizes, chained into one stream) through a fresh stream.
+
+    Yields the NLLs (n,) of successive tokens, starting with the stream's second token, one chunk at a time, so
+    memory stays flat however long the stream is.
+    """
+    stream = Stream(model, config)
+    buf: list[int] = []
+    C = config.chunk_size
+    for piece in pieces:
+        buf.extend(int(i) for i in piece)
+        while len(buf) > C:
+            yield _chunk_nll(stream, buf[:C], buf[1 : C + 1])
+            del buf[:C]
+    if len(buf) > 1:
+        yield _chunk_nll(stream, buf[:-1], buf[1:])
+
+
+def _chunk_nll(stream: Stream, chunk: list[int], targets: list[int]) -> torch.Tensor:
+    (logits,) = stream.chunks(chunk)  # (T, V): the chunk is at most chunk_size long
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(targets), reduction="none")  # (T,)
+
+
 def streaming_nll(
     model, ids: Sequence[int], config: StreamConfig, on_chunk: Callable[[int], None] | None = None
 ) -> PerplexityResult:
-    """Stream ``ids`` through a fresh stream; NLL of each token given what the method let the model see."""
+    """Per-token NLL of ``ids`` streamed through a fresh stream (see ``iter_nll``)."""
     if len(ids) < 2:
         raise ValueError("perplexity needs at least 2 tokens")
-    stream = Stream(model, config)
-    ids = list(ids)
-    out, done = [], 0
+    out = []
     start = time.perf_counter()
-    for logits in stream.chunks(ids):
-        T = logits.shape[0]
-        targets = torch.tensor(ids[done + 1 : done + T + 1])
-        logp = torch.log_softmax(logits[: targets.numel()], dim=-1)  # (T', V)
-        out.append(-logp.gather(1, targets[:, None])[:, 0])
-        done += T
+    for nll in iter_nll(model, [ids], config):
+        out.append(nll)
         if on_chunk:
-            on_chunk(T)
+            on_chunk(nll.numel() + (len(out) == 1))
     return PerplexityResult(torch.cat(out), time.perf_counter() - start)
+
+
+@dataclass
+class RunningPerplexity:
+    """Constant-memory totals of a run: tokens scored (every token but the first), their summed NLL, time."""
+
+    tokens: int = 0
+    total_nll: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.total_nll / self.tokens) if self.tokens else float("nan")
+
+    @property
+    def tok_per_s(self) -> float:
+        return (self.tokens + 1) / self.seconds if self.seconds else 0.0
+
+
+CSV_HEADER = ("index", "nll", "running_ppl", "cache_length", "rss_mb")
+
+
+def perplexity_run(
+    model,
+    pieces: Iterable[Sequence[int]],
+    config: StreamConfig,
+    csv_path: Path | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> RunningPerplexity:
+    """Stream ``pieces`` and total the losses in constant memory; with ``csv_path``, write one row per token:
+    its index in the stream, NLL, the running perplexity so far, the cache length it was predicted from and the
+    process RSS in MB (sampled once per chunk). Rows are flushed chunk by chunk, so a cut-short run keeps them."""
+    run = RunningPerplexity()
+    start = time.perf_counter()
+    with open(csv_path, "w", newline="") if csv_path else contextlib.nullcontext() as f:
+        writer = csv.writer(f) if f else None
+        if writer:
+            writer.writerow(CSV_HEADER)
+        for nll in iter_nll(model, pieces, config):
+            first = run.tokens + 1  # stream index of this chunk's first scored token
+            running = torch.exp(
+                (run.total_nll + nll.double().cumsum(0)) / torch.arange(first, first + len(nll))
+            )
+            run.tokens += nll.numel()
+            run.total_nll += float(nll.double().sum())
+            if writer:
+                index = torch.arange(first, first + len(nll))  # (n,)
+                held = held_after(config, index)  # the token at index i is predicted after i tokens
+                rss = round(current_rss_mb(), 1)
+                writer.writerows(
+                    (i, f"{x:.6f}", f"{p:.4f}", h, rss)
+                    for i, x, p, h in zip(
+                        index.tolist(), nll.tolist(), running.tolist(), held.tolist(), strict=True
+                    )
+                )
+                f.flush()
+            if on_chunk:
+                on_chunk(nll.numel() + (first == 1))
+    run.seconds = time.perf_counter() - start
+    return run

@@ -21,6 +21,7 @@ class Policy:
 
     num_sinks: int
     window: int | None
+    text_positions: bool = False  # sinks seen at the query's text position, not its in-cache one (issue 6)
 
     def __post_init__(self) -> None:
         if self.num_sinks < 0 or (self.window is not None and self.window < 1):
@@ -51,8 +52,9 @@ class Policy:
         return seen & ((k < self.num_sinks) | (k >= q - self.window))  # (T, K)
 
     def cache_positions(self, q_pos: torch.Tensor) -> torch.Tensor:
-        """The in-cache position of each query: how many tokens the cache held when it was processed. (T,)"""
-        if self.capacity is None:
+        """The position each query has relative to the sinks (T,): its in-cache position (how many tokens the
+        cache held when it was processed, the paper's choice) or, with ``text_positions``, its text position."""
+        if self.capacity is None or self.text_positions:
             return q_pos
         return q_pos.clamp(max=self.capacity)
 
