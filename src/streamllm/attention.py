@@ -150,9 +150,10 @@ class _Masks(NamedTuple):
 def _masks(layer: SinkLayer, q_pos: torch.Tensor, k_pos: torch.Tensor, G: int, dtype: torch.dtype) -> _Masks:
     """The chunk's masks. Every layer with the same policy holds the same positions, so they are built once per
     forward and shared through the cache's memo."""
-    key = (layer.policy, int(q_pos[0]), q_pos.numel(), k_pos.numel(), G, dtype)
-    if key in layer.memo:
-        return layer.memo[key]
+    key = (int(q_pos[0]), q_pos.numel(), k_pos.numel(), G, dtype)
+    kept = layer.memo.get(layer.policy)
+    if kept is not None and kept[0] == key:
+        return kept[1]
     visible = layer.policy.visible(q_pos, k_pos).repeat(G, 1)  # (G*T, K)
     sink = (k_pos >= 0) & (k_pos < layer.policy.num_sinks)  # (K,)
 
@@ -164,7 +165,5 @@ def _masks(layer: SinkLayer, q_pos: torch.Tensor, k_pos: torch.Tensor, G: int, d
         m = _Masks(bias(visible), bias(window), sink, ~window.any(-1), ~visible[:, sink])
     else:
         m = _Masks(bias(visible), None, None, None, None)
-    if len(layer.memo) > 8:
-        layer.memo.clear()
-    layer.memo[key] = m
+    layer.memo[layer.policy] = (key, m)  # one entry per policy: the current chunk's
     return m

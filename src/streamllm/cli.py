@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .arch import UnsupportedModelError
+from .cli_experiment import add_parser as add_experiment_parser
 from .config import METHODS, POSITIONS, ConfigError, StreamConfig
 from .data import DataError
 from .models import BUILTINS, DEFAULT_MODEL, DTYPES, ModelError, is_pulled, model_dir, pull
@@ -38,12 +39,17 @@ def _int_at_least(minimum: int):
 _positive, _non_negative = _int_at_least(1), _int_at_least(0)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, HF folder, .gguf file or hub id")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
     p.add_argument("--num-sinks", type=_non_negative, default=4)
     p.add_argument("--window", type=_positive, default=1020)
     p.add_argument("--method", choices=METHODS, default="sink")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     p.add_argument(
         "--chunk-size", type=_positive, default=512, help="tokens per forward pass for long inputs"
     )
@@ -53,7 +59,6 @@ def _common(p: argparse.ArgumentParser) -> None:
         default="cache",
         help="sinks seen at in-cache positions (the paper) or at text positions",
     )
-    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
@@ -103,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list built-in models, or pull one")
     m.add_argument("action", nargs="?", choices=["list", "pull"], default="list")
     m.add_argument("name", nargs="?")
+
+    add_experiment_parser(sub, _model_args, _positive)
 
     d = sub.add_parser("demo", help="a nonstop chat far past the cache size, with live vital signs")
     _common(d)
@@ -343,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         "models": cmd_models,
     }
     try:
+        if args.command == "experiment":
+            from .cli_experiment import run
+
+            return run(args, _load, read_text, InputError)
         if args.command == "demo":
             from .cli_demo import run_demo
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import StreamConfig
-from .stream import Stream
+from .stream import RECOMPUTE_BATCH_TOKENS, Stream
 from .sysinfo import current_rss_mb
 
 
@@ -63,7 +63,7 @@ def iter_nll(model, pieces: Iterable[Sequence[int]], config: StreamConfig) -> It
 
 def _chunk_nll(stream: Stream, chunk: list[int], targets: list[int]) -> torch.Tensor:
     (logits,) = stream.chunks(chunk)  # (T, V): the chunk is at most chunk_size long
-    return torch.nn.functional.cross_entropy(logits, torch.tensor(targets), reduction="none")  # (T,)
+    return _target_nll(logits, targets)  # (T,)
 
 
 def streaming_nll(
@@ -139,3 +139,36 @@ def perplexity_run(
                 on_chunk(nll.numel() + (first == 1))
     run.seconds = time.perf_counter() - start
     return run
+
+
+@torch.no_grad()
+def recompute_nll(
+    model,
+    ids: Sequence[int],
+    cache_size: int,
+    targets: Sequence[int],
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """NLL (len(targets),) of the tokens at stream indices ``targets`` (each >= 1) under sliding window with
+    re-computation, the ``recompute`` method: token j is predicted from the ``cache_size + 1`` tokens before it
+    (what token j - 1 sees when it is processed), rebuilt from scratch. For sampling a long stream."""
+    out: dict[int, torch.Tensor] = {}
+    full = [j for j in targets if j - 1 >= cache_size]
+    for j in (j for j in targets if j - 1 < cache_size):  # the stream's start: shorter windows, one by one
+        logits = model(input_ids=torch.tensor([list(ids[:j])]), use_cache=False, logits_to_keep=1).logits
+        out[j] = _target_nll(logits[:, -1], [ids[j]])[0]
+        if on_batch:
+            on_batch(1)
+    per_batch = max(1, RECOMPUTE_BATCH_TOKENS // (cache_size + 1))
+    for b in range(0, len(full), per_batch):
+        group = full[b : b + per_batch]
+        windows = torch.tensor([list(ids[j - 1 - cache_size : j]) for j in group])  # (b, C+1)
+        logits = model(input_ids=windows, use_cache=False, logits_to_keep=1).logits[:, -1]  # (b, V)
+        out.update(zip(group, _target_nll(logits, [ids[j] for j in group]), strict=True))
+        if on_batch:
+            on_batch(len(group))
+    return torch.stack([out[j] for j in targets])
+
+
+def _target_nll(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets), reduction="none")  # (n,)

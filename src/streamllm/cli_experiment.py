@@ -1,0 +1,59 @@
+"""``streamllm experiment NAME --out DIR``: run one of the paper's experiments and write its CSV, table and plot."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+
+
+def add_parser(sub, common, positive) -> None:
+    from .experiments import EXPERIMENTS
+
+    e = sub.add_parser(
+        "experiment", help="reproduce one of the paper's experiments (CSV, Markdown table, PNG)"
+    )
+    e.add_argument("name", choices=sorted(EXPERIMENTS))
+    e.add_argument("--out", type=Path, required=True, help="folder for NAME.csv, NAME.md and NAME.png")
+    e.add_argument("--quick", action="store_true", help="a reduced size that runs in seconds")
+    e.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    e.add_argument("--text", type=Path, action="append", default=[], help="UTF-8 text instead of Shakespeare")
+    e.add_argument("--tokens", type=positive, default=None, help="stream length instead of the default")
+    e.add_argument("--questions", type=Path, default=None, help="chat: MT-Bench style JSONL of questions")
+    common(e)
+
+
+def run(args, load, read_text, input_error) -> int:
+    from tqdm import tqdm
+
+    from .experiments import EXPERIMENTS, Context
+    from .experiments.report import Report
+
+    for path in args.text:
+        read_text(path)  # fail now, not after loading the model
+    if args.questions is not None and not args.questions.is_file():
+        raise input_error(f"questions file not found: {args.questions}")
+    if args.out.exists() and not args.out.is_dir():
+        raise input_error(f"--out {args.out} is a file, not a folder")
+    clash = [p for p in Report(args.name, "", "", ()).paths(args.out) if p.exists()]
+    if clash and not args.overwrite:
+        raise input_error(f"{clash[0]} exists; pass --overwrite to replace it")
+    model, tokenizer = load(args)
+    ctx = Context(
+        model=model,
+        tokenizer=tokenizer,
+        model_name=args.model,
+        command="streamllm " + shlex.join(sys.argv[1:]),
+        quick=args.quick,
+        texts=args.text,
+        tokens=args.tokens,
+        questions=args.questions,
+        bar=lambda total, desc: tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, disable=None),
+    )
+    start = time.perf_counter()
+    report = EXPERIMENTS[args.name](ctx)
+    for path in report.write(args.out):
+        print(path)
+    print(f"[{args.name}: {time.perf_counter() - start:.0f} s]", file=sys.stderr)
+    return 0

@@ -1,0 +1,21 @@
+"""``streamllm experiment NAME --out DIR``: the paper's experiments on our models, each writing NAME.csv, NAME.md
+and NAME.png. Each takes a ``Context`` and returns a ``Report``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from . import curves
+from .context import Context
+from .report import Report
+
+EXPERIMENTS: dict[str, Callable[[Context], Report]] = {
+    "methods": curves.methods,
+    "sinks": curves.sinks,
+    "cache-size": curves.cache_size,
+    "newline-sinks": curves.newline_sinks,
+    "positions": curves.positions,
+    "long": curves.long,
+}
+
+__all__ = ["EXPERIMENTS", "Context", "Report"]
