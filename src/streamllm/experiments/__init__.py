@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import curves
+from . import attention_map, chat, curves, streameval
 from .context import Context
 from .report import Report
 
@@ -16,6 +16,9 @@ EXPERIMENTS: dict[str, Callable[[Context], Report]] = {
     "newline-sinks": curves.newline_sinks,
     "positions": curves.positions,
     "long": curves.long,
+    "attention-map": attention_map.attention_map,
+    "streameval": streameval.streameval,
+    "chat": chat.chat,
 }
 
 __all__ = ["EXPERIMENTS", "Context", "Report"]

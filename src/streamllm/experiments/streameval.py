@@ -1,0 +1,150 @@
+"""StreamEval (paper Sec. 4.3, whose code was never released), implemented here: a stream of numbered register
+lines with a query every 10 lines asking for the content of an earlier line, scored by exact match.
+
+    line 17: REGISTER_CONTENT is <40317>
+    ...
+    Q: What is the REGISTER_CONTENT in line 17? A: The REGISTER_CONTENT in line 17 is <40317>
+
+The model's answers stay in the stream, as in a chat. Accuracy is reported against the distance (in tokens)
+from the query back to the line it asks about, for several cache sizes: once that line has left the cache the
+model cannot know it, and accuracy must fall to zero.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+from ..config import StreamConfig
+from ..generate import Sampling, stream_generate
+from ..stream import Stream
+from .context import Context
+from .report import Report, figure, table
+
+QUERY_EVERY = 10  # lines
+
+
+def line_text(index: int, value: str) -> str:
+    return f"line {index}: REGISTER_CONTENT is <{value}>\n"
+
+
+def query_text(index: int) -> str:
+    return f"Q: What is the REGISTER_CONTENT in line {index}? A: The REGISTER_CONTENT in line {index} is <"
+
+
+def score(answer: str, expected: str) -> bool:
+    """Exact match: the digits the model wrote before its closing ``>`` (or the end) are the expected ones."""
+    match = re.match(r"\s*(\d+)\s*(>|$)", answer)
+    return bool(match) and match.group(1) == expected
+
+
+@dataclass
+class Query:
+    cache: int  # cache size of the run
+    lines_back: int
+    distance: int  # tokens from the start of the asked line to the query
+    in_cache: bool  # whether the whole asked line was still in the window when the query began
+    answer: str
+    expected: str
+
+    @property
+    def correct(self) -> bool:
+        return score(self.answer, self.expected)
+
+
+def run_stream(
+    ctx: Context, config: StreamConfig, queries: int, lines_back: list[int], seed: int = 0
+) -> list[Query]:
+    """One stream of register lines with ``queries`` queries, cycling through the ``lines_back`` distances."""
+    rng = random.Random(seed)
+    stream = Stream(ctx.model, config)
+    values: list[str] = []
+    starts: list[int] = []  # token index where each line begins
+    results: list[Query] = []
+    first_query = max(lines_back)  # every query has its line to ask about
+    sampling = Sampling(max_new_tokens=8, stop=(">",))
+    with ctx.progress(queries, f"streameval {config.num_sinks}+{config.window}") as bar:
+        while len(results) < queries:
+            line = len(values) + 1
+            values.append(f"{rng.randrange(10_000, 100_000)}")
+            starts.append(stream.tokens_seen)
+            stream.feed(ctx.encode(line_text(line, values[-1])))
+            if line < first_query or line % QUERY_EVERY:
+                continue
+            back = lines_back[len(results) % len(lines_back)]
+            asked = line - back + 1  # lines_back=1 asks about the line just fed
+            distance = stream.tokens_seen - starts[asked - 1]
+            prompt = ctx.encode(query_text(asked))
+            answer = "".join(
+                e.text for e in stream_generate(ctx.model, ctx.tokenizer, prompt, sampling, stream=stream)
+            )
+            stream.feed(ctx.encode(">\n" if not answer.endswith(">") else "\n"))
+            results.append(
+                Query(config.cache_size, back, distance, distance <= config.window, answer, values[asked - 1])
+            )
+            bar.update(1)
+    return results
+
+
+def streameval(ctx: Context) -> Report:
+    if ctx.quick:
+        windows, lines_back, rounds = (60, 124), [1, 4, 12], 2
+    else:
+        windows, lines_back, rounds = (252, 508, 1020), [1, 5, 10, 20, 40, 60, 80, 100, 140], 6
+    results: list[Query] = []
+    for window in windows:
+        results += run_stream(
+            ctx, StreamConfig(num_sinks=4, window=window), rounds * len(lines_back), lines_back
+        )
+    groups: dict[tuple[int, int], list[Query]] = defaultdict(list)
+    for q in results:
+        groups[q.cache, q.lines_back].append(q)
+    rows = []
+    for (cache, back), qs in sorted(groups.items()):
+        distance = sum(q.distance for q in qs) / len(qs)
+        inside = sum(q.in_cache for q in qs)
+        rows.append(
+            (cache, back, round(distance), f"{inside}/{len(qs)}", sum(q.correct for q in qs) / len(qs))
+        )
+    inside = [q for q in results if q.in_cache]
+    outside = [q for q in results if not q.in_cache]
+
+    def acc(qs: list[Query]) -> str:
+        return (
+            f"{sum(q.correct for q in qs) / len(qs):.3f} ({sum(q.correct for q in qs)}/{len(qs)})"
+            if qs
+            else "-"
+        )
+
+    report = Report(
+        "streameval",
+        f"StreamEval: accuracy against distance to the answer ({ctx.model_name})",
+        ctx.command,
+        ("cache", "lines_back", "distance_tokens", "in_cache", "answer", "expected", "correct"),
+        [(q.cache, q.lines_back, q.distance, q.in_cache, q.answer, q.expected, q.correct) for q in results],
+    )
+    report.sections.append(
+        f"Accuracy with the answer still in the cache: {acc(inside)}; with the answer evicted: {acc(outside)}."
+    )
+    report.sections.append(
+        table(("cache", "lines back", "mean distance (tokens)", "answer in cache", "accuracy"), rows)
+    )
+    fig, axes = figure()
+    ax = axes[0, 0]
+    for i, window in enumerate(windows):
+        cache = window + 4
+        pts = [(r[2], r[4]) for r in rows if r[0] == cache]
+        ax.plot(
+            [p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"cache 4+{window}", color=f"C{i}"
+        )
+        ax.axvline(window, color=f"C{i}", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("distance from the query back to the asked line (tokens)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_title(f"{ctx.model_name}: StreamEval (dotted: window size)")
+    ax.legend()
+    report.figure = fig
+    return report
