@@ -17,8 +17,9 @@ NAME = "streamllm_oracle"
 
 
 class OracleState:
-    def __init__(self, num_sinks: int, window: int | None):
-        self.num_sinks, self.window = num_sinks, window
+    def __init__(self, num_sinks: int, window: int | None, text_positions: bool = False):
+        self.num_sinks, self.window, self.text_positions = num_sinks, window, text_positions
+        self.positions: dict[int, list[int]] = {}  # layer -> text position of each kept entry
         self.keys: dict[int, list[torch.Tensor]] = {}  # layer -> pre-rotary keys (B, Hkv, D)
         self.values: dict[int, list[torch.Tensor]] = {}
         self.t = 0  # text position of the token being processed
@@ -48,16 +49,19 @@ def oracle_attention(
     q_pre = rotate(query.double(), -tpos, inv_freq)  # (B, H, 1, D)
     keys = oracle.keys.setdefault(i, []) + [k_pre]
     values = oracle.values.setdefault(i, []) + [value[:, :, 0].double()]
+    positions = oracle.positions.setdefault(i, []) + [t]
     n = len(keys) - 1  # the query's in-cache position
-    K = rotate(torch.stack(keys, dim=2), torch.arange(n + 1), inv_freq)  # (B, Hkv, n+1, D)
+    k_at, q_at = (torch.tensor(positions), t) if oracle.text_positions else (torch.arange(n + 1), n)
+    K = rotate(torch.stack(keys, dim=2), k_at, inv_freq)  # (B, Hkv, n+1, D)
     V = torch.stack(values, dim=2)
-    q = rotate(q_pre, torch.tensor([n]), inv_freq)  # (B, H, 1, D)
+    q = rotate(q_pre, torch.tensor([q_at]), inv_freq)  # (B, H, 1, D)
     G = q.shape[1] // K.shape[1]
     K, V = K.repeat_interleave(G, dim=1), V.repeat_interleave(G, dim=1)
     probs = torch.softmax((q @ K.transpose(-1, -2)) * (scaling or q.shape[-1] ** -0.5), dim=-1)
     out = (probs @ V).to(query.dtype)  # (B, H, 1, D)
     oracle.keys[i] = _keep(oracle, keys, sliding_window)
     oracle.values[i] = _keep(oracle, values, sliding_window)
+    oracle.positions[i] = _keep(oracle, positions, sliding_window)
     return out.transpose(1, 2), None
 
 
@@ -65,12 +69,15 @@ AttentionInterface.register(NAME, oracle_attention)
 
 
 @torch.no_grad()
-def oracle_logits(model, ids: list[int], num_sinks: int, window: int | None) -> torch.Tensor:
-    """Logits (N, V) of streaming ``ids`` token by token under the paper's algorithm."""
+def oracle_logits(
+    model, ids: list[int], num_sinks: int, window: int | None, text_positions: bool = False
+) -> torch.Tensor:
+    """Logits (N, V) of streaming ``ids`` token by token under the paper's algorithm (or, with
+    ``text_positions``, with every kept token at its original position)."""
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
     try:
-        state = OracleState(num_sinks, window)
+        state = OracleState(num_sinks, window, text_positions)
         rows = []
         for t, tok in enumerate(ids):
             state.t = t

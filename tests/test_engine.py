@@ -129,3 +129,52 @@ def test_unsupported_architectures_name_the_reason(config, reason):
     model = tf.AutoModelForCausalLM.from_config(config)
     with pytest.raises(UnsupportedModelError, match=reason):
         streamllm.prepare(model)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, N])
+def test_text_positions_match_oracle(model, chunk):
+    ids = _ids(seed=4)
+    ref = oracle_logits(model, ids, S, W, text_positions=True)
+    config = StreamConfig(num_sinks=S, window=W, positions="text", rebase_every=8)  # rebases on the way
+    got, _ = engine_logits(model, ids, config, chunk)
+    assert (got - ref).abs().max() < 1e-4
+
+
+def test_position_modes_agree_until_eviction_then_differ(model):
+    ids = _ids(seed=5)
+    cache_pos, _ = engine_logits(model, ids, StreamConfig(num_sinks=S, window=W), 7)
+    text_pos, _ = engine_logits(model, ids, StreamConfig(num_sinks=S, window=W, positions="text"), 7)
+    first = S + W + 1  # tokens 0..S+W see the same positions either way
+    assert (
+        cache_pos[:first] - text_pos[:first]
+    ).abs().max() < 1e-5  # (chunks mixing both are split differently)
+    assert (cache_pos[first + 1 :] - text_pos[first + 1 :]).abs().max() > 1e-4
+    short = ids[: S + W]  # a stream shorter than the cache: the very same computation
+    a, _ = engine_logits(model, short, StreamConfig(num_sinks=S, window=W), 5)
+    b, _ = engine_logits(model, short, StreamConfig(num_sinks=S, window=W, positions="text"), 5)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["sink", "window", "dense", "recompute"])
+def test_fast_perplexity_equals_token_by_token(model, method):
+    from streamllm.perplexity import streaming_nll
+
+    ids = _ids(seed=6)
+    config = StreamConfig(num_sinks=S, window=W, method=method, chunk_size=1)
+    slow = streaming_nll(model, ids, config).nll
+    for chunk in (9, N):
+        fast = streaming_nll(
+            model, ids, StreamConfig(num_sinks=S, window=W, method=method, chunk_size=chunk)
+        ).nll
+        assert fast.shape == slow.shape == (N - 1,)
+        assert (fast - slow).abs().max() < 1e-4
+
+
+def test_sampled_recompute_equals_streamed_recompute(model):
+    from streamllm.perplexity import recompute_nll, streaming_nll
+
+    ids = _ids(seed=7)
+    full = streaming_nll(model, ids, StreamConfig(num_sinks=S, window=W, method="recompute")).nll
+    picked = [1, 5, S + W, S + W + 1, S + W + 2, 40, N - 1]
+    sampled = recompute_nll(model, ids, S + W, picked)
+    assert (sampled - full[torch.tensor(picked) - 1]).abs().max() < 1e-4
