@@ -1,0 +1,162 @@
+"""Every experiment end to end at its reduced size (``--quick``) on the real model, outputs checked for content."""
+
+import csv
+import json
+
+import pytest
+
+from streamllm.data import DataError
+from streamllm.experiments import EXPERIMENTS, Context
+from streamllm.experiments.chat import degenerate, load_questions
+from streamllm.experiments.streameval import line_text, query_text, score
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def outputs(real, tmp_path_factory):
+    """Runs each experiment once, on demand: name -> (folder, report)."""
+    model, tokenizer = real
+    done = {}
+
+    def get(name):
+        if name not in done:
+            out = tmp_path_factory.mktemp(name)
+            ctx = Context(
+                model, tokenizer, "smollm2-135m", f"streamllm experiment {name} --quick", quick=True
+            )
+            report = EXPERIMENTS[name](ctx)
+            report.write(out)
+            done[name] = (out, report)
+        return done[name]
+
+    return get
+
+
+def read(out, name):
+    with open(out / f"{name}.csv") as f:
+        rows = list(csv.DictReader(f))
+    md = (out / f"{name}.md").read_text()
+    png = (out / f"{name}.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert f"streamllm experiment {name} --quick" in md and "Machine:" in md
+    return rows, md
+
+
+def table_rows(report):
+    return {row[0]: row for row in report.csv_rows}
+
+
+def test_methods(outputs):
+    out, report = outputs("methods")
+    rows, md = read(out, "methods")
+    assert {r["method"] for r in rows} == {"dense", "window", "sink", "recompute (sampled)"}
+    for name in ("dense", "window", "sink", "recompute"):
+        assert f"| {name} |" in md
+    mean = {m: sum(float(r["mean_nll"]) for r in rows if r["method"] == m) for m in ("window", "sink")}
+    assert mean["window"] > mean["sink"]  # evicting the first tokens hurts (paper Fig. 3)
+
+
+def test_sinks(outputs):
+    out, report = outputs("sinks")
+    rows, md = read(out, "sinks")
+    ppl = {r["config"]: float(r["perplexity"]) for r in rows}
+    assert list(ppl) == ["0+64", "1+63", "2+62", "4+60", "8+56"]
+    assert ppl["0+64"] > ppl["4+60"]  # a cache with no sinks is window attention (paper Table 2)
+
+
+def test_cache_size(outputs):
+    out, _ = outputs("cache-size")
+    rows, _ = read(out, "cache-size")
+    assert [r["config"] for r in rows] == ["4+28", "4+60"]
+    assert all(1 < float(r["perplexity"]) < 1000 for r in rows)
+
+
+def test_newline_sinks(outputs):
+    out, _ = outputs("newline-sinks")
+    rows, _ = read(out, "newline-sinks")
+    ppl = [float(r["perplexity"]) for r in rows]
+    assert len(ppl) == 3
+    assert ppl[0] > ppl[1] and ppl[0] > ppl[2]  # window is worst; newlines still act as sinks
+
+
+def test_positions(outputs):
+    out, _ = outputs("positions")
+    rows, md = read(out, "positions")
+    first = {r["config"]: float(r["mean_nll"]) for r in rows if r["first_token"] == "1"}
+    last = {r["config"]: float(r["mean_nll"]) for r in rows if r["last_token"] == "399"}
+    assert set(first) == {"sink, cache positions", "sink, text positions", "window", "dense"}
+    # Before eviction the two position modes are the same computation; after it they are not.
+    assert first["sink, cache positions"] == pytest.approx(first["sink, text positions"], abs=1e-4)
+    assert last["sink, cache positions"] != pytest.approx(last["sink, text positions"], abs=1e-4)
+
+
+def test_long(outputs):
+    out, _ = outputs("long")
+    rows, md = read(out, "long")
+    assert [int(r["tokens"]) for r in rows] == [501, 1001, 1501, 2001, 2501, 3000]
+    assert all(1 < float(r["segment_ppl"]) < 1000 and float(r["rss_mb"]) > 100 for r in rows)
+    assert "RSS, first / last segment" in md
+
+
+def test_attention_map(outputs, real):
+    out, _ = outputs("attention-map")
+    rows, md = read(out, "attention-map")
+    assert len(rows) == real[0].config.num_hidden_layers
+    share = [float(r["share_token0"]) for r in rows]
+    assert all(0 <= s <= float(r["share_first4"]) <= 1 for s, r in zip(share, rows, strict=True))
+    assert max(share) > 0.25  # the first token is a sink in this model's upper layers
+
+
+def test_streameval(outputs):
+    out, _ = outputs("streameval")
+    rows, md = read(out, "streameval")
+    assert len(rows) == 12  # 2 cache sizes x 2 rounds x 3 distances
+    inside = [r for r in rows if r["in_cache"] == "True"]
+    outside = [r for r in rows if r["in_cache"] == "False"]
+    assert inside and outside
+    assert not any(r["correct"] == "True" for r in outside)  # an evicted line cannot be recalled
+    assert any(r["correct"] == "True" for r in inside)
+    for r in rows:
+        assert (r["correct"] == "True") == score(r["answer"], r["expected"])
+
+
+def test_chat(outputs):
+    out, _ = outputs("chat")
+    rows, md = read(out, "chat")
+    assert [r["method"] for r in rows] == ["dense"] * 6 + ["window"] * 6 + ["sink"] * 6
+    assert all(r["status"] == "ok" and int(r["generated"]) > 0 for r in rows)
+    sink = [r for r in rows if r["method"] == "sink"]
+    assert int(sink[-1]["tokens_streamed"]) > int(sink[-1]["cache_length"]) == 64  # far past the cache
+    assert "| sink | 6 | 0 | 0 |" in md
+
+
+def test_streameval_scoring():
+    assert score("40317>", "40317")
+    assert score(" 40317 >", "40317")
+    assert score("40317", "40317")  # cut off before the closing bracket
+    assert not score("4031>", "40317")
+    assert not score("403170>", "40317")
+    assert not score("40317 or so", "40317")
+    assert not score("", "40317")
+    assert not score("line 3", "40317")
+    assert line_text(3, "40317") == "line 3: REGISTER_CONTENT is <40317>\n"
+    assert query_text(3).endswith("in line 3 is <")
+
+
+def test_degenerate_replies():
+    assert degenerate("") == "empty"
+    assert degenerate("  \n ") == "empty"
+    assert degenerate("the cat sat on the mat " * 6) == "repetitive"
+    assert degenerate("Water them every morning, and move the pots into the shade if it gets hot.") is None
+
+
+def test_questions_file(tmp_path):
+    assert len(load_questions(None)) == 10  # our own bundled sample: 5 questions of 2 turns
+    good = tmp_path / "q.jsonl"
+    good.write_text(json.dumps({"question_id": 7, "turns": ["a", "b"]}) + "\n")
+    assert load_questions(good) == [(7, "a"), (7, "b")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 7}\n')
+    with pytest.raises(DataError, match="line 1"):
+        load_questions(bad)
