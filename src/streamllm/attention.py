@@ -4,7 +4,9 @@ For each query at text position t (virtual position t - offset, the position the
 - window keys are stored rotated at their virtual positions, so the query is used as it is;
 - sink keys are stored rotated at 0..S-1, so the query is rotated once more, to its in-cache position min(t, S+W).
 Both score blocks share one softmax. The mask comes from the policy, so a chunk of many new tokens gets exactly
-what token-by-token streaming gives (DESIGN-NOTES, "Exact chunked streaming").
+what token-by-token streaming gives (DESIGN-NOTES, "Exact chunked streaming"). Chunks go through torch's fused CPU
+attention kernel for the window block, and the sink block joins its softmax through the kernel's log-sum-exp;
+single tokens (decoding) use explicit scores, which copy no keys.
 
 Letters: B batch, H heads, Hkv kv heads, G = H / Hkv, T new tokens, C stored slots, K = C + T keys, D head dim.
 """
@@ -64,7 +66,8 @@ def attend(
     B, H, T, D = query.shape
     G = H // k_new.shape[1]
     q_pos = torch.arange(layer.seen, layer.seen + T)  # (T,) text positions
-    # Second rotation of the query, for the sink keys: from its virtual position to its in-cache position.
+    # Second rotation of the query, for the sink keys: from its virtual position to its position relative to the
+    # sinks (its in-cache position; its text position with ``positions="text"``).
     delta = policy.cache_positions(q_pos) - (q_pos - layer.offset)  # (T,)
     q_win = query.reshape(B, -1, G * T, D)  # (B, Hkv, G*T, D), query rows grouped per kv head: (g, t)
     q_sink = None
