@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -13,6 +14,8 @@ from ..perplexity import iter_nll, recompute_nll
 from ..sysinfo import current_rss_mb
 from .context import Context
 from .report import Report, figure, table
+
+log = logging.getLogger(__name__)
 
 
 def nll_curve(ctx: Context, ids: list[int], config: StreamConfig, desc: str) -> torch.Tensor:
@@ -238,6 +241,7 @@ def long(ctx: Context) -> Report:
                     )
                     seg_nll, seg_n, last = 0.0, 0, now
                     bar.set_postfix_str(f"ppl {rows[-1][1]:.2f} rss {rows[-1][2]:.0f}MB")
+                    log.info("long: %d tokens, segment ppl %.3f, RSS %.1f MB, %.0f tok/s", *rows[-1])
     seconds = time.perf_counter() - start
     report = Report(
         "long",
