@@ -97,7 +97,7 @@ def run_method(
 
 
 def chat(ctx: Context) -> Report:
-    window, max_new = (60, 12) if ctx.quick else (1020, 64)
+    window, max_new = (60, 12) if ctx.quick else (1020, 48)
     turns = load_questions(ctx.questions)
     if ctx.quick:
         turns = turns[:6]
