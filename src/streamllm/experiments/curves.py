@@ -220,28 +220,18 @@ def long(ctx: Context) -> Report:
     total = ctx.tokens or total
     config = StreamConfig(num_sinks=4, window=window)
     pieces = _take((ctx.encode(text) for text in ctx.text_pieces("hamlet", cycle=True)), total)
-    rows, seg_nll, seg_n, done = [], 0.0, 0, 1  # done counts tokens streamed; the first is never scored
-    start = last = time.perf_counter()
+    rows, done, start = [], 1, time.perf_counter()  # done counts tokens streamed; the first is never scored
     with ctx.progress(total, "long") as bar:
-        for nll in iter_nll(ctx.model, pieces, config):
-            bar.update(nll.numel())
-            while nll.numel():
-                take = min(segment - seg_n, nll.numel())
-                seg_nll += float(nll[:take].double().sum())
-                seg_n, done, nll = seg_n + take, done + take, nll[take:]
-                if seg_n == segment or done == total:
-                    now = time.perf_counter()
-                    rows.append(
-                        (
-                            done,
-                            round(math.exp(seg_nll / seg_n), 4),
-                            round(current_rss_mb(), 1),
-                            round(seg_n / (now - last), 1),
-                        )
-                    )
-                    seg_nll, seg_n, last = 0.0, 0, now
-                    bar.set_postfix_str(f"ppl {rows[-1][1]:.2f} rss {rows[-1][2]:.0f}MB")
-                    log.info("long: %d tokens, segment ppl %.3f, RSS %.1f MB, %.0f tok/s", *rows[-1])
+        last = start
+        for done, seg_nll in _segments(iter_nll(ctx.model, pieces, config), segment, bar):
+            now = time.perf_counter()
+            scored = len(seg_nll)
+            rows.append(
+                (done, round(ppl(seg_nll), 4), round(current_rss_mb(), 1), round(scored / (now - last), 1))
+            )
+            last = now
+            bar.set_postfix_str(f"ppl {rows[-1][1]:.2f} rss {rows[-1][2]:.0f}MB")
+            log.info("long: %d tokens, segment ppl %.3f, RSS %.1f MB, %.0f tok/s", *rows[-1])
     seconds = time.perf_counter() - start
     report = Report(
         "long",
@@ -289,6 +279,23 @@ def long(ctx: Context) -> Report:
 
 def _gmean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _segments(nlls, segment: int, bar):
+    """Regroup per-chunk NLLs into segments of ``segment`` scored tokens: yields (tokens streamed at the segment's
+    end, its NLLs); the last segment may be shorter."""
+    done, held = 1, []
+    for nll in nlls:
+        bar.update(nll.numel())
+        held.append(nll)
+        joined = torch.cat(held)
+        while joined.numel() >= segment:
+            done += segment
+            yield done, joined[:segment]
+            joined = joined[segment:]
+        held = [joined]
+    if held and held[0].numel():
+        yield done + held[0].numel(), held[0]
 
 
 def _take(pieces, total: int):
