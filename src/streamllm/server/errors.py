@@ -7,6 +7,7 @@ goes on serving after it.
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -65,13 +66,21 @@ def internal_error(exc: BaseException) -> APIError:
 
 
 def _param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "header", "path")]
-    if not parts:
-        return None
-    text = parts[0]
-    for p in parts[1:]:
-        text += f"[{p}]" if p.isdigit() else f".{p}"
+    """``("body", "messages", 0, "content", "str")`` -> ``"messages[0].content"``: pydantic's union member tags
+    (``str``, ``function-after[...]``) are not parameter names and end the path."""
+    text = None
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "header", "path") else loc:
+        if isinstance(part, int):
+            text = f"{text or ''}[{part}]"
+        elif re.fullmatch(r"[A-Za-z_][\w-]*", part) and part not in _TYPE_TAGS and not part.startswith(_TAG_PREFIXES):
+            text = part if text is None else f"{text}.{part}"
+        else:
+            break
     return text
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+_TAG_PREFIXES = ("function-", "constrained-", "lax-", "strict-", "json-", "tagged-")
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -81,7 +90,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = errors[0]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    param = _param(tuple(first.get("loc", ())))
+    loc = tuple(first.get("loc", ()))
+    if loc == ("body",):
+        return "the request body must be a JSON object (Content-Type: application/json)", None
+    param = _param(loc)
     where = f"{param}: " if param else ""
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return f"{where}{first.get('msg', 'invalid value')}{more}", param

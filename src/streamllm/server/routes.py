@@ -215,7 +215,9 @@ async def _collect(events: AsyncIterator[Event], request: Request) -> tuple[list
 async def _sse_body(events: AsyncIterator[Event], make, include_usage: bool) -> AsyncIterator[str]:
     count = 0
     try:
-        yield _sse(make.chunk(None, None, first=True))
+        first = make.chunk(None, None, first=True)
+        if first is not None:
+            yield _sse(first)
         async for event in events:
             count += 1
             if event.text:
@@ -261,7 +263,9 @@ class _TextFormat(_ChatFormat):
         super().__init__(model_id, turn)
         self.id = f"cmpl-{secrets.token_hex(12)}"
 
-    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict:
+    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict | None:
+        if first:  # text completions announce no role
+            return None
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         return self._head("text_completion") | {"choices": [choice]}
 

@@ -59,6 +59,7 @@ class Session:
             "object": "session",
             "turns": self.turns,
             "in_memory": self.loaded,
+            "busy": self.lock.locked(),
             "saved": self.generation > 0,
             "tokens_seen": self.stream.tokens_seen if self.stream else None,
             "cache_length": self.stream.cache_length if self.stream else None,
@@ -125,7 +126,10 @@ class SessionStore:
         self._index[session.owner][session.text_bytes].setdefault(session.text_sha256, set()).add(session.id)
 
     def candidates(self, owner: str, text: str) -> list[Session]:
-        """Sessions of ``owner`` whose text is a prefix of ``text``, longest first (by digest; verify the text)."""
+        """Sessions of ``owner`` whose text is a prefix of ``text``, longest first (by digest; verify the text).
+
+        A busy session stays a candidate: a client that retries a request whose first try is still running (or
+        being cancelled) should continue the same session once it is free, not fork a new one."""
         data = text.encode("utf-8")
         by_length = self._index.get(owner, {})
         found: list[Session] = []
@@ -135,8 +139,11 @@ class SessionStore:
             done = length
             for session_id in by_length[length].get(digest.copy().hexdigest(), ()):
                 session = self.sessions.get(session_id)
-                if session is not None and session.error is None:
-                    found.append(session)
+                if session is None or session.error is not None:
+                    continue
+                if length == 0 and session.lock.locked():
+                    continue  # a new session in its first turn: any idle or new session does as well
+                found.append(session)
         return sorted(found, key=lambda s: (-s.text_bytes, s.lock.locked(), not s.loaded))
 
     def create(self, owner: str) -> Session:
