@@ -103,17 +103,17 @@ def test_text_completions_continue_their_text(server):
 
 def test_a_changed_history_starts_a_fresh_session_and_leaves_the_old_one_alone(server, client):
     history = [{"role": "user", "content": "My name is Ada. Say hello to me."}]
-    first, h1 = _ask(client, history)
+    first, h1 = _ask(client, history, max_tokens=8)
     history.append({"role": "assistant", "content": first.choices[0].message.content})
     edited = [{"role": "user", "content": "My name is Bob. Say hello to me."}, history[1]]
-    reply, h2 = _ask(client, [*edited, {"role": "user", "content": "What is my name?"}])
+    reply, h2 = _ask(client, [*edited, {"role": "user", "content": "What is my name?"}], max_tokens=4)
     assert h2["x-session-id"] != h1["x-session-id"] and reply.usage.prompt_tokens_details.cached_tokens == 0
     # An edited assistant reply does not match either.
     tampered = [history[0], {"role": "assistant", "content": "Go away."}, {"role": "user", "content": "Why?"}]
-    _, h3 = _ask(client, tampered)
+    _, h3 = _ask(client, tampered, max_tokens=4)
     assert h3["x-session-id"] not in (h1["x-session-id"], h2["x-session-id"])
     # The original conversation goes on in its own session, untouched.
-    again, h4 = _ask(client, [*history, {"role": "user", "content": "What is my name?"}])
+    again, h4 = _ask(client, [*history, {"role": "user", "content": "What is my name?"}], max_tokens=4)
     assert h4["x-session-id"] == h1["x-session-id"] and again.usage.prompt_tokens_details.cached_tokens > 0
 
 
@@ -203,7 +203,7 @@ def _conversation(url: str, key: str, word: str, record=None) -> list[str]:
     for follow_up in ("Again, just that word.", None):
         text = ""
         for chunk in client.chat.completions.create(
-            model=MODEL, messages=messages, temperature=0, max_tokens=8, stream=True
+            model=MODEL, messages=messages, temperature=0, max_tokens=5, stream=True
         ):
             if record is not None and chunk.choices and chunk.choices[0].delta.content:
                 record.append(("token", word))
