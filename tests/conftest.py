@@ -31,7 +31,8 @@ def server(tmp_path_factory):
 
     state = tmp_path_factory.mktemp("server-state")
     proc = ServerProcess(
-        [*SERVER_ARGS, "--api-key", KEY_A, "--api-key", KEY_B, "--state-dir", str(state)], state / "server.log"
+        [*SERVER_ARGS, "--api-key", KEY_A, "--api-key", KEY_B, "--state-dir", str(state)],
+        state / "server.log",
     )
     proc.state_dir = state
     yield proc

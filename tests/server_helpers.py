@@ -122,7 +122,9 @@ def tiny_chat_model():
     return model, tokenizer
 
 
-def chat(url: str, messages: list[dict], key: str = KEY_A, session: str | None = None, **params) -> httpx.Response:
+def chat(
+    url: str, messages: list[dict], key: str = KEY_A, session: str | None = None, **params
+) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"}
     if session:
         headers["X-Session-Id"] = session

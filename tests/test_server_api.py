@@ -48,7 +48,10 @@ def test_multi_turn_chat_far_past_the_cache_feeds_only_new_tokens(server, client
         usage = reply.usage
         if previous is not None:
             # Everything said before, prompt and reply, is reused: only the new turn's tokens are fed.
-            assert usage.prompt_tokens_details.cached_tokens == previous.prompt_tokens + previous.completion_tokens
+            assert (
+                usage.prompt_tokens_details.cached_tokens
+                == previous.prompt_tokens + previous.completion_tokens
+            )
         fed.append(usage.prompt_tokens - usage.prompt_tokens_details.cached_tokens)
         assert int(headers["x-prompt-tokens-fed"]) == fed[-1]
         sessions.add(headers["x-session-id"])
@@ -82,7 +85,9 @@ def test_streaming_matches_non_streaming(server, client):
 
     # On the wire: OpenAI's server-sent events, ending with [DONE].
     body = {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 4, "stream": True}
-    raw = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY_A}"})
+    raw = httpx.post(
+        f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY_A}"}
+    )
     assert raw.headers["content-type"].startswith("text/event-stream") and raw.headers["x-session-id"]
     events = [line for line in raw.text.split("\n\n") if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
@@ -94,10 +99,15 @@ def test_text_completions_continue_their_text(server):
     first = text.completions.create(model=MODEL, prompt="The lighthouse keeper", max_tokens=8, temperature=0)
     assert first.object == "text_completion" and first.choices[0].finish_reason == "length"
     more = text.completions.create(
-        model=MODEL, prompt="The lighthouse keeper" + first.choices[0].text + " Then", max_tokens=8, temperature=0
+        model=MODEL,
+        prompt="The lighthouse keeper" + first.choices[0].text + " Then",
+        max_tokens=8,
+        temperature=0,
     )
     assert more.usage.prompt_tokens_details.cached_tokens == first.usage.total_tokens
-    streamed = text.completions.create(model=MODEL, prompt="Rain fell", max_tokens=6, temperature=0, stream=True)
+    streamed = text.completions.create(
+        model=MODEL, prompt="Rain fell", max_tokens=6, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed if c.choices)
 
 
@@ -150,7 +160,9 @@ def test_sessions_belong_to_their_key(server):
 
 
 def test_a_message_longer_than_the_cache_is_served(server, client):
-    long_message = "Here is a long list of words: " + " ".join(f"word{i}" for i in range(200)) + ". Summarise it."
+    long_message = (
+        "Here is a long list of words: " + " ".join(f"word{i}" for i in range(200)) + ". Summarise it."
+    )
     reply, headers = _ask(client, [{"role": "user", "content": long_message}], max_tokens=4)
     assert reply.usage.prompt_tokens > 5 * CACHE
     assert _session(server, headers["x-session-id"]).json()["cache_length"] == CACHE
@@ -172,7 +184,11 @@ def test_least_recently_used_sessions_go_to_disk_and_come_back(server, client):
 
 
 def test_a_client_that_disconnects_cancels_its_generation(server):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 64}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Tell me a very long story."}],
+        "max_tokens": 64,
+    }
     body |= {"temperature": 0, "stream": True}
     headers = {"Authorization": f"Bearer {KEY_A}"}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=headers) as response:
@@ -252,10 +268,14 @@ def test_a_short_request_is_not_stuck_behind_a_long_one(server):
         events.append("long")
         if i == 0:  # the long one is generating: now a short one arrives
             short_thread = threading.Thread(
-                target=lambda: short.update(
-                    r=client.completions.create(model=MODEL, prompt="The cat", max_tokens=3, temperature=0)
+                target=lambda: (
+                    short.update(
+                        r=client.completions.create(
+                            model=MODEL, prompt="The cat", max_tokens=3, temperature=0
+                        )
+                    )
+                    or events.append("short done")
                 )
-                or events.append("short done")
             )
             short_thread.start()
         finish = chunk.choices[0].finish_reason if chunk.choices else None

@@ -26,7 +26,12 @@ def tiny():
 
 def _serve(tiny, **overrides) -> ThreadServer:
     model, tokenizer = tiny
-    settings = {"model_id": "tiny", "stream": STREAM, "api_keys": (KEY,), "max_tokens_limit": 4000} | overrides
+    settings = {
+        "model_id": "tiny",
+        "stream": STREAM,
+        "api_keys": (KEY,),
+        "max_tokens_limit": 4000,
+    } | overrides
     return ThreadServer(create_app(model, tokenizer, ServerConfig(**settings)))
 
 
@@ -104,7 +109,10 @@ def test_a_server_failure_is_a_500_and_the_server_keeps_serving(tiny, monkeypatc
         # The failed turns were undone: the session continues from its first turn, as if they never happened.
         again = _chat(server.url, history)
         assert again.status_code == 200 and again.headers["x-session-id"] == session
-        assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == first.json()["usage"]["total_tokens"]
+        assert (
+            again.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+            == first.json()["usage"]["total_tokens"]
+        )
 
 
 @pytest.mark.parametrize("on_disk", [False, True])
@@ -114,7 +122,9 @@ def test_a_timeout_is_a_504_and_the_turn_is_undone(tiny, tmp_path, on_disk):
         first = _chat(server.url, [{"role": "user", "content": "hello"}])
         session = first.headers["x-session-id"]
         before = _state(server.url, session)
-        slow = _chat(server.url, [{"role": "user", "content": "and now a lot"}], session=session, max_tokens=4000)
+        slow = _chat(
+            server.url, [{"role": "user", "content": "and now a lot"}], session=session, max_tokens=4000
+        )
         assert slow.status_code == 504 and slow.json()["error"]["code"] == "request_timeout"
         after = _idle_state(server.url, session)
         assert after["turns"] == before["turns"] == 1
@@ -147,7 +157,9 @@ def test_damaged_state_breaks_only_its_own_session(tiny, tmp_path):
             session, messages, _ = histories[name]
             broken = _chat(server.url, [{"role": "user", "content": "next"}], session=session)
             assert broken.status_code == 500, name
-            assert needle in broken.json()["error"]["message"] and session in broken.json()["error"]["message"]
+            assert (
+                needle in broken.json()["error"]["message"] and session in broken.json()["error"]["message"]
+            )
             assert broken.json()["error"]["code"] == "session_state_unusable"
         session, messages, reply = histories["intact"]
         history = [*messages, reply["choices"][0]["message"], {"role": "user", "content": "next"}]
@@ -161,7 +173,9 @@ def test_damaged_state_breaks_only_its_own_session(tiny, tmp_path):
         assert fresh.status_code == 200 and fresh.headers["x-session-id"] != session
 
 
-@pytest.mark.parametrize("bad", ["../../etc/passwd", "..", "a/b", "%2e%2e%2f" * 3, "x" * 32 + "/..", "\x00" * 32])
+@pytest.mark.parametrize(
+    "bad", ["../../etc/passwd", "..", "a/b", "%2e%2e%2f" * 3, "x" * 32 + "/..", "\x00" * 32]
+)
 def test_session_ids_never_become_paths_outside_the_state_dir(tiny, tmp_path, bad):
     with pytest.raises(ValueError):
         StateDir(tmp_path, "tiny", STREAM).folder(bad)

@@ -58,7 +58,11 @@ def test_sigkill_mid_conversation_then_restart_continues_exactly(server, tmp_pat
         headers = {"Authorization": f"Bearer {KEY_A}"}
         with httpx.stream("POST", f"{first.url}/v1/chat/completions", json=body, headers=headers) as response:
             session = response.headers["x-session-id"]
-            next(line for line in response.iter_lines() if '"content": "' in line and '"content": ""' not in line)
+            next(
+                line
+                for line in response.iter_lines()
+                if '"content": "' in line and '"content": ""' not in line
+            )
             first.kill()
     finally:
         first.stop()
