@@ -283,3 +283,69 @@ def test_a_short_request_is_not_stuck_behind_a_long_one(server):
     assert short["r"].usage.completion_tokens == 3
     if finish == "length":  # (an early end of the long one would prove nothing)
         assert "long" in events[events.index("short done") :]  # the short one finished first
+
+
+GOOD = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+BAD_INPUTS = [
+    # (what, body or raw bytes, extra headers, status, param)
+    ("not JSON", b'{"model": "x", "messages": [', {}, 400, None),
+    ("not an object", b"[1, 2]", {}, 400, None),
+    ("plain text", b"hello", {"Content-Type": "text/plain"}, 400, None),
+    ("no model", {"messages": GOOD["messages"]}, {}, 400, "model"),
+    ("unknown model", GOOD | {"model": "gpt-4"}, {}, 404, "model"),
+    ("no messages", {"model": MODEL}, {}, 400, "messages"),
+    ("empty messages", GOOD | {"messages": []}, {}, 400, "messages"),
+    ("unknown role", GOOD | {"messages": [{"role": "wizard", "content": "hi"}]}, {}, 400, "messages[0].role"),
+    ("content not text", GOOD | {"messages": [{"role": "user", "content": 7}]}, {}, 400, "messages[0].content"),
+    ("lone surrogate", b'{"model": "%s", "messages": [{"role": "user", "content": "\\ud800"}]}' % MODEL.encode(),
+     {}, 400, "messages[0].content"),
+    ("message too long", GOOD | {"messages": [{"role": "user", "content": "x" * 20001}]}, {}, 400,
+     "messages[0].content"),
+    ("temperature", GOOD | {"temperature": 2.5}, {}, 400, "temperature"),
+    ("temperature NaN", json.dumps(GOOD | {"temperature": float("nan")}).encode(), {}, 400, "temperature"),
+    ("top_p", GOOD | {"top_p": 1.5}, {}, 400, "top_p"),
+    ("max_tokens zero", GOOD | {"max_tokens": 0}, {}, 400, "max_tokens"),
+    ("max_tokens over the limit", GOOD | {"max_tokens": 65}, {}, 400, "max_tokens"),
+    ("max_tokens not a number", GOOD | {"max_tokens": "many"}, {}, 400, "max_tokens"),
+    ("n", GOOD | {"n": 2}, {}, 400, "n"),
+    ("five stops", GOOD | {"stop": ["a", "b", "c", "d", "e"]}, {}, 400, "stop"),
+    ("empty stop", GOOD | {"stop": ""}, {}, 400, "stop"),
+    ("seed too big", GOOD | {"seed": 2**70}, {}, 400, "seed"),
+    ("tools", GOOD | {"tools": [{"type": "function", "function": {"name": "f"}}]}, {}, 400, "tools"),
+    ("stream not boolean", GOOD | {"stream": "yes please"}, {}, 400, "stream"),
+    ("oversized body", GOOD | {"messages": [{"role": "user", "content": "x" * 250_000}]}, {}, 413, None),
+    ("unknown session", GOOD, {"X-Session-Id": "A" * 32}, 404, "X-Session-Id"),
+    ("malformed session", GOOD, {"X-Session-Id": "../../etc/passwd"}, 404, "X-Session-Id"),
+    ("wrong key", GOOD, {"Authorization": "Bearer nope"}, 401, None),
+    ("no key", GOOD, {"Authorization": ""}, 401, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("what", "body", "headers", "status", "param"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
+def test_bad_input_gets_an_openai_error_with_the_right_status(server, what, body, headers, status, param):
+    all_headers = {"Authorization": f"Bearer {KEY_A}", "Content-Type": "application/json"} | headers
+    all_headers = {k: v for k, v in all_headers.items() if v}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", content=content, headers=all_headers, timeout=60
+    )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+
+
+def test_the_openai_client_raises_its_own_errors(server, client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=9
+        )
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+    assert (
+        httpx.get(f"{server.url}/v1/nowhere", headers={"Authorization": f"Bearer {KEY_A}"}).status_code == 404
+    )
