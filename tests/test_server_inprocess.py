@@ -198,3 +198,29 @@ def test_a_streamed_body_over_the_limit_is_refused(tiny):
         reply = httpx.post(f"{server.url}/v1/chat/completions", content=body(), headers=headers)
         assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
         assert _chat(server.url, [{"role": "user", "content": "hi"}]).status_code == 200
+
+
+def test_requests_on_one_session_take_turns(tiny):
+    with _serve(tiny) as server:
+        first = _chat(server.url, [{"role": "user", "content": "hello"}])
+        session = first.headers["x-session-id"]
+        replies = {}
+
+        def send(name):
+            replies[name] = _chat(
+                server.url, [{"role": "user", "content": name}], session=session, max_tokens=20
+            )
+
+        threads = [threading.Thread(target=send, args=(name,)) for name in ("one", "two")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        usages = sorted((r.json()["usage"] for r in replies.values()), key=lambda u: u["prompt_tokens"])
+        # The second request ran on the session as the first one left it: nothing interleaved, nothing lost.
+        assert usages[1]["prompt_tokens_details"]["cached_tokens"] == usages[0]["total_tokens"]
+        assert _state(server.url, session)["turns"] == 3
+        deleted = httpx.delete(f"{server.url}/v1/sessions/{session}", headers=AUTH)
+        assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+        assert httpx.get(f"{server.url}/v1/sessions/{session}", headers=AUTH).status_code == 404
+        assert _chat(server.url, [{"role": "user", "content": "hi"}], session=session).status_code == 404

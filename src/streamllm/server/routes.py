@@ -241,7 +241,9 @@ class _ChatFormat:
         self.id, self.created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
 
     def _head(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
+        # session_id is not OpenAI's: clients that cannot read the X-Session-Id header find it here.
+        head = {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
+        return head | {"session_id": self.turn.session.id}
 
     def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict:
         delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
@@ -254,8 +256,7 @@ class _ChatFormat:
     def whole(self, text: str, finish: str, count: int) -> dict:
         message = {"role": "assistant", "content": text}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-        extra = {"usage": _usage(self.turn, count), "session_id": self.turn.session.id}
-        return self._head("chat.completion") | {"choices": [choice]} | extra
+        return self._head("chat.completion") | {"choices": [choice], "usage": _usage(self.turn, count)}
 
 
 class _TextFormat(_ChatFormat):
@@ -274,5 +275,4 @@ class _TextFormat(_ChatFormat):
 
     def whole(self, text: str, finish: str, count: int) -> dict:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        extra = {"usage": _usage(self.turn, count), "session_id": self.turn.session.id}
-        return self._head("text_completion") | {"choices": [choice]} | extra
+        return self._head("text_completion") | {"choices": [choice], "usage": _usage(self.turn, count)}
