@@ -252,7 +252,8 @@ def test_eight_concurrent_conversations_match_sequential_ones(server):
         t.join()
     assert not errors
     assert concurrent == sequential  # greedy: no conversation saw another's tokens
-    assert sum(word.lower() in " ".join(r).lower() for word, r in sequential.items()) >= 4
+    # (The comparison means something: the conversations differ from one another.)
+    assert len({tuple(replies) for replies in sequential.values()}) >= 6, sequential
     # The conversations ran together: their tokens interleave instead of arriving one turn after another.
     switches = sum(a[1] != b[1] for a, b in zip(record, record[1:], strict=False))
     assert switches > 2 * len(WORDS) * 2

@@ -72,7 +72,11 @@ def _param(loc: tuple) -> str | None:
     for part in loc[1:] if loc and loc[0] in ("body", "query", "header", "path") else loc:
         if isinstance(part, int):
             text = f"{text or ''}[{part}]"
-        elif re.fullmatch(r"[A-Za-z_][\w-]*", part) and part not in _TYPE_TAGS and not part.startswith(_TAG_PREFIXES):
+        elif (
+            re.fullmatch(r"[A-Za-z_][\w-]*", part)
+            and part not in _TYPE_TAGS
+            and not part.startswith(_TAG_PREFIXES)
+        ):
             text = part if text is None else f"{text}.{part}"
         else:
             break

@@ -147,10 +147,14 @@ class Scheduler:
 
     def _work(self) -> None:
         while (job := self._next()) is not None:
-            if job.cancelled.is_set():
-                job.abandon()
-                continue
-            more = job.step()
+            try:
+                if job.cancelled.is_set():
+                    job.abandon()
+                    continue
+                more = job.step()
+            except BaseException:  # never let the one worker die: the server would hang
+                log.exception("the model worker hit an unexpected error")
+                more = False
             self.steps += 1
             if more:
                 with self._cv:

@@ -191,6 +191,7 @@ class SessionStore:
             session.last_used = time.monotonic()
             return
         await self._make_room(session, deadline)
+        self._memory[session.id] = None  # the room is taken now, before anything else can take it
         stream = Stream(self.model, self.config.stream)
         if session.convo is None:  # saved on disk
             try:
@@ -202,10 +203,13 @@ class SessionStore:
                 log.warning("session %s cannot be restored: %s", session.id, exc)
                 session.error = str(exc)
                 self._remove_from_index(session)
+                self._memory.pop(session.id, None)
                 raise self.broken(session) from None
+            except BaseException:
+                self._memory.pop(session.id, None)
+                raise
             self.loads += 1
         session.stream = stream
-        self._memory[session.id] = None
         session.last_used = time.monotonic()
 
     def unload(self, session: Session) -> None:

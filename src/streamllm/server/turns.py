@@ -160,11 +160,12 @@ class Turns:
         """Yield the turn's events; once the last one is out, save the session. Any other exit undoes the turn."""
         loop = asyncio.get_running_loop()
         chunk = self.config.stream.chunk_size
-        turn.job = Job(self.model, self.tokenizer, turn.session.stream, turn.ids, sampling, loop, chunk)
+        job = Job(self.model, self.tokenizer, turn.session.stream, turn.ids, sampling, loop, chunk)
         reply: list[str] = []
         last: Event | None = None
         try:
-            self.scheduler.submit(turn.job)
+            self.scheduler.submit(job)
+            turn.job = job  # from here on the stream may change: an abort must wait for the worker, then undo
             while True:
                 try:
                     async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
