@@ -224,3 +224,53 @@ def test_requests_on_one_session_take_turns(tiny):
         assert deleted.status_code == 200 and deleted.json()["deleted"] is True
         assert httpx.get(f"{server.url}/v1/sessions/{session}", headers=AUTH).status_code == 404
         assert _chat(server.url, [{"role": "user", "content": "hi"}], session=session).status_code == 404
+
+
+@pytest.mark.parametrize("which", ["tiny", pytest.param("real", marks=pytest.mark.real)])
+def test_a_batched_decode_step_matches_single_steps(request, which):
+    from streamllm.server.batching import batchable, decode_step
+
+    model, _ = request.getfixturevalue(which)
+    steps = 30 if which == "tiny" else 8
+    config = StreamConfig(num_sinks=4, window=28, rebase_every=8)
+    ids = torch.randint(100, 1000, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    lengths = [3, 40, 150]  # a young cache, a full one, one whose positions were rebased
+    single, batched = [Stream(model, config) for _ in lengths], [Stream(model, config) for _ in lengths]
+    for a, b, n in zip(single, batched, lengths, strict=True):
+        a.feed(ids[:n])
+        b.feed(ids[:n])
+    assert all(batchable(s) for s in batched)
+    for step in range(steps):
+        tokens = [ids[n + step] for n in lengths]
+        want = torch.stack([s.feed([t]) for s, t in zip(single, tokens, strict=True)])
+        got = decode_step(model, batched, tokens)
+        assert (want - got).abs().max() < 2e-4 and torch.equal(want.argmax(-1), got.argmax(-1))
+    assert [s.tokens_seen for s in batched] == [s.tokens_seen for s in single]
+    assert [s.cache_length for s in batched] == [s.cache_length for s in single] == [32, 32, 32]
+
+
+def test_batched_decoding_serves_concurrent_sessions_alike(tiny):
+    def conversations(url):
+        replies, threads = {}, []
+
+        def talk(i):
+            messages = [{"role": "user", "content": f"conversation {i}"}]
+            first = _chat(url, messages, max_tokens=12).json()["choices"][0]["message"]
+            second = _chat(url, [*messages, first, {"role": "user", "content": "more"}], max_tokens=12)
+            replies[i] = (first["content"], second.json()["choices"][0]["message"]["content"])
+
+        threads = [threading.Thread(target=talk, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return replies
+
+    with _serve(tiny) as server:
+        alone = conversations(server.url)
+    app = create_app(*tiny, ServerConfig(model_id="tiny", stream=STREAM, api_keys=(KEY,), batch_decode=4))
+    with ThreadServer(app) as server:
+        together = conversations(server.url)
+        scheduler = app.state.turns.scheduler
+    assert together == alone and len(alone) == 6
+    assert scheduler.batched_steps > 0 and scheduler.batched_rows > scheduler.batched_steps

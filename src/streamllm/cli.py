@@ -137,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--max-message-chars", type=_positive, default=1_000_000, help="longest single message")
     s.add_argument("--request-timeout", type=_positive, default=600, help="seconds a request may take in all")
+    s.add_argument(
+        "--batch-decode",
+        type=_positive,
+        default=1,
+        help="let up to N sessions share each decode forward pass (faster under load; 1: replies never depend "
+        "on other traffic)",
+    )
     return parser
 
 
@@ -369,6 +376,7 @@ def cmd_serve(args) -> int:
         max_tokens_limit=args.max_tokens,
         max_message_chars=args.max_message_chars,
         request_timeout_s=float(args.request_timeout),
+        batch_decode=args.batch_decode,
     )
     if args.state_dir is not None:
         try:

@@ -25,7 +25,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     The model worker thread starts with the app's lifespan (uvicorn, or ``with TestClient(app)``).
     """
     store = SessionStore(model, config)
-    scheduler = Scheduler()
+    scheduler = Scheduler(model, config.batch_decode)
     turns = Turns(model, tokenizer, config, store, scheduler)
 
     @asynccontextmanager
@@ -69,7 +69,7 @@ def _describe(config: ServerConfig) -> str:
     keys = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no API key"
     return (
         f"cache {config.stream.num_sinks}+{config.stream.window} ({config.stream.method}), {where}, "
-        f"{config.max_sessions} sessions in memory at most, {keys}"
+        f"{config.max_sessions} sessions in memory at most, decode batches of {config.batch_decode}, {keys}"
     )
 
 

@@ -25,6 +25,8 @@ class ServerConfig:
     ``max_tokens_limit`` is the largest ``max_tokens`` a request may ask for, and what a request that gives none
     gets (it stops earlier at the end of its turn). ``max_message_chars`` bounds one message; a message longer than the cache is
     fine (it is fed in chunks). ``request_timeout_s`` covers everything from arrival to the last token.
+    ``batch_decode`` > 1 lets that many sessions' decode steps share one forward pass (more tokens/s, but a
+    greedy reply may then differ in rare near-ties depending on what else is running).
     """
 
     model_id: str
@@ -36,11 +38,18 @@ class ServerConfig:
     max_tokens_limit: int = 4096
     max_message_chars: int = 1_000_000
     request_timeout_s: float = 600.0
+    batch_decode: int = 1
 
     def __post_init__(self) -> None:
         if not self.model_id:
             raise ConfigError("model_id must not be empty")
-        for name in ("max_sessions", "max_body_bytes", "max_tokens_limit", "max_message_chars"):
+        for name in (
+            "max_sessions",
+            "max_body_bytes",
+            "max_tokens_limit",
+            "max_message_chars",
+            "batch_decode",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -19,7 +19,7 @@ from .config import ServerConfig
 from .errors import NOT_FOUND, TIMEOUT, APIError, internal_error
 from .persist import Conversation, restore_stream, stream_tensors
 from .prompts import Renderer
-from .scheduler import Job, Scheduler
+from .scheduler import BatchJob, Job, Scheduler
 from .schemas import ChatMessage
 from .sessions import Session, SessionStore
 
@@ -160,7 +160,8 @@ class Turns:
         """Yield the turn's events; once the last one is out, save the session. Any other exit undoes the turn."""
         loop = asyncio.get_running_loop()
         chunk = self.config.stream.chunk_size
-        job = Job(self.model, self.tokenizer, turn.session.stream, turn.ids, sampling, loop, chunk)
+        kind = BatchJob if self.config.batch_decode > 1 else Job
+        job = kind(self.model, self.tokenizer, turn.session.stream, turn.ids, sampling, loop, chunk)
         reply: list[str] = []
         last: Event | None = None
         try:
