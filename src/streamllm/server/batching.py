@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache
 
-from ..rotary import rotate
+from ..rotary import rotate_half, shift_angles
 from ..stream import Stream
 
 
@@ -61,30 +61,43 @@ class StackedCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Keys (K, Hkv, 1, D) rotated at each stream's virtual position -> (K, Hkv, C+1, D) to attend over;
         then each stream commits its new key, as the single-stream engine does after attending."""
-        keys, values = [], []
-        for row, stream in enumerate(self.streams):
-            layer = stream.cache.layers[layer_idx]
-            k_old, v_old, _ = layer.stored()  # (1, Hkv, C, D)
-            S = layer.policy.num_sinks
-            if S and self.sink_shift[row]:
-                k_old = k_old.clone()
-                delta = torch.full((S,), self.sink_shift[row], dtype=torch.long)
-                k_old[:, :, :S] = rotate(k_old[:, :, :S], delta, layer.inv_freq)
-            keys.append(torch.cat([k_old, key_states[row : row + 1]], dim=2))  # (1, Hkv, C+1, D)
-            values.append(torch.cat([v_old, value_states[row : row + 1]], dim=2))
-        stacked = torch.cat(keys), torch.cat(values)  # (K, Hkv, C+1, D) each: copies, so committing is safe
-        for row, stream in enumerate(self.streams):
-            layer = stream.cache.layers[layer_idx]
+        layers = [stream.cache.layers[layer_idx] for stream in self.streams]
+        K, Hkv, _, D = key_states.shape
+        C = layers[0].keys.shape[2]
+        # One copy of each stream's storage into the batch (the stored keys cannot be attended in place: the
+        # new key's slot still holds a key the new token must see).
+        keys = key_states.new_empty(K, Hkv, C + 1, D)  # (K, Hkv, C+1, D)
+        values = value_states.new_empty(K, Hkv, C + 1, D)  # (K, Hkv, C+1, D)
+        for row, layer in enumerate(layers):
+            keys[row, :, :C], values[row, :, :C] = layer.keys[0], layer.values[0]
+        keys[:, :, C:], values[:, :, C:] = key_states, value_states
+        S = layers[0].policy.num_sinks
+        if S and any(self.sink_shift):
+            shift = torch.tensor(self.sink_shift, dtype=torch.long)  # (K,)
+            cos, sin = shift_angles(shift, layers[0].inv_freq)  # (K, R) each
+            keys[:, :, :S] = _rotate_rows(keys[:, :, :S], cos, sin)
+        for row, layer in enumerate(layers):
             layer.commit(
                 key_states[row : row + 1], value_states[row : row + 1], torch.tensor([self.positions[row]])
             )
-        return stacked
+        return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are always passed explicitly
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         raise RuntimeError("StackedCache expects an explicit 4D attention mask")
+
+
+def _rotate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each row of ``x`` (K, Hkv, S, D) by its own angles ``cos``/``sin`` (K, R), as ``rotary.rotate``
+    does for one shift (only the first R dims rotate)."""
+    r = cos.shape[-1]
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    cos, sin = cos.to(work)[:, None, None, :], sin.to(work)[:, None, None, :]  # (K, 1, 1, R)
+    part = x[..., :r].to(work)  # (K, Hkv, S, R)
+    part = part * cos + rotate_half(part) * sin
+    return torch.cat((part.to(x.dtype), x[..., r:]), dim=-1) if r < x.shape[-1] else part.to(x.dtype)
 
 
 @torch.no_grad()
