@@ -121,6 +121,50 @@ class SinkLayer(CacheLayerMixin):
             keys[:, :, :have], values[:, :, :have], slot_pos[:have] = self.keys, self.values, self.slot_pos
         self.keys, self.values, self.slot_pos = keys, values, slot_pos
 
+    # -- saving and restoring --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This layer's storage and counters, enough to continue the stream in another process.
+
+        Only slots that were ever written are kept (a young stream holds fewer than ``cache_size`` tokens).
+        Tensors are the live ones, not copies; clone them if the stream goes on while they are in use.
+        """
+        written = (
+            torch.empty(0, dtype=torch.long) if self.slot_pos is None else (self.slot_pos >= 0).nonzero()
+        )
+        used = int(written.max()) + 1 if written.numel() else 0
+        policy = self.policy
+        return {
+            "keys": None if self.keys is None else self.keys[:, :, :used],  # (B, Hkv, used, D)
+            "values": None if self.values is None else self.values[:, :, :used],  # (B, Hkv, used, D)
+            "slot_pos": None if self.slot_pos is None else self.slot_pos[:used],  # (used,)
+            "seen": self.seen,
+            "offset": self.offset,
+            "num_sinks": None if policy is None else policy.num_sinks,
+            "window": None if policy is None else policy.window,
+            "text_positions": False if policy is None else policy.text_positions,
+        }
+
+    def load_state_dict(self, state: dict, inv_freq: torch.Tensor) -> None:
+        """Restore what ``state_dict`` returned. ``inv_freq`` is the layer's rotary frequencies (from the prepared
+        model): the policy and frequencies must be bound before the first forward, because ``rebase`` may rotate
+        the window keys before any attention call binds them."""
+        self.reset()
+        self.seen, self.offset = int(state["seen"]), int(state["offset"])
+        if state["num_sinks"] is not None:
+            policy = Policy(int(state["num_sinks"]), state["window"], bool(state.get("text_positions", False)))
+            self.policy, self.inv_freq = policy, inv_freq
+        keys = state["keys"]
+        if keys is None:
+            return
+        if self.policy is None:
+            raise ValueError(f"layer {self.layer_idx}: stored keys without a policy")
+        self._ensure_slots(keys, max(keys.shape[2], 1))
+        used = keys.shape[2]
+        self.keys[:, :, :used] = keys
+        self.values[:, :, :used] = state["values"]
+        self.slot_pos[:used] = state["slot_pos"]
+        self.lazy_initialization(self.keys, self.values)
+
     def rebase(self, shift: int) -> None:
         """Rotate window keys back by ``shift`` positions so that virtual positions stay small."""
         if self.keys is not None and self.policy is not None:
@@ -201,6 +245,22 @@ class SinkCache(Cache):
             log.debug("rebasing window keys by %d positions", shift)
             for layer in self.layers:
                 layer.rebase(shift)
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue this stream later: one ``SinkLayer.state_dict`` per layer."""
+        return {"layers": [layer.state_dict() for layer in self.layers]}
+
+    def load_state_dict(self, state: dict, inv_freqs: list[torch.Tensor]) -> None:
+        """Restore what ``state_dict`` returned; ``inv_freqs`` are the prepared model's rotary frequencies per
+        layer (``streamllm.arch.layer_inv_freqs(model)``)."""
+        layers = state["layers"]
+        if layers and len(layers) != len(inv_freqs):
+            raise ValueError(f"the state has {len(layers)} layers, the model {len(inv_freqs)}")
+        self.layers = []
+        for idx, layer_state in enumerate(layers):
+            layer = SinkLayer(self.policy, idx, self._memo)
+            layer.load_state_dict(layer_state, inv_freqs[idx])
+            self.layers.append(layer)
 
     def memory_bytes(self) -> int:
         return sum(

@@ -1,0 +1,12 @@
+"""``streamllm serve``: an OpenAI-compatible chat server whose conversations never hit a context limit.
+
+- ``config``: ``ServerConfig``, the operator's limits and keys.
+- ``schemas``: request bodies; ``routes``: the endpoints; ``guards``: API key and body-size middleware.
+- ``sessions``: which session a request continues, LRU of caches in memory; ``persist``: sessions on disk.
+- ``turns``: one request's turn from choosing its session to saving it; ``scheduler``: the model worker.
+"""
+
+from .app import create_app, serve
+from .config import ServerConfig
+
+__all__ = ["ServerConfig", "create_app", "serve"]

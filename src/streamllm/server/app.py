@@ -1,0 +1,81 @@
+"""Assembling the server: the FastAPI app, its middleware and lifecycle, and running it under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from . import errors
+from .config import ServerConfig
+from .guards import AuthGuard, BodyLimit
+from .routes import Api
+from .scheduler import Scheduler
+from .sessions import SessionStore
+from .turns import Turns
+
+log = logging.getLogger(__name__)
+
+
+def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
+    """An ASGI app serving ``model`` (prepared for streaming, e.g. from ``streamllm.load_model``).
+
+    The model worker thread starts with the app's lifespan (uvicorn, or ``with TestClient(app)``).
+    """
+    store = SessionStore(model, config)
+    scheduler = Scheduler(model, config.batch_decode)
+    turns = Turns(model, tokenizer, config, store, scheduler)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        store.scan_disk()
+        scheduler.start()
+        log.info("serving %s; %s", config.model_id, _describe(config))
+        try:
+            yield
+        finally:
+            scheduler.stop()
+
+    app = FastAPI(
+        title="streamllm",
+        summary="OpenAI-compatible endless chat with attention sinks",
+        version=_version(),
+        lifespan=lifespan,
+        docs_url=None,  # the interactive docs fetch scripts from a CDN; the schema is at /openapi.json
+        redoc_url=None,
+    )
+    app.state.turns = turns
+    errors.install(app)
+    app.include_router(Api(turns, config, time.time()).router())
+    # Outermost first: the key is checked before a body is read.
+    app.add_middleware(BodyLimit, config=config)
+    app.add_middleware(AuthGuard, config=config)
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("streamllm")
+    except PackageNotFoundError:
+        return "0"
+
+
+def _describe(config: ServerConfig) -> str:
+    where = f"sessions saved in {config.state_dir}" if config.state_dir else "sessions in memory only"
+    keys = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no API key"
+    return (
+        f"cache {config.stream.num_sinks}+{config.stream.window} ({config.stream.method}), {where}, "
+        f"{config.max_sessions} sessions in memory at most, decode batches of {config.batch_decode}, {keys}"
+    )
+
+
+def serve(model, tokenizer, config: ServerConfig, host: str, port: int, log_level: str = "info") -> None:
+    """Run the server until interrupted (SIGINT/SIGTERM stop it gracefully)."""
+    import uvicorn
+
+    app = create_app(model, tokenizer, config)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

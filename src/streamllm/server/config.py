@@ -1,0 +1,63 @@
+"""What an operator chooses when starting ``streamllm serve``: limits, keys, where sessions are kept."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import ConfigError, StreamConfig
+
+
+def owner_of(api_key: str | None) -> str:
+    """The owner id of the sessions a key creates: a digest, so the key itself is never written to disk."""
+    if api_key is None:
+        return "anonymous"
+    return hashlib.sha256(b"streamllm-session-owner\0" + api_key.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Limits and policies of one server process.
+
+    ``max_sessions`` bounds how many sessions keep their cache in memory (least recently used ones are
+    dropped from memory: they live on in ``state_dir``, or are forgotten when there is none).
+    ``max_tokens_limit`` is the largest ``max_tokens`` a request may ask for, and what a request that gives none
+    gets (it stops earlier at the end of its turn). ``max_message_chars`` bounds one message; a message longer than the cache is
+    fine (it is fed in chunks). ``request_timeout_s`` covers everything from arrival to the last token.
+    ``batch_decode`` > 1 lets that many sessions' decode steps share one forward pass (more tokens/s, but a
+    greedy reply may then differ in rare near-ties depending on what else is running).
+    """
+
+    model_id: str
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    api_keys: tuple[str, ...] = ()
+    state_dir: Path | None = None
+    max_sessions: int = 16
+    max_body_bytes: int = 8 * 2**20
+    max_tokens_limit: int = 4096
+    max_message_chars: int = 1_000_000
+    request_timeout_s: float = 600.0
+    batch_decode: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.model_id:
+            raise ConfigError("model_id must not be empty")
+        for name in (
+            "max_sessions",
+            "max_body_bytes",
+            "max_tokens_limit",
+            "max_message_chars",
+            "batch_decode",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not self.request_timeout_s > 0:
+            raise ConfigError(f"request_timeout_s must be > 0, got {self.request_timeout_s!r}")
+        if any(not key or key != key.strip() for key in self.api_keys):
+            raise ConfigError("API keys must be non-empty and carry no surrounding whitespace")
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.api_keys)

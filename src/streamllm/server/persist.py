@@ -1,0 +1,267 @@
+"""Sessions on disk: one folder per session under ``<state-dir>/sessions/``, written atomically after every turn.
+
+A folder holds ``meta.json`` (format name and version, model and cache settings, counters, digests) and
+``state-<generation>.safetensors`` (the cache tensors of every layer plus the token log and the conversation
+text). ``meta.json`` is the commit point: a new state file is written under a new name first, then ``meta.json``
+is replaced by a rename. A crash at any moment leaves the previous turn's pair intact; the state file's sha256 in
+``meta.json`` catches a corrupted or truncated file.
+
+Session ids are checked against ``SESSION_ID`` before they become paths, so no request reaches a file outside
+the state folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from ..arch import layer_inv_freqs
+from ..config import StreamConfig
+from ..stream import Stream
+
+log = logging.getLogger(__name__)
+
+FORMAT = "streamllm-session"
+VERSION = 1
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")
+
+
+class StateError(Exception):
+    """A saved session that cannot be used (corrupted, written by another format version, another model...)."""
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(24)  # 32 characters, 192 random bits
+
+
+@dataclass
+class Conversation:
+    """What a session has said so far: the rendered text its cache has seen, and the tokens it was fed."""
+
+    text: str = ""
+    close: str = ""  # template text that ends the last reply, not fed yet
+    tokens: array | None = None  # every token fed, in order ("i": 4 bytes each)
+    turns: int = 0
+
+    def __post_init__(self) -> None:
+        if self.tokens is None:
+            self.tokens = array("i")
+
+    def copy(self) -> Conversation:
+        return Conversation(self.text, self.close, array("i", self.tokens), self.turns)
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# -- a stream <-> tensors ---------------------------------------------------------------------------------------
+def stream_tensors(stream: Stream) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The stream's state as named tensors plus per-layer counters (JSON-able). Tensors are copies on CPU."""
+    tensors: dict[str, torch.Tensor] = {}
+    layers: list[dict] = []
+    if stream.cache is None:  # recompute keeps only its recent tokens
+        tensors["recompute.recent"] = torch.tensor(stream.recent, dtype=torch.int32)
+        return tensors, layers
+    for i, layer in enumerate(stream.cache.state_dict()["layers"]):
+        layers.append({k: layer[k] for k in ("seen", "offset", "num_sinks", "window", "text_positions")})
+        if layer["keys"] is not None:
+            for name in ("keys", "values", "slot_pos"):
+                tensors[f"layers.{i}.{name}"] = layer[name].detach().to("cpu", copy=True).contiguous()
+    return tensors, layers
+
+
+def restore_stream(
+    stream: Stream, tensors: dict[str, torch.Tensor], layers: list[dict], tokens_seen: int
+) -> None:
+    """Put a saved state into a fresh ``stream`` of the same model and configuration."""
+    stream.reset()
+    stream.tokens_seen = tokens_seen
+    if stream.cache is None:
+        stream.recent = [int(t) for t in tensors["recompute.recent"].tolist()]
+        return
+    device = next(stream.model.parameters()).device
+    states = []
+    for i, counters in enumerate(layers):
+        state = dict(counters)
+        for name in ("keys", "values", "slot_pos"):
+            tensor = tensors.get(f"layers.{i}.{name}")
+            state[name] = None if tensor is None else tensor.to(device if name != "slot_pos" else "cpu")
+        states.append(state)
+    stream.cache.load_state_dict({"layers": states}, layer_inv_freqs(stream.model))
+
+
+def encode_state(
+    session_id: str, owner: str, model_id: str, config: StreamConfig, convo: Conversation, stream: Stream
+) -> tuple[dict, bytes]:
+    """(meta, safetensors bytes) of a session; meta still lacks the state file's name and digest."""
+    tensors, layers = stream_tensors(stream)
+    tensors["log.tokens"] = torch.from_numpy(np.frombuffer(convo.tokens.tobytes(), dtype=np.int32).copy())
+    tensors["log.text"] = torch.from_numpy(np.frombuffer(convo.text.encode("utf-8"), dtype=np.uint8).copy())
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "id": session_id,
+        "owner": owner,
+        "model": model_id,
+        "config": _config_dict(config),
+        "turns": convo.turns,
+        "tokens_seen": stream.tokens_seen,
+        "close": convo.close,
+        "text_bytes": len(convo.text.encode("utf-8")),
+        "text_sha256": text_digest(convo.text),
+        "layers": layers,
+    }
+    return meta, save_tensors(tensors)
+
+
+def decode_state(meta: dict, blob: bytes, stream: Stream) -> Conversation:
+    """Restore ``stream`` from a saved state and return the conversation; raises ``StateError``."""
+    try:
+        tensors = load_tensors(blob)
+    except (SafetensorError, ValueError) as exc:
+        raise StateError(f"the state file is not valid safetensors ({exc})") from None
+    try:
+        tokens = array("i", tensors["log.tokens"].to(torch.int32).numpy().tobytes())
+        text = bytes(tensors["log.text"].numpy().tobytes()).decode("utf-8")
+        if text_digest(text) != meta["text_sha256"]:
+            raise StateError("the conversation text does not match its digest")
+        restore_stream(stream, tensors, meta["layers"], int(meta["tokens_seen"]))
+    except StateError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+        stream.reset()
+        raise StateError(f"the state file does not fit this model ({type(exc).__name__}: {exc})") from None
+    return Conversation(text=text, close=meta["close"], tokens=tokens, turns=int(meta["turns"]))
+
+
+def _config_dict(config: StreamConfig) -> dict:
+    return {
+        "num_sinks": config.num_sinks,
+        "window": config.window,
+        "method": config.method,
+        "positions": config.positions,
+        "rebase_every": config.rebase_every,
+    }
+
+
+def check_meta(meta: object, model_id: str, config: StreamConfig) -> dict:
+    """Validate a parsed ``meta.json``; raises ``StateError`` saying what does not fit."""
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise StateError("meta.json is not a streamllm session")
+    if meta.get("version") != VERSION:
+        raise StateError(
+            f"saved in format version {meta.get('version')!r}; this server reads version {VERSION}"
+        )
+    if meta.get("model") != model_id or meta.get("config") != _config_dict(config):
+        raise StateError(
+            f"saved by a server with model {meta.get('model')!r} and cache {meta.get('config')}; this server runs "
+            f"{model_id!r} with {_config_dict(config)}"
+        )
+    wanted = {"id": str, "owner": str, "turns": int, "tokens_seen": int, "close": str, "text_bytes": int}
+    wanted |= {"text_sha256": str, "layers": list, "state_file": str, "state_sha256": str, "generation": int}
+    for key, kind in wanted.items():
+        if not isinstance(meta.get(key), kind):
+            raise StateError(f"meta.json lacks a valid {key!r}")
+    if not re.fullmatch(r"state-\d{8}\.safetensors", meta["state_file"]):
+        raise StateError("meta.json names an unexpected state file")
+    return meta
+
+
+class StateDir:
+    """The ``sessions/`` folder of ``--state-dir``."""
+
+    def __init__(self, root: Path, model_id: str, config: StreamConfig):
+        self.root = (Path(root).expanduser().resolve()) / "sessions"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.model_id, self.config = model_id, config
+
+    def folder(self, session_id: str) -> Path:
+        if not SESSION_ID.fullmatch(session_id):
+            raise ValueError(f"invalid session id {session_id!r}")
+        return self.root / session_id
+
+    def ids(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and SESSION_ID.fullmatch(p.name))
+
+    def read_meta(self, session_id: str) -> dict:
+        path = self.folder(session_id) / "meta.json"
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise StateError("meta.json is missing") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StateError(f"meta.json is unreadable ({exc})") from None
+        meta = check_meta(meta, self.model_id, self.config)
+        if meta["id"] != session_id:
+            raise StateError("meta.json belongs to another session")
+        return meta
+
+    def read(self, session_id: str) -> tuple[dict, bytes]:
+        """(meta, state bytes), both checked; raises ``StateError``."""
+        meta = self.read_meta(session_id)
+        try:
+            blob = (self.folder(session_id) / meta["state_file"]).read_bytes()
+        except OSError as exc:
+            raise StateError(f"the state file is unreadable ({exc.strerror})") from None
+        if hashlib.sha256(blob).hexdigest() != meta["state_sha256"]:
+            raise StateError("the state file is corrupted (its sha256 does not match meta.json)")
+        return meta, blob
+
+    def write(self, session_id: str, meta: dict, blob: bytes, generation: int) -> None:
+        """Commit a new state atomically: new state file, then ``meta.json`` by rename, then old files go."""
+        folder = self.folder(session_id)
+        folder.mkdir(exist_ok=True)
+        name = f"state-{generation:08d}.safetensors"
+        meta = dict(
+            meta, state_file=name, state_sha256=hashlib.sha256(blob).hexdigest(), generation=generation
+        )
+        _write_atomic(folder / name, blob)
+        _write_atomic(folder / "meta.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+        _fsync_dir(folder)
+        for old in folder.glob("state-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def delete(self, session_id: str) -> None:
+        shutil.rmtree(self.folder(session_id), ignore_errors=True)
+
+    def sweep(self) -> None:
+        """Remove temporary files a crash may have left behind."""
+        for tmp in self.root.glob("*/.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,83 @@
+"""Turning requests into text and tokens: the chat template, rendered for a whole history or for new turns only.
+
+A session is matched by text, not tokens: its ``text`` is the rendered conversation that its cache has seen, so
+a resent history extends it exactly when the history's rendering starts with it. Only the rest is tokenized and
+fed. What the model generated is kept as the tokens it generated (a re-tokenization of the reply text could
+differ), which is why the comparison is on text.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Sequence
+
+from .errors import bad_request
+from .schemas import ChatMessage
+
+# A one-exchange conversation used to find what the template writes around messages.
+_PROBE = [{"role": "user", "content": "\x00u"}, {"role": "assistant", "content": "\x00a"}]
+
+
+class Renderer:
+    """The request side's own tokenizer (the model worker decodes with another copy), behind a lock: a fast
+    tokenizer must not be used from two threads at once."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self._lock = threading.Lock()
+        self.has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.vocab_size = len(self.tokenizer)
+        self._probe = self._render(_PROBE, False) if self.has_template else ""
+        # What the template writes after an assistant message (e.g. "<|im_end|>\n").
+        self.after_reply = self._probe[self._probe.index("\x00a") + 2 :] if self.has_template else ""
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        with self._lock:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+
+    def _checked_render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if not self.has_template:
+            raise bad_request("this model has no chat template; use /v1/completions", "messages")
+        try:
+            return self._render(messages, add_generation_prompt)
+        except (
+            Exception
+        ) as exc:  # a template's own checks (raise_exception) or jinja errors: the input's fault
+            raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from None
+
+    def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        """The whole conversation, ending with the prompt for the assistant's reply."""
+        return self._checked_render(_plain(messages), True)
+
+    def chat_continuation(self, messages: Sequence[ChatMessage], close: str) -> str:
+        """The text that appends ``messages`` to a conversation whose last reply still lacks ``close``."""
+        rendered = self._checked_render(_PROBE + _plain(messages), True)
+        if not rendered.startswith(self._probe):
+            raise bad_request("the chat template cannot append these messages to a conversation", "messages")
+        return close + rendered[len(self._probe) :]
+
+    def reply_close(self, eos_fed: str) -> str:
+        """What still has to be fed to end an assistant reply, given the end-of-turn text the model produced."""
+        if eos_fed and self.after_reply.startswith(eos_fed):
+            return self.after_reply[len(eos_fed) :]
+        return self.after_reply
+
+    def encode(self, text: str) -> list[int]:
+        with self._lock:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        with self._lock:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def check_ids(self, ids: Sequence[int], param: str) -> None:
+        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})", param)
+
+
+def _plain(messages: Sequence[ChatMessage]) -> list[dict]:
+    return [{"role": m.template_role(), "content": m.text()} for m in messages]

@@ -1,0 +1,274 @@
+"""Sessions: which exist, whose they are, which hold their cache in memory, and which one a request continues.
+
+Every known session (in memory or only on disk) is in the index by owner and by the digest of its text, so a
+resent history finds the session it extends without reading any file: for each distinct text length L among
+the owner's sessions, the digest of the request's first L bytes is looked up (one incremental pass over the
+request). At most ``max_sessions`` sessions hold a cache in memory; the least recently used idle ones give theirs
+up (their state is on disk after every turn) when another needs room.
+
+All methods run on the event loop thread; only loading and saving go to worker threads, each touching only its
+own session, which the caller holds locked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import OrderedDict, defaultdict
+
+from ..stream import Stream
+from .config import ServerConfig
+from .errors import NOT_FOUND, SERVER_ERROR, APIError
+from .persist import (
+    SESSION_ID,
+    Conversation,
+    StateDir,
+    StateError,
+    decode_state,
+    encode_state,
+    new_session_id,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Session:
+    """One conversation. ``stream`` and ``convo`` are None while it lives only on disk."""
+
+    def __init__(self, session_id: str, owner: str):
+        self.id, self.owner = session_id, owner
+        self.lock = asyncio.Lock()
+        self.stream: Stream | None = None
+        self.convo: Conversation | None = None
+        self.text_bytes, self.text_sha256 = 0, hashlib.sha256(b"").hexdigest()
+        self.turns = 0
+        self.generation = 0  # of the state on disk; 0: never saved
+        self.error: str | None = None  # why its saved state cannot be used
+        self.dirty = False  # holds a turn that is not on disk yet (its save failed)
+        self.last_used = time.monotonic()
+
+    @property
+    def loaded(self) -> bool:
+        return self.stream is not None
+
+    def describe(self) -> dict:
+        return {
+            "id": self.id,
+            "object": "session",
+            "turns": self.turns,
+            "in_memory": self.loaded,
+            "busy": self.lock.locked(),
+            "saved": self.generation > 0,
+            "tokens_seen": self.stream.tokens_seen if self.stream else None,
+            "cache_length": self.stream.cache_length if self.stream else None,
+            "text_bytes": self.text_bytes,
+            "error": self.error,
+        }
+
+
+class SessionStore:
+    def __init__(self, model, config: ServerConfig):
+        self.model, self.config = model, config
+        self.disk = StateDir(config.state_dir, config.model_id, config.stream) if config.state_dir else None
+        self.sessions: dict[str, Session] = {}
+        # owner -> text length in bytes -> text digest -> session ids
+        self._index: dict[str, dict[int, dict[str, set[str]]]] = defaultdict(lambda: defaultdict(dict))
+        self._memory: OrderedDict[str, None] = OrderedDict()  # loaded sessions, least recently used first
+        self._waiters: list[asyncio.Future] = []
+        self.loads = self.evictions = 0
+
+    # -- the index --------------------------------------------------------------------------------------------
+    def scan_disk(self) -> None:
+        """Index the sessions saved under ``--state-dir`` (metadata only; caches load on demand)."""
+        if self.disk is None:
+            return
+        self.disk.sweep()
+        for session_id in self.disk.ids():
+            session = Session(session_id, owner="")
+            try:
+                meta = self.disk.read_meta(session_id)
+            except StateError as exc:
+                log.warning("session %s cannot be restored: %s", session_id, exc)
+                session.error = str(exc)
+                self.sessions[session_id] = session  # known, so its owner gets a clear error, not a 404
+                continue
+            session.owner, session.turns, session.generation = (
+                meta["owner"],
+                meta["turns"],
+                meta["generation"],
+            )
+            session.text_bytes, session.text_sha256 = meta["text_bytes"], meta["text_sha256"]
+            self._add(session)
+        log.info("%d saved sessions indexed from %s", len(self.sessions), self.disk.root)
+
+    def _add(self, session: Session) -> None:
+        self.sessions[session.id] = session
+        self._index[session.owner][session.text_bytes].setdefault(session.text_sha256, set()).add(session.id)
+
+    def _remove_from_index(self, session: Session) -> None:
+        by_length = self._index[session.owner]
+        ids = by_length.get(session.text_bytes, {}).get(session.text_sha256)
+        if ids:
+            ids.discard(session.id)
+            if not ids:
+                del by_length[session.text_bytes][session.text_sha256]
+                if not by_length[session.text_bytes]:
+                    del by_length[session.text_bytes]
+
+    def reindex(self, session: Session) -> None:
+        """Call after the session's conversation changed."""
+        self._remove_from_index(session)
+        text = session.convo.text.encode("utf-8")
+        session.text_bytes, session.text_sha256 = len(text), hashlib.sha256(text).hexdigest()
+        session.turns = session.convo.turns
+        self._index[session.owner][session.text_bytes].setdefault(session.text_sha256, set()).add(session.id)
+
+    def candidates(self, owner: str, text: str) -> list[Session]:
+        """Sessions of ``owner`` whose text is a prefix of ``text``, longest first (by digest; verify the text).
+
+        A busy session stays a candidate: a client that retries a request whose first try is still running (or
+        being cancelled) should continue the same session once it is free, not fork a new one."""
+        data = text.encode("utf-8")
+        by_length = self._index.get(owner, {})
+        found: list[Session] = []
+        digest, done = hashlib.sha256(), 0
+        for length in sorted(n for n in by_length if n <= len(data)):
+            digest.update(data[done:length])
+            done = length
+            for session_id in by_length[length].get(digest.copy().hexdigest(), ()):
+                session = self.sessions.get(session_id)
+                if session is None or session.error is not None:
+                    continue
+                if length == 0 and session.lock.locked():
+                    continue  # a new session in its first turn: any idle or new session does as well
+                found.append(session)
+        return sorted(found, key=lambda s: (-s.text_bytes, s.lock.locked(), not s.loaded))
+
+    def create(self, owner: str) -> Session:
+        session = Session(new_session_id(), owner)
+        session.convo = Conversation()
+        self._add(session)
+        return session
+
+    def get(self, session_id: str, owner: str) -> Session:
+        """The session with this id if ``owner`` may use it; else 404 (whether it exists or not)."""
+        session = self.sessions.get(session_id) if SESSION_ID.fullmatch(session_id) else None
+        if session is None or (session.owner != owner and session.error is None):
+            raise APIError(
+                404, f"unknown session {session_id!r}", NOT_FOUND, "X-Session-Id", "session_not_found"
+            )
+        if session.error is not None:
+            raise self.broken(session)
+        return session
+
+    @staticmethod
+    def broken(session: Session) -> APIError:
+        return APIError(
+            500,
+            f"session {session.id} cannot be restored: {session.error}. Other sessions are not affected; start a "
+            "new session (send the request without X-Session-Id).",
+            SERVER_ERROR,
+            "X-Session-Id",
+            "session_state_unusable",
+            headers={"x-should-retry": "false"},
+        )
+
+    def forget(self, session: Session) -> None:
+        self._remove_from_index(session)
+        self.sessions.pop(session.id, None)
+        self._memory.pop(session.id, None)
+        session.stream = session.convo = None
+        if self.disk is not None and session.generation:
+            self.disk.delete(session.id)
+
+    # -- memory --------------------------------------------------------------------------------------------------
+    async def load(self, session: Session, deadline: float) -> None:
+        """Make sure the (locked) session holds its cache in memory, making room if needed."""
+        if session.loaded:
+            self._memory.move_to_end(session.id)
+            session.last_used = time.monotonic()
+            return
+        await self._make_room(session, deadline)
+        self._memory[session.id] = None  # the room is taken now, before anything else can take it
+        stream = Stream(self.model, self.config.stream)
+        if session.convo is None:  # saved on disk
+            try:
+                meta, blob = await asyncio.to_thread(self.disk.read, session.id)
+                if meta["owner"] != session.owner:
+                    raise StateError("meta.json names another owner")
+                session.convo = await asyncio.to_thread(decode_state, meta, blob, stream)
+            except StateError as exc:
+                log.warning("session %s cannot be restored: %s", session.id, exc)
+                session.error = str(exc)
+                self._remove_from_index(session)
+                self._memory.pop(session.id, None)
+                raise self.broken(session) from None
+            except BaseException:
+                self._memory.pop(session.id, None)
+                raise
+            self.loads += 1
+        session.stream = stream
+        session.last_used = time.monotonic()
+
+    def unload(self, session: Session) -> None:
+        """Drop the cache from memory. A session saved on disk stays known and reloads on demand; one that was
+        never saved (no ``--state-dir``) has nowhere else to live and is forgotten."""
+        self._memory.pop(session.id, None)
+        if self.disk is not None and session.generation > 0 and not session.dirty:
+            session.stream = session.convo = None
+            return
+        if session.turns:
+            log.info("session %s forgotten to make room (nothing keeps it on disk)", session.id)
+        self.forget(session)
+
+    async def _make_room(self, session: Session, deadline: float) -> None:
+        while len(self._memory) >= self.config.max_sessions:
+            victim = next((self.sessions[i] for i in self._memory if self._evictable(self.sessions[i])), None)
+            if victim is not None:
+                self.evictions += 1
+                self.unload(victim)
+                continue
+            remaining = deadline - time.monotonic()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout(max(remaining, 0)):
+                    await waiter
+            except TimeoutError:
+                raise TimeoutError("every in-memory session is busy") from None
+
+    def _evictable(self, session: Session) -> bool:
+        # Busy sessions are in use; dirty ones (their last save failed) would lose a turn.
+        return not session.lock.locked() and not session.dirty
+
+    def notify(self) -> None:
+        """A session became idle: waiters for memory may try again. Synchronous, so it is safe in cleanups."""
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- saving --------------------------------------------------------------------------------------------------
+    async def save(self, session: Session) -> None:
+        """Write the (locked) session's state atomically; a no-op without ``--state-dir``."""
+        if self.disk is None:
+            return
+        session.dirty = True
+        meta, blob = await asyncio.to_thread(
+            encode_state,
+            session.id,
+            session.owner,
+            self.config.model_id,
+            self.config.stream,
+            session.convo,
+            session.stream,
+        )
+        await asyncio.to_thread(self.disk.write, session.id, meta, blob, session.generation + 1)
+        session.generation += 1
+        session.dirty = False
+
+    @property
+    def in_memory(self) -> int:
+        return len(self._memory)

@@ -1,0 +1,244 @@
+"""One request's turn: pick the session it continues, feed only what is new, generate, then save.
+
+A turn holds its session's lock from the moment the session is chosen until its state is saved, so two
+requests on one session run one after the other. A turn that does not finish (client gone, timeout, failure)
+leaves its session exactly as it was before: the previous state is reloaded from disk, or from a copy taken at
+the start when nothing is on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from ..generate import Event, Sampling, _eos_ids
+from .config import ServerConfig
+from .errors import NOT_FOUND, TIMEOUT, APIError, internal_error
+from .persist import Conversation, restore_stream, stream_tensors
+from .prompts import Renderer
+from .scheduler import BatchJob, Job, Scheduler
+from .schemas import ChatMessage
+from .sessions import Session, SessionStore
+
+log = logging.getLogger(__name__)
+
+
+def timeout_error(config: ServerConfig) -> APIError:
+    return APIError(
+        504,
+        f"the request did not finish within the server's request timeout ({config.request_timeout_s:g} s)",
+        TIMEOUT,
+        code="request_timeout",
+    )
+
+
+@dataclass
+class Turn:
+    """A chosen session, locked, and the new tokens this turn feeds it."""
+
+    session: Session
+    ids: list[int]
+    text: str  # the session's text once ``ids`` are fed
+    cached: int  # tokens of the conversation already in the session (not fed again)
+    kind: str  # "chat" or "text"
+    snapshot: tuple | None = None  # the session before the turn, when nothing on disk has it
+    job: Job | None = None
+    state: str = "open"  # -> "committing" -> "closed"
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.cached + len(self.ids)
+
+
+class Turns:
+    def __init__(self, model, tokenizer, config: ServerConfig, store: SessionStore, scheduler: Scheduler):
+        self.model, self.config, self.store, self.scheduler = model, config, store, scheduler
+        self.tokenizer = tokenizer  # used by the model worker only
+        self.renderer = Renderer(tokenizer)
+        self.eos_ids = _eos_ids(model, tokenizer)
+
+    # -- choosing the session ----------------------------------------------------------------------------------
+    async def begin_chat(
+        self, messages: Sequence[ChatMessage], owner: str, session_id: str | None, deadline: float
+    ) -> Turn:
+        prompt = await asyncio.to_thread(self.renderer.chat_prompt, messages)
+        if session_id is not None:
+            session = await self._locked(self.store.get(session_id, owner), deadline)
+            text = session.convo.text
+            if prompt.startswith(text) and len(prompt) > len(text):  # the whole history, resent
+                return await self._plan(session, prompt[len(text) :], prompt, "chat")
+            if not any(m.role == "assistant" for m in messages):  # only the new turn
+                try:
+                    suffix = await asyncio.to_thread(
+                        self.renderer.chat_continuation, messages, session.convo.close
+                    )
+                except BaseException:
+                    self._release(session)
+                    raise
+                return await self._plan(session, suffix, text + suffix, "chat")
+            log.info("history does not match session %s: starting a new session", session.id)
+            self._release(session)
+        return await self._match_or_create(owner, prompt, deadline, "chat")
+
+    async def begin_text(self, prompt: str, owner: str, session_id: str | None, deadline: float) -> Turn:
+        if session_id is not None:
+            session = await self._locked(self.store.get(session_id, owner), deadline)
+            text = session.convo.text
+            if prompt.startswith(text) and len(prompt) > len(text):
+                return await self._plan(session, prompt[len(text) :], prompt, "text")
+            return await self._plan(session, prompt, text + prompt, "text")  # new text appended
+        return await self._match_or_create(owner, prompt, deadline, "text")
+
+    async def begin_ids(self, ids: list[int], owner: str, deadline: float) -> Turn:
+        """A prompt given as token ids: fed exactly as given, into a new session."""
+        session = await self._locked(self.store.create(owner), deadline)
+        text = await asyncio.to_thread(self.renderer.decode, ids)
+        return self._turn(session, ids, text, "text")
+
+    async def _match_or_create(self, owner: str, text: str, deadline: float, kind: str) -> Turn:
+        for candidate in self.store.candidates(owner, text):
+            try:
+                session = await self._locked(candidate, deadline)
+            except APIError as exc:
+                if exc.status == 504:
+                    raise
+                continue  # gone, or its saved state is unusable: never mind, another session will do
+            have = session.convo.text
+            if text.startswith(have) and len(text) > len(have):
+                return await self._plan(session, text[len(have) :], text, kind)
+            self._release(session)  # it moved on while we waited for it
+        session = await self._locked(self.store.create(owner), deadline)
+        return await self._plan(session, text, text, kind)
+
+    async def _locked(self, session: Session, deadline: float) -> Session:
+        """Lock the session and load its cache; raises 504 past the deadline, 500 for unusable saved state."""
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                await session.lock.acquire()
+        except TimeoutError:
+            raise timeout_error(self.config) from None
+        if self.store.sessions.get(session.id) is not session:  # forgotten or deleted while we waited
+            self._release(session)
+            raise APIError(
+                404, f"unknown session {session.id!r}", NOT_FOUND, "X-Session-Id", "session_not_found"
+            )
+        try:
+            await self.store.load(session, deadline)
+        except TimeoutError:
+            self._release(session)
+            raise timeout_error(self.config) from None
+        except BaseException:
+            self._release(session)
+            raise
+        return session
+
+    async def _plan(self, session: Session, suffix: str, text: str, kind: str) -> Turn:
+        try:
+            ids = await asyncio.to_thread(self.renderer.encode, suffix)
+        except BaseException:
+            self._release(session)
+            raise
+        return self._turn(session, ids, text, kind)
+
+    def _turn(self, session: Session, ids: list[int], text: str, kind: str) -> Turn:
+        snapshot = None
+        if session.convo.turns and (self.store.disk is None or session.dirty):
+            snapshot = (stream_tensors(session.stream), session.stream.tokens_seen, session.convo.copy())
+        return Turn(session, ids, text, len(session.convo.tokens), kind, snapshot)
+
+    def _release(self, session: Session) -> None:
+        if session.lock.locked():
+            session.lock.release()
+        self.store.notify()
+
+    # -- running it ----------------------------------------------------------------------------------------------
+    async def run(self, turn: Turn, sampling: Sampling, deadline: float) -> AsyncIterator[Event]:
+        """Yield the turn's events; once the last one is out, save the session. Any other exit undoes the turn."""
+        loop = asyncio.get_running_loop()
+        chunk = self.config.stream.chunk_size
+        kind = BatchJob if self.config.batch_decode > 1 else Job
+        job = kind(self.model, self.tokenizer, turn.session.stream, turn.ids, sampling, loop, chunk)
+        reply: list[str] = []
+        last: Event | None = None
+        try:
+            self.scheduler.submit(job)
+            turn.job = job  # from here on the stream may change: an abort must wait for the worker, then undo
+            while True:
+                try:
+                    async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                        kind, payload = await turn.job.queue.get()
+                except TimeoutError:
+                    raise timeout_error(self.config) from None
+                if kind == "error":
+                    raise internal_error(payload)
+                if kind == "done":
+                    break
+                turn.generated.append(payload.token)
+                reply.append(payload.text)
+                last = payload
+                yield payload
+            turn.state = "committing"
+            commit = asyncio.create_task(self._commit(turn, "".join(reply), last))
+            # The save goes on even if this request is cancelled now; the task releases the session.
+            await asyncio.shield(commit)
+        finally:
+            self.abort(turn)
+
+    async def _commit(self, turn: Turn, reply: str, last: Event | None) -> None:
+        session = turn.session
+        try:
+            convo = session.convo
+            eos = ""
+            if last is not None and last.finish_reason == "stop" and last.token in self.eos_ids:
+                eos = await asyncio.to_thread(self.renderer.decode, [last.token])
+            convo.tokens.extend(turn.ids)
+            convo.tokens.extend(turn.generated)
+            convo.text = turn.text + reply + eos
+            convo.close = self.renderer.reply_close(eos) if turn.kind == "chat" else ""
+            convo.turns += 1
+            self.store.reindex(session)
+            try:
+                await self.store.save(session)
+            except Exception:
+                log.exception("session %s: could not save its state; it stays in memory", session.id)
+        finally:
+            turn.state = "closed"
+            self._release(session)
+
+    def abort(self, turn: Turn) -> None:
+        """Undo a turn that did not finish and release its session. Synchronous and idempotent, so it is safe
+        in any cleanup path, cancelled or not. The undo waits until the model worker has let go of the stream."""
+        if turn.state != "open":
+            return
+        turn.state = "closed"
+        job = turn.job
+        if job is None:  # nothing was fed
+            self._release(turn.session)
+        elif job.stopped.done():
+            self._undo(turn)
+        else:
+            job.cancel()
+            job.stopped.add_done_callback(lambda _: self._undo(turn))
+
+    def _undo(self, turn: Turn) -> None:
+        session = turn.session
+        try:
+            if turn.snapshot is not None:
+                (tensors, layers), tokens_seen, convo = turn.snapshot
+                restore_stream(session.stream, tensors, layers, tokens_seen)
+                session.convo = convo
+            elif session.convo.turns and self.store.disk is not None:
+                self.store.unload(session)  # the state before this turn is on disk; it reloads on demand
+            else:  # a new session: back to empty
+                session.stream.reset()
+                session.convo = Conversation()
+            log.info("session %s: unfinished turn undone", session.id)
+        except Exception:
+            log.exception("session %s: could not undo an unfinished turn; forgetting it", session.id)
+            self.store.forget(session)
+        finally:
+            self._release(session)

@@ -1,0 +1,289 @@
+"""Server behaviour that needs a hand inside the process (failures, timeouts, damaged files), on a tiny random
+model that speaks the real tokenizer, served by uvicorn on a loopback port in a thread."""
+
+import json
+import threading
+
+import httpx
+import pytest
+import torch
+from server_helpers import ThreadServer, tiny_chat_model
+
+from streamllm import StreamConfig
+from streamllm.server import ServerConfig, create_app
+from streamllm.server.persist import Conversation, StateDir, decode_state, encode_state
+from streamllm.stream import Stream
+
+KEY = "inprocess-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+STREAM = StreamConfig(num_sinks=4, window=28, chunk_size=16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The servers here run in this process; one torch thread keeps them from fighting over the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_chat_model()
+
+
+def _serve(tiny, **overrides) -> ThreadServer:
+    model, tokenizer = tiny
+    settings = {
+        "model_id": "tiny",
+        "stream": STREAM,
+        "api_keys": (KEY,),
+        "max_tokens_limit": 4000,
+    } | overrides
+    return ThreadServer(create_app(model, tokenizer, ServerConfig(**settings)))
+
+
+def _chat(url, messages, session=None, **params):
+    headers = dict(AUTH, **({"X-Session-Id": session} if session else {}))
+    body = {"model": "tiny", "messages": messages, "temperature": 0, "max_tokens": 3} | params
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+
+def _state(url, session):
+    return httpx.get(f"{url}/v1/sessions/{session}", headers=AUTH).json()
+
+
+def _idle_state(url, session):
+    for _ in range(600):
+        state = _state(url, session)
+        if not state["busy"]:
+            return state
+        threading.Event().wait(0.05)
+    raise AssertionError("the session stayed busy")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        StreamConfig(num_sinks=4, window=20, rebase_every=8),  # wrapped ring, rebased positions
+        StreamConfig(num_sinks=4, window=200),  # not full yet: only the written slots are saved
+        StreamConfig(method="dense"),
+        StreamConfig(num_sinks=2, window=10, method="recompute"),
+    ],
+    ids=["sink", "young", "dense", "recompute"],
+)
+def test_saved_state_continues_bit_for_bit(tiny, config):
+    model, _ = tiny
+    ids = torch.randint(0, 1000, (70,), generator=torch.Generator().manual_seed(0)).tolist()
+    live = Stream(model, config)
+    live.feed(ids[:60])
+    convo = Conversation(text="héllo", turns=1)
+    convo.tokens.extend(ids[:60])
+    meta, blob = encode_state("x" * 32, "owner", "tiny", config, convo, live)
+    restored = Stream(model, config)
+    back = decode_state(meta, blob, restored)
+    assert back.text == "héllo" and list(back.tokens) == ids[:60] and back.turns == 1
+    assert restored.tokens_seen == live.tokens_seen and restored.cache_length == live.cache_length
+    for token in ids[60:]:
+        assert torch.equal(live.feed([token]), restored.feed([token]))
+
+
+def test_a_server_failure_is_a_500_and_the_server_keeps_serving(tiny, monkeypatch):
+    with _serve(tiny) as server:
+        first = _chat(server.url, [{"role": "user", "content": "hello"}])
+        session = first.headers["x-session-id"]
+        history = [
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": first.json()["choices"][0]["message"]["content"]},
+            {"role": "user", "content": "more"},
+        ]
+        feed, calls = Stream.feed, []
+
+        def failing_feed(self, ids):
+            calls.append(1)
+            if len(calls) == 2:  # in the middle of the turn, after part of it went in
+                raise RuntimeError("simulated failure in the model")
+            return feed(self, ids)
+
+        monkeypatch.setattr(Stream, "feed", failing_feed)
+        failed = _chat(server.url, history)
+        calls.clear()
+        assert failed.status_code == 500
+        error = failed.json()["error"]
+        assert error["type"] == "server_error" and "simulated failure" in error["message"]
+        streamed = _chat(server.url, history, stream=True)
+        assert streamed.status_code == 200 and '"error"' in streamed.text and "[DONE]" not in streamed.text
+        monkeypatch.setattr(Stream, "feed", feed)
+        # The failed turns were undone: the session continues from its first turn, as if they never happened.
+        again = _chat(server.url, history)
+        assert again.status_code == 200 and again.headers["x-session-id"] == session
+        assert (
+            again.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+            == first.json()["usage"]["total_tokens"]
+        )
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_a_timeout_is_a_504_and_the_turn_is_undone(tiny, tmp_path, on_disk):
+    state_dir = tmp_path if on_disk else None
+    with _serve(tiny, request_timeout_s=1.0, state_dir=state_dir) as server:
+        first = _chat(server.url, [{"role": "user", "content": "hello"}])
+        session = first.headers["x-session-id"]
+        before = _state(server.url, session)
+        slow = _chat(
+            server.url, [{"role": "user", "content": "and now a lot"}], session=session, max_tokens=4000
+        )
+        assert slow.status_code == 504 and slow.json()["error"]["code"] == "request_timeout"
+        after = _idle_state(server.url, session)
+        assert after["turns"] == before["turns"] == 1
+        follow = _chat(server.url, [{"role": "user", "content": "short"}], session=session)
+        assert follow.status_code == 200
+        fresh = _chat(server.url, [{"role": "user", "content": "hello"}], max_tokens=3)
+        text = fresh.json()["choices"][0]["message"]["content"]
+        assert text == first.json()["choices"][0]["message"]["content"]
+
+
+def test_damaged_state_breaks_only_its_own_session(tiny, tmp_path):
+    histories = {}
+    with _serve(tiny, state_dir=tmp_path) as server:
+        for name in ("corrupt", "version", "garbage", "intact"):
+            messages = [{"role": "user", "content": f"conversation {name}"}]
+            reply = _chat(server.url, messages)
+            histories[name] = (reply.headers["x-session-id"], messages, reply.json())
+    folder = tmp_path / "sessions"
+    corrupt = folder / histories["corrupt"][0]
+    state_file = next(corrupt.glob("state-*.safetensors"))
+    data = bytearray(state_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state_file.write_bytes(bytes(data))
+    meta_path = folder / histories["version"][0] / "meta.json"
+    meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | {"version": 99}))
+    (folder / histories["garbage"][0] / "meta.json").write_text("{not json")
+
+    with _serve(tiny, state_dir=tmp_path) as server:
+        for name, needle in (("corrupt", "corrupted"), ("version", "version 99"), ("garbage", "unreadable")):
+            session, messages, _ = histories[name]
+            broken = _chat(server.url, [{"role": "user", "content": "next"}], session=session)
+            assert broken.status_code == 500, name
+            assert (
+                needle in broken.json()["error"]["message"] and session in broken.json()["error"]["message"]
+            )
+            assert broken.json()["error"]["code"] == "session_state_unusable"
+        session, messages, reply = histories["intact"]
+        history = [*messages, reply["choices"][0]["message"], {"role": "user", "content": "next"}]
+        ok = _chat(server.url, history)
+        assert ok.status_code == 200 and ok.headers["x-session-id"] == session
+        assert ok.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == reply["usage"]["total_tokens"]
+        # Without the id, the damaged conversation's history is simply served by a new session.
+        session, messages, reply = histories["corrupt"]
+        history = [*messages, reply["choices"][0]["message"], {"role": "user", "content": "next"}]
+        fresh = _chat(server.url, history)
+        assert fresh.status_code == 200 and fresh.headers["x-session-id"] != session
+
+
+@pytest.mark.parametrize(
+    "bad", ["../../etc/passwd", "..", "a/b", "%2e%2e%2f" * 3, "x" * 32 + "/..", "\x00" * 32]
+)
+def test_session_ids_never_become_paths_outside_the_state_dir(tiny, tmp_path, bad):
+    with pytest.raises(ValueError):
+        StateDir(tmp_path, "tiny", STREAM).folder(bad)
+    with _serve(tiny, state_dir=tmp_path) as server:
+        reply = _chat(server.url, [{"role": "user", "content": "hi"}], session=bad.replace("\x00", "0"))
+        assert reply.status_code == 404
+        got = httpx.get(f"{server.url}/v1/sessions/{bad.replace(chr(0), '0')}", headers=AUTH)
+        assert got.status_code == 404
+    assert [p.name for p in tmp_path.iterdir()] == ["sessions"]
+
+
+def test_a_streamed_body_over_the_limit_is_refused(tiny):
+    with _serve(tiny, max_body_bytes=1000) as server:
+
+        def body():  # no Content-Length: chunked transfer
+            for _ in range(20):
+                yield b" " * 100
+
+        headers = dict(AUTH, **{"Content-Type": "application/json"})
+        reply = httpx.post(f"{server.url}/v1/chat/completions", content=body(), headers=headers)
+        assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
+        assert _chat(server.url, [{"role": "user", "content": "hi"}]).status_code == 200
+
+
+def test_requests_on_one_session_take_turns(tiny):
+    with _serve(tiny) as server:
+        first = _chat(server.url, [{"role": "user", "content": "hello"}])
+        session = first.headers["x-session-id"]
+        replies = {}
+
+        def send(name):
+            replies[name] = _chat(
+                server.url, [{"role": "user", "content": name}], session=session, max_tokens=20
+            )
+
+        threads = [threading.Thread(target=send, args=(name,)) for name in ("one", "two")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        usages = sorted((r.json()["usage"] for r in replies.values()), key=lambda u: u["prompt_tokens"])
+        # The second request ran on the session as the first one left it: nothing interleaved, nothing lost.
+        assert usages[1]["prompt_tokens_details"]["cached_tokens"] == usages[0]["total_tokens"]
+        assert _state(server.url, session)["turns"] == 3
+        deleted = httpx.delete(f"{server.url}/v1/sessions/{session}", headers=AUTH)
+        assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+        assert httpx.get(f"{server.url}/v1/sessions/{session}", headers=AUTH).status_code == 404
+        assert _chat(server.url, [{"role": "user", "content": "hi"}], session=session).status_code == 404
+
+
+@pytest.mark.parametrize("which", ["tiny", pytest.param("real", marks=pytest.mark.real)])
+def test_a_batched_decode_step_matches_single_steps(request, which):
+    from streamllm.server.batching import batchable, decode_step
+
+    model, _ = request.getfixturevalue(which)
+    steps = 30 if which == "tiny" else 8
+    config = StreamConfig(num_sinks=4, window=28, rebase_every=8)
+    ids = torch.randint(100, 1000, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    lengths = [3, 40, 150]  # a young cache, a full one, one whose positions were rebased
+    single, batched = [Stream(model, config) for _ in lengths], [Stream(model, config) for _ in lengths]
+    for a, b, n in zip(single, batched, lengths, strict=True):
+        a.feed(ids[:n])
+        b.feed(ids[:n])
+    assert all(batchable(s) for s in batched)
+    for step in range(steps):
+        tokens = [ids[n + step] for n in lengths]
+        want = torch.stack([s.feed([t]) for s, t in zip(single, tokens, strict=True)])
+        got = decode_step(model, batched, tokens)
+        assert (want - got).abs().max() < 2e-4 and torch.equal(want.argmax(-1), got.argmax(-1))
+    assert [s.tokens_seen for s in batched] == [s.tokens_seen for s in single]
+    assert (
+        [s.cache_length for s in batched]
+        == [s.cache_length for s in single]
+        == [min(n + steps, 32) for n in lengths]
+    )
+
+
+def test_batched_decoding_serves_concurrent_sessions_alike(tiny):
+    def conversations(url):
+        replies, threads = {}, []
+
+        def talk(i):
+            messages = [{"role": "user", "content": f"conversation {i}"}]
+            first = _chat(url, messages, max_tokens=12).json()["choices"][0]["message"]
+            second = _chat(url, [*messages, first, {"role": "user", "content": "more"}], max_tokens=12)
+            replies[i] = (first["content"], second.json()["choices"][0]["message"]["content"])
+
+        threads = [threading.Thread(target=talk, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return replies
+
+    with _serve(tiny) as server:
+        alone = conversations(server.url)
+    app = create_app(*tiny, ServerConfig(model_id="tiny", stream=STREAM, api_keys=(KEY,), batch_decode=4))
+    with ThreadServer(app) as server:
+        together = conversations(server.url)
+        scheduler = app.state.turns.scheduler
+    assert together == alone and len(alone) == 6
+    assert scheduler.batched_steps > 0 and scheduler.batched_rows > scheduler.batched_steps
