@@ -10,7 +10,7 @@ import time
 import torch
 
 from ..config import StreamConfig
-from ..perplexity import iter_nll, recompute_nll
+from ..perplexity import iter_nll, recompute_nll, streaming_nll
 from ..sysinfo import current_rss_mb
 from .context import Context
 from .report import Report, figure, table
@@ -20,12 +20,8 @@ log = logging.getLogger(__name__)
 
 def nll_curve(ctx: Context, ids: list[int], config: StreamConfig, desc: str) -> torch.Tensor:
     """Per-token NLL (N-1,) of ``ids`` under ``config``, computed in exact chunks."""
-    out = []
     with ctx.progress(len(ids), desc) as bar:
-        for nll in iter_nll(ctx.model, [ids], config):
-            out.append(nll)
-            bar.update(nll.numel())
-    return torch.cat(out)
+        return streaming_nll(ctx.model, ids, config, on_chunk=bar.update).nll
 
 
 def ppl(nll: torch.Tensor) -> float:
