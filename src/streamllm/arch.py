@@ -22,6 +22,7 @@ class Arch:
     family: str
     supported: bool
     reason: str = ""
+    fast_decode: bool = False  # decode.Decoder runs it (Llama-style blocks: fused q/k/v and gate/up, RMSNorm)
 
 
 _ROPE = "RoPE decoder with transformers' rotate-half rotary"
@@ -29,10 +30,10 @@ _LEARNED = "learned absolute positions: positions cannot be reassigned inside th
 _ALIBI = "ALiBi attention bias is not supported yet"
 
 ARCHITECTURES: dict[str, Arch] = {
-    "llama": Arch("Llama / SmolLM", True, _ROPE),
-    "mistral": Arch("Mistral", True, _ROPE),
-    "qwen2": Arch("Qwen2 / Qwen2.5", True, _ROPE),
-    "qwen3": Arch("Qwen3", True, _ROPE),
+    "llama": Arch("Llama / SmolLM", True, _ROPE, fast_decode=True),
+    "mistral": Arch("Mistral", True, _ROPE, fast_decode=True),
+    "qwen2": Arch("Qwen2 / Qwen2.5", True, _ROPE, fast_decode=True),
+    "qwen3": Arch("Qwen3", True, _ROPE, fast_decode=True),
     "gpt_neox": Arch("GPT-NeoX / Pythia (partial rotary)", True, _ROPE),
     "phi": Arch("Phi (partial rotary)", True, _ROPE),
     "gemma3_text": Arch("Gemma3 (per-layer sliding and global attention)", True, _ROPE),

@@ -14,15 +14,27 @@ import torch
 from .arch import prepare
 from .cache import SinkCache
 from .config import StreamConfig
+from .decode import decoder_for
 
 # Tokens per forward when recompute batches independent windows.
 RECOMPUTE_BATCH_TOKENS = 4096
 
 
+# How single tokens go through the model (chunks always use transformers' forward):
+# "fast": decode.Decoder where the architecture has one (same cache, same results within the dtype's rounding);
+# "int4": the same with 4-bit copies of the weights (faster, approximate); "transformers": the model's forward.
+DECODE_MODES = ("fast", "int4", "transformers")
+
+
 class Stream:
-    def __init__(self, model, config: StreamConfig | None = None):
+    def __init__(self, model, config: StreamConfig | None = None, decode: str = "fast"):
+        if decode not in DECODE_MODES:
+            raise ValueError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE_MODES)}")
         self.model = prepare(model)
         self.config = config or StreamConfig()
+        self.decode = decode
+        weights = {"fast": "model", "int4": "int4"}.get(decode)
+        self.decoder = None if weights is None else decoder_for(self.model, weights)
         self.reset()
 
     def reset(self) -> None:
@@ -66,6 +78,10 @@ class Stream:
     def _forward(self, chunk: list[int], keep_all: bool) -> torch.Tensor:
         T = len(chunk)
         self.cache.maybe_rebase(T)
+        if T == 1 and self.decoder is not None and self.decoder.ready(self.cache):
+            logits = self.decoder.step(self.cache, chunk[0])  # (V,)
+            self.tokens_seen += 1
+            return logits[None]
         try:
             out = self.model(
                 input_ids=torch.tensor([chunk]),

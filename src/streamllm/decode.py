@@ -1,0 +1,251 @@
+"""``Decoder``: one new token through a Llama-style model, straight from its weights, on a ``SinkCache``.
+
+Decoding is a single token per forward, so its cost is the weights read plus the fixed cost of every operation
+launched. transformers' module tree launches several hundred small operations per token and re-derives masks and
+positions each time. This runs the same arithmetic with far fewer operations:
+- q, k and v come from one fused matrix (and gate and up from another); the model's own projection weights become
+  views of the fused ones, so no weight is stored twice;
+- the rotary angles of the token are computed once per token, not once per layer;
+- every stored slot is visible to the new token (the cache holds exactly the sinks and the window before it), so the
+  mask is one row shared by all layers;
+- the new key is written into its slot without the policy's general-purpose bookkeeping.
+
+It reads and writes the same cache as the chunked path (``attention.py``), so prefill and decode mix freely, and its
+arithmetic follows transformers' own (rotation and norms in the model dtype, scores gathered in float32), so its
+logits match the general path within the dtype's rounding. Architectures opt in through ``arch.ARCHITECTURES``.
+
+Letters: H heads, Hkv kv heads, G = H / Hkv, C stored slots, D head dim, E hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .arch import layer_inv_freqs, lookup
+from .cache import SinkCache
+from .rotary import rotate_half, shift_angles
+
+
+class _Norm:
+    """transformers' RMSNorm (normalise in float32, back to the model dtype, then scale) in one fused kernel."""
+
+    def __init__(self, module: nn.Module):
+        self.weight = module.weight.detach()  # (N,)
+        self.eps = module.variance_epsilon
+        self.shape = tuple(self.weight.shape)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * F.rms_norm(x.float(), self.shape, eps=self.eps).to(x.dtype)
+
+
+class _MatVec:
+    """y = W x with the model's own weight (N, K), in the model's dtype."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight  # (N, K)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mv(self.weight, x)  # (N,)
+
+
+class _Int4MatVec:
+    """y = W x with W held as 4-bit integers in groups of 32 inputs, each group with its own scale and minimum:
+    the layout of GGUF's Q4_1, in which the bundled models are published, so little is lost re-quantizing them.
+    Reads a quarter of the bytes of bfloat16; torch's CPU int4 kernel takes bfloat16 inputs."""
+
+    GROUP = 32
+
+    def __init__(self, weight: torch.Tensor):
+        N, K = weight.shape
+        if K % self.GROUP:
+            raise ValueError(f"int4 weights need input sizes divisible by {self.GROUP}, got {K}")
+        w = weight.detach().float().view(N, K // self.GROUP, self.GROUP)  # (N, K/32, 32)
+        low = w.amin(-1)  # (N, K/32)
+        scale = ((w.amax(-1) - low) / 15).clamp(min=1e-12)  # (N, K/32)
+        q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)  # (N, K/32, 32)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(N, K), 1)
+        zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
+        self.scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # (K/32, N, 2)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x16 = x.to(torch.bfloat16)[None]  # (1, K)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x16, self.packed, self.GROUP, self.scale_zero)  # (1, N)
+        return y[0].to(x.dtype)  # (N,)
+
+
+WEIGHTS = {"model": _MatVec, "int4": _Int4MatVec}
+
+
+@dataclass
+class _Layer:
+    qkv: _MatVec | _Int4MatVec  # (Dq + 2 Dkv, E)
+    qkv_bias: torch.Tensor | None
+    o: _MatVec | _Int4MatVec  # (E, Dq)
+    gate_up: _MatVec | _Int4MatVec  # (2 F, E)
+    down: _MatVec | _Int4MatVec  # (E, F)
+    norm_in: _Norm
+    norm_post: _Norm
+    q_norm: _Norm | None  # Qwen3 normalises each head of q and k
+    k_norm: _Norm | None
+    act: nn.Module
+
+
+def _fuse(linears: list[nn.Linear], share: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack the weights (and biases) of linears that read the same input. With ``share`` each linear then keeps a
+    view of its rows, so the stacked copy is the only one."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])  # (sum of outputs, E)
+    has_bias = [lin.bias is not None for lin in linears]
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None
+    if any(has_bias) and bias is None:
+        raise ValueError("cannot fuse linears of which only some have a bias")
+    start = 0
+    for lin in linears if share else []:
+        n = lin.weight.shape[0]
+        lin.weight.data = weight[start : start + n]  # a contiguous view: the fused copy is the only one
+        if bias is not None:
+            lin.bias.data = bias[start : start + n]
+        start += n
+    return weight, bias
+
+
+class Decoder:
+    """Single-token forward for the architectures the table marks ``fast_decode`` (Llama, Mistral, Qwen2/3).
+
+    ``weights``: "model" multiplies by the model's own weights (exact); "int4" by 4-bit copies of them (see
+    ``_Int4MatVec``), a quarter of the bytes to read per token, at the cost of a small change in the logits.
+    """
+
+    def __init__(self, model: nn.Module, weights: str = "model"):
+        if weights not in WEIGHTS:
+            raise ValueError(f"unknown decode weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
+        matvec = WEIGHTS[weights]
+        self.weights = weights
+        arch = lookup(model.config)
+        if not arch.fast_decode:
+            raise ValueError(f"{arch.family} has no fast decode path")
+        config = model.config
+        self.model = model
+        self.H = config.num_attention_heads
+        self.Hkv = config.num_key_value_heads
+        self.D = getattr(config, "head_dim", None) or config.hidden_size // self.H
+        self.inv_freq = layer_inv_freqs(model)[0]
+        self.rotary = model.model.rotary_emb
+        self.layers = []
+        for block in model.model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            qkv, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], share=matvec is _MatVec)
+            gate_up, _ = _fuse([mlp.gate_proj, mlp.up_proj], share=matvec is _MatVec)
+            self.layers.append(
+                _Layer(
+                    matvec(qkv),
+                    qkv_bias,
+                    matvec(attn.o_proj.weight.detach()),
+                    matvec(gate_up),
+                    matvec(mlp.down_proj.weight.detach()),
+                    _Norm(block.input_layernorm),
+                    _Norm(block.post_attention_layernorm),
+                    _Norm(attn.q_norm) if hasattr(attn, "q_norm") else None,
+                    _Norm(attn.k_norm) if hasattr(attn, "k_norm") else None,
+                    mlp.act_fn,
+                )
+            )
+        self.scaling = self.model.model.layers[0].self_attn.scaling
+        self.embed = model.model.embed_tokens
+        self.norm = _Norm(model.model.norm)
+        self.lm_head = matvec(model.lm_head.weight.detach())  # (V, E)
+
+    def ready(self, cache: SinkCache) -> bool:
+        """Whether ``cache`` can take a fast step: every layer exists and uses the cache's own policy (no layer
+        of the model limits itself to a sliding window)."""
+        return len(cache.layers) == len(self.layers) and all(
+            layer.policy == cache.policy and layer.keys is not None for layer in cache.layers
+        )
+
+    @torch.inference_mode()
+    def step(self, cache: SinkCache, token: int) -> torch.Tensor:
+        """Feed one token; returns the logits (V,) that predict the next one. The cache must be ``ready``."""
+        first = cache.layers[0]
+        policy = first.policy
+        t = first.seen  # text position of the token
+        virtual = t - first.offset  # the position the model rotates it at
+        slot = int(policy.slot_of(torch.tensor([t]))[0]) if policy.capacity is not None else t
+        x = self.embed.weight[token]  # (E,)
+        cos, sin = self.rotary(x, torch.tensor([[virtual]]))  # (1, 1, D), model dtype
+        sink_rot = self._sink_rotation(policy, t, virtual)
+        for store in cache.layers:
+            store._ensure_slots(store.keys, slot + 1)
+        bias = self._bias(first.slot_pos)  # (C + 1,)
+        for layer, store in zip(self.layers, cache.layers, strict=True):
+            h = layer.norm_in(x)  # (E,)
+            x = x + layer.o(self._attention(layer, store, h, cos, sin, sink_rot, bias, slot))  # (E,)
+            h = layer.norm_post(x)  # (E,)
+            gate, up = layer.gate_up(h).chunk(2)  # (F,) each
+            x = x + layer.down(layer.act(gate) * up)  # (E,)
+        for store in cache.layers:
+            store.slot_pos[slot] = t
+            store.seen = t + 1
+        return self.lm_head(self.norm(x)).float()  # (V,)
+
+    def _attention(self, layer, store, h, cos, sin, sink_rot, bias, slot) -> torch.Tensor:
+        """Self-attention of one layer for the new token; writes its key and value into ``slot``. -> (H*D,)"""
+        H, Hkv, D = self.H, self.Hkv, self.D
+        G = H // Hkv
+        qkv = layer.qkv(h)  # (Dq + 2 Dkv,)
+        if layer.qkv_bias is not None:
+            qkv = qkv + layer.qkv_bias
+        qk = qkv[: (H + Hkv) * D].view(H + Hkv, D)  # (H + Hkv, D): q's heads, then k's
+        v = qkv[(H + Hkv) * D :].view(Hkv, 1, D)  # (Hkv, 1, D)
+        if layer.q_norm is not None:
+            qk = torch.cat([layer.q_norm(qk[:H]), layer.k_norm(qk[H:])])  # (H + Hkv, D)
+        qk = qk * cos[0] + rotate_half(qk) * sin[0]  # (H + Hkv, D), rotated at the virtual position
+        q = qk[:H].view(Hkv, G, D)  # (Hkv, G, D)
+        k = qk[H:].view(Hkv, 1, D)  # (Hkv, 1, D)
+        keys, values = store.keys[0], store.values[0]  # (Hkv, C, D)
+        scores = torch.cat([q @ keys.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1)  # (Hkv, G, C + 1)
+        if sink_rot is not None:
+            S = store.policy.num_sinks
+            scores[..., :S] = _rotate(q, *sink_rot) @ keys[:, :S].transpose(-1, -2)  # (Hkv, G, S)
+        probs = torch.softmax(scores.float() * self.scaling + bias, dim=-1).to(v.dtype)  # (Hkv, G, C + 1)
+        out = probs[..., :-1] @ values + probs[..., -1:] * v  # (Hkv, G, D)
+        store.keys[0, :, slot] = k[:, 0]
+        store.values[0, :, slot] = v[:, 0]
+        return out.view(H * D)
+
+    def _sink_rotation(self, policy, t: int, virtual: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos and sin (1, D) that move the query from its virtual position to its position relative to the
+        sinks (as ``attention.attend`` does), or None when the two are the same."""
+        if not policy.num_sinks:
+            return None
+        delta = int(policy.cache_positions(torch.tensor([t]))[0]) - virtual
+        if delta == 0:
+            return None
+        cos, sin = shift_angles(torch.tensor([delta]), self.inv_freq)  # (1, D) float64
+        return cos.float(), sin.float()
+
+    @staticmethod
+    def _bias(slot_pos: torch.Tensor) -> torch.Tensor:
+        """Additive float32 mask (C + 1,): empty slots are hidden; every held slot and the token itself are seen."""
+        bias = torch.zeros(slot_pos.numel() + 1)  # (C + 1,)
+        bias[:-1].masked_fill_(slot_pos < 0, float("-inf"))
+        return bias
+
+
+def _rotate(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``rotary.rotate`` for one position whose angles are already known: float32 rotation, back to q's dtype."""
+    q32 = q.float()  # (..., D)
+    return (q32 * cos + rotate_half(q32) * sin).to(q.dtype)
+
+
+def decoder_for(model: nn.Module, weights: str = "model") -> Decoder | None:
+    """The model's ``Decoder`` for these weights, built once and kept on the model (building one twice would
+    store its weights twice), or None when its architecture has no fast path."""
+    if not lookup(model.config).fast_decode:
+        return None
+    kept = model.__dict__.setdefault("streamllm_decoders", {})
+    if weights not in kept:
+        kept[weights] = Decoder(model, weights)
+    return kept[weights]

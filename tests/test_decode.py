@@ -1,0 +1,110 @@
+"""The fast decode path (``decode.Decoder``) against transformers' forward on the same cache, and against the oracle."""
+
+import pytest
+import torch
+from oracle import oracle_logits
+from tiny import tiny_model
+
+import streamllm
+from streamllm import StreamConfig
+from streamllm.arch import ARCHITECTURES
+from streamllm.decode import _Int4MatVec, decoder_for
+from streamllm.stream import Stream
+
+FAST = [name for name, arch in ARCHITECTURES.items() if arch.fast_decode]
+S, W = 2, 9
+
+
+def _ids(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 101, (n,), generator=g).tolist()
+
+
+def _decode_rows(model, ids, config, decode, prefill=3):
+    """Logits (N, V): ``prefill`` tokens as one chunk, then one token at a time."""
+    stream = Stream(model, config, decode=decode)
+    rows = list(stream.chunks(ids[:prefill]))
+    rows += [stream.feed([t])[None] for t in ids[prefill:]]
+    return torch.cat(rows), stream
+
+
+@pytest.mark.parametrize("arch", FAST)
+@pytest.mark.parametrize(
+    "config",
+    [
+        StreamConfig(num_sinks=S, window=W, rebase_every=7),
+        StreamConfig(num_sinks=S, window=W, positions="text", rebase_every=7),
+        StreamConfig(num_sinks=0, window=W, method="window"),
+        StreamConfig(method="dense"),
+    ],
+    ids=["sink", "sink-text-positions", "window", "dense"],
+)
+def test_fast_decode_matches_transformers_forward(arch, config):
+    model = tiny_model(arch)
+    ids = _ids()
+    slow, _ = _decode_rows(model, ids, config, decode="transformers")
+    fast, stream = _decode_rows(model, ids, config, decode="fast")
+    assert stream.decoder is not None
+    assert (fast - slow).abs().max() < 1e-5
+    assert stream.cache.cache_length() == (len(ids) if config.method == "dense" else S * (config.method == "sink") + W)
+
+
+@pytest.mark.parametrize("arch", FAST)
+def test_fast_decode_matches_oracle(arch):
+    model = streamllm.prepare(tiny_model(arch))
+    ids = _ids(seed=3)
+    ref = oracle_logits(model, ids, S, W)
+    got, _ = _decode_rows(model, ids, StreamConfig(num_sinks=S, window=W, rebase_every=5), decode="fast", prefill=1)
+    assert (got - ref).abs().max() < 1e-4
+
+
+def test_fused_weights_are_stored_once():
+    model = tiny_model("llama")
+    decoder = decoder_for(model)
+    assert decoder_for(model) is decoder  # built once per model
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.data_ptr() == decoder.layers[0].qkv.weight.data_ptr()
+    assert attn.k_proj.weight.untyped_storage().data_ptr() == decoder.layers[0].qkv.weight.untyped_storage().data_ptr()
+
+
+def test_other_architectures_decode_through_transformers():
+    model = tiny_model("gpt_neox")
+    assert Stream(model, StreamConfig(num_sinks=S, window=W)).decoder is None
+    gemma = Stream(tiny_model("gemma3_text"), StreamConfig(num_sinks=S, window=W))
+    assert gemma.decoder is None
+
+
+def test_bfloat16_fast_decode_within_rounding():
+    model = tiny_model("llama").to(torch.bfloat16)
+    ids = _ids(seed=5)
+    config = StreamConfig(num_sinks=S, window=W, rebase_every=7)
+    slow, _ = _decode_rows(model, ids, config, decode="transformers")
+    fast, _ = _decode_rows(model, ids, config, decode="fast")
+    assert (fast - slow).abs().max() < 2e-2
+
+
+def test_int4_matvec_recovers_q4_1_weights():
+    """Weights already on a 4-bit grid per group of 32 (as GGUF's Q4_1 stores them) come back nearly exact."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (48, 4, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15  # every group spans the whole grid
+    scale = torch.rand(48, 4, 1, generator=g) * 0.02 + 0.005
+    low = torch.randn(48, 4, 1, generator=g) * 0.05
+    weight = (q * scale + low).view(48, 128)  # (N, K)
+    x = torch.randn(128, generator=g)
+    got = _Int4MatVec(weight)(x)
+    want = weight @ x
+    assert (got - want).abs().max() < 0.02 * want.abs().max()  # bfloat16 inputs and scales
+    rough = _Int4MatVec(torch.randn(48, 128, generator=g))(x)  # not on a grid: quantization error shows
+    assert rough.shape == (48,)
+
+
+def test_int4_decode_stays_close_to_exact():
+    model = tiny_model("llama")
+    ids = _ids(seed=6)
+    config = StreamConfig(num_sinks=S, window=W)
+    exact, _ = _decode_rows(model, ids, config, decode="fast")
+    int4, stream = _decode_rows(model, ids, config, decode="int4")
+    assert stream.decoder.weights == "int4"
+    diff = (int4 - exact).abs()
+    assert 0 < float(diff.max()) < 0.1 * float(exact.abs().max())
