@@ -59,10 +59,15 @@ class _Int4MatVec:
 
     GROUP = 32
 
+    @classmethod
+    def fits(cls, weight: torch.Tensor) -> bool:
+        """The kernel's shape rules: inputs in whole groups, outputs in multiples of 16."""
+        return weight.shape[1] % cls.GROUP == 0 and weight.shape[0] % 16 == 0
+
     def __init__(self, weight: torch.Tensor):
         N, K = weight.shape
-        if K % self.GROUP:
-            raise ValueError(f"int4 weights need input sizes divisible by {self.GROUP}, got {K}")
+        if not self.fits(weight):
+            raise ValueError(f"int4 weights need outputs divisible by 16 and inputs by {self.GROUP}, got {N}x{K}")
         w = weight.detach().float().view(N, K // self.GROUP, self.GROUP)  # (N, K/32, 32)
         low = w.amin(-1)  # (N, K/32)
         scale = ((w.amax(-1) - low) / 15).clamp(min=1e-12)  # (N, K/32)
@@ -77,7 +82,11 @@ class _Int4MatVec:
         return y[0].to(x.dtype)  # (N,)
 
 
-WEIGHTS = {"model": _MatVec, "int4": _Int4MatVec}
+def _int4_where_it_fits(weight: torch.Tensor) -> _MatVec | _Int4MatVec:
+    return _Int4MatVec(weight) if _Int4MatVec.fits(weight) else _MatVec(weight)
+
+
+WEIGHTS = {"model": _MatVec, "int4": _int4_where_it_fits}
 
 
 @dataclass
