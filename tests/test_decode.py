@@ -1,5 +1,7 @@
 """The fast decode path (``decode.Decoder``) against transformers' forward on the same cache, and against the oracle."""
 
+import dataclasses
+
 import pytest
 import torch
 from oracle import oracle_logits
@@ -22,7 +24,7 @@ def _ids(n=40, seed=0):
 
 def _decode_rows(model, ids, config, decode, prefill=3):
     """Logits (N, V): ``prefill`` tokens as one chunk, then one token at a time."""
-    stream = Stream(model, config, decode=decode)
+    stream = Stream(model, dataclasses.replace(config, decode=decode))
     rows = list(stream.chunks(ids[:prefill]))
     rows += [stream.feed([t])[None] for t in ids[prefill:]]
     return torch.cat(rows), stream
@@ -46,7 +48,9 @@ def test_fast_decode_matches_transformers_forward(arch, config):
     fast, stream = _decode_rows(model, ids, config, decode="fast")
     assert stream.decoder is not None
     assert (fast - slow).abs().max() < 1e-5
-    assert stream.cache.cache_length() == (len(ids) if config.method == "dense" else S * (config.method == "sink") + W)
+    assert stream.cache.cache_length() == (
+        len(ids) if config.method == "dense" else S * (config.method == "sink") + W
+    )
 
 
 @pytest.mark.parametrize("arch", FAST)
@@ -54,7 +58,9 @@ def test_fast_decode_matches_oracle(arch):
     model = streamllm.prepare(tiny_model(arch))
     ids = _ids(seed=3)
     ref = oracle_logits(model, ids, S, W)
-    got, _ = _decode_rows(model, ids, StreamConfig(num_sinks=S, window=W, rebase_every=5), decode="fast", prefill=1)
+    got, _ = _decode_rows(
+        model, ids, StreamConfig(num_sinks=S, window=W, rebase_every=5), decode="fast", prefill=1
+    )
     assert (got - ref).abs().max() < 1e-4
 
 
@@ -64,7 +70,10 @@ def test_fused_weights_are_stored_once():
     assert decoder_for(model) is decoder  # built once per model
     attn = model.model.layers[0].self_attn
     assert attn.q_proj.weight.data_ptr() == decoder.layers[0].qkv.weight.data_ptr()
-    assert attn.k_proj.weight.untyped_storage().data_ptr() == decoder.layers[0].qkv.weight.untyped_storage().data_ptr()
+    assert (
+        attn.k_proj.weight.untyped_storage().data_ptr()
+        == decoder.layers[0].qkv.weight.untyped_storage().data_ptr()
+    )
 
 
 def test_other_architectures_decode_through_transformers():

@@ -151,7 +151,9 @@ class SinkLayer(CacheLayerMixin):
         self.reset()
         self.seen, self.offset = int(state["seen"]), int(state["offset"])
         if state["num_sinks"] is not None:
-            policy = Policy(int(state["num_sinks"]), state["window"], bool(state.get("text_positions", False)))
+            policy = Policy(
+                int(state["num_sinks"]), state["window"], bool(state.get("text_positions", False))
+            )
             self.policy, self.inv_freq = policy, inv_freq
         keys = state["keys"]
         if keys is None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .arch import UnsupportedModelError
 from .cli_experiment import add_parser as add_experiment_parser
-from .config import METHODS, POSITIONS, ConfigError, StreamConfig
+from .config import DECODE_MODES, METHODS, POSITIONS, ConfigError, StreamConfig
 from .data import DataError
 from .models import BUILTINS, DEFAULT_MODEL, DTYPES, ModelError, is_pulled, model_dir, pull
 from .sysinfo import current_rss_mb, peak_rss_mb
@@ -58,6 +58,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         choices=POSITIONS,
         default="cache",
         help="sinks seen at in-cache positions (the paper) or at text positions",
+    )
+    p.add_argument(
+        "--decode",
+        choices=DECODE_MODES,
+        default="fast",
+        help="single tokens: fast path (exact), fast path on 4-bit weights, or transformers' forward",
     )
 
 
@@ -164,6 +170,7 @@ def _config(args) -> StreamConfig:
         method=args.method,
         chunk_size=args.chunk_size,
         positions=args.positions,
+        decode=args.decode,
     )
 
 

@@ -67,18 +67,24 @@ class _Int4MatVec:
     def __init__(self, weight: torch.Tensor):
         N, K = weight.shape
         if not self.fits(weight):
-            raise ValueError(f"int4 weights need outputs divisible by 16 and inputs by {self.GROUP}, got {N}x{K}")
+            raise ValueError(
+                f"int4 weights need outputs divisible by 16 and inputs by {self.GROUP}, got {N}x{K}"
+            )
         w = weight.detach().float().view(N, K // self.GROUP, self.GROUP)  # (N, K/32, 32)
         low = w.amin(-1)  # (N, K/32)
         scale = ((w.amax(-1) - low) / 15).clamp(min=1e-12)  # (N, K/32)
         q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)  # (N, K/32, 32)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(N, K), 1)
         zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
-        self.scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # (K/32, N, 2)
+        self.scale_zero = (
+            torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        )  # (K/32, N, 2)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x16 = x.to(torch.bfloat16)[None]  # (1, K)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x16, self.packed, self.GROUP, self.scale_zero)  # (1, N)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x16, self.packed, self.GROUP, self.scale_zero
+        )  # (1, N)
         return y[0].to(x.dtype)  # (N,)
 
 

@@ -20,20 +20,11 @@ from .decode import decoder_for
 RECOMPUTE_BATCH_TOKENS = 4096
 
 
-# How single tokens go through the model (chunks always use transformers' forward):
-# "fast": decode.Decoder where the architecture has one (same cache, same results within the dtype's rounding);
-# "int4": the same with 4-bit copies of the weights (faster, approximate); "transformers": the model's forward.
-DECODE_MODES = ("fast", "int4", "transformers")
-
-
 class Stream:
-    def __init__(self, model, config: StreamConfig | None = None, decode: str = "fast"):
-        if decode not in DECODE_MODES:
-            raise ValueError(f"unknown decode mode {decode!r}; choose one of {', '.join(DECODE_MODES)}")
+    def __init__(self, model, config: StreamConfig | None = None):
         self.model = prepare(model)
         self.config = config or StreamConfig()
-        self.decode = decode
-        weights = {"fast": "model", "int4": "int4"}.get(decode)
+        weights = {"fast": "model", "int4": "int4"}.get(self.config.decode)  # config.decode: see StreamConfig
         self.decoder = None if weights is None else decoder_for(self.model, weights)
         self.reset()
 
