@@ -48,6 +48,8 @@ class SinkLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.policy: Policy | None = None  # known at the first attention call (it may be a sliding layer)
         self.inv_freq: torch.Tensor | None = None
+        self.keys = self.values = None  # (B, Hkv, C, D) views of full_keys / full_values
+        self.full_keys = self.full_values = None  # (B, Hkv, C + 1 + S, D): C slots and scratch ones
         self.slot_pos: torch.Tensor | None = None  # (C,) text position held by each slot, -1 when empty
         self.seen = 0  # tokens processed: the next token's text position
         self.offset = 0  # virtual position = text position - offset, for window keys
@@ -76,6 +78,7 @@ class SinkLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.slot_pos = None
+        self.full_keys = self.full_values = None
         self.seen = self.offset = 0
         self.pending = None
 
@@ -114,12 +117,21 @@ class SinkLayer(CacheLayerMixin):
             return
         size = cap if cap is not None else max(need, 2 * have, 256)  # dense grows by doubling
         B, Hkv, _, D = like.shape
-        keys = like.new_zeros(B, Hkv, size, D)  # (B, Hkv, C, D)
-        values = like.new_zeros(B, Hkv, size, D)  # (B, Hkv, C, D)
+        # Scratch slots past the last, for the decode path (decode.py): the token being decoded and the sinks
+        # rotated to where that token sees them, so one fused attention call covers everything it attends to.
+        # ``keys``/``values`` are views without them.
+        spare = 1 + self.policy.num_sinks
+        full_keys = like.new_zeros(B, Hkv, size + spare, D)  # (B, Hkv, C + 1 + S, D)
+        full_values = like.new_zeros(B, Hkv, size + spare, D)  # (B, Hkv, C + 1 + S, D)
         slot_pos = torch.full((size,), -1, dtype=torch.long)  # (C,)
         if have:
-            keys[:, :, :have], values[:, :, :have], slot_pos[:have] = self.keys, self.values, self.slot_pos
-        self.keys, self.values, self.slot_pos = keys, values, slot_pos
+            full_keys[:, :, :have], full_values[:, :, :have], slot_pos[:have] = (
+                self.keys,
+                self.values,
+                self.slot_pos,
+            )
+        self.full_keys, self.full_values, self.slot_pos = full_keys, full_values, slot_pos
+        self.keys, self.values = full_keys[:, :, :size], full_values[:, :, :size]  # (B, Hkv, C, D)
 
     # -- saving and restoring --------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -173,7 +185,7 @@ class SinkLayer(CacheLayerMixin):
             S = self.policy.num_sinks
             ring = self.keys[:, :, S:]  # (B, Hkv, W, D)
             delta = torch.full((ring.shape[2],), -shift, dtype=torch.long)
-            self.keys[:, :, S:] = rotate(ring, delta, self.inv_freq)
+            ring.copy_(rotate(ring, delta, self.inv_freq))
         self.offset += shift
 
 
@@ -266,7 +278,7 @@ class SinkCache(Cache):
 
     def memory_bytes(self) -> int:
         return sum(
-            layer.keys.numel() * layer.keys.element_size() * 2
+            layer.full_keys.nbytes + layer.full_values.nbytes
             for layer in self.layers
-            if layer.keys is not None
+            if layer.full_keys is not None
         )

@@ -51,6 +51,10 @@ class _MatVec:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.mv(self.weight, x)  # (N,)
 
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
 
 class _Int4MatVec:
     """y = W x with W held as 4-bit integers in groups of 32 inputs, each group with its own scale and minimum:
@@ -79,6 +83,10 @@ class _Int4MatVec:
         self.scale_zero = (
             torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
         )  # (K/32, N, 2)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scale_zero.nbytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x16 = x.to(torch.bfloat16)[None]  # (1, K)
@@ -148,6 +156,8 @@ class Decoder:
         self.Hkv = config.num_key_value_heads
         self.D = getattr(config, "head_dim", None) or config.hidden_size // self.H
         self.inv_freq = layer_inv_freqs(model)[0]
+        if 2 * self.inv_freq.numel() != self.D:
+            raise ValueError("the fast decode path needs rotary embedding over the whole head")
         self.rotary = model.model.rotary_emb
         self.layers = []
         for block in model.model.layers:
@@ -173,6 +183,11 @@ class Decoder:
         self.norm = _Norm(model.model.norm)
         self.lm_head = matvec(model.lm_head.weight.detach())  # (V, E)
 
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decoded token reads (the matrices; norms and biases are a rounding error)."""
+        mats = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        return sum(m.nbytes for m in mats) + self.lm_head.nbytes
+
     def ready(self, cache: SinkCache) -> bool:
         """Whether ``cache`` can take a fast step: every layer exists and uses the cache's own policy (no layer
         of the model limits itself to a sliding window)."""
@@ -188,15 +203,18 @@ class Decoder:
         t = first.seen  # text position of the token
         virtual = t - first.offset  # the position the model rotates it at
         slot = int(policy.slot_of(torch.tensor([t]))[0]) if policy.capacity is not None else t
-        x = self.embed.weight[token]  # (E,)
-        cos, sin = self.rotary(x, torch.tensor([[virtual]]))  # (1, 1, D), model dtype
-        sink_rot = self._sink_rotation(policy, t, virtual)
         for store in cache.layers:
             store._ensure_slots(store.keys, slot + 1)
-        bias = self._bias(first.slot_pos)  # (C + 1,)
+        x = self.embed.weight[token]  # (E,)
+        cos, sin = self.rotary(x, torch.tensor([[virtual]]))  # (1, 1, D), model dtype
+        # The sink keys, rotated at 0..S-1, are moved to where this token sees them: by its virtual position
+        # minus its position relative to the sinks (in-cache, or its text position with positions="text").
+        shift = virtual - int(policy.cache_positions(torch.tensor([t]))[0])
+        sink_turn = _rotation_matrix(shift, self.inv_freq) if policy.num_sinks else None  # (D, D) float32
+        visible = self._visible(first.slot_pos, policy.num_sinks)  # (1, 1, 1, C + 1 + S)
         for layer, store in zip(self.layers, cache.layers, strict=True):
             h = layer.norm_in(x)  # (E,)
-            x = x + layer.o(self._attention(layer, store, h, cos, sin, sink_rot, bias, slot))  # (E,)
+            x = x + layer.o(self._attention(layer, store, h, cos, sin, sink_turn, visible, slot))  # (E,)
             h = layer.norm_post(x)  # (E,)
             gate, up = layer.gate_up(h).chunk(2)  # (F,) each
             x = x + layer.down(layer.act(gate) * up)  # (E,)
@@ -205,54 +223,50 @@ class Decoder:
             store.seen = t + 1
         return self.lm_head(self.norm(x)).float()  # (V,)
 
-    def _attention(self, layer, store, h, cos, sin, sink_rot, bias, slot) -> torch.Tensor:
+    def _attention(self, layer, store, h, cos, sin, sink_turn, visible, slot) -> torch.Tensor:
         """Self-attention of one layer for the new token; writes its key and value into ``slot``. -> (H*D,)"""
         H, Hkv, D = self.H, self.Hkv, self.D
-        G = H // Hkv
         qkv = layer.qkv(h)  # (Dq + 2 Dkv,)
         if layer.qkv_bias is not None:
             qkv = qkv + layer.qkv_bias
         qk = qkv[: (H + Hkv) * D].view(H + Hkv, D)  # (H + Hkv, D): q's heads, then k's
-        v = qkv[(H + Hkv) * D :].view(Hkv, 1, D)  # (Hkv, 1, D)
+        v = qkv[(H + Hkv) * D :].view(Hkv, D)  # (Hkv, D)
         if layer.q_norm is not None:
             qk = torch.cat([layer.q_norm(qk[:H]), layer.k_norm(qk[H:])])  # (H + Hkv, D)
-        qk = qk * cos[0] + rotate_half(qk) * sin[0]  # (H + Hkv, D), rotated at the virtual position
-        q = qk[:H].view(Hkv, G, D)  # (Hkv, G, D)
-        k = qk[H:].view(Hkv, 1, D)  # (Hkv, 1, D)
-        keys, values = store.keys[0], store.values[0]  # (Hkv, C, D)
-        scores = torch.cat([q @ keys.transpose(-1, -2), q @ k.transpose(-1, -2)], dim=-1)  # (Hkv, G, C + 1)
-        if sink_rot is not None:
-            S = store.policy.num_sinks
-            scores[..., :S] = _rotate(q, *sink_rot) @ keys[:, :S].transpose(-1, -2)  # (Hkv, G, S)
-        probs = torch.softmax(scores.float() * self.scaling + bias, dim=-1).to(v.dtype)  # (Hkv, G, C + 1)
-        out = probs[..., :-1] @ values + probs[..., -1:] * v  # (Hkv, G, D)
-        store.keys[0, :, slot] = k[:, 0]
-        store.values[0, :, slot] = v[:, 0]
-        return out.view(H * D)
-
-    def _sink_rotation(self, policy, t: int, virtual: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """cos and sin (1, D) that move the query from its virtual position to its position relative to the
-        sinks (as ``attention.attend`` does), or None when the two are the same."""
-        if not policy.num_sinks:
-            return None
-        delta = int(policy.cache_positions(torch.tensor([t]))[0]) - virtual
-        if delta == 0:
-            return None
-        cos, sin = shift_angles(torch.tensor([delta]), self.inv_freq)  # (1, D) float64
-        return cos.float(), sin.float()
+        qk = qk * cos[0, 0] + rotate_half(qk) * sin[0, 0]  # (H + Hkv, D), rotated at the virtual position
+        keys, values = store.full_keys[0], store.full_values[0]  # (Hkv, C + 1 + S, D)
+        C, S = store.keys.shape[2], store.policy.num_sinks
+        keys[:, C], values[:, C] = qk[H:], v  # the token sees itself through the first scratch slot
+        if S:
+            keys[:, C + 1 :] = keys[:, :S].float() @ sink_turn  # (Hkv, S, D): the sinks, moved
+            values[:, C + 1 :] = values[:, :S]
+        q = qk[:H].view(1, Hkv, H // Hkv, D)  # (1, Hkv, G, D): a kv head's G query heads as G rows
+        out = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=visible, scale=self.scaling)
+        keys[:, slot], values[:, slot] = qk[H:], v
+        return out.view(H * D)  # (1, Hkv, G, D) -> (H*D,)
 
     @staticmethod
-    def _bias(slot_pos: torch.Tensor) -> torch.Tensor:
-        """Additive float32 mask (C + 1,): empty slots are hidden; every held slot and the token itself are seen."""
-        bias = torch.zeros(slot_pos.numel() + 1)  # (C + 1,)
-        bias[:-1].masked_fill_(slot_pos < 0, float("-inf"))
-        return bias
+    def _visible(slot_pos: torch.Tensor, S: int) -> torch.Tensor:
+        """What the token attends to, over the cache's slots and the scratch ones -> (1, 1, 1, C + 1 + S) bool:
+        every held slot except the sinks' own (their moved copies stand in for them), itself, and the copies of
+        the sinks held so far."""
+        held = slot_pos >= 0  # (C,)
+        mask = torch.cat([held, torch.ones(1, dtype=torch.bool), held[:S]])  # (C + 1 + S,)
+        mask[:S] = False
+        return mask.view(1, 1, 1, -1)
 
 
-def _rotate(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``rotary.rotate`` for one position whose angles are already known: float32 rotation, back to q's dtype."""
-    q32 = q.float()  # (..., D)
-    return (q32 * cos + rotate_half(q32) * sin).to(q.dtype)
+def _rotation_matrix(shift: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """The rotary rotation by ``shift`` positions as a matrix M (D, D), float32: ``x @ M`` equals
+    ``rotary.rotate(x, shift)`` (x * cos + rotate_half(x) * sin), in one small product instead of six operations."""
+    cos, sin = shift_angles(torch.tensor([shift]), inv_freq)  # (1, D) float64 each
+    D = cos.shape[1]
+    half = D // 2
+    matrix = torch.diag(cos[0])  # (D, D)
+    idx = torch.arange(half)
+    matrix[idx + half, idx] = -sin[0, :half]  # rotate_half(x)[j] = -x[j + D/2] for j < D/2
+    matrix[idx, idx + half] = sin[0, half:]  # and x[j - D/2] above
+    return matrix.float()
 
 
 def decoder_for(model: nn.Module, weights: str = "model") -> Decoder | None:

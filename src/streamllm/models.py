@@ -138,6 +138,18 @@ def _fetch_gguf(model: BuiltinModel, work: Path, progress: Callable[[str], None]
     return gguf
 
 
+def fetch_gguf(name: str, dest: Path, progress: Callable[[str], None] = log.info) -> Path:
+    """Download and verify a built-in model's original GGUF file into the folder ``dest`` (for comparisons with
+    other runtimes, such as llama.cpp, on the very same file); returns its path."""
+    if name not in BUILTINS:
+        raise ModelError(f"unknown model {name!r}; built-in models: {', '.join(BUILTINS)}")
+    target = dest / f"{name}.gguf"
+    if not target.exists():
+        with tempfile.TemporaryDirectory(dir=dest, prefix=f".{name}-") as tmp:
+            _fetch_gguf(BUILTINS[name], Path(tmp), progress).rename(target)
+    return target
+
+
 def convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF file once into a safetensors folder with its tokenizer (loads in seconds afterwards)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,0 +1,194 @@
+"""Decode and prefill throughput per dtype and decode path, beside llama.cpp and the memory-bandwidth bound.
+
+    .venv/bin/python benchmarks/throughput.py [--dtypes float32,bfloat16] [--tokens 64] [--out DIR]
+
+For each dtype, one stream (4 sinks + 1020 window) takes a 4096-token prompt of Hamlet in chunks (prefill tok/s),
+then the next ``--tokens`` tokens of the text one at a time (decode tok/s at a full 1024-token cache), once per
+decode path: transformers' forward, the fast path, and the fast path on 4-bit weights. All runs are in this one
+process, side by side.
+
+llama.cpp: with the optional ``llama-cpp-python`` package installed (``pip install -e '.[llamacpp]'``; it builds
+from source in about 6 minutes), the same GGUF file the bundled model comes from is timed the same way: prefill of
+the 4096-token prompt, and decode of ``--tokens`` tokens after a 960-token prompt in a 1024-token context (the same
+attention work per token as our full cache). Without the package that column is skipped.
+
+Bandwidth bound: every decoded token reads all weights and the whole cache once, so tokens/s can be no higher than
+(measured read bandwidth) / (bytes of weights + cache). Each path is shown as a share of its own bound.
+Writes throughput.csv, throughput.md and throughput.png into --out.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from _bench import command, parser, read_bandwidth_gbs, text_ids, time_tokens, weight_bytes
+
+from streamllm import StreamConfig, load_model
+from streamllm.experiments.report import Report, figure, table
+from streamllm.stream import Stream
+
+PROMPT = 4096
+PATHS = ("transformers", "fast", "int4")
+
+
+def decoder_bytes(stream: Stream, model) -> int:
+    """Bytes of weights one decoded token reads on this stream's path."""
+    return weight_bytes(model) if stream.decoder is None else stream.decoder.weight_bytes()
+
+
+def kv_bytes(config, tokens: int, itemsize: int) -> int:
+    """Bytes of keys and values for ``tokens`` tokens in every layer."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * tokens * head_dim * itemsize
+
+
+def ours(model, ids: list[int], decode: str, tokens: int) -> dict:
+    stream = Stream(model, StreamConfig(num_sinks=4, window=1020, decode=decode))
+    start = time.perf_counter()
+    stream.feed(ids[:PROMPT])
+    prefill = PROMPT / (time.perf_counter() - start)
+    seconds = time_tokens(stream, ids[PROMPT : PROMPT + tokens])
+    return {
+        "prefill": prefill,
+        "decode": len(seconds) / sum(seconds),
+        "bytes": decoder_bytes(stream, model) + stream.cache_bytes(),
+    }
+
+
+def llama_cpp(gguf: Path, ids: list[int], tokens: int, threads: int, cache_bytes: int) -> dict | None:
+    """The same measurements through llama.cpp, or None when llama-cpp-python is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    big = Llama(model_path=str(gguf), n_ctx=PROMPT + 8, n_batch=512, n_threads=threads, verbose=False)
+    start = time.perf_counter()
+    big.eval(ids[:PROMPT])
+    prefill = PROMPT / (time.perf_counter() - start)
+    del big
+    small = Llama(model_path=str(gguf), n_ctx=1024, n_batch=512, n_threads=threads, verbose=False)
+    small.eval(ids[: 1024 - tokens])
+    start = time.perf_counter()
+    for token in ids[1024 - tokens : 1024]:
+        small.eval([token])
+    decode = tokens / (time.perf_counter() - start)
+    return {"prefill": prefill, "decode": decode, "bytes": gguf.stat().st_size + cache_bytes}
+
+
+def main() -> None:
+    p = parser(__doc__, "docs/performance")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument(
+        "--gguf", type=Path, default=None, help="GGUF file for llama.cpp (default: the bundled model's)"
+    )
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    bandwidth = read_bandwidth_gbs()
+    print(f"{args.model}, sink 4+1020, {args.threads} threads; measured read bandwidth {bandwidth:.1f} GB/s")
+    rows = []
+    for dtype in args.dtypes.split(","):
+        model, tokenizer = load_model(args.model, dtype=dtype)
+        ids = text_ids(tokenizer, PROMPT + args.tokens)
+        for path in PATHS:
+            rows.append(
+                {"runtime": "streamllm", "dtype": dtype, "path": path, **ours(model, ids, path, args.tokens)}
+            )
+            _print(rows[-1], bandwidth)
+    cpp = _llama_cpp_row(args, model.config, ids)
+    if cpp is None:
+        print("llama.cpp: skipped (llama-cpp-python is not installed; pip install -e '.[llamacpp]')")
+    else:
+        rows.append(cpp)
+        _print(cpp, bandwidth)
+        for r in rows[:-1]:
+            print(f"{r['dtype']:9} {r['path']:12} decode / llama.cpp: {r['decode'] / cpp['decode']:.2f}x")
+    _write(rows, bandwidth, args, cpp is not None)
+
+
+def _llama_cpp_row(args, model_config, ids) -> dict | None:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return None
+    from streamllm.models import fetch_gguf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = args.gguf or fetch_gguf(args.model, Path(tmp))
+        result = llama_cpp(gguf, ids, args.tokens, args.threads, kv_bytes(model_config, 1024, 2))  # f16 cache
+    return {"runtime": "llama.cpp", "dtype": "gguf", "path": "its own", **result}
+
+
+def _print(r: dict, bandwidth: float) -> None:
+    bound = bandwidth * 1e9 / r["bytes"]
+    print(
+        f"{r['runtime']:10} {r['dtype']:9} {r['path']:12} prefill {r['prefill']:7.1f} tok/s  decode {r['decode']:6.1f} "
+        f"tok/s  bound {bound:6.1f} tok/s ({100 * r['decode'] / bound:4.1f}% of it; {r['bytes'] / 2**20:.0f} MB/token)",
+        flush=True,
+    )
+
+
+def _write(rows, bandwidth, args, have_cpp: bool) -> None:
+    header = (
+        "runtime",
+        "dtype",
+        "decode path",
+        "prefill tok/s",
+        "decode tok/s",
+        "MB read per token",
+        "bound tok/s",
+        "% of bound",
+    )
+    body = []
+    for r in rows:
+        bound = bandwidth * 1e9 / r["bytes"]
+        body.append(
+            (
+                r["runtime"],
+                r["dtype"],
+                r["path"],
+                round(r["prefill"], 1),
+                round(r["decode"], 1),
+                round(r["bytes"] / 2**20, 1),
+                round(bound, 1),
+                round(100 * r["decode"] / bound, 1),
+            )
+        )
+    report = Report(
+        "throughput",
+        f"Decode and prefill throughput ({args.model}, cache 4+1020, {PROMPT}-token prompt)",
+        command(),
+        header,
+        body,
+    )
+    report.sections.append(
+        f"Measured read bandwidth: {bandwidth:.1f} GB/s."
+        + ("" if have_cpp else " llama.cpp: not installed, skipped.")
+    )
+    report.sections.append(table(header, body))
+    fig, axes = figure()
+    ax = axes[0, 0]
+    labels = [f"{r['runtime']}\n{r['dtype']}\n{r['path']}" for r in rows]
+    ax.bar(range(len(rows)), [r["decode"] for r in rows], color="tab:blue", label="decode tok/s")
+    ax.scatter(
+        range(len(rows)),
+        [bandwidth * 1e9 / r["bytes"] for r in rows],
+        color="tab:red",
+        marker="_",
+        s=600,
+        label="bandwidth bound",
+    )
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("tokens/s")
+    ax.legend()
+    ax.set_title(f"{args.model}: decode at cache 1024, {args.threads} threads")
+    report.figure = fig
+    for path in report.write(args.out):
+        print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
