@@ -53,7 +53,7 @@ def streamllm_attention(module, query, key, value, attention_mask, scaling=None,
 
 
 # Fused attention that also returns each row's log-sum-exp, so the sink block can join the same softmax.
-_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def attend(
@@ -73,7 +73,7 @@ def attend(
     q_sink = None
     if policy.num_sinks and bool((delta != 0).any()):
         q_sink = rotate(query, delta, layer.inv_freq).reshape(B, -1, G * T, D)  # (B, Hkv, G*T, D)
-    if softcap is None and _FLASH is not None and query.device.type == "cpu" and T > 1:
+    if softcap is None and FLASH_CPU is not None and query.device.type == "cpu" and T > 1:
         out = _attend_fused(layer, k_new, v_new, q_win, q_sink, q_pos, scaling)
     else:
         out = _attend_scores(layer, k_new, v_new, q_win, q_sink, q_pos, scaling, softcap)
@@ -129,8 +129,8 @@ def _attend_fused(layer, k_new, v_new, q_win, q_sink, q_pos, scaling):
         k_pos = torch.cat([old_pos, q_pos])  # (K,)
     m = _masks(layer, q_pos, k_pos, q_win.shape[2] // q_pos.numel(), q_win.dtype)
     if q_sink is None or m.sink_cols is None:
-        return _FLASH(q_win.contiguous(), keys, values, attn_mask=m.all_bias, scale=scaling)[0]
-    out, lse = _FLASH(q_win.contiguous(), keys, values, attn_mask=m.win_bias, scale=scaling)
+        return FLASH_CPU(q_win.contiguous(), keys, values, attn_mask=m.all_bias, scale=scaling)[0]
+    out, lse = FLASH_CPU(q_win.contiguous(), keys, values, attn_mask=m.win_bias, scale=scaling)
     lse = lse.float().masked_fill(m.sink_only, float("-inf"))  # (B, Hkv, G*T)
     s_keys, s_values = keys[:, :, m.sink_cols].float(), values[:, :, m.sink_cols].float()  # (B, Hkv, s, D)
     s_scores = (q_sink.float() @ s_keys.transpose(-1, -2)) * scaling  # (B, Hkv, G*T, s)

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .arch import layer_inv_freqs, lookup
+from .attention import FLASH_CPU
 from .cache import SinkCache
 from .rotary import rotate_half, shift_angles
 
@@ -189,10 +190,11 @@ class Decoder:
         return sum(m.nbytes for m in mats) + self.lm_head.nbytes
 
     def ready(self, cache: SinkCache) -> bool:
-        """Whether ``cache`` can take a fast step: every layer exists and uses the cache's own policy (no layer
-        of the model limits itself to a sliding window)."""
+        """Whether ``cache`` can take a fast step: it lives on the CPU, and every layer exists and uses the
+        cache's own policy (no layer of the model limits itself to a sliding window)."""
         return len(cache.layers) == len(self.layers) and all(
-            layer.policy == cache.policy and layer.keys is not None for layer in cache.layers
+            layer.policy == cache.policy and layer.keys is not None and layer.keys.device.type == "cpu"
+            for layer in cache.layers
         )
 
     @torch.inference_mode()
@@ -211,7 +213,7 @@ class Decoder:
         # minus its position relative to the sinks (in-cache, or its text position with positions="text").
         shift = virtual - int(policy.cache_positions(torch.tensor([t]))[0])
         sink_turn = _rotation_matrix(shift, self.inv_freq) if policy.num_sinks else None  # (D, D) float32
-        visible = self._visible(first.slot_pos, policy.num_sinks)  # (1, 1, 1, C + 1 + S)
+        visible = self._visible(first.slot_pos, policy.num_sinks, x.dtype)  # (1, 1, 1, C + 1 + S)
         for layer, store in zip(self.layers, cache.layers, strict=True):
             h = layer.norm_in(x)  # (E,)
             x = x + layer.o(self._attention(layer, store, h, cos, sin, sink_turn, visible, slot))  # (E,)
@@ -241,19 +243,19 @@ class Decoder:
             keys[:, C + 1 :] = keys[:, :S].float() @ sink_turn  # (Hkv, S, D): the sinks, moved
             values[:, C + 1 :] = values[:, :S]
         q = qk[:H].view(1, Hkv, H // Hkv, D)  # (1, Hkv, G, D): a kv head's G query heads as G rows
-        out = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=visible, scale=self.scaling)
+        out = FLASH_CPU(q, keys[None], values[None], attn_mask=visible, scale=self.scaling)[0]  # (1, Hkv, G, D)
         keys[:, slot], values[:, slot] = qk[H:], v
         return out.view(H * D)  # (1, Hkv, G, D) -> (H*D,)
 
     @staticmethod
-    def _visible(slot_pos: torch.Tensor, S: int) -> torch.Tensor:
-        """What the token attends to, over the cache's slots and the scratch ones -> (1, 1, 1, C + 1 + S) bool:
-        every held slot except the sinks' own (their moved copies stand in for them), itself, and the copies of
-        the sinks held so far."""
+    def _visible(slot_pos: torch.Tensor, S: int, dtype: torch.dtype) -> torch.Tensor:
+        """What the token attends to, over the cache's slots and the scratch ones, as an additive mask (0 or
+        -inf) -> (1, 1, 1, C + 1 + S): every held slot except the sinks' own (their moved copies stand in for
+        them), itself, and the copies of the sinks held so far."""
         held = slot_pos >= 0  # (C,)
         mask = torch.cat([held, torch.ones(1, dtype=torch.bool), held[:S]])  # (C + 1 + S,)
         mask[:S] = False
-        return mask.view(1, 1, 1, -1)
+        return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf")).view(1, 1, 1, -1)
 
 
 def _rotation_matrix(shift: int, inv_freq: torch.Tensor) -> torch.Tensor:
