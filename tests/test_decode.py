@@ -10,7 +10,7 @@ from tiny import tiny_model
 import streamllm
 from streamllm import StreamConfig
 from streamllm.arch import ARCHITECTURES
-from streamllm.decode import _Int4MatVec, decoder_for
+from streamllm.decode import INT4_MAX_ERROR, _Int4MatVec, _Int8MatVec, _quantized, decoder_for
 from streamllm.stream import Stream
 
 FAST = [name for name, arch in ARCHITECTURES.items() if arch.fast_decode]
@@ -104,8 +104,13 @@ def test_int4_matvec_recovers_q4_1_weights():
     got = _Int4MatVec(weight)(x)
     want = weight @ x
     assert (got - want).abs().max() < 0.02 * want.abs().max()  # bfloat16 inputs and scales
-    rough = _Int4MatVec(torch.randn(48, 128, generator=g))(x)  # not on a grid: quantization error shows
-    assert rough.shape == (48,)
+    assert _Int4MatVec(weight).error < 1e-5
+    assert isinstance(_quantized(weight), _Int4MatVec)
+    rough = torch.randn(48, 128, generator=g)  # not on a 4-bit grid: kept in 8 bits
+    assert _Int4MatVec(rough).error > INT4_MAX_ERROR
+    int8 = _quantized(rough)
+    assert isinstance(int8, _Int8MatVec)
+    assert (int8(x) - rough @ x).abs().max() < 0.02 * (rough @ x).abs().max()
 
 
 def test_int4_decode_stays_close_to_exact():
