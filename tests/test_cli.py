@@ -50,6 +50,7 @@ def bad_files(tmp_path_factory):
         (["chat", "--script", "{d}/script.jsonl"], "not valid JSON"),
         (["models", "pull", "nope"], "unknown model"),
         (["perplexity", "--text", "{d}/script.jsonl", "--positions", "sideways"], "--positions"),
+        (["generate", "--prompt", "hi", "--decode", "int3"], "--decode"),
         (["perplexity", "--text", "{d}/script.jsonl", "--csv", "{d}/empty.txt"], "--overwrite"),
         (["perplexity", "--text", "{d}/script.jsonl", "--csv", "/no/such/dir/x.csv"], "does not exist"),
         (["experiment", "nope", "--out", "{d}"], "invalid choice"),
@@ -99,6 +100,24 @@ def test_experiment_command_writes_outputs_and_refuses_to_overwrite(tmp_path):
     assert_one_line_error(
         run("experiment", "newline-sinks", "--quick", "--out", str(tmp_path)), "--overwrite"
     )
+
+
+def test_generate_with_4_bit_decoding():
+    result = run(
+        "generate",
+        "--prompt",
+        "The sea",
+        "--window",
+        "28",
+        "--decode",
+        "int4",
+        "--ignore-eos",
+        "--max-new-tokens",
+        "40",
+        "--stats",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "cache 32/32" in result.stderr and "40 tokens" in result.stderr
 
 
 def test_generate_runs_past_the_cache():

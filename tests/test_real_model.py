@@ -8,8 +8,10 @@ from oracle import oracle_logits
 from streamllm import StreamConfig
 from streamllm.chat import ChatSession
 from streamllm.data import shakespeare_text
+from streamllm.decode import decoder_for
 from streamllm.generate import Sampling, stream_generate
 from streamllm.perplexity import streaming_nll
+from streamllm.stream import Stream
 
 pytestmark = pytest.mark.real
 
@@ -107,3 +109,24 @@ def test_fast_perplexity_equals_token_by_token(real, hamlet_ids):
             model, ids, StreamConfig(num_sinks=4, window=60, method=method, chunk_size=256)
         ).nll
         assert (fast - slow).abs().max() < 1e-3, method
+
+
+def test_decode_paths_on_real_model(real, hamlet_ids):
+    """Single tokens through the fast path give transformers' logits (float32), and the 4-bit path stays within
+    a few percent of their perplexity, on a stream past a small cache with rebasing."""
+    model, _ = real
+    ids = hamlet_ids[:160]
+    targets = torch.tensor(ids[1:])
+    logits, nll = {}, {}
+    for mode in ("transformers", "fast", "int4"):
+        stream = Stream(model, StreamConfig(num_sinks=4, window=60, rebase_every=50, decode=mode))
+        logits[mode] = torch.stack([stream.feed([t]) for t in ids[:-1]])  # (N, V)
+        nll[mode] = torch.nn.functional.cross_entropy(logits[mode], targets)
+    assert (logits["fast"] - logits["transformers"]).abs().max() < 1e-3
+    assert abs(float(nll["fast"] - nll["transformers"])) < 1e-4
+    assert abs(float(nll["int4"].exp() / nll["transformers"].exp()) - 1) < 0.03
+    decoder = decoder_for(model, "int4")
+    assert all(
+        type(layer.gate_up).__name__ == "_Int4MatVec" for layer in decoder.layers
+    )  # Q4_1 layers: 4 bits
+    assert type(decoder.lm_head).__name__ == "_Int8MatVec"  # the embedding is not on a 4-bit grid

@@ -75,7 +75,9 @@ class _Int4MatVec:
     def __init__(self, weight: torch.Tensor):
         N, K = weight.shape
         if not self.fits(weight):
-            raise ValueError(f"int4 weights need outputs divisible by 16 and inputs by {self.GROUP}, got {N}x{K}")
+            raise ValueError(
+                f"int4 weights need outputs divisible by 16 and inputs by {self.GROUP}, got {N}x{K}"
+            )
         w = weight.detach().float().view(N, K // self.GROUP, self.GROUP)  # (N, K/32, 32)
         low = w.amin(-1)  # (N, K/32)
         scale = ((w.amax(-1) - low) / 15).clamp(min=1e-12)  # (N, K/32)
@@ -83,7 +85,9 @@ class _Int4MatVec:
         self.error = float((q * scale[..., None] + low[..., None] - w).norm() / w.norm().clamp(min=1e-12))
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).view(N, K), 1)
         zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
-        self.scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # (K/32, N, 2)
+        self.scale_zero = (
+            torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        )  # (K/32, N, 2)
 
     @property
     def nbytes(self) -> int:
@@ -91,7 +95,9 @@ class _Int4MatVec:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x16 = x.to(torch.bfloat16)[None]  # (1, K)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x16, self.packed, self.GROUP, self.scale_zero)  # (1, N)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x16, self.packed, self.GROUP, self.scale_zero
+        )  # (1, N)
         return y[0].to(x.dtype)  # (N,)
 
 
@@ -271,7 +277,9 @@ class Decoder:
             keys[:, C + 1 :] = keys[:, :S].float() @ sink_turn  # (Hkv, S, D): the sinks, moved
             values[:, C + 1 :] = values[:, :S]
         q = qk[:H].view(1, Hkv, H // Hkv, D)  # (1, Hkv, G, D): a kv head's G query heads as G rows
-        out = FLASH_CPU(q, keys[None], values[None], attn_mask=visible, scale=self.scaling)[0]  # (1, Hkv, G, D)
+        out = FLASH_CPU(q, keys[None], values[None], attn_mask=visible, scale=self.scaling)[
+            0
+        ]  # (1, Hkv, G, D)
         keys[:, slot], values[:, slot] = qk[H:], v
         return out.view(H * D)  # (1, Hkv, G, D) -> (H*D,)
 
