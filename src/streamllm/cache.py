@@ -110,6 +110,15 @@ class SinkLayer(CacheLayerMixin):
         self.slot_pos[slots.cpu()] = pos
         self.seen = seen
 
+    def reserve(self, need: int) -> None:
+        """Make room for ``need`` slots (dense caches grow; bounded ones are allocated whole)."""
+        self._ensure_slots(self.keys, need)
+
+    def record(self, slot: int, pos: int) -> None:
+        """Note that the token at text position ``pos`` now fills ``slot`` (its keys written by the caller)."""
+        self.slot_pos[slot] = pos
+        self.seen = pos + 1
+
     def _ensure_slots(self, like: torch.Tensor, need: int) -> None:
         cap = self.policy.capacity
         have = 0 if self.keys is None else self.keys.shape[2]

@@ -5,9 +5,11 @@ launched. transformers' module tree launches several hundred small operations pe
 positions each time. This runs the same arithmetic with far fewer operations:
 - q, k and v come from one fused matrix (and gate and up from another); the model's own projection weights become
   views of the fused ones, so no weight is stored twice;
-- the rotary angles of the token are computed once per token, not once per layer;
-- every stored slot is visible to the new token (the cache holds exactly the sinks and the window before it), so the
-  mask is one row shared by all layers;
+- the rotary angles of the token, and the rotation that moves the sinks to where it sees them, are computed once per
+  token, not once per layer;
+- attention is one call of torch's fused CPU kernel per layer: the token's own key and the moved sink keys go into
+  scratch slots past the cache's ring (``SinkLayer.full_keys``), so nothing is concatenated or copied, and every
+  layer shares one mask row (the cache holds exactly the sinks and the window before the token);
 - the new key is written into its slot without the policy's general-purpose bookkeeping.
 
 It reads and writes the same cache as the chunked path (``attention.py``), so prefill and decode mix freely, and its
@@ -32,7 +34,7 @@ from .rotary import rotate_half, shift_angles
 
 
 class _Norm:
-    """transformers' RMSNorm (normalise in float32, back to the model dtype, then scale) in one fused kernel."""
+    """transformers' RMSNorm: normalise in float32, back to the model dtype, then scale."""
 
     def __init__(self, module: nn.Module):
         self.weight = module.weight.detach()  # (N,)
@@ -240,7 +242,7 @@ class Decoder:
         virtual = t - first.offset  # the position the model rotates it at
         slot = int(policy.slot_of(torch.tensor([t]))[0]) if policy.capacity is not None else t
         for store in cache.layers:
-            store._ensure_slots(store.keys, slot + 1)
+            store.reserve(slot + 1)
         x = self.embed.weight[token]  # (E,)
         cos, sin = self.rotary(x, torch.tensor([[virtual]]))  # (1, 1, D), model dtype
         # The sink keys, rotated at 0..S-1, are moved to where this token sees them: by its virtual position
@@ -255,8 +257,7 @@ class Decoder:
             gate, up = layer.gate_up(h).chunk(2)  # (F,) each
             x = x + layer.down(layer.act(gate) * up)  # (E,)
         for store in cache.layers:
-            store.slot_pos[slot] = t
-            store.seen = t + 1
+            store.record(slot, t)
         return self.lm_head(self.norm(x)).float()  # (V,)
 
     def _attention(self, layer, store, h, cos, sin, sink_turn, visible, slot) -> torch.Tensor:
@@ -277,11 +278,11 @@ class Decoder:
             keys[:, C + 1 :] = keys[:, :S].float() @ sink_turn  # (Hkv, S, D): the sinks, moved
             values[:, C + 1 :] = values[:, :S]
         q = qk[:H].view(1, Hkv, H // Hkv, D)  # (1, Hkv, G, D): a kv head's G query heads as G rows
-        out = FLASH_CPU(q, keys[None], values[None], attn_mask=visible, scale=self.scaling)[
-            0
-        ]  # (1, Hkv, G, D)
+        out, _ = FLASH_CPU(
+            q, keys[None], values[None], attn_mask=visible, scale=self.scaling
+        )  # (1, Hkv, G, D)
         keys[:, slot], values[:, slot] = qk[H:], v
-        return out.view(H * D)  # (1, Hkv, G, D) -> (H*D,)
+        return out.view(H * D)  # (H*D,)
 
     @staticmethod
     def _visible(slot_pos: torch.Tensor, S: int, dtype: torch.dtype) -> torch.Tensor:
