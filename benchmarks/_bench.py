@@ -113,3 +113,9 @@ def weight_bytes(model) -> int:
             seen.add(key)
             total += param.untyped_storage().nbytes()
     return total
+
+
+def kv_bytes(config, tokens: int, itemsize: int) -> int:
+    """Bytes of keys and values for ``tokens`` tokens in every layer."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * tokens * head_dim * itemsize

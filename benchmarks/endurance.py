@@ -15,7 +15,7 @@ import statistics
 import time
 
 import torch
-from _bench import command, parser, time_tokens, token_pieces
+from _bench import command, kv_bytes, parser, time_tokens, token_pieces
 
 from streamllm import StreamConfig, load_model
 from streamllm.config import DECODE_MODES
@@ -35,6 +35,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=args.dtype)
+    rss_loaded = current_rss_mb()  # the model, before any stream exists
     stream = Stream(model, StreamConfig(num_sinks=4, window=args.window, decode=args.decode))
     print(f"{args.model} {args.dtype}, sink 4+{args.window}, decode={args.decode}, {args.threads} threads")
     rows, buffer, start = [], [], time.perf_counter()
@@ -62,7 +63,14 @@ def main() -> None:
             flush=True,
         )
     minutes = (time.perf_counter() - start) / 60
-    verdict = _verdict(rows)
+    analytic = kv_bytes(model.config, 4 + args.window, next(model.parameters()).element_size()) / 2**20
+    memory = [
+        ("RSS with the model loaded, before the stream", f"{rss_loaded:.1f} MB"),
+        ("cache, analytic (2 x layers x kv heads x 1024 x head dim x bytes)", f"{analytic:.2f} MB"),
+        ("cache, allocated (the ring plus 1 + 4 scratch slots)", f"{stream.cache_bytes() / 2**20:.2f} MB"),
+        ("RSS rise from before the stream to the first sample", f"{rows[0][3] - rss_loaded:.1f} MB"),
+    ]
+    verdict = _verdict(rows) + memory
     for name, value in verdict:
         print(f"{name}: {value}")
     report = Report(

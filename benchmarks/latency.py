@@ -12,7 +12,7 @@ paper's (2.0x at 256, 21.7x at 4096, on an A6000). Writes latency.csv, latency.m
 from __future__ import annotations
 
 import torch
-from _bench import PeakRSS, command, median_ms, p90_ms, parser, text_ids, time_tokens
+from _bench import PeakRSS, command, kv_bytes, median_ms, p90_ms, parser, text_ids, time_tokens
 
 from streamllm import StreamConfig, load_model
 from streamllm.config import DECODE_MODES
@@ -40,10 +40,15 @@ def run_one(model, ids: list[int], method: str, size: int, steps: int, decode: s
         "median_ms": round(median_ms(seconds), 2),
         "p90_ms": round(p90_ms(seconds), 2),
         "cache_mb": round(stream.cache_bytes() / 2**20, 2),
+        "analytic_mb": round(kv_bytes(model.config, stream.cache_length, _itemsize(model)) / 2**20, 2),
         "rss_rise_mb": round(rss.rise, 1),
         "peak_rss_mb": round(rss.peak, 1),
         "cache_length": stream.cache_length,
     }
+
+
+def _itemsize(model) -> int:
+    return next(model.parameters()).element_size()
 
 
 def main() -> None:
@@ -59,7 +64,10 @@ def main() -> None:
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     ids = text_ids(tokenizer, max(sizes) + 64 + max(args.steps, args.recompute_steps))
     print(f"{args.model} {args.dtype}, decode={args.decode}, {args.threads} threads")
-    print(f"{'size':>5} {'method':10} {'median ms':>10} {'p90 ms':>8} {'cache MB':>9} {'RSS rise MB':>12}")
+    print(
+        f"{'size':>5} {'method':10} {'median ms':>10} {'p90 ms':>8} {'cache MB':>9} {'analytic':>9} "
+        f"{'RSS rise MB':>12}"
+    )
     rows = []
     for size in sizes:
         for method in METHODS:
@@ -68,7 +76,7 @@ def main() -> None:
             rows.append(row)
             print(
                 f"{size:5d} {method:10} {row['median_ms']:10.2f} {row['p90_ms']:8.2f} {row['cache_mb']:9.2f} "
-                f"{row['rss_rise_mb']:12.1f}",
+                f"{row['analytic_mb']:9.2f} {row['rss_rise_mb']:12.1f}",
                 flush=True,
             )
     by = {(r["size"], r["method"]): r for r in rows}

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from _bench import command, parser, read_bandwidth_gbs, text_ids, time_tokens, weight_bytes
+from _bench import command, kv_bytes, parser, read_bandwidth_gbs, text_ids, time_tokens, weight_bytes
 
 from streamllm import StreamConfig, load_model
 from streamllm.experiments.report import Report, figure, table
@@ -37,12 +37,6 @@ PATHS = ("transformers", "fast", "int4")
 def decoder_bytes(stream: Stream, model) -> int:
     """Bytes of weights one decoded token reads on this stream's path."""
     return weight_bytes(model) if stream.decoder is None else stream.decoder.weight_bytes()
-
-
-def kv_bytes(config, tokens: int, itemsize: int) -> int:
-    """Bytes of keys and values for ``tokens`` tokens in every layer."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * tokens * head_dim * itemsize
 
 
 def ours(model, ids: list[int], decode: str, tokens: int) -> dict:
