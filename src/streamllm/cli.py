@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .arch import UnsupportedModelError
 from .cli_experiment import add_parser as add_experiment_parser
+from .cli_serve import add_parser as add_serve_parser
 from .config import DECODE_MODES, METHODS, POSITIONS, ConfigError, StreamConfig
 from .data import DataError
 from .models import BUILTINS, DEFAULT_MODEL, DTYPES, ModelError, is_pulled, model_dir, pull
@@ -121,46 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(d)
     d.set_defaults(window=252)
     d.add_argument("--tokens", type=_positive, default=3000, help="stop after streaming this many tokens")
-    s = sub.add_parser("serve", help="OpenAI-compatible chat server with endless, persistent sessions")
-    _common(s)
-    # Smaller prompt chunks than the other commands: one chunk is what other sessions wait for at most.
-    s.set_defaults(chunk_size=128)
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    s.add_argument("--port", type=_port, default=8000)
-    s.add_argument(
-        "--api-key", action="append", default=[], help="require 'Authorization: Bearer KEY' (repeatable)"
-    )
-    s.add_argument("--api-key-file", type=Path, help="file with one API key per line")
-    s.add_argument(
-        "--state-dir", type=Path, help="keep sessions here: saved after every turn, kept across restarts"
-    )
-    s.add_argument(
-        "--max-sessions", type=_positive, default=16, help="sessions whose cache stays in memory (LRU)"
-    )
-    s.add_argument("--max-body-bytes", type=_positive, default=8 * 2**20, help="largest request body")
-    s.add_argument(
-        "--max-tokens",
-        type=_positive,
-        default=4096,
-        help="largest max_tokens a request may ask for (and the default)",
-    )
-    s.add_argument("--max-message-chars", type=_positive, default=1_000_000, help="longest single message")
-    s.add_argument("--request-timeout", type=_positive, default=600, help="seconds a request may take in all")
-    s.add_argument(
-        "--batch-decode",
-        type=_positive,
-        default=1,
-        help="let up to N sessions share each decode forward pass (faster under load; 1: replies never depend "
-        "on other traffic)",
-    )
+    add_serve_parser(sub, _common, _positive, _int_at_least)
     return parser
-
-
-def _port(text: str) -> int:
-    port = _int_at_least(1)(text)
-    if port > 65535:
-        raise argparse.ArgumentTypeError(f"must be <= 65535, got {port}")
-    return port
 
 
 def _config(args) -> StreamConfig:
@@ -383,44 +346,6 @@ def cmd_models(args) -> int:
     return 0
 
 
-def _api_keys(args) -> tuple[str, ...]:
-    keys = list(args.api_key)
-    if args.api_key_file:
-        keys += [line.strip() for line in read_text(args.api_key_file).splitlines() if line.strip()]
-    if any(not key.strip() for key in keys):
-        raise InputError("an API key must not be empty")
-    return tuple(key.strip() for key in keys)
-
-
-def cmd_serve(args) -> int:
-    from .server import ServerConfig, serve
-
-    config = ServerConfig(
-        model_id=args.model,
-        stream=_config(args),
-        api_keys=_api_keys(args),
-        state_dir=args.state_dir,
-        max_sessions=args.max_sessions,
-        max_body_bytes=args.max_body_bytes,
-        max_tokens_limit=args.max_tokens,
-        max_message_chars=args.max_message_chars,
-        request_timeout_s=float(args.request_timeout),
-        batch_decode=args.batch_decode,
-    )
-    if args.state_dir is not None:
-        try:
-            args.state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"cannot use --state-dir {args.state_dir}: {exc.strerror}") from None
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
-        logging.getLogger("streamllm.server").warning(
-            "listening on %s without --api-key: anyone who can reach it can use it", args.host
-        )
-    model, tokenizer = _load(args)
-    serve(model, tokenizer, config, args.host, args.port, log_level="debug" if args.verbose else "info")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -432,13 +357,16 @@ def main(argv: list[str] | None = None) -> int:
         "chat": cmd_chat,
         "perplexity": cmd_perplexity,
         "models": cmd_models,
-        "serve": cmd_serve,
     }
     try:
         if args.command == "experiment":
             from .cli_experiment import run
 
             return run(args, _load, read_text, InputError)
+        if args.command == "serve":
+            from .cli_serve import run
+
+            return run(args, _config(args), _load, read_text, InputError)
         if args.command == "demo":
             from .cli_demo import run_demo
 

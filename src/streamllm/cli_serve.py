@@ -1,0 +1,90 @@
+"""``streamllm serve``: the OpenAI-compatible chat server's command-line options and start-up."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+
+def add_parser(sub, common, positive, int_at_least) -> None:
+    s = sub.add_parser("serve", help="OpenAI-compatible chat server with endless, persistent sessions")
+    common(s)
+    # Smaller prompt chunks than the other commands: one chunk is what other sessions wait for at most.
+    s.set_defaults(chunk_size=128)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=_port_type(int_at_least), default=8000)
+    s.add_argument(
+        "--api-key", action="append", default=[], help="require 'Authorization: Bearer KEY' (repeatable)"
+    )
+    s.add_argument("--api-key-file", type=Path, help="file with one API key per line")
+    s.add_argument(
+        "--state-dir", type=Path, help="keep sessions here: saved after every turn, kept across restarts"
+    )
+    s.add_argument(
+        "--max-sessions", type=positive, default=16, help="sessions whose cache stays in memory (LRU)"
+    )
+    s.add_argument("--max-body-bytes", type=positive, default=8 * 2**20, help="largest request body")
+    s.add_argument(
+        "--max-tokens",
+        type=positive,
+        default=4096,
+        help="largest max_tokens a request may ask for (and the default)",
+    )
+    s.add_argument("--max-message-chars", type=positive, default=1_000_000, help="longest single message")
+    s.add_argument("--request-timeout", type=positive, default=600, help="seconds a request may take in all")
+    s.add_argument(
+        "--batch-decode",
+        type=positive,
+        default=1,
+        help="let up to N sessions share each decode forward pass (faster under load; 1: replies never depend "
+        "on other traffic)",
+    )
+
+
+def _port_type(int_at_least):
+    def port_number(text: str) -> int:
+        port = int_at_least(1)(text)
+        if port > 65535:
+            raise argparse.ArgumentTypeError(f"must be <= 65535, got {port}")
+        return port
+
+    return port_number
+
+
+def _api_keys(args, read_text, input_error) -> tuple[str, ...]:
+    keys = list(args.api_key)
+    if args.api_key_file:
+        keys += [line.strip() for line in read_text(args.api_key_file).splitlines() if line.strip()]
+    if any(not key.strip() for key in keys):
+        raise input_error("an API key must not be empty")
+    return tuple(key.strip() for key in keys)
+
+
+def run(args, stream_config, load, read_text, input_error) -> int:
+    from .server import ServerConfig, serve
+
+    config = ServerConfig(
+        model_id=args.model,
+        stream=stream_config,
+        api_keys=_api_keys(args, read_text, input_error),
+        state_dir=args.state_dir,
+        max_sessions=args.max_sessions,
+        max_body_bytes=args.max_body_bytes,
+        max_tokens_limit=args.max_tokens,
+        max_message_chars=args.max_message_chars,
+        request_timeout_s=float(args.request_timeout),
+        batch_decode=args.batch_decode,
+    )
+    if args.state_dir is not None:
+        try:
+            args.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise input_error(f"cannot use --state-dir {args.state_dir}: {exc.strerror}") from None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
+        logging.getLogger("streamllm.server").warning(
+            "listening on %s without --api-key: anyone who can reach it can use it", args.host
+        )
+    model, tokenizer = load(args)
+    serve(model, tokenizer, config, args.host, args.port, log_level="debug" if args.verbose else "info")
+    return 0
