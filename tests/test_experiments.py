@@ -141,7 +141,7 @@ def test_streameval_scoring():
     assert not score("", "40317")
     assert not score("line 3", "40317")
     assert line_text(3, "40317") == "line 3: REGISTER_CONTENT is <40317>\n"
-    assert query_text(3).endswith("in line 3 is <")
+    assert query_text(3).endswith("? A: line 3: REGISTER_CONTENT is <")
 
 
 def test_degenerate_replies():

@@ -3,7 +3,7 @@ lines with a query every 10 lines asking for the content of an earlier line, sco
 
     line 17: REGISTER_CONTENT is <40317>
     ...
-    Q: What is the REGISTER_CONTENT in line 17? A: The REGISTER_CONTENT in line 17 is <40317>
+    Q: What is the REGISTER_CONTENT in line 17? A: line 17: REGISTER_CONTENT is <40317>
 
 The model's answers stay in the stream, as in a chat. Accuracy is reported against the distance (in tokens)
 from the query back to the line it asks about, for several cache sizes: once that line has left the cache the
@@ -31,7 +31,9 @@ def line_text(index: int, value: str) -> str:
 
 
 def query_text(index: int) -> str:
-    return f"Q: What is the REGISTER_CONTENT in line {index}? A: The REGISTER_CONTENT in line {index} is <"
+    # The answer restates the asked line word for word, so the retrieval the test measures is a copy of what
+    # follows an exact earlier prefix (small models manage that; they fail at paraphrased recall).
+    return f"Q: What is the REGISTER_CONTENT in line {index}? A: {line_text(index, '')[:-2]}"
 
 
 def score(answer: str, expected: str) -> bool:
