@@ -122,3 +122,14 @@ def test_int4_decode_stays_close_to_exact():
     assert stream.decoder.weights == "int4"
     diff = (int4 - exact).abs()
     assert 0 < float(diff.max()) < 0.1 * float(exact.abs().max())
+
+
+def test_dense_cache_grown_while_decoding_takes_chunks_after():
+    """A dense cache that outgrows its buffer during a fast step stays usable by the chunked path."""
+    model = tiny_model("llama")
+    stream = Stream(model, StreamConfig(method="dense"))
+    stream.feed(_ids(250))
+    for token in _ids(20, seed=1):  # crosses the first 256 slots one token at a time
+        stream.feed([token])
+    stream.feed(_ids(30, seed=2))  # a chunk: transformers' forward writes into the grown buffers
+    assert stream.cache.cache_length() == 300

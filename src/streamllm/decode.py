@@ -233,7 +233,7 @@ class Decoder:
             for layer in cache.layers
         )
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: a dense cache grown here must stay writable by the chunked path
     def step(self, cache: SinkCache, token: int) -> torch.Tensor:
         """Feed one token; returns the logits (V,) that predict the next one. The cache must be ``ready``."""
         first = cache.layers[0]
