@@ -25,7 +25,8 @@ class Stream:
         self.model = prepare(model)
         self.config = config or StreamConfig()
         weights = {"fast": "model", "int4": "int4"}.get(self.config.decode)  # config.decode: see StreamConfig
-        self.decoder = None if weights is None else decoder_for(self.model, weights)
+        uses_cache = self.config.method != "recompute"  # recompute rebuilds every window through the model
+        self.decoder = decoder_for(self.model, weights) if weights and uses_cache else None
         self.reset()
 
     def reset(self) -> None:
