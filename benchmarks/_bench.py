@@ -119,3 +119,8 @@ def kv_bytes(config, tokens: int, itemsize: int) -> int:
     """Bytes of keys and values for ``tokens`` tokens in every layer."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * config.num_key_value_heads * tokens * head_dim * itemsize
+
+
+def itemsize(model) -> int:
+    """Bytes per element of the model's weights (and of its cache)."""
+    return next(model.parameters()).element_size()

@@ -15,7 +15,7 @@ import statistics
 import time
 
 import torch
-from _bench import command, kv_bytes, parser, time_tokens, token_pieces
+from _bench import command, itemsize, kv_bytes, parser, time_tokens, token_pieces
 
 from streamllm import StreamConfig, load_model
 from streamllm.config import DECODE_MODES
@@ -63,7 +63,7 @@ def main() -> None:
             flush=True,
         )
     minutes = (time.perf_counter() - start) / 60
-    analytic = kv_bytes(model.config, 4 + args.window, next(model.parameters()).element_size()) / 2**20
+    analytic = kv_bytes(model.config, 4 + args.window, itemsize(model)) / 2**20
     memory = [
         ("RSS with the model loaded, before the stream", f"{rss_loaded:.1f} MB"),
         ("cache, analytic (2 x layers x kv heads x 1024 x head dim x bytes)", f"{analytic:.2f} MB"),

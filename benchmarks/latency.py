@@ -12,7 +12,7 @@ paper's (2.0x at 256, 21.7x at 4096, on an A6000). Writes latency.csv, latency.m
 from __future__ import annotations
 
 import torch
-from _bench import PeakRSS, command, kv_bytes, median_ms, p90_ms, parser, text_ids, time_tokens
+from _bench import PeakRSS, command, itemsize, kv_bytes, median_ms, p90_ms, parser, text_ids, time_tokens
 
 from streamllm import StreamConfig, load_model
 from streamllm.config import DECODE_MODES
@@ -40,15 +40,11 @@ def run_one(model, ids: list[int], method: str, size: int, steps: int, decode: s
         "median_ms": round(median_ms(seconds), 2),
         "p90_ms": round(p90_ms(seconds), 2),
         "cache_mb": round(stream.cache_bytes() / 2**20, 2),
-        "analytic_mb": round(kv_bytes(model.config, stream.cache_length, _itemsize(model)) / 2**20, 2),
+        "analytic_mb": round(kv_bytes(model.config, stream.cache_length, itemsize(model)) / 2**20, 2),
         "rss_rise_mb": round(rss.rise, 1),
         "peak_rss_mb": round(rss.peak, 1),
         "cache_length": stream.cache_length,
     }
-
-
-def _itemsize(model) -> int:
-    return next(model.parameters()).element_size()
 
 
 def main() -> None:

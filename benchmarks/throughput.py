@@ -52,12 +52,10 @@ def ours(model, ids: list[int], decode: str, tokens: int) -> dict:
     }
 
 
-def llama_cpp(gguf: Path, ids: list[int], tokens: int, threads: int, cache_bytes: int) -> dict | None:
-    """The same measurements through llama.cpp, or None when llama-cpp-python is not installed."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
+def llama_cpp(gguf: Path, ids: list[int], tokens: int, threads: int, cache_bytes: int) -> dict:
+    """The same measurements through llama.cpp (``_llama_cpp_row`` checks that it is installed)."""
+    from llama_cpp import Llama
+
     big = Llama(model_path=str(gguf), n_ctx=PROMPT + 8, n_batch=512, n_threads=threads, verbose=False)
     start = time.perf_counter()
     big.eval(ids[:PROMPT])

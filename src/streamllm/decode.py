@@ -240,7 +240,7 @@ class Decoder:
         policy = first.policy
         t = first.seen  # text position of the token
         virtual = t - first.offset  # the position the model rotates it at
-        slot = int(policy.slot_of(torch.tensor([t]))[0]) if policy.capacity is not None else t
+        slot = int(policy.slot_of(torch.tensor([t]))[0])
         for store in cache.layers:
             store.reserve(slot + 1)
         x = self.embed.weight[token]  # (E,)
