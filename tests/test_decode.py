@@ -1,6 +1,7 @@
 """The fast decode path (``decode.Decoder``) against transformers' forward on the same cache, and against the oracle."""
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from oracle import oracle_logits
 from tiny import tiny_model
 
 import streamllm
-from streamllm import StreamConfig
+from streamllm import StreamConfig, native
 from streamllm.arch import ARCHITECTURES
 from streamllm.decode import INT4_MAX_ERROR, _Int4MatVec, _Int8MatVec, _quantized, decoder_for
 from streamllm.stream import Stream
@@ -133,3 +134,56 @@ def test_dense_cache_grown_while_decoding_takes_chunks_after():
         stream.feed([token])
     stream.feed(_ids(30, seed=2))  # a chunk: transformers' forward writes into the grown buffers
     assert stream.cache.cache_length() == 300
+
+
+@pytest.fixture
+def kernels():
+    """The native decode step, built (once per machine) wherever there is a C++ compiler."""
+    if shutil.which("c++") is None or not native.enabled():
+        pytest.skip("no C++ compiler here (or STREAMLLM_NATIVE=0): decoding uses the Python step")
+    module = native.kernels()
+    assert module is not None, "a compiler is present but the native decode kernels did not build"
+    return module
+
+
+@pytest.mark.parametrize("arch", FAST)
+@pytest.mark.parametrize(
+    "config",
+    [
+        StreamConfig(num_sinks=S, window=W, rebase_every=7),
+        StreamConfig(num_sinks=S, window=W, positions="text", rebase_every=7),
+        StreamConfig(num_sinks=0, window=W, method="window"),
+        StreamConfig(method="dense"),
+    ],
+    ids=["sink", "sink-text-positions", "window", "dense"],
+)
+def test_native_step_matches_python_step(kernels, arch, config, monkeypatch):
+    model = tiny_model(arch)
+    ids = _ids(seed=7)
+    fast, stream = _decode_rows(model, ids, config, decode="fast")
+    assert stream.decoder.native is not None
+    monkeypatch.setattr(stream.decoder, "native", None)
+    python, _ = _decode_rows(model, ids, config, decode="fast")
+    assert (fast - python).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype,weights,tol", [(torch.bfloat16, "fast", 2e-2), (torch.float32, "int4", 1e-3)])
+def test_native_step_in_other_dtypes_and_weights(kernels, dtype, weights, tol, monkeypatch):
+    model = tiny_model("qwen3").to(dtype)  # q and k norms too
+    ids = _ids(seed=8)
+    config = StreamConfig(num_sinks=S, window=W, rebase_every=7)
+    got, stream = _decode_rows(model, ids, config, decode=weights)
+    assert stream.decoder.native is not None
+    monkeypatch.setattr(stream.decoder, "native", None)
+    want, _ = _decode_rows(model, ids, config, decode=weights)
+    assert (got - want).abs().max() < tol * want.abs().max()
+
+
+def test_python_step_when_native_is_switched_off(monkeypatch):
+    monkeypatch.setenv("STREAMLLM_NATIVE", "0")
+    monkeypatch.setattr(native, "kernels", native.kernels.__wrapped__)  # skip the cached module
+    model = tiny_model("mistral")
+    stream = Stream(model, StreamConfig(num_sinks=S, window=W))
+    assert stream.decoder is not None and stream.decoder.native is None
+    stream.feed(_ids(20))
+    assert stream.cache.cache_length() == S + W

@@ -130,3 +130,26 @@ def test_decode_paths_on_real_model(real, hamlet_ids):
         type(layer.gate_up).__name__ == "_Int4MatVec" for layer in decoder.layers
     )  # Q4_1 layers: 4 bits
     assert type(decoder.lm_head).__name__ == "_Int8MatVec"  # the embedding is not on a 4-bit grid
+
+
+def test_native_step_on_real_model(real, hamlet_ids, monkeypatch):
+    """The C++ step gives the Python step's logits on the real model with its own weights (float32), and the same
+    perplexity with 4-bit ones (whose kernels round activations to bfloat16, so both steps differ by its noise)."""
+    model, _ = real
+    ids = hamlet_ids[:160]
+    targets = torch.tensor(ids[1:])
+    for weights in ("fast", "int4"):
+        decoder = decoder_for(model, "model" if weights == "fast" else weights)
+        if decoder.native is None:
+            pytest.skip("the native decode kernels are not built here")
+        rows, nll = {}, {}
+        for step in ("native", "python"):
+            if step == "python":
+                monkeypatch.setattr(decoder, "native", None)
+            stream = Stream(model, StreamConfig(num_sinks=4, window=60, rebase_every=50, decode=weights))
+            rows[step] = torch.stack([stream.feed([t]) for t in ids[:-1]])  # (N, V)
+            nll[step] = float(torch.nn.functional.cross_entropy(rows[step], targets))
+        monkeypatch.undo()
+        if weights == "fast":
+            assert (rows["native"] - rows["python"]).abs().max() < 1e-3
+        assert abs(nll["native"] - nll["python"]) < 0.01 * nll["python"], weights

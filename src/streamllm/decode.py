@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import native
 from .arch import layer_inv_freqs, lookup
 from .attention import FLASH_CPU
 from .cache import SinkCache
@@ -51,11 +52,17 @@ class _Norm:
 class _MatVec:
     """y = W x with the model's own weight (N, K), in the model's dtype."""
 
+    KIND = 0  # how the native step (decode_kernels.cpp) multiplies by it
+
     def __init__(self, weight: torch.Tensor):
         self.weight = weight  # (N, K)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.mv(self.weight, x)  # (N,)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight, torch.empty(0)
 
     @property
     def nbytes(self) -> int:
@@ -67,7 +74,8 @@ class _Int4MatVec:
     the layout of GGUF's Q4_1, in which the bundled models' layers are published, so those come back almost
     exactly. Reads a quarter of the bytes of bfloat16; torch's CPU int4 kernel takes bfloat16 inputs."""
 
-    GROUP = 32
+    GROUP = 32  # decode_kernels.cpp assumes it too
+    KIND = 1
 
     @classmethod
     def fits(cls, weight: torch.Tensor) -> bool:
@@ -95,6 +103,10 @@ class _Int4MatVec:
     def nbytes(self) -> int:
         return self.packed.nbytes + self.scale_zero.nbytes
 
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.packed, self.scale_zero
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x16 = x.to(torch.bfloat16)[None]  # (1, K)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -106,6 +118,8 @@ class _Int4MatVec:
 class _Int8MatVec:
     """y = W x with W held as 8-bit integers, one scale per output row (torch's CPU int8 kernel)."""
 
+    KIND = 2
+
     def __init__(self, weight: torch.Tensor):
         w = weight.detach().float()  # (N, K)
         scale = (w.abs().amax(-1) / 127).clamp(min=1e-12)  # (N,)
@@ -115,6 +129,10 @@ class _Int8MatVec:
     @property
     def nbytes(self) -> int:
         return self.q.nbytes + self.scale.nbytes
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q, self.scale
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16)[None], self.q, self.scale)  # (1, N)
@@ -219,6 +237,40 @@ class Decoder:
         self.embed = model.model.embed_tokens
         self.norm = _Norm(model.model.norm)
         self.lm_head = matvec(model.lm_head.weight.detach())  # (V, E)
+        self.native = self._native_step()
+
+    def _native_step(self):
+        """The same step in C++ over the same weights (``decode_kernels.cpp``), or None where it does not apply:
+        no compiler, ``STREAMLLM_NATIVE=0``, an activation other than SiLU, or norms with different epsilons."""
+        norms = [self.norm] + [
+            n
+            for layer in self.layers
+            for n in (layer.norm_in, layer.norm_post, layer.q_norm, layer.k_norm)
+            if n is not None
+        ]
+        probe = torch.linspace(-6, 6, 97)
+        if (
+            not all(torch.equal(layer.act(probe), F.silu(probe)) for layer in self.layers)
+            or len({n.eps for n in norms}) > 1
+        ):
+            return None
+        module = native.kernels()
+        if module is None:
+            return None
+        none = torch.empty(0)
+        layers, kinds = [], []
+        for layer in self.layers:
+            mats = (layer.qkv, layer.o, layer.gate_up, layer.down)
+            extra = (layer.qkv_bias, layer.norm_in, layer.norm_post, layer.q_norm, layer.k_norm)
+            layers.append(
+                [t for m in mats for t in m.tensors]
+                + [none if e is None else e if isinstance(e, torch.Tensor) else e.weight for e in extra]
+            )
+            kinds.append([m.KIND for m in mats])
+        head = [self.norm.weight, *self.lm_head.tensors]
+        return module.Step(
+            layers, kinds, head, self.lm_head.KIND, self.H, self.Hkv, self.D, self.norm.eps, self.scaling
+        )
 
     def weight_bytes(self) -> int:
         """Bytes of weights one decoded token reads (the matrices; norms and biases are a rounding error)."""
@@ -249,15 +301,37 @@ class Decoder:
         # minus its position relative to the sinks (in-cache, or its text position with positions="text").
         shift = virtual - int(policy.cache_positions(torch.tensor([t]))[0])
         sink_turn = _rotation_matrix(shift, self.inv_freq) if policy.num_sinks else None  # (D, D) float32
-        visible = self._visible(first.slot_pos, policy.num_sinks, x.dtype)  # (1, 1, 1, C + 1 + S)
+        visible = self._visible(first.slot_pos, policy.num_sinks)  # (C + 1 + S,) bool
+        if self.native is not None:
+            logits = self.native(
+                x,
+                cos[0, 0],
+                sin[0, 0],
+                torch.empty(0) if sink_turn is None else sink_turn,
+                visible,
+                [store.full_keys for store in cache.layers],
+                [store.full_values for store in cache.layers],
+                slot,
+                first.keys.shape[2],
+                policy.num_sinks,
+            )
+        else:
+            logits = self._python_step(cache, x, cos, sin, sink_turn, visible, slot)
+        for store in cache.layers:
+            store.record(slot, t)
+        return logits
+
+    def _python_step(self, cache, x, cos, sin, sink_turn, visible, slot) -> torch.Tensor:
+        """The layers in torch operations; the native step does the same in C++. -> logits (V,) float32"""
+        visible = (
+            torch.zeros(visible.shape, dtype=x.dtype).masked_fill_(~visible, float("-inf")).view(1, 1, 1, -1)
+        )
         for layer, store in zip(self.layers, cache.layers, strict=True):
             h = layer.norm_in(x)  # (E,)
             x = x + layer.o(self._attention(layer, store, h, cos, sin, sink_turn, visible, slot))  # (E,)
             h = layer.norm_post(x)  # (E,)
             gate, up = layer.gate_up(h).chunk(2)  # (F,) each
             x = x + layer.down(layer.act(gate) * up)  # (E,)
-        for store in cache.layers:
-            store.record(slot, t)
         return self.lm_head(self.norm(x)).float()  # (V,)
 
     def _attention(self, layer, store, h, cos, sin, sink_turn, visible, slot) -> torch.Tensor:
@@ -285,14 +359,14 @@ class Decoder:
         return out.view(H * D)  # (H*D,)
 
     @staticmethod
-    def _visible(slot_pos: torch.Tensor, S: int, dtype: torch.dtype) -> torch.Tensor:
-        """What the token attends to, over the cache's slots and the scratch ones, as an additive mask (0 or
-        -inf) -> (1, 1, 1, C + 1 + S): every held slot except the sinks' own (their moved copies stand in for
-        them), itself, and the copies of the sinks held so far."""
+    def _visible(slot_pos: torch.Tensor, S: int) -> torch.Tensor:
+        """What the token attends to, over the cache's slots and the scratch ones -> (C + 1 + S,) bool: every
+        held slot except the sinks' own (their moved copies stand in for them), itself, and the copies of the
+        sinks held so far."""
         held = slot_pos >= 0  # (C,)
         mask = torch.cat([held, torch.ones(1, dtype=torch.bool), held[:S]])  # (C + 1 + S,)
         mask[:S] = False
-        return torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf")).view(1, 1, 1, -1)
+        return mask
 
 
 def _rotation_matrix(shift: int, inv_freq: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,52 @@
+"""The decode step's C++ kernels (``decode_kernels.cpp``), compiled on first use by torch's extension builder.
+
+The build takes about a minute once per machine and source version; it is kept under ``$STREAMLLM_HOME/build``.
+Without a C++ compiler, or with ``STREAMLLM_NATIVE=0``, ``kernels()`` is None and decoding uses the Python step,
+which computes the same thing more slowly.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import platform
+from pathlib import Path
+
+from .models import home
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_kernels.cpp")
+
+
+def enabled() -> bool:
+    """False where ``STREAMLLM_NATIVE=0`` asks for the Python decode step."""
+    return os.environ.get("STREAMLLM_NATIVE", "1") != "0"
+
+
+@functools.cache
+def kernels():
+    """The compiled module (its ``Step`` class), or None with one warning where it cannot be built."""
+    if not enabled():
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        # -march=native: the build is for this machine's CPU (the folder name keeps machines of other kinds apart)
+        build = home() / "build" / f"kernels-{platform.machine()}"
+        build.mkdir(parents=True, exist_ok=True)
+        if not any(build.glob("*.so")):
+            log.warning("building the native decode kernels for this machine (once; about a minute)")
+        return cpp_extension.load(
+            name="streamllm_decode_kernels",
+            sources=[str(SOURCE)],
+            build_directory=str(build),
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, no ninja, a failed build: all mean the Python step
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        log.warning("native decode kernels unavailable, decoding in Python (slower): %s", first)
+        return None
