@@ -16,7 +16,12 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -28,9 +33,26 @@ inline float to_float(T v) {
   return static_cast<float>(v);
 }
 
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {  // bfloat16 is the top half of a float32
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+#endif
+
 // sum_i a[i] * b[i] in float32.
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
+    if (n % 16 == 0) {  // head dims: 64, 128
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
+      return _mm512_reduce_add_ps(acc);
+    }
+  }
+#endif
   float acc[LANES] = {0};
   int64_t i = 0;
   for (; i + LANES <= n; i += LANES) {
@@ -40,6 +62,55 @@ inline float dot(const float* a, const T* b, int64_t n) {
   for (; i < n; ++i) sum += a[i] * to_float(b[i]);
   for (int64_t l = 0; l < LANES; ++l) sum += acc[l];
   return sum;
+}
+
+// y = W x for a 16-bit float matrix W (N, K): float32 sums, the rows split across threads.
+template <typename T>
+at::Tensor matvec16(const at::Tensor& W, const at::Tensor& x) {
+  const int64_t N = W.size(0), K = W.size(1);
+  at::Tensor y = at::empty({N}, x.options());
+  const T* w = W.data_ptr<T>();
+  T* out = y.data_ptr<T>();
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    // AVX-512 BF16: 32 products per instruction, summed in float32, four rows at a time sharing each load of x.
+    const at::Tensor xc = x.contiguous();
+    const auto* xv = reinterpret_cast<const uint16_t*>(xc.data_ptr<T>());
+    const auto* wv = reinterpret_cast<const uint16_t*>(w);
+    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+      constexpr int64_t R = 4;
+      int64_t n = begin;
+      for (; n + R <= end; n += R) {
+        __m512 acc[R];
+        for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 32) {
+          const __mmask32 m = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
+          const __m512bh xk = (__m512bh)_mm512_maskz_loadu_epi16(m, xv + k);
+          for (int64_t r = 0; r < R; ++r) {
+            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(m, wv + (n + r) * K + k), xk);
+          }
+        }
+        for (int64_t r = 0; r < R; ++r) out[n + r] = static_cast<T>(_mm512_reduce_add_ps(acc[r]));
+      }
+      for (; n < end; ++n) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 32) {
+          const __mmask32 m = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
+          acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(m, wv + n * K + k),
+                                 (__m512bh)_mm512_maskz_loadu_epi16(m, xv + k));
+        }
+        out[n] = static_cast<T>(_mm512_reduce_add_ps(acc));
+      }
+    });
+    return y;
+  }
+#endif
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const float* xv = xf.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) out[n] = static_cast<T>(dot(xv, w + n * K, K));
+  });
+  return y;
 }
 
 // transformers' RMSNorm: normalise in float32, round to the model dtype, then scale (a product in the model dtype).
@@ -133,7 +204,11 @@ struct Matrix {
   at::Tensor a, b;
 
   at::Tensor operator()(const at::Tensor& x) const {
-    if (kind == 0) return at::mv(a, x);
+    if (kind == 0) {
+      if (a.scalar_type() == at::kBFloat16 && a.is_contiguous()) return matvec16<at::BFloat16>(a, x);
+      if (a.scalar_type() == at::kHalf && a.is_contiguous()) return matvec16<at::Half>(a, x);
+      return at::mv(a, x);
+    }
     const at::Tensor x16 = x.to(at::kBFloat16).unsqueeze(0);
     const at::Tensor y = kind == 1 ? at::_weight_int4pack_mm_for_cpu(x16, a, 32, b) : at::_weight_int8pack_mm(x16, a, b);
     return y.squeeze(0).to(x.scalar_type());
@@ -283,6 +358,8 @@ class Step {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("matvec", [](const at::Tensor& W, const at::Tensor& x) { return Matrix{0, W, at::Tensor()}(x); },
+        "y = W x as the native step computes it (the model's own weights)");
   pybind11::class_<Step>(m, "Step")
       .def(pybind11::init<const std::vector<std::vector<at::Tensor>>&, const std::vector<std::vector<int64_t>>&,
                           const std::vector<at::Tensor>&, int64_t, int64_t, int64_t, int64_t, double, double>())
