@@ -7,10 +7,14 @@ positions each time. This runs the same arithmetic with far fewer operations:
   views of the fused ones, so no weight is stored twice;
 - the rotary angles of the token, and the rotation that moves the sinks to where it sees them, are computed once per
   token, not once per layer;
-- attention is one call of torch's fused CPU kernel per layer: the token's own key and the moved sink keys go into
+- attention reads the cache in place, in one call per layer: the token's own key and the moved sink keys go into
   scratch slots past the cache's ring (``SinkLayer.full_keys``), so nothing is concatenated or copied, and every
   layer shares one mask row (the cache holds exactly the sinks and the window before the token);
-- the new key is written into its slot without the policy's general-purpose bookkeeping.
+- the new key is written into its slot without the policy's general-purpose bookkeeping;
+- the layer loop itself runs in C++ where the native kernels build (``native.py``, ``decode_kernels.cpp``): norms,
+  rotary, the sink moves and attention as plain loops (attention split over blocks of keys so that every thread
+  has work), bfloat16 matrix-vector products with AVX-512 BF16 instructions, and the 4- and 8-bit ones through the
+  same torch kernels. ``_python_step`` is the same step in torch operations, used where no compiler is present.
 
 It reads and writes the same cache as the chunked path (``attention.py``), so prefill and decode mix freely, and its
 arithmetic follows transformers' own (rotation and norms in the model dtype, scores gathered in float32), so its
