@@ -14,7 +14,11 @@ is filled with 1020 tokens of the text, and each of the next ``--tokens`` tokens
 the context is full, the first 4 tokens are kept, the next ``--discard`` (default 64) are removed and the rest
 are shifted back (``llama_memory_seq_rm`` and ``llama_memory_seq_add``, as llama.cpp's examples do), so the
 cache holds 960 to 1024 tokens: the same attention work per token as our full 4+1020 cache, and the shifts' own
-cost is in the time. Without the package that column is skipped.
+cost is in the time. Without the package that column is skipped. On this machine (AMX) llama.cpp's default build
+crashes in batched evaluation; it was built with AMX off and AVX-512 on:
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
+    -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON -DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF"
+    .venv/bin/pip install --no-cache-dir "llama-cpp-python==0.3.36"
 
 Bandwidth bound: every decoded token reads all weights and the whole cache once, so tokens/s can be no higher than
 (measured read bandwidth) / (bytes of weights + cache). Each path is shown as a share of its own bound.
