@@ -187,3 +187,30 @@ def test_python_step_when_native_is_switched_off(monkeypatch):
     assert stream.decoder is not None and stream.decoder.native is None
     stream.feed(_ids(20))
     assert stream.cache.cache_length() == S + W
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_several_streams_in_one_native_step(kernels, dtype):
+    """step_many over streams at different points (young, full, rebased) gives each its own single-step logits
+    and leaves each cache as single steps would."""
+    model = tiny_model("qwen2").to(dtype)  # q/k/v biases too
+    config = StreamConfig(num_sinks=S, window=W, rebase_every=7)
+    lengths = [1, 12, 40]
+    ids = _ids(80, seed=9)
+    alone = [Stream(model, config) for _ in lengths]
+    together = [Stream(model, config) for _ in lengths]
+    for a, b, n in zip(alone, together, lengths, strict=True):
+        a.feed(ids[:n])
+        b.feed(ids[:n])
+    decoder = together[0].decoder
+    for step in range(12):
+        tokens = [ids[n + step] for n in lengths]
+        want = torch.stack([s.feed([t]) for s, t in zip(alone, tokens, strict=True)])
+        for s in together:
+            s.cache.maybe_rebase(1)
+        got = decoder.step_many([s.cache for s in together], tokens)
+        tol = 1e-5 if dtype == torch.float32 else 1e-6  # bfloat16: the same instructions in the same order
+        assert (got - want).abs().max() <= tol * max(1.0, float(want.abs().max()))
+    for a, b in zip(alone, together, strict=True):
+        assert torch.equal(a.cache.layers[0].slot_pos, b.cache.layers[0].slot_pos)
+        assert (a.cache.layers[0].keys.float() - b.cache.layers[0].keys.float()).abs().max() < 1e-5

@@ -235,13 +235,15 @@ def test_requests_on_one_session_take_turns(tiny):
         assert _chat(server.url, [{"role": "user", "content": "hi"}], session=session).status_code == 404
 
 
+@pytest.mark.parametrize("decode", ["fast", "transformers"])
 @pytest.mark.parametrize("which", ["tiny", pytest.param("real", marks=pytest.mark.real)])
-def test_a_batched_decode_step_matches_single_steps(request, which):
+def test_a_batched_decode_step_matches_single_steps(request, which, decode):
+    """Through the native decoder's step_many (fast) and through the model's forward over a StackedCache."""
     from streamllm.server.batching import batchable, decode_step
 
     model, _ = request.getfixturevalue(which)
     steps = 30 if which == "tiny" else 8
-    config = StreamConfig(num_sinks=4, window=28, rebase_every=8)
+    config = StreamConfig(num_sinks=4, window=28, rebase_every=8, decode=decode)
     ids = torch.randint(100, 1000, (200,), generator=torch.Generator().manual_seed(0)).tolist()
     lengths = [3, 40, 150]  # a young cache, a full one, one whose positions were rebased
     single, batched = [Stream(model, config) for _ in lengths], [Stream(model, config) for _ in lengths]

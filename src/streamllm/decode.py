@@ -25,6 +25,7 @@ Letters: H heads, Hkv kv heads, G = H / Hkv, C stored slots, D head dim, E hidde
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -175,6 +176,24 @@ class _Layer:
     act: nn.Module
 
 
+@dataclass
+class _Token:
+    """One token about to be decoded on one stream: its text position, its slot, its embedding (E,), its rotary
+    angles (1, D), the sinks' rotation (D, D) float32 (None without sinks) and what it sees (C + 1 + S,) bool."""
+
+    t: int
+    slot: int
+    x: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    turn: torch.Tensor | None
+    visible: torch.Tensor
+
+    def commit(self, cache: SinkCache) -> None:
+        for store in cache.layers:
+            store.record(self.slot, self.t)
+
+
 def _fuse(linears: list[nn.Linear], share: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stack the weights (and biases) of linears that read the same input. With ``share`` each linear then keeps a
     view of its rows, so the stacked copy is the only one."""
@@ -292,6 +311,39 @@ class Decoder:
     @torch.no_grad()  # not inference_mode: a dense cache grown here must stay writable by the chunked path
     def step(self, cache: SinkCache, token: int) -> torch.Tensor:
         """Feed one token; returns the logits (V,) that predict the next one. The cache must be ``ready``."""
+        if self.native is not None:
+            return self.step_many([cache], [token])[0]
+        row = self._prepare(cache, token)
+        logits = self._python_step(cache, row.x, row.cos, row.sin, row.turn, row.visible, row.slot)
+        row.commit(cache)
+        return logits
+
+    @torch.no_grad()
+    def step_many(self, caches: Sequence[SinkCache], tokens: Sequence[int]) -> torch.Tensor:
+        """Feed one token to each of several streams (each its own ``ready`` cache, all of one policy) in one pass
+        of the native step, which reads every weight once for all of them. -> logits (R, V)"""
+        if self.native is None:
+            raise RuntimeError("several streams at once need the native decode step")
+        rows = [self._prepare(cache, token) for cache, token in zip(caches, tokens, strict=True)]
+        policy = caches[0].layers[0].policy
+        logits = self.native(
+            torch.stack([row.x for row in rows]),  # (R, E)
+            torch.cat([row.cos[0] for row in rows]),  # (R, D)
+            torch.cat([row.sin[0] for row in rows]),  # (R, D)
+            torch.stack([row.turn for row in rows]) if policy.num_sinks else torch.empty(0),  # (R, D, D)
+            torch.stack([row.visible for row in rows]),  # (R, C + 1 + S)
+            [[cache.layers[i].full_keys for cache in caches] for i in range(len(self.layers))],
+            [[cache.layers[i].full_values for cache in caches] for i in range(len(self.layers))],
+            [row.slot for row in rows],
+            caches[0].layers[0].keys.shape[2],
+            policy.num_sinks,
+        )
+        for row, cache in zip(rows, caches, strict=True):
+            row.commit(cache)
+        return logits
+
+    def _prepare(self, cache: SinkCache, token: int) -> _Token:
+        """Where the token goes and what it sees, computed once for all layers."""
         first = cache.layers[0]
         policy = first.policy
         t = first.seen  # text position of the token
@@ -304,26 +356,9 @@ class Decoder:
         # The sink keys, rotated at 0..S-1, are moved to where this token sees them: by its virtual position
         # minus its position relative to the sinks (in-cache, or its text position with positions="text").
         shift = virtual - int(policy.cache_positions(torch.tensor([t]))[0])
-        sink_turn = _rotation_matrix(shift, self.inv_freq) if policy.num_sinks else None  # (D, D) float32
+        turn = _rotation_matrix(shift, self.inv_freq) if policy.num_sinks else None  # (D, D) float32
         visible = self._visible(first.slot_pos, policy.num_sinks)  # (C + 1 + S,) bool
-        if self.native is not None:
-            logits = self.native(
-                x,
-                cos[0, 0],
-                sin[0, 0],
-                torch.empty(0) if sink_turn is None else sink_turn,
-                visible,
-                [store.full_keys for store in cache.layers],
-                [store.full_values for store in cache.layers],
-                slot,
-                first.keys.shape[2],
-                policy.num_sinks,
-            )
-        else:
-            logits = self._python_step(cache, x, cos, sin, sink_turn, visible, slot)
-        for store in cache.layers:
-            store.record(slot, t)
-        return logits
+        return _Token(t, slot, x, cos[0], sin[0], turn, visible)
 
     def _python_step(self, cache, x, cos, sin, sink_turn, visible, slot) -> torch.Tensor:
         """The layers in torch operations; the native step does the same in C++. -> logits (V,) float32"""
@@ -348,7 +383,7 @@ class Decoder:
         v = qkv[(H + Hkv) * D :].view(Hkv, D)  # (Hkv, D)
         if layer.q_norm is not None:
             qk = torch.cat([layer.q_norm(qk[:H]), layer.k_norm(qk[H:])])  # (H + Hkv, D)
-        qk = qk * cos[0, 0] + rotate_half(qk) * sin[0, 0]  # (H + Hkv, D), rotated at the virtual position
+        qk = qk * cos[0] + rotate_half(qk) * sin[0]  # (H + Hkv, D), rotated at the virtual position
         keys, values = store.full_keys[0], store.full_values[0]  # (Hkv, C + 1 + S, D)
         C, S = store.keys.shape[2], store.policy.num_sinks
         keys[:, C], values[:, C] = qk[H:], v  # the token sees itself through the first scratch slot

@@ -64,42 +64,49 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return sum;
 }
 
-// y = W x for a 16-bit float matrix W (N, K): float32 sums, the rows split across threads.
+// y = x W^T for a 16-bit float matrix W (N, K) and R rows x (R, K): float32 sums, the rows of W split across
+// threads, so W is read once whatever R is.
 template <typename T>
-at::Tensor matvec16(const at::Tensor& W, const at::Tensor& x) {
-  const int64_t N = W.size(0), K = W.size(1);
-  at::Tensor y = at::empty({N}, x.options());
+at::Tensor matmat16(const at::Tensor& W, const at::Tensor& x) {
+  const int64_t N = W.size(0), K = W.size(1), R = x.size(0);
+  at::Tensor y = at::empty({R, N}, x.options());
   const T* w = W.data_ptr<T>();
   T* out = y.data_ptr<T>();
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    // AVX-512 BF16: 32 products per instruction, summed in float32, four rows at a time sharing each load of x.
+    // AVX-512 BF16: 32 products per instruction, summed in float32. One row of x: four rows of W at a time share
+    // each load of x; several rows of x: each load of W serves up to 8 of them.
     const at::Tensor xc = x.contiguous();
     const auto* xv = reinterpret_cast<const uint16_t*>(xc.data_ptr<T>());
     const auto* wv = reinterpret_cast<const uint16_t*>(w);
+    auto mask = [K](int64_t k) { return K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1; };
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-      constexpr int64_t R = 4;
+      constexpr int64_t B = 4, RB = 8;
       int64_t n = begin;
-      for (; n + R <= end; n += R) {
-        __m512 acc[R];
-        for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+      for (; R == 1 && n + B <= end; n += B) {
+        __m512 acc[B];
+        for (int64_t b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
         for (int64_t k = 0; k < K; k += 32) {
-          const __mmask32 m = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
-          const __m512bh xk = (__m512bh)_mm512_maskz_loadu_epi16(m, xv + k);
-          for (int64_t r = 0; r < R; ++r) {
-            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(m, wv + (n + r) * K + k), xk);
+          const __m512bh xk = (__m512bh)_mm512_maskz_loadu_epi16(mask(k), xv + k);
+          for (int64_t b = 0; b < B; ++b) {
+            acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)_mm512_maskz_loadu_epi16(mask(k), wv + (n + b) * K + k), xk);
           }
         }
-        for (int64_t r = 0; r < R; ++r) out[n + r] = static_cast<T>(_mm512_reduce_add_ps(acc[r]));
+        for (int64_t b = 0; b < B; ++b) out[n + b] = static_cast<T>(_mm512_reduce_add_ps(acc[b]));
       }
       for (; n < end; ++n) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 32) {
-          const __mmask32 m = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
-          acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(m, wv + n * K + k),
-                                 (__m512bh)_mm512_maskz_loadu_epi16(m, xv + k));
+        for (int64_t r0 = 0; r0 < R; r0 += RB) {
+          const int64_t rows = std::min(RB, R - r0);
+          __m512 acc[RB];
+          for (int64_t r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
+          for (int64_t k = 0; k < K; k += 32) {
+            const __m512bh wk = (__m512bh)_mm512_maskz_loadu_epi16(mask(k), wv + n * K + k);
+            for (int64_t r = 0; r < rows; ++r) {
+              acc[r] = _mm512_dpbf16_ps(acc[r], wk, (__m512bh)_mm512_maskz_loadu_epi16(mask(k), xv + (r0 + r) * K + k));
+            }
+          }
+          for (int64_t r = 0; r < rows; ++r) out[(r0 + r) * N + n] = static_cast<T>(_mm512_reduce_add_ps(acc[r]));
         }
-        out[n] = static_cast<T>(_mm512_reduce_add_ps(acc));
       }
     });
     return y;
@@ -108,7 +115,9 @@ at::Tensor matvec16(const at::Tensor& W, const at::Tensor& x) {
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const float* xv = xf.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) out[n] = static_cast<T>(dot(xv, w + n * K, K));
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t r = 0; r < R; ++r) out[r * N + n] = static_cast<T>(dot(xv + r * K, w + n * K, K));
+    }
   });
   return y;
 }
@@ -203,15 +212,16 @@ struct Matrix {
   int64_t kind;
   at::Tensor a, b;
 
+  // x (R, in) -> (R, out)
   at::Tensor operator()(const at::Tensor& x) const {
     if (kind == 0) {
-      if (a.scalar_type() == at::kBFloat16 && a.is_contiguous()) return matvec16<at::BFloat16>(a, x);
-      if (a.scalar_type() == at::kHalf && a.is_contiguous()) return matvec16<at::Half>(a, x);
-      return at::mv(a, x);
+      if (a.scalar_type() == at::kBFloat16 && a.is_contiguous()) return matmat16<at::BFloat16>(a, x);
+      if (a.scalar_type() == at::kHalf && a.is_contiguous()) return matmat16<at::Half>(a, x);
+      return x.size(0) == 1 ? at::mv(a, x[0]).unsqueeze(0) : at::mm(x, a.t());
     }
-    const at::Tensor x16 = x.to(at::kBFloat16).unsqueeze(0);
+    const at::Tensor x16 = x.to(at::kBFloat16);
     const at::Tensor y = kind == 1 ? at::_weight_int4pack_mm_for_cpu(x16, a, 32, b) : at::_weight_int8pack_mm(x16, a, b);
-    return y.squeeze(0).to(x.scalar_type());
+    return y.to(x.scalar_type());
   }
 };
 
@@ -245,76 +255,98 @@ class Step {
     lm_head_ = Matrix{head_kind, head[1], head[2]};
   }
 
-  // x: the token's embedding (E,); cos, sin: its rotary angles (D,); turn: the sinks' rotation (D, D) float32,
-  // empty without sinks; visible: (N,) bool; keys, values: per layer (1, Hkv, N, D). Returns the logits (V,),
-  // float32.
+  // R tokens, each of its own stream. x: their embeddings (R, E); cos, sin: their rotary angles (R, D); turn: the
+  // sinks' rotations (R, D, D) float32, empty without sinks; visible: (R, N) bool; keys, values: per layer, per
+  // row (1, Hkv, N, D); slots: (R,). Every stream has the same C and S. Returns the logits (R, V), float32.
   at::Tensor operator()(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& turn,
-                        const at::Tensor& visible, const std::vector<at::Tensor>& keys,
-                        const std::vector<at::Tensor>& values, int64_t slot, int64_t C, int64_t S) {
+                        const at::Tensor& visible, const std::vector<std::vector<at::Tensor>>& keys,
+                        const std::vector<std::vector<at::Tensor>>& values, const std::vector<int64_t>& slots,
+                        int64_t C, int64_t S) {
+    const int64_t R = x.size(0);
     TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "one cache buffer per layer");
+    TORCH_CHECK(static_cast<int64_t>(slots.size()) == R, "one slot per row");
     TORCH_CHECK(visible.scalar_type() == at::kBool && visible.is_contiguous(), "visible: contiguous bool");
+    TORCH_CHECK(S == 0 || (turn.scalar_type() == at::kFloat && turn.is_contiguous()), "turn: contiguous float32");
     at::Tensor out;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "streamllm_decode_step", [&] {
-      out = run<scalar_t>(x, cos.contiguous(), sin.contiguous(), turn, visible, keys, values, slot, C, S);
+      out = run<scalar_t>(x, cos.contiguous(), sin.contiguous(), turn, visible, keys, values, slots, C, S);
     });
     return out;
   }
 
  private:
   template <typename T>
-  at::Tensor run(const at::Tensor& embedding, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& turn,
-                 const at::Tensor& visible, const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
-                 int64_t slot, int64_t C, int64_t S) {
-    const int64_t H = H_, Hkv = Hkv_, D = D_, E = embedding.numel();
+  at::Tensor run(const at::Tensor& embeddings, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& turn,
+                 const at::Tensor& visible, const std::vector<std::vector<at::Tensor>>& keys,
+                 const std::vector<std::vector<at::Tensor>>& values, const std::vector<int64_t>& slots, int64_t C,
+                 int64_t S) {
+    const int64_t H = H_, Hkv = Hkv_, D = D_, R = embeddings.size(0), E = embeddings.size(1);
+    const int64_t N = visible.size(1);
     const float eps = static_cast<float>(eps_);
-    at::Tensor x = embedding.clone();  // (E,) the residual stream
-    at::Tensor h = at::empty_like(x);  // (E,) its normalised copy
+    at::Tensor x = embeddings.contiguous().clone();  // (R, E) the residual streams
+    at::Tensor h = at::empty_like(x);               // (R, E) their normalised copies
     at::Tensor rotated = at::empty({H + Hkv, D}, x.options());
     at::Tensor q = at::empty({H, D}, x.options().dtype(at::kFloat));
-    at::Tensor attended = at::empty({H * D}, x.options());
-    const T* c = cos.data_ptr<T>();
-    const T* s = sin.data_ptr<T>();
-    const bool* vis = visible.data_ptr<bool>();
+    at::Tensor attended = at::empty({R, H * D}, x.options());
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& L = layers_[i];
-      TORCH_CHECK(keys[i].is_contiguous() && values[i].is_contiguous(), "cache buffers must be contiguous");
-      const int64_t N = keys[i].size(2);
-      T* K = keys[i].data_ptr<T>();
-      T* V = values[i].data_ptr<T>();
-      rms_norm(x.data_ptr<T>(), L.norm_in.data_ptr<T>(), h.data_ptr<T>(), E, eps);
-      at::Tensor qkv = L.qkv(h);  // (H D + 2 Hkv D,)
+      TORCH_CHECK(static_cast<int64_t>(keys[i].size()) == R && static_cast<int64_t>(values[i].size()) == R,
+                  "one cache buffer per row");
+      for (int64_t row = 0; row < R; ++row) {
+        rms_norm(x.data_ptr<T>() + row * E, L.norm_in.data_ptr<T>(), h.data_ptr<T>() + row * E, E, eps);
+      }
+      at::Tensor qkv = L.qkv(h);  // (R, H D + 2 Hkv D)
       if (L.qkv_bias.defined()) qkv = qkv + L.qkv_bias;
-      T* raw = qkv.data_ptr<T>();
-      if (L.q_norm.defined()) {  // Qwen3: each head of q and k normalised
-        for (int64_t j = 0; j < H + Hkv; ++j) {
-          const T* w = (j < H ? L.q_norm : L.k_norm).data_ptr<T>();
-          rms_norm(raw + j * D, w, raw + j * D, D, eps);
+      qkv = qkv.contiguous();
+      const int64_t width = qkv.size(1);
+      for (int64_t row = 0; row < R; ++row) {
+        const at::Tensor& kt = keys[i][row];
+        const at::Tensor& vt = values[i][row];
+        TORCH_CHECK(kt.is_contiguous() && vt.is_contiguous() && kt.size(2) == N, "cache buffers: contiguous, N slots");
+        T* K = kt.data_ptr<T>();
+        T* V = vt.data_ptr<T>();
+        T* raw = qkv.data_ptr<T>() + row * width;
+        if (L.q_norm.defined()) {  // Qwen3: each head of q and k normalised
+          for (int64_t j = 0; j < H + Hkv; ++j) {
+            const T* w = (j < H ? L.q_norm : L.k_norm).data_ptr<T>();
+            rms_norm(raw + j * D, w, raw + j * D, D, eps);
+          }
+        }
+        T* r = rotated.data_ptr<T>();
+        const T* c = cos.data_ptr<T>() + row * D;
+        const T* s = sin.data_ptr<T>() + row * D;
+        for (int64_t j = 0; j < H + Hkv; ++j) rotate(raw + j * D, c, s, r + j * D, D);
+        const T* v = raw + (H + Hkv) * D;
+        for (int64_t k = 0; k < Hkv; ++k) {  // the token sees itself through scratch slot C
+          std::copy(r + (H + k) * D, r + (H + k + 1) * D, K + (k * N + C) * D);
+          std::copy(v + k * D, v + (k + 1) * D, V + (k * N + C) * D);
+        }
+        if (S) move_sinks(K, V, turn.data_ptr<float>() + row * D * D, Hkv, N, C, S, D);
+        float* qf = q.data_ptr<float>();
+        for (int64_t j = 0; j < H * D; ++j) qf[j] = to_float(r[j]);
+        attend(qf, K, V, visible.data_ptr<bool>() + row * N, H, Hkv, N, D, static_cast<float>(scale_),
+               attended.data_ptr<T>() + row * H * D);
+        const int64_t slot = slots[row];
+        for (int64_t k = 0; k < Hkv; ++k) {  // then into its own slot
+          std::copy(r + (H + k) * D, r + (H + k + 1) * D, K + (k * N + slot) * D);
+          std::copy(v + k * D, v + (k + 1) * D, V + (k * N + slot) * D);
         }
       }
-      T* r = rotated.data_ptr<T>();
-      for (int64_t j = 0; j < H + Hkv; ++j) rotate(raw + j * D, c, s, r + j * D, D);
-      const T* v = raw + (H + Hkv) * D;
-      for (int64_t k = 0; k < Hkv; ++k) {  // the token sees itself through scratch slot C
-        std::copy(r + (H + k) * D, r + (H + k + 1) * D, K + (k * N + C) * D);
-        std::copy(v + k * D, v + (k + 1) * D, V + (k * N + C) * D);
-      }
-      if (S) move_sinks(K, V, turn.data_ptr<float>(), Hkv, N, C, S, D);
-      float* qf = q.data_ptr<float>();
-      for (int64_t j = 0; j < H * D; ++j) qf[j] = to_float(r[j]);
-      attend(qf, K, V, vis, H, Hkv, N, D, static_cast<float>(scale_), attended.data_ptr<T>());
-      for (int64_t k = 0; k < Hkv; ++k) {  // then into its own slot
-        std::copy(r + (H + k) * D, r + (H + k + 1) * D, K + (k * N + slot) * D);
-        std::copy(v + k * D, v + (k + 1) * D, V + (k * N + slot) * D);
-      }
       x.add_(L.o(attended));
-      rms_norm(x.data_ptr<T>(), L.norm_post.data_ptr<T>(), h.data_ptr<T>(), E, eps);
-      at::Tensor gate_up = L.gate_up(h);  // (2 F,)
-      const int64_t F = gate_up.numel() / 2;
-      at::Tensor act = at::empty({F}, x.options());
-      silu_mul(gate_up.data_ptr<T>(), act.data_ptr<T>(), F);
+      for (int64_t row = 0; row < R; ++row) {
+        rms_norm(x.data_ptr<T>() + row * E, L.norm_post.data_ptr<T>(), h.data_ptr<T>() + row * E, E, eps);
+      }
+      at::Tensor gate_up = L.gate_up(h).contiguous();  // (R, 2 F)
+      const int64_t F = gate_up.size(1) / 2;
+      at::Tensor act = at::empty({R, F}, x.options());
+      for (int64_t row = 0; row < R; ++row) {
+        silu_mul(gate_up.data_ptr<T>() + row * 2 * F, act.data_ptr<T>() + row * F, F);
+      }
       x.add_(L.down(act));
     }
-    rms_norm(x.data_ptr<T>(), norm_.data_ptr<T>(), h.data_ptr<T>(), E, eps);
+    for (int64_t row = 0; row < R; ++row) {
+      rms_norm(x.data_ptr<T>() + row * E, norm_.data_ptr<T>(), h.data_ptr<T>() + row * E, E, eps);
+    }
     return lm_head_(h).to(at::kFloat);
   }
 
@@ -358,8 +390,8 @@ class Step {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("matvec", [](const at::Tensor& W, const at::Tensor& x) { return Matrix{0, W, at::Tensor()}(x); },
-        "y = W x as the native step computes it (the model's own weights)");
+  m.def("matmul", [](const at::Tensor& W, const at::Tensor& x) { return Matrix{0, W, at::Tensor()}(x); },
+        "x W^T for rows x (R, K), as the native step computes it with the model's own weights");
   pybind11::class_<Step>(m, "Step")
       .def(pybind11::init<const std::vector<std::vector<at::Tensor>>&, const std::vector<std::vector<int64_t>>&,
                           const std::vector<at::Tensor>&, int64_t, int64_t, int64_t, int64_t, double, double>())

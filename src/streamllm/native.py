@@ -8,6 +8,7 @@ which computes the same thing more slowly.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -33,8 +34,7 @@ def kernels():
     try:
         from torch.utils import cpp_extension
 
-        # -march=native: the build is for this machine's CPU (the folder name keeps machines of other kinds apart)
-        build = home() / "build" / f"kernels-{platform.machine()}"
+        build = home() / "build" / f"kernels-{_cpu_key()}"
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob("*.so")):
             log.warning("building the native decode kernels for this machine (once; about a minute)")
@@ -50,3 +50,13 @@ def kernels():
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("native decode kernels unavailable, decoding in Python (slower): %s", first)
         return None
+
+
+def _cpu_key() -> str:
+    """The build is for this CPU (-march=native): its folder is named by the architecture and a digest of the
+    instruction-set flags, so a home folder shared by machines of different kinds keeps one build per kind."""
+    flags = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
+    return f"{platform.machine()}-{hashlib.sha256(flags.encode()).hexdigest()[:8]}"

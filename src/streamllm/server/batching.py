@@ -1,5 +1,6 @@
-"""One forward pass that decodes the next token of several streams at once (``streamllm serve --batch-decode``).
+"""One pass that decodes the next token of several streams at once (``streamllm serve --batch-decode``).
 
+Streams on a fast decode path go through the native decoder's ``step_many``; the rest as follows.
 Each stream keeps its own ``SinkCache``, at its own positions. For one batched step, ``StackedCache`` hands every
 layer the stored keys of each stream plus its new key, and the model attends with plain SDPA under a per-row
 mask built from each stream's policy. Exactness is that of the single-stream engine (``attention.attend``),
@@ -102,9 +103,26 @@ def _rotate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 @torch.no_grad()
 def decode_step(model, streams: Sequence[Stream], tokens: Sequence[int]) -> torch.Tensor:
-    """Feed one token to each of ``streams`` in a single forward. -> next-token logits (K, V)"""
+    """Feed one token to each of ``streams`` in a single pass. -> next-token logits (K, V)
+
+    Streams that share one native fast decoder (``decode.Decoder.step_many``) go through it: every weight is read
+    once for all of them and each attends over its own cache in place. Others go through the model's forward
+    over a ``StackedCache``."""
     for stream in streams:
         stream.cache.maybe_rebase(1)
+    decoder = streams[0].decoder
+    if (
+        decoder is not None
+        and decoder.native is not None
+        and all(
+            s.decoder is decoder and decoder.ready(s.cache) and s.cache.policy == streams[0].cache.policy
+            for s in streams
+        )
+    ):
+        logits = decoder.step_many([s.cache for s in streams], tokens)  # (K, V)
+        for stream in streams:
+            stream.tokens_seen += 1
+        return logits
     stacked = StackedCache(streams)
     positions = torch.cat([s.cache.position_ids(1) for s in streams])  # (K, 1) virtual positions
     out = model(
