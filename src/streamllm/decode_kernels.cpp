@@ -1,14 +1,17 @@
 // The decode step of decode.py's Decoder in C++: one call per token instead of some fifty small torch operations per
 // layer, each with its Python and dispatch overhead, and an attention kernel that splits the keys into blocks so
 // that both cores work on every layer (torch's fused kernel parallelises over kv heads only: 3 for 2 threads).
+// One call can also take one token for each of several streams (the server's batched decoding): the matrix
+// products then serve all of them from one read of the weights, and each attends over its own cache in place.
 //
 // Built on first use by torch.utils.cpp_extension (native.py). The arithmetic follows decode.py's Python step,
-// which follows transformers: norms and rotary in the model dtype with transformers' roundings, matrix products by
-// the same torch kernels, attention scores and softmax in float32. Float32 results match the Python step to
-// float32 rounding (only summation orders differ).
+// which follows transformers: norms and rotary in the model dtype with transformers' roundings, attention scores and
+// softmax in float32, matrix products by torch's kernels except the one-row bfloat16 ones, which use AVX-512 BF16
+// instructions (float32 sums) where the CPU has them. Float32 results match the Python step to float32 rounding
+// (only summation orders differ).
 //
-// Letters: H heads, Hkv kv heads, G = H / Hkv, D head dim, N = C + 1 + S key slots (ring, the token's own
-// scratch slot, the moved sinks), E hidden size, F MLP width.
+// Letters: R streams (rows), H heads, Hkv kv heads, G = H / Hkv, D head dim, N = C + 1 + S key slots (ring, the
+// token's own scratch slot, the moved sinks), E hidden size, F MLP width.
 
 #include <torch/extension.h>
 
@@ -64,26 +67,25 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return sum;
 }
 
-// y = x W^T for a 16-bit float matrix W (N, K) and R rows x (R, K): float32 sums, the rows of W split across
-// threads, so W is read once whatever R is.
+// y = W x for a 16-bit float matrix W (N, K) and one row x (K,): float32 sums, the rows of W split across threads.
+// (Several rows go to torch's matrix product, whose oneDNN kernels win once there is more than one.)
 template <typename T>
-at::Tensor matmat16(const at::Tensor& W, const at::Tensor& x) {
-  const int64_t N = W.size(0), K = W.size(1), R = x.size(0);
-  at::Tensor y = at::empty({R, N}, x.options());
+at::Tensor matvec16(const at::Tensor& W, const at::Tensor& x) {
+  const int64_t N = W.size(0), K = W.size(1);
+  at::Tensor y = at::empty({N}, x.options());
   const T* w = W.data_ptr<T>();
   T* out = y.data_ptr<T>();
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    // AVX-512 BF16: 32 products per instruction, summed in float32. One row of x: four rows of W at a time share
-    // each load of x; several rows of x: each load of W serves up to 8 of them.
+    // AVX-512 BF16: 32 products per instruction, summed in float32, four rows of W at a time sharing each load of x.
     const at::Tensor xc = x.contiguous();
     const auto* xv = reinterpret_cast<const uint16_t*>(xc.data_ptr<T>());
     const auto* wv = reinterpret_cast<const uint16_t*>(w);
     auto mask = [K](int64_t k) { return K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1; };
     at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-      constexpr int64_t B = 4, RB = 8;
+      constexpr int64_t B = 4;
       int64_t n = begin;
-      for (; R == 1 && n + B <= end; n += B) {
+      for (; n + B <= end; n += B) {
         __m512 acc[B];
         for (int64_t b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
         for (int64_t k = 0; k < K; k += 32) {
@@ -95,18 +97,12 @@ at::Tensor matmat16(const at::Tensor& W, const at::Tensor& x) {
         for (int64_t b = 0; b < B; ++b) out[n + b] = static_cast<T>(_mm512_reduce_add_ps(acc[b]));
       }
       for (; n < end; ++n) {
-        for (int64_t r0 = 0; r0 < R; r0 += RB) {
-          const int64_t rows = std::min(RB, R - r0);
-          __m512 acc[RB];
-          for (int64_t r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
-          for (int64_t k = 0; k < K; k += 32) {
-            const __m512bh wk = (__m512bh)_mm512_maskz_loadu_epi16(mask(k), wv + n * K + k);
-            for (int64_t r = 0; r < rows; ++r) {
-              acc[r] = _mm512_dpbf16_ps(acc[r], wk, (__m512bh)_mm512_maskz_loadu_epi16(mask(k), xv + (r0 + r) * K + k));
-            }
-          }
-          for (int64_t r = 0; r < rows; ++r) out[(r0 + r) * N + n] = static_cast<T>(_mm512_reduce_add_ps(acc[r]));
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 32) {
+          acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(mask(k), wv + n * K + k),
+                                 (__m512bh)_mm512_maskz_loadu_epi16(mask(k), xv + k));
         }
+        out[n] = static_cast<T>(_mm512_reduce_add_ps(acc));
       }
     });
     return y;
@@ -115,9 +111,7 @@ at::Tensor matmat16(const at::Tensor& W, const at::Tensor& x) {
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const float* xv = xf.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      for (int64_t r = 0; r < R; ++r) out[r * N + n] = static_cast<T>(dot(xv + r * K, w + n * K, K));
-    }
+    for (int64_t n = begin; n < end; ++n) out[n] = static_cast<T>(dot(xv, w + n * K, K));
   });
   return y;
 }
@@ -215,9 +209,13 @@ struct Matrix {
   // x (R, in) -> (R, out)
   at::Tensor operator()(const at::Tensor& x) const {
     if (kind == 0) {
-      if (a.scalar_type() == at::kBFloat16 && a.is_contiguous()) return matmat16<at::BFloat16>(a, x);
-      if (a.scalar_type() == at::kHalf && a.is_contiguous()) return matmat16<at::Half>(a, x);
-      return x.size(0) == 1 ? at::mv(a, x[0]).unsqueeze(0) : at::mm(x, a.t());
+      if (x.size(0) > 1) return at::mm(x, a.t());
+      const bool half = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
+      if (half && a.is_contiguous()) {
+        return (a.scalar_type() == at::kBFloat16 ? matvec16<at::BFloat16>(a, x[0]) : matvec16<at::Half>(a, x[0]))
+            .unsqueeze(0);
+      }
+      return at::mv(a, x[0]).unsqueeze(0);
     }
     const at::Tensor x16 = x.to(at::kBFloat16);
     const at::Tensor y = kind == 1 ? at::_weight_int4pack_mm_for_cpu(x16, a, 32, b) : at::_weight_int8pack_mm(x16, a, b);

@@ -4,9 +4,10 @@ A step is one forward pass of one turn: a chunk of its prompt, or one generated 
 round-robin order, so a long prompt pasted into one session delays the others by at most one chunk per round,
 and every session's tokens keep coming while others run.
 
-Decode steps of different sessions can share one forward pass (``--batch-decode N``, ``BatchJob`` and
-``batching.decode_step``): on a 2-core CPU that gives 2.3x the tokens/s with 4 sessions and 4.5x with 16
-(``benchmarks/batch_decode.py``). It is off by default because batched arithmetic rounds differently from
+Decode steps of different sessions can share one pass (``--batch-decode N``, ``BatchJob`` and
+``batching.decode_step``, which reads the weights once for all of them): on a 2-core CPU that gives 2.1x the
+tokens/s with 4 sessions and 3.5x with 16 (bfloat16; ``benchmarks/batch_decode.py``). It is off by default
+because batched arithmetic rounds differently from
 single-row arithmetic: with it, a greedy reply can (in rare near-ties) depend on which other sessions happened to
 be running, while without it a session's replies depend on nothing but its own history.
 """
