@@ -8,6 +8,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
 
 
+def pytest_sessionstart(session):
+    """Build the native decode kernels (about a minute, once per machine) before any test starts a server or a
+    CLI process with a timeout, so that no such process pays for the build."""
+    from streamllm import native
+
+    native.kernels()
+
+
 @pytest.fixture(scope="session")
 def real():
     """The bundled default model (SmolLM2-135M-Instruct), fetched once into STREAMLLM_HOME."""
