@@ -16,6 +16,16 @@ from streamllm.stream import Stream
 
 FAST = [name for name, arch in ARCHITECTURES.items() if arch.fast_decode]
 S, W = 2, 9
+EVERY_POLICY = pytest.mark.parametrize(
+    "config",
+    [
+        StreamConfig(num_sinks=S, window=W, rebase_every=7),
+        StreamConfig(num_sinks=S, window=W, positions="text", rebase_every=7),
+        StreamConfig(num_sinks=0, window=W, method="window"),
+        StreamConfig(method="dense"),
+    ],
+    ids=["sink", "sink-text-positions", "window", "dense"],
+)
 
 
 def _ids(n=40, seed=0):
@@ -32,16 +42,7 @@ def _decode_rows(model, ids, config, decode, prefill=3):
 
 
 @pytest.mark.parametrize("arch", FAST)
-@pytest.mark.parametrize(
-    "config",
-    [
-        StreamConfig(num_sinks=S, window=W, rebase_every=7),
-        StreamConfig(num_sinks=S, window=W, positions="text", rebase_every=7),
-        StreamConfig(num_sinks=0, window=W, method="window"),
-        StreamConfig(method="dense"),
-    ],
-    ids=["sink", "sink-text-positions", "window", "dense"],
-)
+@EVERY_POLICY
 def test_fast_decode_matches_transformers_forward(arch, config):
     model = tiny_model(arch)
     ids = _ids()
@@ -147,16 +148,7 @@ def kernels():
 
 
 @pytest.mark.parametrize("arch", FAST)
-@pytest.mark.parametrize(
-    "config",
-    [
-        StreamConfig(num_sinks=S, window=W, rebase_every=7),
-        StreamConfig(num_sinks=S, window=W, positions="text", rebase_every=7),
-        StreamConfig(num_sinks=0, window=W, method="window"),
-        StreamConfig(method="dense"),
-    ],
-    ids=["sink", "sink-text-positions", "window", "dense"],
-)
+@EVERY_POLICY
 def test_native_step_matches_python_step(kernels, arch, config, monkeypatch):
     model = tiny_model(arch)
     ids = _ids(seed=7)

@@ -36,8 +36,7 @@ class StreamConfig:
     ``decode``: ``fast`` (default) runs single tokens through ``decode.Decoder`` where the architecture has one:
     the same cache and the same results within the dtype's rounding, about twice as fast. ``int4`` does the same
     with 4-bit copies of the weights (8-bit for a matrix not on a 4-bit grid; faster again; logits change
-    slightly). ``transformers`` uses the model's own
-    forward for every token.
+    slightly). ``transformers`` uses the model's own forward for every token.
     """
 
     num_sinks: int = 4

@@ -280,14 +280,17 @@ class Decoder:
         module = native.kernels()
         if module is None:
             return None
-        none = torch.empty(0)
+        none = torch.empty(0)  # what the C++ side reads as "absent"
         layers, kinds = [], []
         for layer in self.layers:
             mats = (layer.qkv, layer.o, layer.gate_up, layer.down)
-            extra = (layer.qkv_bias, layer.norm_in, layer.norm_post, layer.q_norm, layer.k_norm)
             layers.append(
                 [t for m in mats for t in m.tensors]
-                + [none if e is None else e if isinstance(e, torch.Tensor) else e.weight for e in extra]
+                + [none if layer.qkv_bias is None else layer.qkv_bias]
+                + [
+                    none if n is None else n.weight
+                    for n in (layer.norm_in, layer.norm_post, layer.q_norm, layer.k_norm)
+                ]
             )
             kinds.append([m.KIND for m in mats])
         head = [self.norm.weight, *self.lm_head.tensors]
