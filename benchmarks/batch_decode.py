@@ -1,7 +1,7 @@
 """Does batching decode steps across sessions pay? One pass over B sessions against B single-session steps.
 
 Each of B sessions has a full cache of its own. Three ways to decode one token for each of them, side by side:
-B separate single-token steps on the fast path (the server's default), ``streamllm.server.batching.decode_step``
+B separate single-token steps on the fast path (the server's default), ``streamllm.backends.batched.decode_step``
 through the native step over all B caches at once (``--batch-decode`` on the fast path: every weight read once
 for all sessions, each attending over its own cache in place), and the same ``decode_step`` through transformers'
 forward over a ``StackedCache`` (``--batch-decode`` with ``--decode transformers``, which copies each cache per
@@ -19,7 +19,7 @@ import time
 import torch
 
 from streamllm import Stream, StreamConfig, load_model
-from streamllm.server.batching import decode_step
+from streamllm.backends.batched import decode_step
 
 
 def step_time(model, rows: int, config: StreamConfig, steps: int, together: bool) -> float:
@@ -35,7 +35,7 @@ def step_time(model, rows: int, config: StreamConfig, steps: int, together: bool
         token = prompt[config.cache_size + step]
         begin = time.perf_counter()
         if together:
-            decode_step(model, streams, [token] * rows)
+            decode_step(model, [s.cache for s in streams], [token] * rows, streams[0].decoder)
         else:
             for stream in streams:
                 stream.feed([token])

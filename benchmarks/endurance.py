@@ -20,7 +20,7 @@ from _bench import command, itemsize, kv_bytes, parser, time_tokens, token_piece
 from streamllm import StreamConfig, load_model
 from streamllm.config import DECODE_MODES
 from streamllm.experiments.report import Report, figure, table
-from streamllm.stream import Stream
+from streamllm.runtime.stream import Stream
 from streamllm.sysinfo import current_rss_mb
 
 

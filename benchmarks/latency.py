@@ -17,7 +17,7 @@ from _bench import PeakRSS, command, itemsize, kv_bytes, median_ms, p90_ms, pars
 from streamllm import StreamConfig, load_model
 from streamllm.config import DECODE_MODES
 from streamllm.experiments.report import Report, figure, table
-from streamllm.stream import Stream
+from streamllm.runtime.stream import Stream
 
 # Paper Fig. 10 (Llama-2-7B, A6000), recompute / sink: 63 vs 31 ms at 256, 1411 vs 65 ms at 4096.
 PAPER_RATIO = {256: 2.0, 4096: 21.7}

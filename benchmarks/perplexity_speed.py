@@ -15,7 +15,7 @@ import torch
 
 from streamllm import StreamConfig, load_model
 from streamllm.data import shakespeare_text
-from streamllm.perplexity import streaming_nll
+from streamllm.runtime.perplexity import streaming_nll
 
 
 def main() -> None:

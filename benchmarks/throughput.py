@@ -36,7 +36,7 @@ from _bench import command, kv_bytes, parser, read_bandwidth_gbs, text_ids, time
 
 from streamllm import StreamConfig, load_model
 from streamllm.experiments.report import Report, figure, table
-from streamllm.stream import Stream
+from streamllm.runtime.stream import Stream
 
 PROMPT = 4096
 CONTEXT = 1024  # llama.cpp's context: 4 kept + 1020, like our cache

@@ -11,7 +11,7 @@ torch.set_num_threads(2)
 def pytest_sessionstart(session):
     """Build the native decode kernels (about a minute, once per machine) before any test starts a server or a
     CLI process with a timeout, so that no such process pays for the build."""
-    from streamllm import native
+    from streamllm.backends import native
 
     native.kernels()
 

@@ -1,9 +1,12 @@
 """The reference oracle: the paper's algorithm written as plainly as possible, one token at a time.
 
 It keeps every cached key *before* rotary (un-rotating what the model produced), and at every step rotates the
-whole cache at in-cache positions 0..n-1 and the query at position n. Eviction is a Python list trim. Nothing here
-shares code with the engine's storage or attention; only ``rotate`` (itself checked against the model's own rotary)
-is reused.
+whole cache afresh: the query at its in-cache position n (the number of tokens held), the first ``num_sinks``
+tokens at 0..S-1 and every other kept token at n minus its distance to the query in the text. For sinks plus a
+window this is the paper's layout, positions 0..n in cache order. Eviction is a Python list trim, by the
+paper's rule or by a ``keep(position, seen)`` rule given for another policy. Nothing here shares code with the
+engine's storage, plans or attention; only ``rotate`` (itself checked against the model's own rotary) and the
+rotary frequencies read off the model are reused.
 """
 
 from __future__ import annotations
@@ -11,39 +14,43 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
-from streamllm.rotary import rotate
+from streamllm.backends.arch import layer_inv_freqs
+from streamllm.core.rotary import rotate
 
 NAME = "streamllm_oracle"
 
 
 class OracleState:
-    def __init__(self, num_sinks: int, window: int | None, text_positions: bool = False):
-        self.num_sinks, self.window, self.text_positions = num_sinks, window, text_positions
+    def __init__(self, inv_freqs, num_sinks: int, window: int | None, text_positions: bool = False, keep=None):
+        self.inv_freqs = inv_freqs
+        self.num_sinks, self.window, self.text_positions, self.keep = num_sinks, window, text_positions, keep
         self.positions: dict[int, list[int]] = {}  # layer -> text position of each kept entry
         self.keys: dict[int, list[torch.Tensor]] = {}  # layer -> pre-rotary keys (B, Hkv, D)
         self.values: dict[int, list[torch.Tensor]] = {}
         self.t = 0  # text position of the token being processed
 
 
-def _keep(state: OracleState, entries: list, sliding_window: int | None) -> list:
-    """Trim a layer's list after a step: sinks + last window (or a sliding layer's own window)."""
+def _kept(state: OracleState, positions: list[int], sliding_window: int | None) -> list[bool]:
+    """Which entries of a layer's list stay after a step: sinks + last window (or a sliding layer's own window,
+    or the given rule)."""
+    n = len(positions)
     if sliding_window is not None:  # a local layer keeps its own window (never more than the cache budget)
         own = sliding_window - 1
-        return entries[-(own if state.window is None else min(own, state.num_sinks + state.window)) :]
-    if state.window is None:
-        return entries
-    cap = state.num_sinks + state.window
-    if len(entries) <= cap:
-        return entries
-    return entries[: state.num_sinks] + entries[len(entries) - state.window :]
+        last = own if state.window is None else min(own, state.num_sinks + state.window)
+        return [i >= n - last for i in range(n)]
+    if state.keep is not None:
+        return [bool(state.keep(torch.tensor(p), state.t + 1)) for p in positions]
+    if state.window is None or n <= state.num_sinks + state.window:
+        return [True] * n
+    return [i < state.num_sinks or i >= n - state.window for i in range(n)]
 
 
 def oracle_attention(
     module, query, key, value, attention_mask, scaling=None, oracle=None, sliding_window=None, **kwargs
 ):
     assert query.shape[2] == 1, "the oracle goes one token at a time"
-    inv_freq = module.streamllm_inv_freq
     i, t = module.layer_idx, oracle.t
+    inv_freq = oracle.inv_freqs[i]
     tpos = torch.tensor([t])
     k_pre = rotate(key.double(), -tpos, inv_freq)[:, :, 0]  # (B, Hkv, D)
     q_pre = rotate(query.double(), -tpos, inv_freq)  # (B, H, 1, D)
@@ -51,7 +58,9 @@ def oracle_attention(
     values = oracle.values.setdefault(i, []) + [value[:, :, 0].double()]
     positions = oracle.positions.setdefault(i, []) + [t]
     n = len(keys) - 1  # the query's in-cache position
-    k_at, q_at = (torch.tensor(positions), t) if oracle.text_positions else (torch.arange(n + 1), n)
+    q_at = t if oracle.text_positions else n
+    S = 0 if sliding_window is not None else oracle.num_sinks
+    k_at = torch.tensor([p if p < S else q_at - (t - p) for p in positions])
     K = rotate(torch.stack(keys, dim=2), k_at, inv_freq)  # (B, Hkv, n+1, D)
     V = torch.stack(values, dim=2)
     q = rotate(q_pre, torch.tensor([q_at]), inv_freq)  # (B, H, 1, D)
@@ -59,9 +68,10 @@ def oracle_attention(
     K, V = K.repeat_interleave(G, dim=1), V.repeat_interleave(G, dim=1)
     probs = torch.softmax((q @ K.transpose(-1, -2)) * (scaling or q.shape[-1] ** -0.5), dim=-1)
     out = (probs @ V).to(query.dtype)  # (B, H, 1, D)
-    oracle.keys[i] = _keep(oracle, keys, sliding_window)
-    oracle.values[i] = _keep(oracle, values, sliding_window)
-    oracle.positions[i] = _keep(oracle, positions, sliding_window)
+    stay = _kept(oracle, positions, sliding_window)
+    oracle.keys[i] = [k for k, s in zip(keys, stay, strict=True) if s]
+    oracle.values[i] = [v for v, s in zip(values, stay, strict=True) if s]
+    oracle.positions[i] = [p for p, s in zip(positions, stay, strict=True) if s]
     return out.transpose(1, 2), None
 
 
@@ -70,14 +80,15 @@ AttentionInterface.register(NAME, oracle_attention)
 
 @torch.no_grad()
 def oracle_logits(
-    model, ids: list[int], num_sinks: int, window: int | None, text_positions: bool = False
+    model, ids: list[int], num_sinks: int, window: int | None, text_positions: bool = False, keep=None
 ) -> torch.Tensor:
     """Logits (N, V) of streaming ``ids`` token by token under the paper's algorithm (or, with
-    ``text_positions``, with every kept token at its original position)."""
+    ``text_positions``, with every kept token at its original position; or with ``keep`` deciding which tokens
+    stay)."""
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
     try:
-        state = OracleState(num_sinks, window, text_positions)
+        state = OracleState(layer_inv_freqs(model), num_sinks, window, text_positions, keep)
         rows = []
         for t, tok in enumerate(ids):
             state.t = t

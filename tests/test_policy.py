@@ -1,23 +1,29 @@
-"""Cache policy math on tiny tensors: which tokens survive, which positions they get."""
+"""Cache policy and plan math on tiny tensors: which tokens survive, where they are stored, what a query sees."""
 
 import pytest
 import torch
 
 from streamllm.config import ConfigError, StreamConfig
-from streamllm.policy import Policy
+from streamllm.core.plan import make_plan
+from streamllm.core.policy import DensePolicy, SinkPolicy, WindowPolicy
+
+
+def _held(policy, seen):
+    pos = torch.arange(seen)
+    return pos[policy.kept(pos, seen)].tolist()
 
 
 def test_survivors_paper_example():
     # 4 sinks (tokens 0..3) and a window of 3: after 9 tokens the cache holds [0,1,2,3,6,7,8] ...
-    p = Policy(4, 3)
-    assert p.survivors(9) == [0, 1, 2, 3, 6, 7, 8]
+    p = SinkPolicy(4, 3)
+    assert _held(p, 9) == [0, 1, 2, 3, 6, 7, 8]
     # ... and token 9 is decoded at in-cache position 7 (positions 0..7 in total).
-    assert p.cache_positions(torch.tensor([9])).tolist() == [7]
-    assert p.survivors(5) == [0, 1, 2, 3, 4]
+    assert p.anchor(torch.tensor([9])).tolist() == [7]
+    assert _held(p, 5) == [0, 1, 2, 3, 4]
 
 
 def test_visible_sinks_window_and_self():
-    p = Policy(2, 3)
+    p = SinkPolicy(2, 3)
     keys = torch.arange(10)
     row = p.visible(torch.tensor([9]), keys)[0]
     assert keys[row].tolist() == [0, 1, 6, 7, 8, 9]  # sinks, the 3 tokens before, itself
@@ -26,30 +32,69 @@ def test_visible_sinks_window_and_self():
 
 
 def test_dense_and_window_policies():
-    assert Policy(0, None).survivors(50) == list(range(50))
-    assert StreamConfig(num_sinks=4, window=4, method="window").policy() == Policy(0, 8)
+    assert _held(DensePolicy(), 50) == list(range(50))
+    assert StreamConfig(num_sinks=4, window=4, method="window").policy() == WindowPolicy(8)
+    assert _held(WindowPolicy(8), 20) == list(range(12, 20))
     assert StreamConfig(num_sinks=4, window=4, method="dense").policy().capacity is None
 
 
-def test_ring_slots_are_distinct_for_survivors():
-    p = Policy(4, 5)
-    surv = torch.tensor(p.survivors(100))
-    slots = p.slot_of(surv)
-    assert sorted(slots.tolist()) == list(range(9))
-    assert slots[:4].tolist() == [0, 1, 2, 3]
+def _stream_plans(policy, n, chunk):
+    """Plan and carry out ``n`` tokens in chunks, as the cache does; returns the slot layout."""
+    slot_pos = torch.empty(0, dtype=torch.long)
+    seen = 0
+    while seen < n:
+        T = min(chunk, n - seen)
+        plan = make_plan(policy, slot_pos, seen, 0, T)
+        size = max(slot_pos.numel(), int(plan.slots.max()) + 1, policy.capacity or 0)
+        grown = torch.full((size,), -1, dtype=torch.long)
+        grown[: slot_pos.numel()] = slot_pos
+        grown[: plan.leaving.numel()][plan.leaving] = -1
+        grown[plan.slots[plan.kept_new]] = plan.text_pos[plan.kept_new]
+        slot_pos, seen = grown, plan.seen
+    return slot_pos
 
 
-def test_kept_after():
-    p = Policy(2, 3)
-    pos = torch.arange(10)
-    assert pos[p.kept_after(pos, 10)].tolist() == [0, 1, 7, 8, 9]
+@pytest.mark.parametrize("chunk", [1, 3, 7, 100])
+def test_plans_keep_exactly_the_survivors_in_distinct_slots(chunk):
+    p = SinkPolicy(4, 5)
+    slot_pos = _stream_plans(p, 100, chunk)
+    assert sorted(slot_pos[slot_pos >= 0].tolist()) == _held(p, 100)
+    assert slot_pos.numel() == p.capacity
+    assert slot_pos[:4].tolist() == [0, 1, 2, 3]  # anchored tokens live in slots 0..S-1
+
+
+def test_a_decode_plan_reuses_the_slot_of_the_token_that_leaves():
+    p = SinkPolicy(2, 3)
+    slot_pos = torch.tensor([0, 1, 5, 6, 4])  # after 7 tokens: sinks 0, 1 and the window 4, 5, 6
+    plan = make_plan(p, slot_pos, 7, 0, 1)
+    assert plan.leaving.tolist() == [False, False, False, False, True]  # token 4 leaves once 7 is processed
+    assert plan.slots.tolist() == [4]
+    assert plan.key_pos[plan.visible[0]].tolist() == [0, 1, 5, 6, 4, 7]  # it still sees token 4
+    assert plan.anchored.tolist() == [True, True, False, False, False, False]
+    assert plan.anchor_shift.tolist() == [5 - 7]  # seen from in-cache position 5, rotated at 7
+
+
+def test_a_chunk_plan_hides_what_each_token_would_not_see():
+    p = SinkPolicy(1, 2)
+    plan = make_plan(p, torch.tensor([0, 1, 2]), 3, 0, 3)  # tokens 3, 4, 5 after 0, 1, 2
+    rows = [plan.key_pos[v].tolist() for v in plan.visible]
+    assert rows == [[0, 1, 2, 3], [0, 2, 3, 4], [0, 3, 4, 5]]
+    assert plan.slots.tolist() == [-1, 1, 2]  # token 3 leaves within the chunk
+    assert plan.leaving.tolist() == [False, True, True]
+
+
+def test_rebasing_offset_moves_model_positions_only():
+    p = SinkPolicy(2, 3)
+    plan = make_plan(p, torch.tensor([0, 1, 5, 6, 4]), 7, 3, 1)
+    assert plan.model_pos.tolist() == [4] and plan.text_pos.tolist() == [7]
+    assert plan.anchor_shift.tolist() == [5 - 4]
 
 
 def test_sliding_layer_policy():
-    p = Policy(4, 1020)
+    p = SinkPolicy(4, 1020)
     assert p.for_layer(None) == p
-    assert p.for_layer(512) == Policy(0, 511)  # the model's own local window, no sinks
-    assert Policy(4, 60).for_layer(512) == Policy(0, 64)  # never more than the cache budget
+    assert p.for_layer(512) == WindowPolicy(511)  # the model's own local window, no sinks
+    assert SinkPolicy(4, 60).for_layer(512) == WindowPolicy(64)  # never more than the cache budget
 
 
 @pytest.mark.parametrize(

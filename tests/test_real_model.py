@@ -6,12 +6,12 @@ from helpers import engine_logits
 from oracle import oracle_logits
 
 from streamllm import StreamConfig
-from streamllm.chat import ChatSession
+from streamllm.backends.decode import decoder_for
 from streamllm.data import shakespeare_text
-from streamllm.decode import decoder_for
-from streamllm.generate import Sampling, stream_generate
-from streamllm.perplexity import streaming_nll
-from streamllm.stream import Stream
+from streamllm.runtime.chat import ChatSession
+from streamllm.runtime.generate import Sampling, stream_generate
+from streamllm.runtime.perplexity import streaming_nll
+from streamllm.runtime.stream import Stream
 
 pytestmark = pytest.mark.real
 

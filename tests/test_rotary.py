@@ -3,8 +3,8 @@ from tiny import tiny_model
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb as neox_apply
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_apply
 
-from streamllm.arch import layer_inv_freqs
-from streamllm.rotary import rotate
+from streamllm.backends.arch import layer_inv_freqs
+from streamllm.core.rotary import rotate
 
 
 def _model_rotation(model, x, pos, apply):

@@ -10,9 +10,9 @@ import torch
 from server_helpers import ThreadServer, tiny_chat_model
 
 from streamllm import StreamConfig
+from streamllm.runtime.stream import Stream
 from streamllm.server import ServerConfig, create_app
 from streamllm.server.persist import Conversation, StateDir, decode_state, encode_state
-from streamllm.stream import Stream
 
 KEY = "inprocess-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -238,8 +238,8 @@ def test_requests_on_one_session_take_turns(tiny):
 @pytest.mark.parametrize("decode", ["fast", "transformers"])
 @pytest.mark.parametrize("which", ["tiny", pytest.param("real", marks=pytest.mark.real)])
 def test_a_batched_decode_step_matches_single_steps(request, which, decode):
-    """Through the native decoder's step_many (fast) and through the model's forward over a StackedCache."""
-    from streamllm.server.batching import batchable, decode_step
+    """Through the native decoder's step_many (fast) and through the model's forward, one row per stream."""
+    from streamllm.backends.batched import batchable, decode_step
 
     model, _ = request.getfixturevalue(which)
     steps = 30 if which == "tiny" else 8
@@ -250,11 +250,11 @@ def test_a_batched_decode_step_matches_single_steps(request, which, decode):
     for a, b, n in zip(single, batched, lengths, strict=True):
         a.feed(ids[:n])
         b.feed(ids[:n])
-    assert all(batchable(s) for s in batched)
+    assert all(batchable(s.cache) for s in batched)
     for step in range(steps):
         tokens = [ids[n + step] for n in lengths]
         want = torch.stack([s.feed([t]) for s, t in zip(single, tokens, strict=True)])
-        got = decode_step(model, batched, tokens)
+        got = decode_step(model, [s.cache for s in batched], tokens, batched[0].decoder)
         assert (want - got).abs().max() < 2e-4 and torch.equal(want.argmax(-1), got.argmax(-1))
     assert [s.tokens_seen for s in batched] == [s.tokens_seen for s in single]
     assert (

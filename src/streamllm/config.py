@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .policy import Policy
+from .core.policy import DensePolicy, Policy, SinkPolicy, WindowPolicy
 
 METHODS = ("sink", "window", "dense", "recompute")
 POSITIONS = ("cache", "text")
@@ -74,9 +74,9 @@ class StreamConfig:
     def policy(self) -> Policy:
         """The eviction policy of the attention layers (global layers; see ``Policy.for_layer``)."""
         if self.method == "sink":
-            return Policy(self.num_sinks, self.window, self.positions == "text")
+            return SinkPolicy(self.num_sinks, self.window, self.positions == "text")
         if self.method == "window":
-            return Policy(0, self.cache_size)
+            return WindowPolicy(self.cache_size)
         if self.method == "dense":
-            return Policy(0, None)
+            return DensePolicy()
         raise ConfigError("recompute keeps no cache; it has no eviction policy")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .arch import prepare
+from .backends.hf import prepare
+from .home import home
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,6 @@ BUILTINS: dict[str, BuiltinModel] = {
     )
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def home() -> Path:
-    return Path(os.environ.get("STREAMLLM_HOME", Path.home() / ".cache" / "streamllm"))
 
 
 def model_dir(name: str) -> Path:

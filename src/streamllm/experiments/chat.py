@@ -9,10 +9,10 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from ..chat import ChatSession
 from ..config import StreamConfig
 from ..data import DataError
-from ..generate import Sampling
+from ..runtime.chat import ChatSession
+from ..runtime.generate import Sampling
 from ..sysinfo import current_rss_mb
 from .context import Context
 from .report import Report, figure, table

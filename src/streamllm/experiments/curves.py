@@ -10,7 +10,7 @@ import time
 import torch
 
 from ..config import StreamConfig
-from ..perplexity import iter_nll, recompute_nll, streaming_nll
+from ..runtime.perplexity import iter_nll, recompute_nll, streaming_nll
 from ..sysinfo import current_rss_mb
 from .context import Context
 from .report import Report, figure, table

@@ -18,8 +18,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from ..config import StreamConfig
-from ..generate import Sampling, stream_generate
-from ..stream import Stream
+from ..runtime.generate import Sampling, stream_generate
+from ..runtime.stream import Stream
 from .context import Context
 from .report import Report, figure, table
 

@@ -57,7 +57,3 @@ class ServerConfig:
             raise ConfigError(f"request_timeout_s must be > 0, got {self.request_timeout_s!r}")
         if any(not key or key != key.strip() for key in self.api_keys):
             raise ConfigError("API keys must be non-empty and carry no surrounding whitespace")
-
-    @property
-    def auth_required(self) -> bool:
-        return bool(self.api_keys)

@@ -29,9 +29,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from ..arch import layer_inv_freqs
 from ..config import StreamConfig
-from ..stream import Stream
+from ..runtime.recompute import Recompute
+from ..runtime.stream import Stream
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,8 @@ def stream_tensors(stream: Stream) -> tuple[dict[str, torch.Tensor], list[dict]]
     """The stream's state as named tensors plus per-layer counters (JSON-able). Tensors are copies on CPU."""
     tensors: dict[str, torch.Tensor] = {}
     layers: list[dict] = []
-    if stream.cache is None:  # recompute keeps only its recent tokens
-        tensors["recompute.recent"] = torch.tensor(stream.recent, dtype=torch.int32)
+    if isinstance(stream.cache, Recompute):  # recompute keeps only its recent tokens
+        tensors["recompute.recent"] = stream.cache.state_dict()["recent"]
         return tensors, layers
     for i, layer in enumerate(stream.cache.state_dict()["layers"]):
         layers.append({k: layer[k] for k in ("seen", "offset", "num_sinks", "window", "text_positions")})
@@ -90,9 +90,8 @@ def restore_stream(
 ) -> None:
     """Put a saved state into a fresh ``stream`` of the same model and configuration."""
     stream.reset()
-    stream.tokens_seen = tokens_seen
-    if stream.cache is None:
-        stream.recent = [int(t) for t in tensors["recompute.recent"].tolist()]
+    if isinstance(stream.cache, Recompute):
+        stream.cache.load_state_dict({"recent": tensors["recompute.recent"]}, tokens_seen)
         return
     device = next(stream.model.parameters()).device
     states = []
@@ -102,7 +101,9 @@ def restore_stream(
             tensor = tensors.get(f"layers.{i}.{name}")
             state[name] = None if tensor is None else tensor.to(device if name != "slot_pos" else "cpu")
         states.append(state)
-    stream.cache.load_state_dict({"layers": states}, layer_inv_freqs(stream.model))
+    stream.cache.load_state_dict({"layers": states})
+    if stream.tokens_seen != tokens_seen:
+        raise ValueError(f"the cache has seen {stream.tokens_seen} tokens, the session {tokens_seen}")
 
 
 def encode_state(

@@ -12,11 +12,9 @@ import copy
 import threading
 from collections.abc import Sequence
 
+from ..runtime.templates import ChatTemplate
 from .errors import bad_request
 from .schemas import ChatMessage
-
-# A one-exchange conversation used to find what the template writes around messages.
-_PROBE = [{"role": "user", "content": "\x00u"}, {"role": "assistant", "content": "\x00a"}]
 
 
 class Renderer:
@@ -26,44 +24,30 @@ class Renderer:
     def __init__(self, tokenizer):
         self.tokenizer = copy.deepcopy(tokenizer)
         self._lock = threading.Lock()
-        self.has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.template = ChatTemplate(self.tokenizer) if getattr(tokenizer, "chat_template", None) else None
         self.vocab_size = len(self.tokenizer)
-        self._probe = self._render(_PROBE, False) if self.has_template else ""
-        # What the template writes after an assistant message (e.g. "<|im_end|>\n").
-        self.after_reply = self._probe[self._probe.index("\x00a") + 2 :] if self.has_template else ""
 
-    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        with self._lock:
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-
-    def _checked_render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        if not self.has_template:
+    def _checked(self, render):
+        """Run ``render(template)`` under the lock; a template that refuses the input is the input's fault."""
+        if self.template is None:
             raise bad_request("this model has no chat template; use /v1/completions", "messages")
         try:
-            return self._render(messages, add_generation_prompt)
-        except (
-            Exception
-        ) as exc:  # a template's own checks (raise_exception) or jinja errors: the input's fault
+            with self._lock:
+                return render(self.template)
+        except Exception as exc:  # a template's own checks (raise_exception), jinja errors, or no way to append
             raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from None
 
     def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:
         """The whole conversation, ending with the prompt for the assistant's reply."""
-        return self._checked_render(_plain(messages), True)
+        return self._checked(lambda t: t.render(_plain(messages), True))
 
     def chat_continuation(self, messages: Sequence[ChatMessage], close: str) -> str:
         """The text that appends ``messages`` to a conversation whose last reply still lacks ``close``."""
-        rendered = self._checked_render(_PROBE + _plain(messages), True)
-        if not rendered.startswith(self._probe):
-            raise bad_request("the chat template cannot append these messages to a conversation", "messages")
-        return close + rendered[len(self._probe) :]
+        return self._checked(lambda t: t.continuation(_plain(messages), close))
 
     def reply_close(self, eos_fed: str) -> str:
         """What still has to be fed to end an assistant reply, given the end-of-turn text the model produced."""
-        if eos_fed and self.after_reply.startswith(eos_fed):
-            return self.after_reply[len(eos_fed) :]
-        return self.after_reply
+        return self.template.reply_close(eos_fed) if self.template is not None else ""
 
     def encode(self, text: str) -> list[int]:
         with self._lock:

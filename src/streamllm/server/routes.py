@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import APIRouter, Header, Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from ..generate import Event
+from ..runtime.generate import Event
 from .config import ServerConfig
 from .errors import NOT_FOUND, APIError, bad_request, internal_error
 from .schemas import ChatCompletionRequest, CompletionRequest

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from ..generate import Sampling
+from ..runtime.generate import Sampling
 from .errors import bad_request
 
 

@@ -18,7 +18,7 @@ import logging
 import time
 from collections import OrderedDict, defaultdict
 
-from ..stream import Stream
+from ..runtime.stream import Stream
 from .config import ServerConfig
 from .errors import NOT_FOUND, SERVER_ERROR, APIError
 from .persist import (
@@ -77,7 +77,6 @@ class SessionStore:
         self._index: dict[str, dict[int, dict[str, set[str]]]] = defaultdict(lambda: defaultdict(dict))
         self._memory: OrderedDict[str, None] = OrderedDict()  # loaded sessions, least recently used first
         self._waiters: list[asyncio.Future] = []
-        self.loads = self.evictions = 0
 
     # -- the index --------------------------------------------------------------------------------------------
     def scan_disk(self) -> None:
@@ -208,7 +207,6 @@ class SessionStore:
             except BaseException:
                 self._memory.pop(session.id, None)
                 raise
-            self.loads += 1
         session.stream = stream
         session.last_used = time.monotonic()
 
@@ -227,7 +225,6 @@ class SessionStore:
         while len(self._memory) >= self.config.max_sessions:
             victim = next((self.sessions[i] for i in self._memory if self._evictable(self.sessions[i])), None)
             if victim is not None:
-                self.evictions += 1
                 self.unload(victim)
                 continue
             remaining = deadline - time.monotonic()
@@ -268,7 +265,3 @@ class SessionStore:
         await asyncio.to_thread(self.disk.write, session.id, meta, blob, session.generation + 1)
         session.generation += 1
         session.dirty = False
-
-    @property
-    def in_memory(self) -> int:
-        return len(self._memory)

@@ -14,12 +14,12 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from ..generate import Event, Sampling, _eos_ids
+from ..runtime.generate import Event, Sampling, eos_ids
 from .config import ServerConfig
 from .errors import NOT_FOUND, TIMEOUT, APIError, internal_error
 from .persist import Conversation, restore_stream, stream_tensors
 from .prompts import Renderer
-from .scheduler import BatchJob, Job, Scheduler
+from .scheduler import Job, Scheduler
 from .schemas import ChatMessage
 from .sessions import Session, SessionStore
 
@@ -59,7 +59,7 @@ class Turns:
         self.model, self.config, self.store, self.scheduler = model, config, store, scheduler
         self.tokenizer = tokenizer  # used by the model worker only
         self.renderer = Renderer(tokenizer)
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids(model, tokenizer)
 
     # -- choosing the session ----------------------------------------------------------------------------------
     async def begin_chat(
@@ -160,8 +160,8 @@ class Turns:
         """Yield the turn's events; once the last one is out, save the session. Any other exit undoes the turn."""
         loop = asyncio.get_running_loop()
         chunk = self.config.stream.chunk_size
-        kind = BatchJob if self.config.batch_decode > 1 else Job
-        job = kind(self.model, self.tokenizer, turn.session.stream, turn.ids, sampling, loop, chunk)
+        batched = self.config.batch_decode > 1
+        job = Job(self.model, self.tokenizer, turn.session.stream, turn.ids, sampling, loop, chunk, batched)
         reply: list[str] = []
         last: Event | None = None
         try:

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from .config import StreamConfig
-from .stream import RECOMPUTE_BATCH_TOKENS, Stream
-from .sysinfo import current_rss_mb
+from ..config import StreamConfig
+from ..sysinfo import current_rss_mb
+from .recompute import RECOMPUTE_BATCH_TOKENS
+from .stream import Stream
 
 
 @dataclass

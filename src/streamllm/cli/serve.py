@@ -6,14 +6,16 @@ import argparse
 import logging
 from pathlib import Path
 
+from .common import InputError, int_at_least, load, positive, read_text, stream_args, stream_config
 
-def add_parser(sub, common, positive, int_at_least) -> None:
+
+def add_parser(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible chat server with endless, persistent sessions")
-    common(s)
+    stream_args(s)
     # Smaller prompt chunks than the other commands: one chunk is what other sessions wait for at most.
     s.set_defaults(chunk_size=128)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    s.add_argument("--port", type=_port_type(int_at_least), default=8000)
+    s.add_argument("--port", type=port_number, default=8000)
     s.add_argument(
         "--api-key", action="append", default=[], help="require 'Authorization: Bearer KEY' (repeatable)"
     )
@@ -42,32 +44,29 @@ def add_parser(sub, common, positive, int_at_least) -> None:
     )
 
 
-def _port_type(int_at_least):
-    def port_number(text: str) -> int:
-        port = int_at_least(1)(text)
-        if port > 65535:
-            raise argparse.ArgumentTypeError(f"must be <= 65535, got {port}")
-        return port
-
-    return port_number
+def port_number(text: str) -> int:
+    port = int_at_least(1)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"must be <= 65535, got {port}")
+    return port
 
 
-def _api_keys(args, read_text, input_error) -> tuple[str, ...]:
+def _api_keys(args) -> tuple[str, ...]:
     keys = list(args.api_key)
     if args.api_key_file:
         keys += [line.strip() for line in read_text(args.api_key_file).splitlines() if line.strip()]
     if any(not key.strip() for key in keys):
-        raise input_error("an API key must not be empty")
+        raise InputError("an API key must not be empty")
     return tuple(key.strip() for key in keys)
 
 
-def run(args, stream_config, load, read_text, input_error) -> int:
-    from .server import ServerConfig, serve
+def run(args) -> int:
+    from ..server import ServerConfig, serve
 
     config = ServerConfig(
         model_id=args.model,
-        stream=stream_config,
-        api_keys=_api_keys(args, read_text, input_error),
+        stream=stream_config(args),
+        api_keys=_api_keys(args),
         state_dir=args.state_dir,
         max_sessions=args.max_sessions,
         max_body_bytes=args.max_body_bytes,
@@ -80,7 +79,7 @@ def run(args, stream_config, load, read_text, input_error) -> int:
         try:
             args.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise input_error(f"cannot use --state-dir {args.state_dir}: {exc.strerror}") from None
+            raise InputError(f"cannot use --state-dir {args.state_dir}: {exc.strerror}") from None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
         logging.getLogger("streamllm.server").warning(
             "listening on %s without --api-key: anyone who can reach it can use it", args.host

@@ -1,4 +1,9 @@
-"""``stream_generate``: sampling on top of a ``Stream``, as an iterator of events."""
+"""The token loop, in one place: sampling, incremental detokenizing, stop strings and EOS (``Generation``), and
+``stream_generate``, which drives it over a ``Stream``: prefill, then one token at a time.
+
+``Generation`` never feeds the model itself, so a caller that feeds several streams' tokens in one pass (the
+server's batched decoding) drives the very same loop: ``next_token`` after each feed, ``emit`` after the next.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ConfigError, StreamConfig
+from ..config import ConfigError, StreamConfig
 from .stream import Stream
 
 
@@ -55,7 +60,7 @@ class Event:
 
 
 @dataclass
-class _Detokenizer:
+class Detokenizer:
     """Incremental decoding in constant memory: only a short tail of tokens is ever re-decoded."""
 
     tokenizer: object
@@ -104,6 +109,50 @@ def sample(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+class Generation:
+    """One reply's token loop, fed by its caller.
+
+    ``next_token(logits)`` picks the token to feed; once the caller has fed it, ``emit(token, stream)`` returns its
+    ``Event`` (with the text it completes, held back while a stop string may be starting, and ``finish_reason``
+    once the reply is over)."""
+
+    def __init__(self, model, tokenizer, prompt_ids: Sequence[int], sampling: Sampling):
+        self.sampling = sampling
+        self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        self.eos = set() if sampling.ignore_eos else eos_ids(model, tokenizer)
+        self.detok = Detokenizer(tokenizer)
+        self.hold = max((len(s) for s in sampling.stop), default=1) - 1  # text held back while a stop may start
+        self.pending = ""
+        self.recent: list[int] = list(prompt_ids[-64:])
+        self.generated = 0
+        self.prefill_s = 0.0
+        self.started = time.perf_counter()
+
+    def prefilled(self) -> None:
+        """The prompt is in: from here on time counts as decoding."""
+        self.prefill_s = time.perf_counter() - self.started
+        self.started = time.perf_counter()
+
+    def next_token(self, logits: torch.Tensor) -> int:
+        token = sample(logits, self.sampling, self.recent, self.generator)
+        self.recent = (self.recent + [token])[-64:]
+        return token
+
+    def emit(self, token: int, stream: Stream) -> Event:
+        self.generated += 1
+        n = self.generated
+        finish = "stop" if token in self.eos else ("length" if n == self.sampling.max_new_tokens else None)
+        self.pending += "" if token in self.eos else self.detok.push(token)
+        hit = min((i for i in (self.pending.find(s) for s in self.sampling.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            self.pending, finish = self.pending[:hit], "stop"
+        cut = len(self.pending) if finish else max(0, len(self.pending) - self.hold)
+        text, self.pending = self.pending[:cut], self.pending[cut:]
+        elapsed = time.perf_counter() - self.started
+        rate = n / elapsed if elapsed else 0.0
+        return Event(token, text, stream.cache_length, stream.tokens_seen, n, rate, self.prefill_s, finish)
+
+
 def stream_generate(
     model,
     tokenizer,
@@ -122,48 +171,20 @@ def stream_generate(
     ids = tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise ValueError("the prompt is empty")
-    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-    eos = set() if sampling.ignore_eos else _eos_ids(model, tokenizer)
-    detok = _Detokenizer(tokenizer)
-    hold = (
-        max((len(s) for s in sampling.stop), default=1) - 1
-    )  # text held back until no stop string can start in it
-    pending = ""
-    recent: list[int] = ids[-64:]
-
-    start = time.perf_counter()
+    loop = Generation(model, tokenizer, ids, sampling)
     logits = stream.feed(ids)
-    prefill_s = time.perf_counter() - start
-    decode_start = time.perf_counter()
-    for n in range(1, sampling.max_new_tokens + 1):
-        token = sample(logits, sampling, recent, generator)
-        recent = (recent + [token])[-64:]
+    loop.prefilled()
+    while True:
+        token = loop.next_token(logits)
         logits = stream.feed([token])
-        finish = "stop" if token in eos else ("length" if n == sampling.max_new_tokens else None)
-        pending += "" if token in eos else detok.push(token)
-        hit = min((i for i in (pending.find(s) for s in sampling.stop) if i >= 0), default=-1)
-        if hit >= 0:
-            pending, finish = pending[:hit], "stop"
-        if finish is None:
-            text, pending = pending[: max(0, len(pending) - hold)], pending[max(0, len(pending) - hold) :]
-        else:
-            text, pending = pending, ""
-        elapsed = time.perf_counter() - decode_start
-        yield Event(
-            token,
-            text,
-            stream.cache_length,
-            stream.tokens_seen,
-            n,
-            n / elapsed if elapsed else 0.0,
-            prefill_s,
-            finish,
-        )
-        if finish:
+        event = loop.emit(token, stream)
+        yield event
+        if event.finish_reason:
             return
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
+    """Every token id that ends a reply: the model's, its generation config's and the tokenizer's."""
     ids = set()
     for source in (getattr(model, "generation_config", None), model.config):
         value = getattr(source, "eos_token_id", None)

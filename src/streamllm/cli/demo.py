@@ -6,10 +6,10 @@ import itertools
 import sys
 import time
 
-from .chat import ChatSession
-from .config import StreamConfig
-from .generate import Sampling
-from .sysinfo import current_rss_mb
+from ..runtime.chat import ChatSession
+from ..runtime.generate import Sampling
+from ..sysinfo import current_rss_mb
+from .common import load, positive, stream_args, stream_config
 
 PROMPTS = [
     "Tell me a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -22,7 +22,16 @@ PROMPTS = [
 ]
 
 
-def run_demo(args, config: StreamConfig, load) -> int:
+def add_parser(sub) -> None:
+    d = sub.add_parser("demo", help="a nonstop chat far past the cache size, with live vital signs")
+    stream_args(d)
+    d.set_defaults(window=252)
+    d.add_argument("--tokens", type=positive, default=3000, help="stop after streaming this many tokens")
+    d.set_defaults(run=run)
+
+
+def run(args) -> int:
+    config = stream_config(args)
     out = sys.stdout
     print(f"[demo] loading {args.model} ...", file=sys.stderr)
     model, tokenizer = load(args)

@@ -1,8 +1,7 @@
 """The one table of architectures: which model families stream exactly, and why the others don't.
 
-``prepare(model)`` readies a loaded model for streaming: it checks the table, hands every attention module the
-rotary frequencies of its layer (read from the model's own rotary module), and switches the model to the
-``streamllm`` attention function registered with transformers.
+``hf.prepare(model)`` checks a model against it; ``layer_inv_freqs`` and ``attention_modules`` read what a cache
+made for a model needs (``hf.cache_for``).
 """
 
 from __future__ import annotations
@@ -97,24 +96,3 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
         if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
     ]
     return sorted(found, key=lambda m: m.layer_idx)
-
-
-def prepare(model: nn.Module) -> nn.Module:
-    """Make ``model`` stream with ``streamllm.SinkCache``. Idempotent; returns the model.
-
-    Raises ``UnsupportedModelError`` naming the reason for architectures that cannot stream exactly.
-    """
-    from .attention import ATTENTION_NAME, register
-
-    lookup(model.config)
-    register()
-    freqs = layer_inv_freqs(model)
-    modules = attention_modules(model)
-    if len(modules) != len(freqs):
-        raise UnsupportedModelError(f"found {len(modules)} attention modules for {len(freqs)} layers")
-    for module in modules:
-        # Data the attention function reads; the module's code is untouched.
-        module.streamllm_inv_freq = freqs[module.layer_idx]
-    if model.config._attn_implementation != ATTENTION_NAME:
-        model.set_attn_implementation(ATTENTION_NAME)
-    return model

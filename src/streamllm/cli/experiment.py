@@ -7,10 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+from ..experiments import EXPERIMENTS
+from .common import InputError, load, model_args, positive, read_text
 
-def add_parser(sub, common, positive) -> None:
-    from .experiments import EXPERIMENTS
 
+def add_parser(sub) -> None:
     e = sub.add_parser(
         "experiment", help="reproduce one of the paper's experiments (CSV, Markdown table, PNG)"
     )
@@ -21,24 +22,25 @@ def add_parser(sub, common, positive) -> None:
     e.add_argument("--text", type=Path, action="append", default=[], help="UTF-8 text instead of Shakespeare")
     e.add_argument("--tokens", type=positive, default=None, help="stream length instead of the default")
     e.add_argument("--questions", type=Path, default=None, help="chat: MT-Bench style JSONL of questions")
-    common(e)
+    model_args(e)
+    e.set_defaults(run=run)
 
 
-def run(args, load, read_text, input_error) -> int:
+def run(args) -> int:
     from tqdm import tqdm
 
-    from .experiments import EXPERIMENTS, Context
-    from .experiments.report import Report
+    from ..experiments import Context
+    from ..experiments.report import Report
 
     for path in args.text:
         read_text(path)  # fail now, not after loading the model
     if args.questions is not None and not args.questions.is_file():
-        raise input_error(f"questions file not found: {args.questions}")
+        raise InputError(f"questions file not found: {args.questions}")
     if args.out.exists() and not args.out.is_dir():
-        raise input_error(f"--out {args.out} is a file, not a folder")
+        raise InputError(f"--out {args.out} is a file, not a folder")
     clash = [p for p in Report(args.name, "", "", ()).paths(args.out) if p.exists()]
     if clash and not args.overwrite:
-        raise input_error(f"{clash[0]} exists; pass --overwrite to replace it")
+        raise InputError(f"{clash[0]} exists; pass --overwrite to replace it")
     model, tokenizer = load(args)
     ctx = Context(
         model=model,

@@ -14,7 +14,7 @@ import os
 import platform
 from pathlib import Path
 
-from .models import home
+from ..home import home
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,140 @@
+"""Sink-aware attention in torch, written once: every torch backend (the transformers attention function, the
+Python decode step, the batched step) calls ``attend`` with a layer's ``Plan``.
+
+For each query at text position t (model position t - offset, the position the model rotated it at):
+- window keys are stored rotated at their model positions, so the query is used as it is;
+- anchored keys (the sinks) are stored rotated at 0..S-1, so the query is turned once more, by the plan's
+  ``anchor_shift``, to its anchor position (its in-cache position min(t, S+W) for the paper's policy).
+Both score blocks share one softmax, and the plan's ``visible`` mask makes a chunk of many new tokens exactly what
+token-by-token streaming gives (``docs/design.md``). Chunks go through torch's fused CPU attention kernel for the
+window block, and the anchored block joins its softmax through the kernel's log-sum-exp; single tokens use
+explicit scores, which copy no keys.
+
+Letters: B batch, H heads, Hkv kv heads, G = H / Hkv, T new tokens, C stored slots, K = C + T keys, D head dim.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..core.plan import Plan
+from ..core.rotary import rotate
+
+# Fused attention that also returns each row's log-sum-exp, so the anchored block can join the same softmax.
+FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def attend(
+    plan: Plan,
+    query: torch.Tensor,
+    stored: tuple[torch.Tensor, torch.Tensor] | None,
+    new: tuple[torch.Tensor, torch.Tensor],
+    inv_freq: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention of ``query`` (B, H, T, D) over the ``stored`` keys and values (B, Hkv, C, D) (None before the
+    first commit) and the ``new`` ones (B, Hkv, T, D), as ``plan`` says. -> (B, H, T, D)"""
+    k_new, v_new = new
+    B, H, T, D = query.shape
+    G = H // k_new.shape[1]
+    q_win = query.reshape(B, -1, G * T, D)  # (B, Hkv, G*T, D), query rows grouped per kv head: (g, t)
+    q_anchor = None
+    if plan.turns:
+        q_anchor = rotate(query, plan.anchor_shift, inv_freq).reshape(B, -1, G * T, D)  # (B, Hkv, G*T, D)
+    if softcap is None and FLASH_CPU is not None and query.device.type == "cpu" and T > 1:
+        out = _fused(plan, stored, k_new, v_new, q_win, q_anchor, scaling)
+    else:
+        out = _scores(plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap)
+    return out.reshape(B, H, T, D)
+
+
+def _scores(plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap):
+    """Explicit scores: stored and new key blocks share one float32 softmax. Copies no keys (decode steps)."""
+    T = plan.text_pos.numel()
+    G = q_win.shape[2] // T
+    C = plan.key_pos.numel() - T
+    blocks, values = [], []
+    if stored is not None:
+        k_old, v_old = stored  # (B, Hkv, C, D)
+        blocks.append(_block_scores(q_win, q_anchor, k_old, plan.anchored[:C]))  # (B, Hkv, G*T, C)
+        values.append(v_old)
+    blocks.append(_block_scores(q_win, q_anchor, k_new, plan.anchored[C:]))  # (B, Hkv, G*T, T)
+    values.append(v_new)
+    scores = torch.cat(blocks, dim=-1).float() * scaling  # (B, Hkv, G*T, K)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    visible = plan.visible if stored is not None else plan.visible[:, C:]  # (T, K)
+    scores = scores.masked_fill(~visible.to(scores.device).repeat(G, 1), float("-inf"))  # rows: (g, t)
+    probs = torch.softmax(scores, dim=-1).to(v_new.dtype)  # (B, Hkv, G*T, K)
+    out, start = None, 0
+    for v in values:
+        part = probs[..., start : start + v.shape[2]] @ v  # (B, Hkv, G*T, D)
+        out = part if out is None else out + part
+        start += v.shape[2]
+    return out
+
+
+def _block_scores(q_win, q_anchor, keys, anchored):
+    """Scores of one key block (B, Hkv, G*T, n): the turned query for its anchored keys (always the first ones)."""
+    scores = q_win @ keys.transpose(-1, -2)  # (B, Hkv, G*T, n)
+    s = int(anchored.sum())
+    if s and q_anchor is not None:
+        scores[..., :s] = q_anchor @ keys[:, :, :s].transpose(-1, -2)  # (B, Hkv, G*T, s)
+    return scores
+
+
+def _fused(plan, stored, k_new, v_new, q_win, q_anchor, scaling):
+    """Fused kernel over the window keys; the few anchored keys (seen by the turned query) are merged into the
+    same softmax through the kernel's log-sum-exp. Used for chunks, where it is several times faster."""
+    T = plan.text_pos.numel()
+    if stored is None:
+        keys, values = k_new, v_new  # (B, Hkv, T, D)
+    else:
+        keys = torch.cat([stored[0], k_new], dim=2)  # (B, Hkv, K, D)
+        values = torch.cat([stored[1], v_new], dim=2)  # (B, Hkv, K, D)
+    m = _masks(plan, stored is not None, q_win.shape[2] // T, q_win.dtype)
+    if q_anchor is None or m.anchor_cols is None:
+        return FLASH_CPU(q_win.contiguous(), keys, values, attn_mask=m.all_bias, scale=scaling)[0]
+    out, lse = FLASH_CPU(q_win.contiguous(), keys, values, attn_mask=m.win_bias, scale=scaling)
+    lse = lse.float().masked_fill(m.anchor_only, float("-inf"))  # (B, Hkv, G*T)
+    a_keys, a_values = keys[:, :, m.anchor_cols].float(), values[:, :, m.anchor_cols].float()  # (B, Hkv, s, D)
+    a_scores = (q_anchor.float() @ a_keys.transpose(-1, -2)) * scaling  # (B, Hkv, G*T, s)
+    a_scores = a_scores.masked_fill(m.anchor_hidden, float("-inf"))
+    top = torch.maximum(lse, a_scores.amax(-1))  # (B, Hkv, G*T): finite, every query sees itself
+    w_win = torch.exp(lse - top)  # (B, Hkv, G*T)
+    w_anchor = torch.exp(a_scores - top[..., None])  # (B, Hkv, G*T, s)
+    total = out.float() * w_win[..., None] + w_anchor @ a_values  # (B, Hkv, G*T, D)
+    return (total / (w_win + w_anchor.sum(-1))[..., None]).to(values.dtype)
+
+
+class _Masks(NamedTuple):
+    all_bias: torch.Tensor  # (1, 1, G*T, K) additive: 0 where visible, -inf elsewhere; rows are (g, t) pairs
+    win_bias: torch.Tensor | None  # the same without the anchored columns
+    anchor_cols: torch.Tensor | None  # (K,) bool, the anchored keys; None when there are none
+    anchor_only: torch.Tensor | None  # (G*T,) bool, rows that see no window key
+    anchor_hidden: torch.Tensor | None  # (G*T, s) bool, anchored keys a row does not see
+
+
+def _masks(plan: Plan, with_stored: bool, G: int, dtype: torch.dtype) -> _Masks:
+    """The chunk's masks, built once per plan: every layer that shares the plan shares them."""
+    key = ("fused", with_stored, G, dtype)
+    if key in plan.memo:
+        return plan.memo[key]
+    C = plan.key_pos.numel() - plan.text_pos.numel()
+    cols = slice(None) if with_stored else slice(C, None)
+    visible = plan.visible[:, cols].repeat(G, 1)  # (G*T, K)
+    anchored = plan.anchored[cols]  # (K,)
+
+    def bias(v: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(v.shape, dtype=dtype).masked_fill_(~v, float("-inf"))[None, None]
+
+    if bool(anchored.any()):
+        window = visible & ~anchored
+        m = _Masks(bias(visible), bias(window), anchored, ~window.any(-1), ~visible[:, anchored])
+    else:
+        m = _Masks(bias(visible), None, None, None, None)
+    plan.memo[key] = m
+    return m

@@ -1,0 +1,295 @@
+"""``Decoder``: one new token through a Llama-style model, straight from its weights, on a ``KVCache``.
+
+Decoding is a single token per forward, so its cost is the weights read plus the fixed cost of every operation
+launched. transformers' module tree launches several hundred small operations per token and re-derives masks and
+positions each time. This runs the same arithmetic with far fewer operations:
+- q, k and v come from one fused matrix (and gate and up from another); the model's own projection weights become
+  views of the fused ones, so no weight is stored twice;
+- the cache plans the token once for all layers (its slot, what it sees, how far the sinks turn), and the rotary
+  angles are computed once per token, not once per layer;
+- the layer loop runs in C++ where the native kernels build (``native.py``, ``decode_kernels.cpp``): norms, rotary,
+  the sink moves and attention as plain loops over the cache in place (attention split over blocks of keys so that
+  every thread has work), bfloat16 matrix-vector products with AVX-512 BF16 instructions, and the 4- and 8-bit
+  ones (``quant.py``) through torch's kernels. The token's own key and the turned sink keys go into scratch slots
+  past the cache's slots (``LayerStore.full_keys``), so nothing is concatenated or copied;
+- ``_python_step`` is the same step in torch operations (attention through ``attention.attend``), used where no
+  compiler is present.
+Either way the new key and value reach the cache through ``KVCache.commit``, like every other backend's.
+
+Its arithmetic follows transformers' own (rotation and norms in the model dtype, scores gathered in float32), so
+its logits match the general path within the dtype's rounding. Architectures opt in through
+``arch.ARCHITECTURES``.
+
+Letters: R streams, H heads, Hkv kv heads, G = H / Hkv, C stored slots, D head dim, E hidden size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..core.cache import KVCache
+from ..core.plan import Plan
+from ..core.rotary import rotate_half, shift_angles
+from . import native
+from .arch import layer_inv_freqs, lookup
+from .attention import attend
+from .quant import WEIGHTS, Int4MatVec, Int8MatVec, MatVec
+
+
+class _Norm:
+    """transformers' RMSNorm: normalise in float32, back to the model dtype, then scale."""
+
+    def __init__(self, module: nn.Module):
+        self.weight = module.weight.detach()  # (N,)
+        self.eps = module.variance_epsilon
+        self.shape = tuple(self.weight.shape)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        if x32.dim() == 1:  # the hidden state of one token: a dot product beats the general kernel's set-up
+            return self.weight * (x32 * torch.rsqrt(torch.dot(x32, x32) / x32.numel() + self.eps)).to(x.dtype)
+        return self.weight * F.rms_norm(x32, self.shape, eps=self.eps).to(x.dtype)
+
+
+@dataclass
+class _Layer:
+    qkv: MatVec | Int4MatVec | Int8MatVec  # (Dq + 2 Dkv, E)
+    qkv_bias: torch.Tensor | None
+    o: MatVec | Int4MatVec | Int8MatVec  # (E, Dq)
+    gate_up: MatVec | Int4MatVec | Int8MatVec  # (2 F, E)
+    down: MatVec | Int4MatVec | Int8MatVec  # (E, F)
+    norm_in: _Norm
+    norm_post: _Norm
+    q_norm: _Norm | None  # Qwen3 normalises each head of q and k
+    k_norm: _Norm | None
+    act: nn.Module
+
+
+def _fuse(linears: list[nn.Linear], share: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack the weights (and biases) of linears that read the same input. With ``share`` each linear then keeps a
+    view of its rows, so the stacked copy is the only one."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])  # (sum of outputs, E)
+    has_bias = [lin.bias is not None for lin in linears]
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None
+    if any(has_bias) and bias is None:
+        raise ValueError("cannot fuse linears of which only some have a bias")
+    start = 0
+    for lin in linears if share else []:
+        n = lin.weight.shape[0]
+        lin.weight.data = weight[start : start + n]  # a contiguous view: the fused copy is the only one
+        if bias is not None:
+            lin.bias.data = bias[start : start + n]
+        start += n
+    return weight, bias
+
+
+class Decoder:
+    """Single-token forward for the architectures the table marks ``fast_decode`` (Llama, Mistral, Qwen2/3).
+
+    ``weights``: "model" multiplies by the model's own weights (exact); "int4" by 4-bit copies of the matrices
+    that sit on a 4-bit grid already and 8-bit copies of the rest (``_quantized``): about a third of the bytes
+    of bfloat16 to read per token, at the cost of a small change in the logits.
+    """
+
+    def __init__(self, model: nn.Module, weights: str = "model"):
+        if weights not in WEIGHTS:
+            raise ValueError(f"unknown decode weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
+        matvec = WEIGHTS[weights]
+        self.weights = weights
+        arch = lookup(model.config)
+        if not arch.fast_decode:
+            raise ValueError(f"{arch.family} has no fast decode path")
+        config = model.config
+        self.model = model
+        self.H = config.num_attention_heads
+        self.Hkv = config.num_key_value_heads
+        self.D = getattr(config, "head_dim", None) or config.hidden_size // self.H
+        self.inv_freq = layer_inv_freqs(model)[0]
+        if 2 * self.inv_freq.numel() != self.D:
+            raise ValueError("the fast decode path needs rotary embedding over the whole head")
+        self.rotary = model.model.rotary_emb
+        self.layers = []
+        for block in model.model.layers:
+            attn, mlp = block.self_attn, block.mlp
+            qkv, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], share=matvec is MatVec)
+            gate_up, _ = _fuse([mlp.gate_proj, mlp.up_proj], share=matvec is MatVec)
+            self.layers.append(
+                _Layer(
+                    matvec(qkv),
+                    qkv_bias,
+                    matvec(attn.o_proj.weight.detach()),
+                    matvec(gate_up),
+                    matvec(mlp.down_proj.weight.detach()),
+                    _Norm(block.input_layernorm),
+                    _Norm(block.post_attention_layernorm),
+                    _Norm(attn.q_norm) if hasattr(attn, "q_norm") else None,
+                    _Norm(attn.k_norm) if hasattr(attn, "k_norm") else None,
+                    mlp.act_fn,
+                )
+            )
+        self.scaling = self.model.model.layers[0].self_attn.scaling
+        self.embed = model.model.embed_tokens
+        self.norm = _Norm(model.model.norm)
+        self.lm_head = matvec(model.lm_head.weight.detach())  # (V, E)
+        self.native = self._native_step()
+
+    def _native_step(self):
+        """The same step in C++ over the same weights (``decode_kernels.cpp``), or None where it does not apply:
+        no compiler, ``STREAMLLM_NATIVE=0``, an activation other than SiLU, or norms with different epsilons."""
+        norms = [self.norm] + [
+            n
+            for layer in self.layers
+            for n in (layer.norm_in, layer.norm_post, layer.q_norm, layer.k_norm)
+            if n is not None
+        ]
+        probe = torch.linspace(-6, 6, 97)
+        if (
+            not all(torch.equal(layer.act(probe), F.silu(probe)) for layer in self.layers)
+            or len({n.eps for n in norms}) > 1
+        ):
+            return None
+        module = native.kernels()
+        if module is None:
+            return None
+        none = torch.empty(0)  # what the C++ side reads as "absent"
+        layers, kinds = [], []
+        for layer in self.layers:
+            mats = (layer.qkv, layer.o, layer.gate_up, layer.down)
+            layers.append(
+                [t for m in mats for t in m.tensors]
+                + [none if layer.qkv_bias is None else layer.qkv_bias]
+                + [
+                    none if n is None else n.weight
+                    for n in (layer.norm_in, layer.norm_post, layer.q_norm, layer.k_norm)
+                ]
+            )
+            kinds.append([m.KIND for m in mats])
+        head = [self.norm.weight, *self.lm_head.tensors]
+        return module.Step(
+            layers, kinds, head, self.lm_head.KIND, self.H, self.Hkv, self.D, self.norm.eps, self.scaling
+        )
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights one decoded token reads (the matrices; norms and biases are a rounding error)."""
+        mats = [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        return sum(m.nbytes for m in mats) + self.lm_head.nbytes
+
+    def ready(self, cache: KVCache) -> bool:
+        """Whether ``cache`` can take a fast step: it was made for this model, lives on the CPU, holds tokens,
+        and every layer has the same policy (no layer of the model limits itself to a sliding window)."""
+        return (
+            len(cache.layers) == len(self.layers)
+            and cache.uniform
+            and all(layer.keys is not None and layer.keys.device.type == "cpu" for layer in cache.layers)
+        )
+
+    @torch.no_grad()  # not inference_mode: a dense cache grown here must stay writable by the chunked path
+    def step(self, cache: KVCache, token: int) -> torch.Tensor:
+        """Feed one token; returns the logits (V,) that predict the next one. The cache must be ``ready``."""
+        if self.native is not None:
+            return self.step_many([cache], [token])[0]
+        (plan,) = {id(p): p for p in cache.plan(1)}.values()
+        x = self.embed.weight[token]  # (E,)
+        cos, sin = self.rotary(x, plan.model_pos[None])  # (1, 1, D), model dtype
+        return self._python_step(cache, plan, x, cos[0], sin[0])
+
+    @torch.no_grad()
+    def step_many(self, caches: Sequence[KVCache], tokens: Sequence[int]) -> torch.Tensor:
+        """Feed one token to each of several streams (each its own ``ready`` cache, all of one policy and size) in
+        one pass of the native step, which reads every weight once for all of them. -> logits (R, V)"""
+        if self.native is None:
+            raise RuntimeError("several streams at once need the native decode step")
+        plans = [cache.plan(1)[0] for cache in caches]
+        S = plans[0].policy.num_sinks
+        C = caches[0].layers[0].keys.shape[2]
+        x = self.embed.weight[torch.tensor(list(tokens))]  # (R, E)
+        cos, sin = self.rotary(x, torch.cat([plan.model_pos for plan in plans])[:, None])  # (R, 1, D)
+        logits = self.native(
+            x,
+            cos[:, 0],  # (R, D)
+            sin[:, 0],  # (R, D)
+            torch.stack([self._turn(plan) for plan in plans]) if S else torch.empty(0),  # (R, D, D)
+            torch.stack([native_mask(plan, S) for plan in plans]),  # (R, C + 1 + S)
+            [[cache.layers[i].full_keys for cache in caches] for i in range(len(self.layers))],
+            [[cache.layers[i].full_values for cache in caches] for i in range(len(self.layers))],
+            C,
+            S,
+        )
+        for cache in caches:  # the native step left each layer's new key and value in scratch slot C
+            for i, store in enumerate(cache.layers):
+                cache.commit(i, store.full_keys[:, :, C : C + 1], store.full_values[:, :, C : C + 1])
+        return logits
+
+    def _turn(self, plan: Plan) -> torch.Tensor:
+        """The rotation (D, D) that moves the sink keys, stored at 0..S-1, to where the token sees them: the
+        opposite of the query's turn in ``attention.attend`` (a rotation moves both sides of a dot product
+        alike)."""
+        return _rotation_matrix(-int(plan.anchor_shift[0]), self.inv_freq)
+
+    def _python_step(self, cache: KVCache, plan: Plan, x, cos, sin) -> torch.Tensor:
+        """The layers in torch operations; the native step does the same in C++. -> logits (V,) float32"""
+        for i, layer in enumerate(self.layers):
+            h = layer.norm_in(x)  # (E,)
+            x = x + layer.o(self._attention(cache, i, plan, layer, h, cos, sin))  # (E,)
+            h = layer.norm_post(x)  # (E,)
+            gate, up = layer.gate_up(h).chunk(2)  # (F,) each
+            x = x + layer.down(layer.act(gate) * up)  # (E,)
+        return self.lm_head(self.norm(x)).float()  # (V,)
+
+    def _attention(self, cache: KVCache, i: int, plan: Plan, layer, h, cos, sin) -> torch.Tensor:
+        """Self-attention of layer ``i`` for the new token, then its commit. -> (H*D,)"""
+        H, Hkv, D = self.H, self.Hkv, self.D
+        qkv = layer.qkv(h)  # (Dq + 2 Dkv,)
+        if layer.qkv_bias is not None:
+            qkv = qkv + layer.qkv_bias
+        qk = qkv[: (H + Hkv) * D].view(H + Hkv, D)  # (H + Hkv, D): q's heads, then k's
+        v = qkv[(H + Hkv) * D :].view(1, Hkv, 1, D)  # (1, Hkv, 1, D)
+        if layer.q_norm is not None:
+            qk = torch.cat([layer.q_norm(qk[:H]), layer.k_norm(qk[H:])])  # (H + Hkv, D)
+        qk = qk * cos[0] + rotate_half(qk) * sin[0]  # (H + Hkv, D), rotated at the model position
+        q = qk[:H].view(1, H, 1, D)  # (1, H, 1, D)
+        k = qk[H:].view(1, Hkv, 1, D)  # (1, Hkv, 1, D)
+        store = cache.layers[i]
+        out = attend(plan, q, (store.keys, store.values), (k, v), store.inv_freq, self.scaling)  # (1, H, 1, D)
+        cache.commit(i, k, v)
+        return out.view(H * D)
+
+
+def native_mask(plan: Plan, S: int) -> torch.Tensor:
+    """What the token sees in the native step's key layout -> (C + 1 + S,) bool: the stored slots the plan shows it
+    (the anchored ones through their turned copies instead), itself in scratch slot C, and the copies of the
+    anchored keys in scratch slots C+1..C+S."""
+    visible = plan.visible[0]  # (C + 1,)
+    C = visible.numel() - 1
+    anchored = plan.anchored[:C]  # (C,): slots 0..S-1 when held
+    seen = visible[:C]
+    return torch.cat([seen & ~anchored, visible[C:], (seen & anchored)[:S]])
+
+
+def _rotation_matrix(shift: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """The rotary rotation by ``shift`` positions as a matrix M (D, D), float32: ``x @ M`` equals
+    ``rotary.rotate(x, shift)`` (x * cos + rotate_half(x) * sin), in one small product instead of six operations."""
+    cos, sin = shift_angles(torch.tensor([shift]), inv_freq)  # (1, D) float64 each
+    D = cos.shape[1]
+    half = D // 2
+    matrix = torch.diag(cos[0])  # (D, D)
+    idx = torch.arange(half)
+    matrix[idx + half, idx] = -sin[0, :half]  # rotate_half(x)[j] = -x[j + D/2] for j < D/2
+    matrix[idx, idx + half] = sin[0, half:]  # and x[j - D/2] above
+    return matrix.float()
+
+
+def decoder_for(model: nn.Module, weights: str = "model") -> Decoder | None:
+    """The model's ``Decoder`` for these weights, built once and kept on the model (building one twice would
+    store its weights twice), or None when its architecture has no fast path."""
+    if not lookup(model.config).fast_decode:
+        return None
+    kept = model.__dict__.setdefault("streamllm_decoders", {})
+    if weights not in kept:
+        kept[weights] = Decoder(model, weights)
+    return kept[weights]

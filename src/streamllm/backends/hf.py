@@ -1,0 +1,208 @@
+"""The transformers adapter: the ``streamllm`` attention function, ``prepare``, a cache made for a model, the
+forward pass of a chunk, and ``SinkCache``, the drop-in cache for ``model.generate``.
+
+How the cache reaches the attention function, explicitly (no global state):
+- ``forward`` passes it as the keyword argument ``streamllm=`` of the model's forward; transformers hands the
+  forward's keyword arguments to the registered attention function of every layer.
+- ``model.generate`` cannot be given extra arguments, so ``SinkCache.update``, which transformers calls in every
+  layer just before attending, returns the new keys tagged with the cache (``key.streamllm``), and the attention
+  function reads the tag off the ``key`` it is handed.
+Either way the attention function looks up the layer's ``Plan``, attends (``attention.attend``) and commits. A
+forward pass that ends with a layer that did not attend through the cache (a model not prepared) is refused with
+``NotPreparedError``.
+
+Letters: B batch, H heads, Hkv kv heads, T new tokens, D head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..config import StreamConfig
+from ..core.cache import Evicted, KVCache, NotPreparedError
+from ..core.policy import Policy
+from .arch import attention_modules, layer_inv_freqs, lookup
+from .attention import attend
+
+ATTENTION_NAME = "streamllm"
+TAG = "streamllm"  # the attribute ``SinkCache.update`` sets on the keys it returns
+
+
+def register() -> None:
+    """Register the attention function (and sdpa's mask builder, for calls made without a cache)."""
+    AttentionInterface.register(ATTENTION_NAME, streamllm_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """Make ``model`` attend through streamllm caches. Idempotent; returns the model.
+
+    Raises ``UnsupportedModelError`` naming the reason for architectures that cannot stream exactly."""
+    lookup(model.config)
+    register()
+    if model.config._attn_implementation != ATTENTION_NAME:
+        model.set_attn_implementation(ATTENTION_NAME)
+    return model
+
+
+def cache_for(
+    model: nn.Module, config: StreamConfig, on_evict=None, rebase: bool = True, policy: Policy | None = None
+) -> KVCache:
+    """An empty cache made for ``model``: each layer's policy (``policy``, or the one ``config`` names; a layer the
+    model limits to a sliding window keeps its own window) and rotary frequencies, read off the model once, here."""
+    lookup(model.config)
+    base = policy or config.policy()
+    freqs = layer_inv_freqs(model)
+    modules = attention_modules(model)
+    if len(modules) != len(freqs):
+        raise NotPreparedError(f"found {len(modules)} attention modules for {len(freqs)} layers")
+    windows = [getattr(m, "sliding_window", getattr(model.config, "sliding_window", None)) for m in modules]
+    policies = [base.for_layer(w) for w in windows]
+    return KVCache(policies, freqs, config.rebase_every if rebase else None, on_evict)
+
+
+def streamllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention signature: query (B, H, T, D) -> ((B, T, H, D), None)."""
+    target = kwargs.pop(ATTENTION_NAME, None) or getattr(key, TAG, None)
+    if target is None:  # no streamllm cache in play (a plain forward): ordinary attention
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    softcap = kwargs.get("softcap")
+    if isinstance(target, KVCache):
+        out = attend_layer(target, module.layer_idx, query, key, value, scaling, softcap)
+    else:  # several streams, one row each (``batched.py``)
+        out = torch.cat(
+            [
+                attend_layer(cache, module.layer_idx, query[r : r + 1], key[r : r + 1], value[r : r + 1], scaling, softcap)
+                for r, cache in enumerate(target)
+            ]
+        )
+    return out, None
+
+
+def attend_layer(cache: KVCache, layer_idx: int, query, key, value, scaling: float, softcap=None) -> torch.Tensor:
+    """One layer of one stream: attend as its plan says, then commit. query (B, H, T, D) -> (B, T, H, D)"""
+    if cache.plans is None:
+        raise NotPreparedError("the cache has no planned tokens; pass it through streamllm's forward")
+    if layer_idx >= len(cache.layers):
+        raise NotPreparedError(f"the cache was made for a model with {len(cache.layers)} layers")
+    store = cache.layers[layer_idx]
+    stored = None if store.keys is None else (store.keys, store.values)
+    out = attend(cache.plans[layer_idx], query, stored, (key, value), store.inv_freq, scaling, softcap)
+    cache.commit(layer_idx, key, value)
+    return out.transpose(1, 2).contiguous()
+
+
+@torch.no_grad()
+def forward(
+    model: nn.Module, target: KVCache | Sequence[KVCache], ids: torch.Tensor, keep_all: bool = True
+) -> torch.Tensor:
+    """Feed ``ids`` (R, T) through the model, row r into cache r (one cache: R = 1), every layer attending through
+    its cache's plan. -> logits (R, T, V) float32, or (R, 1, V) without ``keep_all``."""
+    caches = [target] if isinstance(target, KVCache) else list(target)
+    R, T = ids.shape
+    for cache in caches:
+        cache.plan(T)
+    try:
+        out = model(
+            input_ids=ids,
+            position_ids=torch.cat([cache.position_ids() for cache in caches]),  # (R, T)
+            use_cache=False,
+            logits_to_keep=0 if keep_all else 1,
+            **{ATTENTION_NAME: target},
+        )
+    except BaseException:
+        for cache in caches:
+            cache.abandon()
+        raise
+    if any(cache.plans is not None for cache in caches):
+        for cache in caches:
+            cache.abandon()
+        raise NotPreparedError("the model did not attend through streamllm; call streamllm.prepare(model) first")
+    return out.logits.float()
+
+
+class _LayerView(CacheLayerMixin):
+    """What transformers asks of one layer of a cache, answered from the ``KVCache``."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, kv: KVCache, idx: int):
+        super().__init__()
+        self.kv, self.idx = kv, idx
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.kv.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.kv.layers[self.idx].length + query_length, 0
+
+    def get_max_length(self) -> int:
+        cap = self.kv.layers[self.idx].policy.capacity
+        return -1 if cap is None else cap
+
+    def reset(self) -> None:
+        pass
+
+
+class SinkCache(Cache):
+    """Drop-in attention-sink cache for ``model.generate`` in transformers 5, made for one (prepared) model::
+
+        cache = SinkCache(model, num_sinks=4, window=1020)
+        model.generate(input_ids, past_key_values=cache, max_new_tokens=10_000)
+
+    Reports the number of tokens seen as its sequence length, so ``generate`` hands the model text positions
+    (this cache therefore never rebases). The stream's state is ``self.kv``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_sinks: int = 4,
+        window: int = 1020,
+        method: str = "sink",
+        config: StreamConfig | None = None,
+        on_evict=None,
+    ):
+        self.config = config or StreamConfig(num_sinks=num_sinks, window=window, method=method)
+        self.kv = cache_for(model, self.config, on_evict, rebase=False)
+        super().__init__(layers=[_LayerView(self.kv, i) for i in range(len(self.kv.layers))])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Called by each layer just before it attends: plans the new tokens at the first layer, and tags the keys
+        with the cache so that the attention function finds it."""
+        if layer_idx == 0:
+            self.kv.plan(key_states.shape[2])  # refuses if the previous pass left a layer unattended
+        elif self.kv.plans is None or self.kv.uncommitted != len(self.kv.layers) - layer_idx:
+            self.kv.abandon()
+            raise NotPreparedError(
+                "the model is not attending through streamllm; call streamllm.prepare(model) before using SinkCache"
+            )
+        setattr(key_states, TAG, self.kv)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.kv.seen
+
+    def cache_length(self) -> int:
+        return self.kv.cache_length()
+
+
+__all__ = ["Evicted", "NotPreparedError", "SinkCache", "cache_for", "forward", "prepare", "register"]

@@ -1,0 +1,119 @@
+"""The matrix-vector products of the decode step: the model's own weights, or 4- and 8-bit copies of them.
+
+Each class holds one weight matrix W (N, K) in some form and computes y = W x; ``KIND`` tells the native step
+(``decode_kernels.cpp``) which product to run on the same ``tensors``.
+
+Letters: N outputs, K inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class MatVec:
+    """y = W x with the model's own weight (N, K), in the model's dtype."""
+
+    KIND = 0  # how the native step (decode_kernels.cpp) multiplies by it
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight  # (N, K)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mv(self.weight, x)  # (N,)
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight, torch.empty(0)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
+
+class Int4MatVec:
+    """y = W x with W held as 4-bit integers in groups of 32 inputs, each group with its own scale and minimum:
+    the layout of GGUF's Q4_1, in which the bundled models' layers are published, so those come back almost
+    exactly. Reads a quarter of the bytes of bfloat16; torch's CPU int4 kernel takes bfloat16 inputs."""
+
+    GROUP = 32  # decode_kernels.cpp assumes it too
+    KIND = 1
+
+    @classmethod
+    def fits(cls, weight: torch.Tensor) -> bool:
+        """The kernel's shape rules: inputs in whole groups, outputs in multiples of 16."""
+        return weight.shape[1] % cls.GROUP == 0 and weight.shape[0] % 16 == 0
+
+    def __init__(self, weight: torch.Tensor):
+        N, K = weight.shape
+        if not self.fits(weight):
+            raise ValueError(
+                f"int4 weights need outputs divisible by 16 and inputs by {self.GROUP}, got {N}x{K}"
+            )
+        w = weight.detach().float().view(N, K // self.GROUP, self.GROUP)  # (N, K/32, 32)
+        low = w.amin(-1)  # (N, K/32)
+        scale = ((w.amax(-1) - low) / 15).clamp(min=1e-12)  # (N, K/32)
+        q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15)  # (N, K/32, 32)
+        self.error = float((q * scale[..., None] + low[..., None] - w).norm() / w.norm().clamp(min=1e-12))
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).view(N, K), 1)
+        zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
+        self.scale_zero = (
+            torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+        )  # (K/32, N, 2)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scale_zero.nbytes
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.packed, self.scale_zero
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x16 = x.to(torch.bfloat16)[None]  # (1, K)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x16, self.packed, self.GROUP, self.scale_zero
+        )  # (1, N)
+        return y[0].to(x.dtype)  # (N,)
+
+
+class Int8MatVec:
+    """y = W x with W held as 8-bit integers, one scale per output row (torch's CPU int8 kernel)."""
+
+    KIND = 2
+
+    def __init__(self, weight: torch.Tensor):
+        w = weight.detach().float()  # (N, K)
+        scale = (w.abs().amax(-1) / 127).clamp(min=1e-12)  # (N,)
+        self.q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (N, K)
+        self.scale = scale.to(torch.bfloat16)  # (N,)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q, self.scale
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.to(torch.bfloat16)[None], self.q, self.scale)  # (1, N)
+        return y[0].to(x.dtype)  # (N,)
+
+
+# A matrix whose 4-bit copy is further than this (relative Frobenius error) from it was not stored on a 4-bit grid
+# (the bundled models' embeddings, for one); it is kept in 8 bits instead.
+INT4_MAX_ERROR = 0.01
+
+
+def quantized(weight: torch.Tensor) -> MatVec | Int4MatVec | Int8MatVec:
+    """4 bits where the matrix sits on a 4-bit grid already (Q4_1 layers) and the kernel takes its shape, else
+    8 bits."""
+    if Int4MatVec.fits(weight):
+        int4 = Int4MatVec(weight)
+        if int4.error <= INT4_MAX_ERROR:
+            return int4
+    return Int8MatVec(weight)
+
+
+WEIGHTS = {"model": MatVec, "int4": quantized}

@@ -1,0 +1,143 @@
+"""What every command shares: the options for a model and a stream, loading, reading input, and the errors a
+user can cause (which end in one line on stderr and exit status 2)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..backends.arch import UnsupportedModelError
+from ..config import DECODE_MODES, METHODS, POSITIONS, ConfigError, StreamConfig
+from ..data import DataError
+from ..models import BUILTINS, DEFAULT_MODEL, DTYPES, ModelError, is_pulled, pull
+
+
+class InputError(ValueError):
+    pass
+
+
+USER_ERRORS = (InputError, ConfigError, ModelError, UnsupportedModelError, DataError, ValueError)
+
+
+def int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive, non_negative = int_at_least(1), int_at_least(0)
+
+
+def model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, HF folder, .gguf file or hub id")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--threads", type=positive, default=None, help="torch CPU threads")
+
+
+def stream_args(p: argparse.ArgumentParser) -> None:
+    model_args(p)
+    p.add_argument("--num-sinks", type=non_negative, default=4)
+    p.add_argument("--window", type=positive, default=1020)
+    p.add_argument("--method", choices=METHODS, default="sink")
+    p.add_argument(
+        "--chunk-size", type=positive, default=512, help="tokens per forward pass for long inputs"
+    )
+    p.add_argument(
+        "--positions",
+        choices=POSITIONS,
+        default="cache",
+        help="sinks seen at in-cache positions (the paper) or at text positions",
+    )
+    p.add_argument(
+        "--decode",
+        choices=DECODE_MODES,
+        default="fast",
+        help="single tokens: fast path (exact), fast path on 4-bit weights, or transformers' forward",
+    )
+
+
+def sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
+    p.add_argument("--max-new-tokens", type=positive, default=max_new)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=non_negative, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def stream_config(args) -> StreamConfig:
+    return StreamConfig(
+        num_sinks=args.num_sinks,
+        window=args.window,
+        method=args.method,
+        chunk_size=args.chunk_size,
+        positions=args.positions,
+        decode=args.decode,
+    )
+
+
+def load(args):
+    import torch
+
+    from ..models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model in BUILTINS and not is_pulled(args.model):
+        pull(args.model, progress=lambda msg: print(f"[streamllm] {msg}", file=sys.stderr))
+    return load_model(args.model, args.dtype)
+
+
+def read_text(path: Path) -> str:
+    if not path.is_file():
+        raise InputError(f"text file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+    if not text.strip():
+        raise InputError(f"{path} is empty")
+    return text
+
+
+def sampling(args):
+    from ..runtime.generate import Sampling
+
+    return Sampling(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def output_file(path: Path | None, overwrite: bool) -> Path | None:
+    """Check an output path before any work is done: refuse to clobber, need a writable folder."""
+    if path is None:
+        return None
+    if path.is_dir():
+        raise InputError(f"{path} is a folder, not a file")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} exists; pass --overwrite to replace it")
+    if not path.parent.is_dir():
+        raise InputError(f"folder does not exist: {path.parent}")
+    return path

@@ -1,0 +1,283 @@
+"""``KVCache``: the keys and values of one stream, per layer, under per-layer policies fixed when it is made.
+
+The cache owns positions. For the next T tokens, ``plan(T)`` makes one ``Plan`` per policy (layers that share a
+policy share it): what the backends need to attend. ``commit`` is the one place where tokens enter and leave a
+layer's storage: the tokens that leave are handed to ``on_evict`` (where a policy or a memory can keep them), then
+the new tokens that stay are written into their slots. Once every layer has committed, the stream has seen the
+T tokens.
+
+Storage per layer: keys and values of ``capacity`` slots (an unbounded policy grows them), followed by 1 + S
+scratch slots that the decode step uses for the token being decoded and the sinks turned to where it sees them.
+Window keys are stored rotated at their *model* position (text position minus ``offset``) and never touched
+again; anchored keys (the sinks) at 0..S-1 (``docs/design.md``: the distance from a query to a window key is the
+same in the cache as in the text). Every ``rebase_every`` tokens past the capacity, the window keys are turned
+back and ``offset`` grows, so the positions handed to the model stay small and float32 rotary stays exact.
+
+Letters: B batch, Hkv kv heads, T new tokens, C slots, D head dim.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .plan import Plan, make_plan
+from .policy import Policy
+from .rotary import rotate
+
+log = logging.getLogger(__name__)
+
+
+class NotPreparedError(RuntimeError):
+    """A model ran with a cache but did not attend through it (it was not prepared with ``streamllm.prepare``)."""
+
+
+@dataclass(frozen=True)
+class Evicted:
+    """Tokens leaving one layer's cache: text positions (N,), keys and values (B, Hkv, N, D) as stored (window keys
+    rotated at text position - ``offset``, anchored ones at 0..S-1)."""
+
+    layer: int
+    positions: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    offset: int
+
+
+class LayerStore:
+    """One layer's storage and the policy and rotary frequencies it was made with."""
+
+    def __init__(self, policy: Policy, inv_freq: torch.Tensor):
+        self.policy, self.inv_freq = policy, inv_freq
+        self.full_keys = self.full_values = None  # (B, Hkv, C + 1 + S, D): C slots, then the scratch ones
+        self.keys = self.values = None  # (B, Hkv, C, D) views without the scratch slots
+        self.slot_pos = torch.empty(0, dtype=torch.long)  # (C,) text position held by each slot, -1 when empty
+
+    @property
+    def length(self) -> int:
+        """Tokens held now."""
+        return int((self.slot_pos >= 0).sum())
+
+    def allocate(self, like: torch.Tensor, size: int) -> None:
+        """Make ``size`` slots (keeping what is held), shaped and typed like ``like`` (B, Hkv, T, D)."""
+        have = self.slot_pos.numel()
+        if size <= have and self.keys is not None:
+            return
+        B, Hkv, _, D = like.shape
+        spare = 1 + self.policy.num_sinks
+        full_keys = like.new_zeros(B, Hkv, size + spare, D)  # (B, Hkv, C + 1 + S, D)
+        full_values = like.new_zeros(B, Hkv, size + spare, D)  # (B, Hkv, C + 1 + S, D)
+        slot_pos = torch.full((size,), -1, dtype=torch.long)  # (C,)
+        if self.keys is not None:
+            full_keys[:, :, :have], full_values[:, :, :have] = self.keys, self.values
+        slot_pos[:have] = self.slot_pos
+        self.full_keys, self.full_values, self.slot_pos = full_keys, full_values, slot_pos
+        self.keys, self.values = full_keys[:, :, :size], full_values[:, :, :size]  # (B, Hkv, C, D)
+
+
+class KVCache:
+    """A stream's cache: one ``LayerStore`` per layer, the count of tokens seen and the rebasing offset.
+
+    ``policies`` and ``inv_freqs`` give each layer's policy and rotary frequencies (``for_model`` reads them off a
+    model). ``on_evict`` receives an ``Evicted`` for every layer and batch of tokens that leave."""
+
+    def __init__(
+        self,
+        policies: Sequence[Policy],
+        inv_freqs: Sequence[torch.Tensor],
+        rebase_every: int | None = 4096,
+        on_evict: Callable[[Evicted], None] | None = None,
+    ):
+        if len(policies) != len(inv_freqs):
+            raise ValueError(f"{len(policies)} policies for {len(inv_freqs)} layers")
+        self.layers = [LayerStore(p, f) for p, f in zip(policies, inv_freqs, strict=True)]
+        self.rebase_every = rebase_every
+        self.on_evict = on_evict
+        self.seen = 0  # tokens processed: the next token's text position
+        self.offset = 0  # model position = text position - offset (window keys are rotated at it)
+        self.plans: list[Plan] | None = None  # the pending plan of every layer, until all have committed
+        self.uncommitted = 0
+
+    # -- the stream's view ---------------------------------------------------------------------------------------
+    @property
+    def policy(self) -> Policy:
+        """The policy of the model's global layers (the first layer's when every layer is local)."""
+        local = {layer.policy for layer in self.layers}
+        return max(local, key=lambda p: (p.capacity is None, p.capacity or 0, p.num_sinks))
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every layer has the same policy (one plan serves them all)."""
+        return len({layer.policy for layer in self.layers}) == 1
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def cache_length(self) -> int:
+        """Tokens held now by the fullest layer (the number a user watches stay flat)."""
+        return max((layer.length for layer in self.layers), default=0)
+
+    def memory_bytes(self) -> int:
+        return sum(
+            layer.full_keys.nbytes + layer.full_values.nbytes
+            for layer in self.layers
+            if layer.full_keys is not None
+        )
+
+    def position_ids(self) -> torch.Tensor:
+        """The positions to hand the model for the planned tokens. (1, T)"""
+        if self.plans is None:
+            raise RuntimeError("no tokens are planned; call plan(T) first")
+        return self.plans[0].model_pos[None]
+
+    # -- the contract --------------------------------------------------------------------------------------------
+    def plan(self, T: int) -> list[Plan]:
+        """Plan the next ``T`` tokens: one ``Plan`` per layer, shared by layers of one policy."""
+        if self.plans is not None:
+            raise NotPreparedError(
+                "the previous forward pass did not attend through the cache in every layer; call "
+                "streamllm.prepare(model) before streaming, and reset the stream after a failed pass"
+            )
+        if T < 1:
+            raise ValueError("nothing to plan")
+        self._maybe_rebase(T)
+        made: dict[Policy, Plan] = {}
+        for layer in self.layers:
+            if layer.policy not in made:
+                if layer.policy.capacity is None and layer.keys is not None:
+                    self._grow(layer.policy, layer.length + T)
+                made[layer.policy] = make_plan(layer.policy, layer.slot_pos, self.seen, self.offset, T)
+        self.plans = [made[layer.policy] for layer in self.layers]
+        self.uncommitted = len(self.layers)
+        return self.plans
+
+    def commit(self, layer_idx: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Carry out layer ``layer_idx``'s plan once its attention has run: hand the tokens that leave (stored
+        ones and new ones that do not stay) to ``on_evict``, then write the new keys and values (B, Hkv, T, D)
+        that stay into their slots."""
+        plan = self.plans[layer_idx]
+        store = self.layers[layer_idx]
+        if self.on_evict is not None:
+            self._evict(layer_idx, plan, k_new, v_new)
+        stay = plan.kept_new
+        slots = plan.slots[stay]  # (T',)
+        if slots.numel():
+            if store.keys is None or int(slots.max()) >= store.slot_pos.numel():
+                store.allocate(k_new, self._size_for(store.policy, int(slots.max()) + 1, store))
+            if not bool(stay.all()):
+                k_new, v_new = k_new[:, :, stay], v_new[:, :, stay]
+            store.keys.index_copy_(2, slots.to(k_new.device), k_new)
+            store.values.index_copy_(2, slots.to(v_new.device), v_new)
+        self.uncommitted -= 1
+        if self.uncommitted == 0:
+            self._finish()
+
+    def abandon(self) -> None:
+        """Forget a plan whose forward pass failed midway. Layers that committed already hold the new tokens, so
+        the stream is unusable until it is reset; this only lets the next call say so clearly."""
+        self.plans = None
+        self.uncommitted = 0
+
+    def _finish(self) -> None:
+        """Every layer committed: record what each slot now holds, and the new count of tokens seen."""
+        done: dict[Policy, torch.Tensor] = {}
+        for layer, plan in zip(self.layers, self.plans, strict=True):
+            if plan.policy not in done:
+                slot_pos = layer.slot_pos.clone()
+                slot_pos[: plan.leaving.numel()][plan.leaving] = -1
+                stay = plan.kept_new
+                slot_pos[plan.slots[stay]] = plan.text_pos[stay]
+                done[plan.policy] = slot_pos
+            layer.slot_pos = done[plan.policy]
+        self.seen = self.plans[0].seen
+        self.plans = None
+
+    def _evict(self, i: int, plan: Plan, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        store = self.layers[i]
+        gone = (~plan.kept_new).to(k_new.device)
+        parts = []
+        if bool(plan.leaving.any()):
+            idx = plan.leaving.nonzero().flatten()
+            parts.append((store.slot_pos[idx], store.keys[:, :, idx.to(k_new.device)], store.values[:, :, idx]))
+        if bool(gone.any()):
+            parts.append((plan.text_pos[gone.cpu()], k_new[:, :, gone], v_new[:, :, gone]))
+        if parts:
+            pos = torch.cat([p[0] for p in parts])  # (N,)
+            keys = torch.cat([p[1] for p in parts], dim=2)  # (B, Hkv, N, D)
+            values = torch.cat([p[2] for p in parts], dim=2)  # (B, Hkv, N, D)
+            self.on_evict(Evicted(i, pos, keys.clone(), values.clone(), self.offset))
+
+    def _size_for(self, policy: Policy, need: int, store: LayerStore) -> int:
+        if policy.capacity is not None:
+            return max(policy.capacity, need)
+        return max(need, 2 * store.slot_pos.numel(), 256)  # an unbounded cache grows by doubling
+
+    def _grow(self, policy: Policy, need: int) -> None:
+        for store in self.layers:
+            if store.policy == policy and need > store.slot_pos.numel():
+                store.allocate(store.keys, self._size_for(policy, need, store))
+
+    # -- rebasing ------------------------------------------------------------------------------------------------
+    def _maybe_rebase(self, T: int) -> None:
+        """Keep model positions below ``capacity + rebase_every``: turn the window keys back by the excess."""
+        cap = self.policy.capacity
+        if cap is None or self.rebase_every is None or self.seen - self.offset + T <= cap + self.rebase_every:
+            return
+        shift = self.seen - self.offset - cap
+        if shift <= 0:
+            return
+        log.debug("rebasing window keys by %d positions", shift)
+        for store in self.layers:
+            if store.keys is not None:
+                S = store.policy.num_sinks
+                ring = store.keys[:, :, S:]  # (B, Hkv, C - S, D): anchored keys live in slots 0..S-1
+                delta = torch.full((ring.shape[2],), -shift, dtype=torch.long)
+                ring.copy_(rotate(ring, delta, store.inv_freq))
+        self.offset += shift
+
+    # -- saving and restoring ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue this stream later, per layer. Only slots that were ever written are
+        kept (a young stream holds fewer than ``capacity`` tokens). Tensors are the live ones, not copies."""
+        layers = []
+        for store in self.layers:
+            written = (store.slot_pos >= 0).nonzero()
+            used = int(written.max()) + 1 if written.numel() else 0
+            policy = store.policy
+            layers.append(
+                {
+                    "keys": None if store.keys is None else store.keys[:, :, :used],  # (B, Hkv, used, D)
+                    "values": None if store.values is None else store.values[:, :, :used],
+                    "slot_pos": None if store.keys is None else store.slot_pos[:used],  # (used,)
+                    "seen": self.seen,
+                    "offset": self.offset,
+                    "num_sinks": policy.num_sinks,
+                    "window": getattr(policy, "window", None),
+                    "text_positions": bool(getattr(policy, "text_positions", False)),
+                }
+            )
+        return {"layers": layers}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned into this (fresh) cache; the policies must be the same."""
+        layers = state["layers"]
+        if layers and len(layers) != len(self.layers):
+            raise ValueError(f"the state has {len(layers)} layers, the model {len(self.layers)}")
+        for idx, (store, saved) in enumerate(zip(self.layers, layers, strict=False)):
+            policy = store.policy
+            mine = (policy.num_sinks, getattr(policy, "window", None), bool(getattr(policy, "text_positions", 0)))
+            theirs = (saved["num_sinks"], saved["window"], bool(saved.get("text_positions", False)))
+            if saved["num_sinks"] is not None and mine != theirs:
+                raise ValueError(f"layer {idx}: saved under another policy {theirs}, this cache has {mine}")
+            self.seen, self.offset = int(saved["seen"]), int(saved["offset"])
+            keys = saved["keys"]
+            if keys is None:
+                continue
+            used = keys.shape[2]
+            store.allocate(keys, self._size_for(policy, max(used, 1), store))
+            store.keys[:, :, :used] = keys
+            store.values[:, :, :used] = saved["values"]
+            store.slot_pos[:used] = saved["slot_pos"]

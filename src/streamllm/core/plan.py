@@ -1,0 +1,75 @@
+"""The plan: everything a backend needs to process the next T tokens of one layer, computed once by the cache.
+
+A plan is made from a policy, the text positions the layer's slots hold, how many tokens the stream has seen
+and the rebasing offset. It says where the new tokens stand (their text positions and the positions the model
+rotates them at), which stored and new keys each of them sees, which keys are anchored (the sinks) and how far the
+query turns to see them, which slot each new token goes to, and which stored tokens leave. Backends (the
+transformers attention function, the Python and C++ decode steps, the batched step) read it and nothing else;
+``KVCache.commit`` carries it out. Derivation: ``docs/design.md``.
+
+Letters: T new tokens, C stored slots, K = C + T keys (stored slots first, then the new tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .policy import Policy
+
+
+@dataclass(frozen=True)
+class Plan:
+    policy: Policy
+    text_pos: torch.Tensor  # (T,) text positions of the new tokens
+    model_pos: torch.Tensor  # (T,) positions the model rotates them at: text position - offset
+    anchor_shift: torch.Tensor  # (T,) how far each query turns to see the anchored keys: anchor - model position
+    key_pos: torch.Tensor  # (K,) text position of each key (-1: an empty slot)
+    anchored: torch.Tensor  # (K,) bool: keys stored at their anchor positions 0..S-1, seen by the turned query
+    visible: torch.Tensor  # (T, K) bool: what each query attends to
+    slots: torch.Tensor  # (T,) slot each new token is stored in; -1 for one that leaves within these T tokens
+    leaving: torch.Tensor  # (C,) bool: stored slots whose token leaves once the plan is committed
+    seen: int  # tokens processed once the plan is committed
+    memo: dict = field(default_factory=dict, compare=False, repr=False)  # what a backend derives once per plan
+
+    @property
+    def turns(self) -> bool:
+        """Whether any query sees an anchored key from a position other than its own."""
+        return bool(self.anchored.any()) and bool((self.anchor_shift != 0).any())
+
+    @property
+    def kept_new(self) -> torch.Tensor:
+        """(T,) bool: the new tokens that stay in the cache."""
+        return self.slots >= 0
+
+
+def make_plan(policy: Policy, slot_pos: torch.Tensor, seen: int, offset: int, T: int) -> Plan:
+    """The plan for tokens ``seen .. seen + T - 1`` of a layer whose slots hold ``slot_pos`` (C,) (-1: empty).
+
+    New tokens that stay take the free slots (empty, or freed by a token that leaves) in ascending order, then
+    slots past C, which an unbounded cache grows into. The first S tokens of a stream always land in slots
+    0..S-1, so anchored keys live there."""
+    q = torch.arange(seen, seen + T)  # (T,)
+    end = seen + T
+    held = slot_pos >= 0  # (C,)
+    stays = held & policy.kept(slot_pos, end)  # (C,)
+    new_stays = policy.kept(q, end)  # (T,)
+    C = slot_pos.numel()
+    free = torch.cat([(~stays).nonzero().flatten(), torch.arange(C, C + T)])  # (C' + T,)
+    slots = torch.full((T,), -1, dtype=torch.long)
+    slots[new_stays] = free[: int(new_stays.sum())]
+    key_pos = torch.cat([slot_pos, q])  # (K,)
+    model_pos = q - offset
+    return Plan(
+        policy=policy,
+        text_pos=q,
+        model_pos=model_pos,
+        anchor_shift=policy.anchor(q) - model_pos,
+        key_pos=key_pos,
+        anchored=(key_pos >= 0) & (key_pos < policy.num_sinks),
+        visible=policy.visible(q, key_pos),
+        slots=slots,
+        leaving=held & ~stays,
+        seen=end,
+    )

@@ -1,0 +1,1 @@
+"""The runtime: a stream (``stream``), the token loop (``generate``), perplexity, and the chat built on them."""

@@ -1,0 +1,86 @@
+"""``Stream``: one endless stream of tokens through a model, under one of the paper's methods.
+
+``feed`` takes any number of new tokens and processes them in chunks of ``chunk_size``; every token inside a
+chunk sees exactly what it would see if fed alone (the cache's plan says what), so a long prompt never silently
+gets dense attention. Single tokens go through the model's fast decode step where it has one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from ..backends.decode import decoder_for
+from ..backends.hf import cache_for, forward, prepare
+from ..config import StreamConfig
+from ..core.cache import Evicted, KVCache
+from ..core.policy import Policy
+from .recompute import Recompute
+
+
+class Stream:
+    """A model, a configuration and the state of one stream: a ``KVCache`` (or ``Recompute``'s window).
+
+    ``policy`` replaces the one ``config.method`` names (any ``core.policy.Policy``); ``on_evict`` receives every
+    batch of tokens that leaves the cache (``core.cache.Evicted``)."""
+
+    def __init__(
+        self,
+        model,
+        config: StreamConfig | None = None,
+        policy: Policy | None = None,
+        on_evict: Callable[[Evicted], None] | None = None,
+    ):
+        self.model = prepare(model)
+        self.config = config or StreamConfig()
+        self.policy, self.on_evict = policy, on_evict
+        weights = {"fast": "model", "int4": "int4"}.get(self.config.decode)  # config.decode: see StreamConfig
+        recompute = self.config.method == "recompute"  # rebuilds every window through the model
+        self.decoder = decoder_for(self.model, weights) if weights and not recompute else None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: a fresh, empty cache."""
+        self.cache: KVCache | Recompute
+        if self.config.method == "recompute":
+            self.cache = Recompute(self.model, self.config.cache_size)
+        else:
+            self.cache = cache_for(self.model, self.config, self.on_evict, policy=self.policy)
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.cache.seen
+
+    @property
+    def cache_length(self) -> int:
+        """Tokens held in the cache now (recompute: in its context window)."""
+        return self.cache.cache_length()
+
+    def cache_bytes(self) -> int:
+        return self.cache.memory_bytes()
+
+    @torch.no_grad()
+    def feed(self, ids: Sequence[int]) -> torch.Tensor:
+        """Process new tokens; returns the logits (V,) that predict the token after the last one."""
+        if len(ids) == 0:
+            raise ValueError("nothing to feed")
+        last = None
+        for logits in self.chunks(ids, keep_all=False):
+            last = logits
+        return last[-1]
+
+    @torch.no_grad()
+    def chunks(self, ids: Sequence[int], keep_all: bool = True) -> Iterator[torch.Tensor]:
+        """Process new tokens chunk by chunk, yielding each chunk's logits (T, V) (or only the last row)."""
+        ids = [int(i) for i in ids]
+        step = self.config.chunk_size
+        for start in range(0, len(ids), step):
+            chunk = ids[start : start + step]
+            if isinstance(self.cache, Recompute):
+                yield self.cache.forward(chunk, keep_all)
+            elif len(chunk) == 1 and self.decoder is not None and self.decoder.ready(self.cache):
+                yield self.decoder.step(self.cache, chunk[0])[None]  # (1, V)
+            else:
+                # A failed pass leaves layers that committed the chunk: the caller should reset().
+                yield forward(self.model, self.cache, torch.tensor([chunk]), keep_all)[0]  # (T, V) or (1, V)
