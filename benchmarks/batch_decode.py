@@ -4,8 +4,8 @@ Each of B sessions has a full cache of its own. Three ways to decode one token f
 B separate single-token steps on the fast path (the server's default), ``streamllm.backends.batched.decode_step``
 through the native step over all B caches at once (``--batch-decode`` on the fast path: every weight read once
 for all sessions, each attending over its own cache in place), and the same ``decode_step`` through transformers'
-forward over a ``StackedCache`` (``--batch-decode`` with ``--decode transformers``, which copies each cache per
-step).
+forward with one row per session (``--batch-decode`` with ``--decode transformers``: the matrix products are
+batched, each row attends over its own cache).
 
     python benchmarks/batch_decode.py --window 1020 --batches 1,4,8,16 --threads 1 [--dtype bfloat16]
 """

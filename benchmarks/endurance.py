@@ -5,7 +5,7 @@
 How tokens are fed: the Shakespeare works, chained and repeated, go in as 512-token chunks (the exact chunked path,
 which is how a long prompt or document enters a stream). Every ``--every`` tokens, the next ``--probe`` tokens of
 the text are fed one at a time, as decoding feeds them, and each is timed; the process RSS is read at the same
-moment. Acceptance (issue 4): RSS grows by under 2% from the first sample to the last, and the median latency of
+moment. Acceptance: RSS grows by under 2% from the first sample to the last, and the median latency of
 the last 10% of samples is within 10% of the first 10%. Writes endurance.csv, endurance.md and endurance.png.
 """
 

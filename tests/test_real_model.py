@@ -90,7 +90,7 @@ def test_drop_in_generate_on_real_model(real):
     from streamllm import SinkCache
 
     model, tokenizer = real
-    cache = SinkCache(num_sinks=4, window=28)
+    cache = SinkCache(model, num_sinks=4, window=28)
     ids = tokenizer("The king said", return_tensors="pt").input_ids
     out = model.generate(ids, cache=cache, max_new_tokens=80, min_new_tokens=80, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 80
@@ -127,9 +127,9 @@ def test_decode_paths_on_real_model(real, hamlet_ids):
     assert abs(float(nll["int4"].exp() / nll["transformers"].exp()) - 1) < 0.03
     decoder = decoder_for(model, "int4")
     assert all(
-        type(layer.gate_up).__name__ == "_Int4MatVec" for layer in decoder.layers
+        type(layer.gate_up).__name__ == "Int4MatVec" for layer in decoder.layers
     )  # Q4_1 layers: 4 bits
-    assert type(decoder.lm_head).__name__ == "_Int8MatVec"  # the embedding is not on a 4-bit grid
+    assert type(decoder.lm_head).__name__ == "Int8MatVec"  # the embedding is not on a 4-bit grid
 
 
 def test_native_step_on_real_model(real, hamlet_ids, monkeypatch):
