@@ -9,6 +9,7 @@ from tiny import ARCHS, tiny_model
 
 import streamllm
 from streamllm import SinkCache, StreamConfig, UnsupportedModelError
+from streamllm.backends.hf import cache_for, forward
 from streamllm.core.cache import NotPreparedError
 from streamllm.runtime.stream import Stream
 
@@ -116,6 +117,18 @@ def test_unprepared_model_is_refused():
     m = tiny_model("llama")
     with pytest.raises(NotPreparedError):
         m(input_ids=torch.tensor([[1, 2, 3]]), cache=SinkCache(m, 2, 4), use_cache=True)
+
+
+def test_a_cache_made_for_another_model_is_refused():
+    llama, neox = streamllm.prepare(tiny_model("llama")), streamllm.prepare(tiny_model("gpt_neox"))
+    gemma = streamllm.prepare(tiny_model("gemma3_text"))
+    config = StreamConfig(num_sinks=S, window=W)
+    cache = cache_for(llama, config)
+    forward(llama, cache, torch.tensor([[1, 2, 3]]))
+    with pytest.raises(NotPreparedError, match="another model"):  # 4 kv heads against 2
+        forward(neox, cache, torch.tensor([[4]]))
+    with pytest.raises(NotPreparedError, match="2 layers"):  # 4 layers against 2
+        forward(gemma, cache_for(llama, config), torch.tensor([[4]]))
 
 
 @pytest.mark.parametrize(

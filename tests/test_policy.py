@@ -49,7 +49,7 @@ def _stream_plans(policy, n, chunk):
         grown = torch.full((size,), -1, dtype=torch.long)
         grown[: slot_pos.numel()] = slot_pos
         grown[: plan.leaving.numel()][plan.leaving] = -1
-        grown[plan.slots[plan.kept_new]] = plan.text_pos[plan.kept_new]
+        grown[plan.stay_slots] = plan.text_pos[plan.stays]
         slot_pos, seen = grown, plan.seen
     return slot_pos
 

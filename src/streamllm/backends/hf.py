@@ -91,11 +91,16 @@ def streamllm_attention(module, query, key, value, attention_mask, scaling=None,
 
 def attend_layer(cache: KVCache, layer_idx: int, query, key, value, scaling: float, softcap=None) -> torch.Tensor:
     """One layer of one stream: attend as its plan says, then commit. query (B, H, T, D) -> (B, T, H, D)"""
-    if cache.plans is None:
-        raise NotPreparedError("the cache has no planned tokens; pass it through streamllm's forward")
     if layer_idx >= len(cache.layers):
         raise NotPreparedError(f"the cache was made for a model with {len(cache.layers)} layers")
+    if cache.plans is None:
+        raise NotPreparedError("the cache has no planned tokens; pass it through streamllm's forward")
     store = cache.layers[layer_idx]
+    if store.keys is not None and store.keys.shape[1::2] != key.shape[1::2]:
+        raise NotPreparedError(
+            f"the cache was made for another model: keys of shape {tuple(store.keys.shape[1::2])} "
+            f"(kv heads, head dim), this model's are {tuple(key.shape[1::2])}"
+        )
     stored = None if store.keys is None else (store.keys, store.values)
     out = attend(cache.plans[layer_idx], query, stored, (key, value), store.inv_freq, scaling, softcap)
     cache.commit(layer_idx, key, value)

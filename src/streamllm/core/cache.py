@@ -160,17 +160,18 @@ class KVCache:
         that stay into their slots."""
         plan = self.plans[layer_idx]
         store = self.layers[layer_idx]
-        if self.on_evict is not None:
+        if self.on_evict is not None and plan.departures:
             self._evict(layer_idx, plan, k_new, v_new)
-        stay = plan.kept_new
-        slots = plan.slots[stay]  # (T',)
-        if slots.numel():
-            if store.keys is None or int(slots.max()) >= store.slot_pos.numel():
-                store.allocate(k_new, self._size_for(store.policy, int(slots.max()) + 1, store))
-            if not bool(stay.all()):
-                k_new, v_new = k_new[:, :, stay], v_new[:, :, stay]
-            store.keys.index_copy_(2, slots.to(k_new.device), k_new)
-            store.values.index_copy_(2, slots.to(v_new.device), v_new)
+        if plan.last_slot >= 0:
+            if store.keys is None or plan.last_slot >= store.slot_pos.numel():
+                store.allocate(k_new, self._size_for(store.policy, plan.last_slot + 1, store))
+            slots, stays = plan.stay_slots, plan.stays  # plans live on the CPU; the storage may not
+            if k_new.device.type != "cpu":
+                slots, stays = slots.to(k_new.device), stays.to(k_new.device)
+            if plan.stay_slots.numel() < plan.stays.numel():
+                k_new, v_new = k_new[:, :, stays], v_new[:, :, stays]
+            store.keys.index_copy_(2, slots, k_new)
+            store.values.index_copy_(2, slots, v_new)
         self.uncommitted -= 1
         if self.uncommitted == 0:
             self._finish()
@@ -188,8 +189,7 @@ class KVCache:
             if plan.policy not in done:
                 slot_pos = layer.slot_pos.clone()
                 slot_pos[: plan.leaving.numel()][plan.leaving] = -1
-                stay = plan.kept_new
-                slot_pos[plan.slots[stay]] = plan.text_pos[stay]
+                slot_pos[plan.stay_slots] = plan.text_pos[plan.stays]
                 done[plan.policy] = slot_pos
             layer.slot_pos = done[plan.policy]
         self.seen = self.plans[0].seen
@@ -197,13 +197,15 @@ class KVCache:
 
     def _evict(self, i: int, plan: Plan, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         store = self.layers[i]
-        gone = (~plan.kept_new).to(k_new.device)
+        gone = ~plan.stays
         parts = []
         if bool(plan.leaving.any()):
             idx = plan.leaving.nonzero().flatten()
-            parts.append((store.slot_pos[idx], store.keys[:, :, idx.to(k_new.device)], store.values[:, :, idx]))
+            on = idx.to(store.keys.device)
+            parts.append((store.slot_pos[idx], store.keys[:, :, on], store.values[:, :, on]))
         if bool(gone.any()):
-            parts.append((plan.text_pos[gone.cpu()], k_new[:, :, gone], v_new[:, :, gone]))
+            on = gone.to(k_new.device)
+            parts.append((plan.text_pos[gone], k_new[:, :, on], v_new[:, :, on]))
         if parts:
             pos = torch.cat([p[0] for p in parts])  # (N,)
             keys = torch.cat([p[1] for p in parts], dim=2)  # (B, Hkv, N, D)

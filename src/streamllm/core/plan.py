@@ -31,17 +31,17 @@ class Plan:
     slots: torch.Tensor  # (T,) slot each new token is stored in; -1 for one that leaves within these T tokens
     leaving: torch.Tensor  # (C,) bool: stored slots whose token leaves once the plan is committed
     seen: int  # tokens processed once the plan is committed
+    # Derived once here, so that a commit (once per layer) does no tensor work but the writes:
+    stays: torch.Tensor  # (T,) bool: the new tokens that stay (slots >= 0)
+    stay_slots: torch.Tensor  # (T',) their slots
+    last_slot: int  # the highest slot written (-1: none)
+    departures: bool  # whether any token leaves (a stored one, or a new one within these T tokens)
     memo: dict = field(default_factory=dict, compare=False, repr=False)  # what a backend derives once per plan
 
     @property
     def turns(self) -> bool:
         """Whether any query sees an anchored key from a position other than its own."""
         return bool(self.anchored.any()) and bool((self.anchor_shift != 0).any())
-
-    @property
-    def kept_new(self) -> torch.Tensor:
-        """(T,) bool: the new tokens that stay in the cache."""
-        return self.slots >= 0
 
 
 def make_plan(policy: Policy, slot_pos: torch.Tensor, seen: int, offset: int, T: int) -> Plan:
@@ -61,6 +61,8 @@ def make_plan(policy: Policy, slot_pos: torch.Tensor, seen: int, offset: int, T:
     slots[new_stays] = free[: int(new_stays.sum())]
     key_pos = torch.cat([slot_pos, q])  # (K,)
     model_pos = q - offset
+    leaving = held & ~stays
+    stay_slots = slots[new_stays]
     return Plan(
         policy=policy,
         text_pos=q,
@@ -70,6 +72,10 @@ def make_plan(policy: Policy, slot_pos: torch.Tensor, seen: int, offset: int, T:
         anchored=(key_pos >= 0) & (key_pos < policy.num_sinks),
         visible=policy.visible(q, key_pos),
         slots=slots,
-        leaving=held & ~stays,
+        leaving=leaving,
         seen=end,
+        stays=new_stays,
+        stay_slots=stay_slots,
+        last_slot=int(stay_slots.max()) if stay_slots.numel() else -1,
+        departures=bool(leaving.any()) or not bool(new_stays.all()),
     )
