@@ -115,9 +115,9 @@ def main() -> None:
         name, _, rest = spec.partition("=")
         path, _, home = rest.partition("@")
         trees.append((name, Path(path).resolve(), home or None))
-    flags = Path("/proc/cpuinfo").read_text()
-    extras = [f for f in ("amx_tile", "avx512_bf16", "avx512_vnni") if f in flags.split()]
-    print(f"CPU: {cpu_name()} ({', '.join(extras) or 'no AMX/BF16 flags'}), torch threads 2\n")
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    print(f"CPU: {cpu_name()} ({', '.join(isa) or 'no AVX2'}), {os.cpu_count()} cores, torch threads 2\n")
     names = [t[0] for t in trees]
     print("| figure | " + " | ".join(names) + " | " + " / ".join(names[::-1]) + " |")
     print("|---|" + "---|" * (len(names) + 1))

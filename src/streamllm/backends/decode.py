@@ -205,9 +205,12 @@ class Decoder:
         if self.native is None:
             raise RuntimeError("several streams at once need the native decode step")
         plans = [cache.plan(1)[0] for cache in caches]
+        # The C++ step stores each new key at its slot itself, unless an eviction hook must see the key it
+        # replaces first; then the commit stores it from the scratch slot.
+        slots = [int(p.slots[0]) if c.on_evict is None else -1 for p, c in zip(plans, caches, strict=True)]
         S = plans[0].policy.num_sinks
         C = caches[0].layers[0].keys.shape[2]
-        x = self.embed.weight[torch.tensor(list(tokens))]  # (R, E)
+        x = self.embed.weight[list(tokens)]  # (R, E)
         cos, sin = self.rotary(x, torch.cat([plan.model_pos for plan in plans])[:, None])  # (R, 1, D)
         logits = self.native(
             x,
@@ -217,12 +220,16 @@ class Decoder:
             torch.stack([native_mask(plan, S) for plan in plans]),  # (R, C + 1 + S)
             [[cache.layers[i].full_keys for cache in caches] for i in range(len(self.layers))],
             [[cache.layers[i].full_values for cache in caches] for i in range(len(self.layers))],
+            slots,
             C,
             S,
         )
-        for cache in caches:  # the native step left each layer's new key and value in scratch slot C
+        for cache, slot in zip(caches, slots, strict=True):
             for i, store in enumerate(cache.layers):
-                cache.commit(i, store.full_keys[:, :, C : C + 1], store.full_values[:, :, C : C + 1])
+                if slot >= 0:  # stored already
+                    cache.commit(i, None, None, written=True)
+                else:  # from scratch slot C, where the step left it
+                    cache.commit(i, store.full_keys[:, :, C : C + 1], store.full_values[:, :, C : C + 1])
         return logits
 
     def _turn(self, plan: Plan) -> torch.Tensor:

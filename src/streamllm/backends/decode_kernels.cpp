@@ -255,17 +255,22 @@ class Step {
 
   // R tokens, each of its own stream. x: their embeddings (R, E); cos, sin: their rotary angles (R, D); turn: the
   // sinks' rotations (R, D, D) float32, empty without sinks; visible: (R, N) bool, from the cache's plan; keys,
-  // values: per layer, per row (1, Hkv, N, D). Every stream has the same C and S. Each layer's new key and value
-  // are left in scratch slot C, for the cache's commit to store. Returns the logits (R, V), float32.
+  // values: per layer, per row (1, Hkv, N, D); slots: (R,) the slot the plan gives each new token, or -1. Every
+  // stream has the same C and S. Each layer's new key and value are left in scratch slot C, and stored at the
+  // row's slot after attending when it is not -1 (the cache's commit then only records it). Returns the logits
+  // (R, V), float32.
   at::Tensor operator()(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& turn,
                         const at::Tensor& visible, const std::vector<std::vector<at::Tensor>>& keys,
-                        const std::vector<std::vector<at::Tensor>>& values, int64_t C, int64_t S) {
+                        const std::vector<std::vector<at::Tensor>>& values, const std::vector<int64_t>& slots,
+                        int64_t C, int64_t S) {
+    const int64_t R = x.size(0);
     TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "one cache buffer per layer");
+    TORCH_CHECK(static_cast<int64_t>(slots.size()) == R, "one slot per row");
     TORCH_CHECK(visible.scalar_type() == at::kBool && visible.is_contiguous(), "visible: contiguous bool");
     TORCH_CHECK(S == 0 || (turn.scalar_type() == at::kFloat && turn.is_contiguous()), "turn: contiguous float32");
     at::Tensor out;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "streamllm_decode_step", [&] {
-      out = run<scalar_t>(x, cos.contiguous(), sin.contiguous(), turn, visible, keys, values, C, S);
+      out = run<scalar_t>(x, cos.contiguous(), sin.contiguous(), turn, visible, keys, values, slots, C, S);
     });
     return out;
   }
@@ -274,7 +279,8 @@ class Step {
   template <typename T>
   at::Tensor run(const at::Tensor& embeddings, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& turn,
                  const at::Tensor& visible, const std::vector<std::vector<at::Tensor>>& keys,
-                 const std::vector<std::vector<at::Tensor>>& values, int64_t C, int64_t S) {
+                 const std::vector<std::vector<at::Tensor>>& values, const std::vector<int64_t>& slots, int64_t C,
+                 int64_t S) {
     const int64_t H = H_, Hkv = Hkv_, D = D_, R = embeddings.size(0), E = embeddings.size(1);
     const int64_t N = visible.size(1);
     const float eps = static_cast<float>(eps_);
@@ -321,6 +327,11 @@ class Step {
         for (int64_t j = 0; j < H * D; ++j) qf[j] = to_float(r[j]);
         attend(qf, K, V, visible.data_ptr<bool>() + row * N, H, Hkv, N, D, static_cast<float>(scale_),
                attended.data_ptr<T>() + row * H * D);
+        const int64_t slot = slots[row];
+        for (int64_t k = 0; slot >= 0 && k < Hkv; ++k) {  // then into the slot the plan gave it
+          std::copy(r + (H + k) * D, r + (H + k + 1) * D, K + (k * N + slot) * D);
+          std::copy(v + k * D, v + (k + 1) * D, V + (k * N + slot) * D);
+        }
       }
       x.add_(L.o(attended));
       for (int64_t row = 0; row < R; ++row) {

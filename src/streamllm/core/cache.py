@@ -94,6 +94,12 @@ class KVCache:
         if len(policies) != len(inv_freqs):
             raise ValueError(f"{len(policies)} policies for {len(inv_freqs)} layers")
         self.layers = [LayerStore(p, f) for p, f in zip(policies, inv_freqs, strict=True)]
+        distinct = list(dict.fromkeys(policies))  # layers of one policy share one plan
+        self.groups = [[i for i, p in enumerate(policies) if p == policy] for policy in distinct]
+        self._group_of = [distinct.index(p) for p in policies]
+        # The policy of the model's global layers (the largest; the first layer's when every layer is local).
+        self.policy = max(distinct, key=lambda p: (p.capacity is None, p.capacity or 0, p.num_sinks))
+        self.uniform = len(distinct) == 1  # every layer has the same policy: one plan serves them all
         self.rebase_every = rebase_every
         self.on_evict = on_evict
         self.seen = 0  # tokens processed: the next token's text position
@@ -102,17 +108,6 @@ class KVCache:
         self.uncommitted = 0
 
     # -- the stream's view ---------------------------------------------------------------------------------------
-    @property
-    def policy(self) -> Policy:
-        """The policy of the model's global layers (the first layer's when every layer is local)."""
-        local = {layer.policy for layer in self.layers}
-        return max(local, key=lambda p: (p.capacity is None, p.capacity or 0, p.num_sinks))
-
-    @property
-    def uniform(self) -> bool:
-        """Whether every layer has the same policy (one plan serves them all)."""
-        return len({layer.policy for layer in self.layers}) == 1
-
     def __len__(self) -> int:
         return len(self.layers)
 
@@ -144,31 +139,40 @@ class KVCache:
         if T < 1:
             raise ValueError("nothing to plan")
         self._maybe_rebase(T)
-        made: dict[Policy, Plan] = {}
-        for layer in self.layers:
-            if layer.policy not in made:
-                if layer.policy.capacity is None and layer.keys is not None:
-                    self._grow(layer.policy, layer.length + T)
-                made[layer.policy] = make_plan(layer.policy, layer.slot_pos, self.seen, self.offset, T)
-        self.plans = [made[layer.policy] for layer in self.layers]
+        made = []
+        for group in self.groups:
+            first = self.layers[group[0]]
+            if first.policy.capacity is None and first.keys is not None:
+                self._grow(group, first.length + T)
+            made.append(make_plan(first.policy, first.slot_pos, self.seen, self.offset, T))
+        self._group_plans = made
+        self.plans = [made[g] for g in self._group_of]
         self.uncommitted = len(self.layers)
         return self.plans
 
-    def commit(self, layer_idx: int, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+    def commit(
+        self, layer_idx: int, k_new: torch.Tensor | None, v_new: torch.Tensor | None, written: bool = False
+    ) -> None:
         """Carry out layer ``layer_idx``'s plan once its attention has run: hand the tokens that leave (stored
         ones and new ones that do not stay) to ``on_evict``, then write the new keys and values (B, Hkv, T, D)
-        that stay into their slots."""
+        that stay into their slots.
+
+        ``written``: the backend has stored them at the plan's slots itself, in the same pass as attending (the
+        C++ step does), and passes None for them. It may do so only when there is no ``on_evict``, which must see a
+        leaving token before its slot is overwritten."""
         plan = self.plans[layer_idx]
         store = self.layers[layer_idx]
         if self.on_evict is not None and plan.departures:
+            if written:
+                raise RuntimeError("a backend wrote over the slots of tokens that on_evict had not seen yet")
             self._evict(layer_idx, plan, k_new, v_new)
-        if plan.last_slot >= 0:
-            if store.keys is None or plan.last_slot >= store.slot_pos.numel():
+        if plan.last_slot >= 0 and not written:
+            if store.keys is None or plan.last_slot >= store.keys.shape[2]:
                 store.allocate(k_new, self._size_for(store.policy, plan.last_slot + 1, store))
             slots, stays = plan.stay_slots, plan.stays  # plans live on the CPU; the storage may not
-            if k_new.device.type != "cpu":
+            if not k_new.is_cpu:
                 slots, stays = slots.to(k_new.device), stays.to(k_new.device)
-            if plan.stay_slots.numel() < plan.stays.numel():
+            if not plan.all_stay:
                 k_new, v_new = k_new[:, :, stays], v_new[:, :, stays]
             store.keys.index_copy_(2, slots, k_new)
             store.values.index_copy_(2, slots, v_new)
@@ -184,14 +188,13 @@ class KVCache:
 
     def _finish(self) -> None:
         """Every layer committed: record what each slot now holds, and the new count of tokens seen."""
-        done: dict[Policy, torch.Tensor] = {}
-        for layer, plan in zip(self.layers, self.plans, strict=True):
-            if plan.policy not in done:
-                slot_pos = layer.slot_pos.clone()
+        for group, plan in zip(self.groups, self._group_plans, strict=True):
+            slot_pos = self.layers[group[0]].slot_pos.clone()  # (C,), grown with the storage if it grew
+            if plan.departures:
                 slot_pos[: plan.leaving.numel()][plan.leaving] = -1
-                slot_pos[plan.stay_slots] = plan.text_pos[plan.stays]
-                done[plan.policy] = slot_pos
-            layer.slot_pos = done[plan.policy]
+            slot_pos[plan.stay_slots] = plan.text_pos[plan.stays]
+            for i in group:
+                self.layers[i].slot_pos = slot_pos
         self.seen = self.plans[0].seen
         self.plans = None
 
@@ -217,10 +220,11 @@ class KVCache:
             return max(policy.capacity, need)
         return max(need, 2 * store.slot_pos.numel(), 256)  # an unbounded cache grows by doubling
 
-    def _grow(self, policy: Policy, need: int) -> None:
-        for store in self.layers:
-            if store.policy == policy and need > store.slot_pos.numel():
-                store.allocate(store.keys, self._size_for(policy, need, store))
+    def _grow(self, group: list[int], need: int) -> None:
+        for i in group:
+            store = self.layers[i]
+            if need > store.slot_pos.numel():
+                store.allocate(store.keys, self._size_for(store.policy, need, store))
 
     # -- rebasing ------------------------------------------------------------------------------------------------
     def _maybe_rebase(self, T: int) -> None:

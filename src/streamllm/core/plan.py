@@ -35,6 +35,7 @@ class Plan:
     stays: torch.Tensor  # (T,) bool: the new tokens that stay (slots >= 0)
     stay_slots: torch.Tensor  # (T',) their slots
     last_slot: int  # the highest slot written (-1: none)
+    all_stay: bool  # whether every new token stays
     departures: bool  # whether any token leaves (a stored one, or a new one within these T tokens)
     memo: dict = field(default_factory=dict, compare=False, repr=False)  # what a backend derives once per plan
 
@@ -49,33 +50,36 @@ def make_plan(policy: Policy, slot_pos: torch.Tensor, seen: int, offset: int, T:
 
     New tokens that stay take the free slots (empty, or freed by a token that leaves) in ascending order, then
     slots past C, which an unbounded cache grows into. The first S tokens of a stream always land in slots
-    0..S-1, so anchored keys live there."""
-    q = torch.arange(seen, seen + T)  # (T,)
+    0..S-1, so anchored keys live there. (Decoding makes one plan per token, so this counts its operations.)"""
     end = seen + T
-    held = slot_pos >= 0  # (C,)
-    stays = held & policy.kept(slot_pos, end)  # (C,)
-    new_stays = policy.kept(q, end)  # (T,)
     C = slot_pos.numel()
-    free = torch.cat([(~stays).nonzero().flatten(), torch.arange(C, C + T)])  # (C' + T,)
-    slots = torch.full((T,), -1, dtype=torch.long)
-    slots[new_stays] = free[: int(new_stays.sum())]
+    q = torch.arange(seen, end)  # (T,)
     key_pos = torch.cat([slot_pos, q])  # (K,)
+    held = key_pos >= 0  # (K,)
+    stays_all = held & policy.kept(key_pos, end)  # (K,): what the cache holds once the T tokens are in
+    stays, new_stays = stays_all[:C], stays_all[C:]
+    free = torch.cat([(~stays).nonzero().flatten(), torch.arange(C, C + T)])  # (C' + T,)
+    n_stay = int(new_stays.sum())
+    stay_slots = free[:n_stay]  # (T',) in the order of the staying tokens
+    slots = torch.full((T,), -1, dtype=torch.long)
+    slots[new_stays] = stay_slots
+    leaving = held[:C] & ~stays  # (C,)
     model_pos = q - offset
-    leaving = held & ~stays
-    stay_slots = slots[new_stays]
+    S = policy.num_sinks
     return Plan(
         policy=policy,
         text_pos=q,
         model_pos=model_pos,
         anchor_shift=policy.anchor(q) - model_pos,
         key_pos=key_pos,
-        anchored=(key_pos >= 0) & (key_pos < policy.num_sinks),
+        anchored=held & (key_pos < S) if S else torch.zeros_like(held),
         visible=policy.visible(q, key_pos),
         slots=slots,
         leaving=leaving,
         seen=end,
         stays=new_stays,
         stay_slots=stay_slots,
-        last_slot=int(stay_slots.max()) if stay_slots.numel() else -1,
-        departures=bool(leaving.any()) or not bool(new_stays.all()),
+        last_slot=int(stay_slots.max()) if n_stay else -1,
+        all_stay=n_stay == T,
+        departures=n_stay < T or bool(leaving.any()),
     )
