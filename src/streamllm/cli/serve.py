@@ -42,6 +42,7 @@ def add_parser(sub) -> None:
         help="let up to N sessions share each decode forward pass (faster under load; 1: replies never depend "
         "on other traffic)",
     )
+    s.set_defaults(run=run)
 
 
 def port_number(text: str) -> int:
