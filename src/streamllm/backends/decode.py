@@ -193,7 +193,7 @@ class Decoder:
         """Feed one token; returns the logits (V,) that predict the next one. The cache must be ``ready``."""
         if self.native is not None:
             return self.step_many([cache], [token])[0]
-        (plan,) = {id(p): p for p in cache.plan(1)}.values()
+        plan = cache.plan(1)[0]  # every layer's: a ready cache has one policy
         x = self.embed.weight[token]  # (E,)
         cos, sin = self.rotary(x, plan.model_pos[None])  # (1, 1, D), model dtype
         return self._python_step(cache, plan, x, cos[0], sin[0])
