@@ -6,9 +6,10 @@ For each query at text position t (model position t - offset, the position the m
 - anchored keys (the sinks) are stored rotated at 0..S-1, so the query is turned once more, by the plan's
   ``anchor_shift``, to its anchor position (its in-cache position min(t, S+W) for the paper's policy).
 Both score blocks share one softmax, and the plan's ``visible`` mask makes a chunk of many new tokens exactly what
-token-by-token streaming gives (``docs/design.md``). Chunks go through torch's fused CPU attention kernel for the
-window block, and the anchored block joins its softmax through the kernel's log-sum-exp; single tokens use
-explicit scores, which copy no keys.
+token-by-token streaming gives (``docs/design.md``). On the CPU the window block goes through torch's fused
+attention kernel, and the anchored keys join its softmax through the kernel's log-sum-exp: for a chunk over the
+stored and new keys together, for a single token over the stored keys in place (its own key joins like the
+anchored ones), so decoding copies no keys. Elsewhere, or with a soft cap, scores are explicit.
 
 Letters: B batch, H heads, Hkv kv heads, G = H / Hkv, T new tokens, C stored slots, K = C + T keys, D head dim.
 """
@@ -44,8 +45,11 @@ def attend(
     q_anchor = None
     if plan.turns:
         q_anchor = rotate(query, plan.anchor_shift, inv_freq).reshape(B, -1, G * T, D)  # (B, Hkv, G*T, D)
-    if softcap is None and FLASH_CPU is not None and query.device.type == "cpu" and T > 1:
+    fused = softcap is None and FLASH_CPU is not None and query.device.type == "cpu"
+    if fused and T > 1:
         out = _fused(plan, stored, k_new, v_new, q_win, q_anchor, scaling)
+    elif fused and stored is not None:
+        out = _fused_one(plan, stored, k_new, v_new, q_win, q_anchor, scaling)
     else:
         out = _scores(plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap)
     return out.reshape(B, H, T, D)
@@ -108,6 +112,38 @@ def _fused(plan, stored, k_new, v_new, q_win, q_anchor, scaling):
     w_anchor = torch.exp(a_scores - top[..., None])  # (B, Hkv, G*T, s)
     total = out.float() * w_win[..., None] + w_anchor @ a_values  # (B, Hkv, G*T, D)
     return (total / (w_win + w_anchor.sum(-1))[..., None]).to(values.dtype)
+
+
+def _fused_one(plan, stored, k_new, v_new, q_win, q_anchor, scaling):
+    """One new token (T = 1): the fused kernel over the stored window keys in place (no copy of the cache), with
+    the token's own key and the anchored keys merged into the same softmax through the kernel's log-sum-exp."""
+    k_old, v_old = stored  # (B, Hkv, C, D)
+    C = k_old.shape[2]
+    key = ("one", q_win.dtype)
+    if key not in plan.memo:
+        window = plan.visible[0, :C] & ~plan.anchored[:C]  # (C,)
+        bias = torch.zeros(C, dtype=q_win.dtype).masked_fill_(~window, float("-inf"))[None, None, None]
+        s = int((plan.visible[0, :C] & plan.anchored[:C]).sum())  # the anchored keys it sees: slots 0..s-1
+        plan.memo[key] = (bias if bool(window.any()) else None, s)
+    bias, s = plan.memo[key]
+    q = q_anchor if q_anchor is not None else q_win
+    explicit = [(q_win.float() @ k_new.float().transpose(-1, -2)) * scaling]  # (B, Hkv, G, 1): itself
+    values = [v_new.float()]
+    if s:
+        explicit.append((q.float() @ k_old[:, :, :s].float().transpose(-1, -2)) * scaling)  # (B, Hkv, G, s)
+        values.append(v_old[:, :, :s].float())
+    scores, vals = torch.cat(explicit, dim=-1), torch.cat(values, dim=2)  # (B, Hkv, G, 1 + s), (B, Hkv, 1 + s, D)
+    top = scores.amax(-1)  # (B, Hkv, G)
+    if bias is not None:
+        out, lse = FLASH_CPU(q_win.contiguous(), k_old, v_old, attn_mask=bias, scale=scaling)
+        lse = lse.float()
+        top = torch.maximum(top, lse)
+        w_win = torch.exp(lse - top)  # (B, Hkv, G)
+    w = torch.exp(scores - top[..., None])  # (B, Hkv, G, 1 + s)
+    total, norm = w @ vals, w.sum(-1)  # (B, Hkv, G, D), (B, Hkv, G)
+    if bias is not None:
+        total, norm = total + out.float() * w_win[..., None], norm + w_win
+    return (total / norm[..., None]).to(v_new.dtype)
 
 
 class _Masks(NamedTuple):
