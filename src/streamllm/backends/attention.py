@@ -107,11 +107,7 @@ def _fused(plan, stored, k_new, v_new, q_win, q_anchor, scaling):
     a_keys, a_values = keys[:, :, m.anchor_cols].float(), values[:, :, m.anchor_cols].float()  # (B, Hkv, s, D)
     a_scores = (q_anchor.float() @ a_keys.transpose(-1, -2)) * scaling  # (B, Hkv, G*T, s)
     a_scores = a_scores.masked_fill(m.anchor_hidden, float("-inf"))
-    top = torch.maximum(lse, a_scores.amax(-1))  # (B, Hkv, G*T): finite, every query sees itself
-    w_win = torch.exp(lse - top)  # (B, Hkv, G*T)
-    w_anchor = torch.exp(a_scores - top[..., None])  # (B, Hkv, G*T, s)
-    total = out.float() * w_win[..., None] + w_anchor @ a_values  # (B, Hkv, G*T, D)
-    return (total / (w_win + w_anchor.sum(-1))[..., None]).to(values.dtype)
+    return _join((out, lse), a_scores, a_values, values.dtype)
 
 
 def _fused_one(plan, stored, k_new, v_new, q_win, q_anchor, scaling):
@@ -133,17 +129,27 @@ def _fused_one(plan, stored, k_new, v_new, q_win, q_anchor, scaling):
         explicit.append((q.float() @ k_old[:, :, :s].float().transpose(-1, -2)) * scaling)  # (B, Hkv, G, s)
         values.append(v_old[:, :, :s].float())
     scores, vals = torch.cat(explicit, dim=-1), torch.cat(values, dim=2)  # (B, Hkv, G, 1 + s), (B, Hkv, 1 + s, D)
-    top = scores.amax(-1)  # (B, Hkv, G)
+    fused = None
     if bias is not None:
         out, lse = FLASH_CPU(q_win.contiguous(), k_old, v_old, attn_mask=bias, scale=scaling)
-        lse = lse.float()
-        top = torch.maximum(top, lse)
-        w_win = torch.exp(lse - top)  # (B, Hkv, G)
-    w = torch.exp(scores - top[..., None])  # (B, Hkv, G, 1 + s)
-    total, norm = w @ vals, w.sum(-1)  # (B, Hkv, G, D), (B, Hkv, G)
-    if bias is not None:
-        total, norm = total + out.float() * w_win[..., None], norm + w_win
-    return (total / norm[..., None]).to(v_new.dtype)
+        fused = (out, lse.float())
+    return _join(fused, scores, vals, v_new.dtype)
+
+
+def _join(fused, scores, values, dtype):
+    """One softmax over the fused kernel's block (its output (B, Hkv, R, D) and float32 log-sum-exp (B, Hkv, R),
+    or None) and a block of explicit float32 ``scores`` (B, Hkv, R, n) over ``values`` (B, Hkv, n, D). Every row
+    sees at least one key, so its maximum is finite. -> (B, Hkv, R, D) in ``dtype``"""
+    top = scores.amax(-1)  # (B, Hkv, R)
+    if fused is not None:
+        out, lse = fused
+        top = torch.maximum(lse, top)
+    w = torch.exp(scores - top[..., None])  # (B, Hkv, R, n)
+    total, norm = w @ values, w.sum(-1)  # (B, Hkv, R, D), (B, Hkv, R)
+    if fused is not None:
+        w_fused = torch.exp(lse - top)  # (B, Hkv, R)
+        total, norm = out.float() * w_fused[..., None] + total, w_fused + norm
+    return (total / norm[..., None]).to(dtype)
 
 
 class _Masks(NamedTuple):

@@ -114,9 +114,8 @@ def forward(
     """Feed ``ids`` (R, T) through the model, row r into cache r (one cache: R = 1), every layer attending through
     its cache's plan. -> logits (R, T, V) float32, or (R, 1, V) without ``keep_all``."""
     caches = [target] if isinstance(target, KVCache) else list(target)
-    R, T = ids.shape
     for cache in caches:
-        cache.plan(T)
+        cache.plan(ids.shape[1])
     try:
         out = model(
             input_ids=ids,

@@ -112,8 +112,9 @@ class KVCache:
         return len(self.layers)
 
     def cache_length(self) -> int:
-        """Tokens held now by the fullest layer (the number a user watches stay flat)."""
-        return max((layer.length for layer in self.layers), default=0)
+        """Tokens held now by the fullest layer (the number a user watches stay flat). Layers of one policy hold
+        the same positions, so one layer per policy is counted."""
+        return max((self.layers[group[0]].length for group in self.groups), default=0)
 
     def memory_bytes(self) -> int:
         return sum(

@@ -176,7 +176,7 @@ def newline_sinks(ctx: Context) -> Report:
 
 
 def positions(ctx: Context) -> Report:
-    """Issue 6: sinks at in-cache positions (the paper) against sinks at text positions, well past the model's
+    """Sinks at in-cache positions (the paper) against sinks at text positions, well past the model's
     pre-training length, with window and dense attention for reference."""
     n, window, bin_width = (400, 60, 50) if ctx.quick else (30_000, 1020, 500)
     ids = ctx.text_ids(n)
