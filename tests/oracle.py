@@ -21,7 +21,9 @@ NAME = "streamllm_oracle"
 
 
 class OracleState:
-    def __init__(self, inv_freqs, num_sinks: int, window: int | None, text_positions: bool = False, keep=None):
+    def __init__(
+        self, inv_freqs, num_sinks: int, window: int | None, text_positions: bool = False, keep=None
+    ):
         self.inv_freqs = inv_freqs
         self.num_sinks, self.window, self.text_positions, self.keep = num_sinks, window, text_positions, keep
         self.positions: dict[int, list[int]] = {}  # layer -> text position of each kept entry

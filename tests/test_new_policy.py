@@ -105,7 +105,9 @@ def _evictions(model, ids, chunk, decode):
         assert e.keys.shape[2] == e.positions.numel() == e.values.shape[2]
         gone.setdefault(e.layer, []).extend(e.positions.tolist())
 
-    stream = Stream(model, dataclasses.replace(CONFIG, decode=decode, chunk_size=chunk), policy=POLICY, on_evict=keep)
+    stream = Stream(
+        model, dataclasses.replace(CONFIG, decode=decode, chunk_size=chunk), policy=POLICY, on_evict=keep
+    )
     stream.feed(ids)
     return gone, stream
 

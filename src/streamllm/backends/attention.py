@@ -104,7 +104,10 @@ def _fused(plan, stored, k_new, v_new, q_win, q_anchor, scaling):
         return FLASH_CPU(q_win.contiguous(), keys, values, attn_mask=m.all_bias, scale=scaling)[0]
     out, lse = FLASH_CPU(q_win.contiguous(), keys, values, attn_mask=m.win_bias, scale=scaling)
     lse = lse.float().masked_fill(m.anchor_only, float("-inf"))  # (B, Hkv, G*T)
-    a_keys, a_values = keys[:, :, m.anchor_cols].float(), values[:, :, m.anchor_cols].float()  # (B, Hkv, s, D)
+    a_keys, a_values = (
+        keys[:, :, m.anchor_cols].float(),
+        values[:, :, m.anchor_cols].float(),
+    )  # (B, Hkv, s, D)
     a_scores = (q_anchor.float() @ a_keys.transpose(-1, -2)) * scaling  # (B, Hkv, G*T, s)
     a_scores = a_scores.masked_fill(m.anchor_hidden, float("-inf"))
     return _join((out, lse), a_scores, a_values, values.dtype)
@@ -128,7 +131,10 @@ def _fused_one(plan, stored, k_new, v_new, q_win, q_anchor, scaling):
     if s:
         explicit.append((q.float() @ k_old[:, :, :s].float().transpose(-1, -2)) * scaling)  # (B, Hkv, G, s)
         values.append(v_old[:, :, :s].float())
-    scores, vals = torch.cat(explicit, dim=-1), torch.cat(values, dim=2)  # (B, Hkv, G, 1 + s), (B, Hkv, 1 + s, D)
+    scores, vals = (
+        torch.cat(explicit, dim=-1),
+        torch.cat(values, dim=2),
+    )  # (B, Hkv, G, 1 + s), (B, Hkv, 1 + s, D)
     fused = None
     if bias is not None:
         out, lse = FLASH_CPU(q_win.contiguous(), k_old, v_old, attn_mask=bias, scale=scaling)

@@ -262,7 +262,9 @@ class Decoder:
         q = qk[:H].view(1, H, 1, D)  # (1, H, 1, D)
         k = qk[H:].view(1, Hkv, 1, D)  # (1, Hkv, 1, D)
         store = cache.layers[i]
-        out = attend(plan, q, (store.keys, store.values), (k, v), store.inv_freq, self.scaling)  # (1, H, 1, D)
+        out = attend(
+            plan, q, (store.keys, store.values), (k, v), store.inv_freq, self.scaling
+        )  # (1, H, 1, D)
         cache.commit(i, k, v)
         return out.view(H * D)
 

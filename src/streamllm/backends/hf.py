@@ -82,14 +82,24 @@ def streamllm_attention(module, query, key, value, attention_mask, scaling=None,
     else:  # several streams, one row each (``batched.py``)
         out = torch.cat(
             [
-                attend_layer(cache, module.layer_idx, query[r : r + 1], key[r : r + 1], value[r : r + 1], scaling, softcap)
+                attend_layer(
+                    cache,
+                    module.layer_idx,
+                    query[r : r + 1],
+                    key[r : r + 1],
+                    value[r : r + 1],
+                    scaling,
+                    softcap,
+                )
                 for r, cache in enumerate(target)
             ]
         )
     return out, None
 
 
-def attend_layer(cache: KVCache, layer_idx: int, query, key, value, scaling: float, softcap=None) -> torch.Tensor:
+def attend_layer(
+    cache: KVCache, layer_idx: int, query, key, value, scaling: float, softcap=None
+) -> torch.Tensor:
     """One layer of one stream: attend as its plan says, then commit. query (B, H, T, D) -> (B, T, H, D)"""
     if layer_idx >= len(cache.layers):
         raise NotPreparedError(f"the cache was made for a model with {len(cache.layers)} layers")
@@ -131,7 +141,9 @@ def forward(
     if any(cache.plans is not None for cache in caches):
         for cache in caches:
             cache.abandon()
-        raise NotPreparedError("the model did not attend through streamllm; call streamllm.prepare(model) first")
+        raise NotPreparedError(
+            "the model did not attend through streamllm; call streamllm.prepare(model) first"
+        )
     return out.logits.float()
 
 

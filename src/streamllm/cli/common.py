@@ -47,9 +47,7 @@ def stream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-sinks", type=non_negative, default=4)
     p.add_argument("--window", type=positive, default=1020)
     p.add_argument("--method", choices=METHODS, default="sink")
-    p.add_argument(
-        "--chunk-size", type=positive, default=512, help="tokens per forward pass for long inputs"
-    )
+    p.add_argument("--chunk-size", type=positive, default=512, help="tokens per forward pass for long inputs")
     p.add_argument(
         "--positions",
         choices=POSITIONS,

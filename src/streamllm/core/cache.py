@@ -54,7 +54,9 @@ class LayerStore:
         self.policy, self.inv_freq = policy, inv_freq
         self.full_keys = self.full_values = None  # (B, Hkv, C + 1 + S, D): C slots, then the scratch ones
         self.keys = self.values = None  # (B, Hkv, C, D) views without the scratch slots
-        self.slot_pos = torch.empty(0, dtype=torch.long)  # (C,) text position held by each slot, -1 when empty
+        self.slot_pos = torch.empty(
+            0, dtype=torch.long
+        )  # (C,) text position held by each slot, -1 when empty
 
     @property
     def length(self) -> int:
@@ -275,7 +277,11 @@ class KVCache:
             raise ValueError(f"the state has {len(layers)} layers, the model {len(self.layers)}")
         for idx, (store, saved) in enumerate(zip(self.layers, layers, strict=False)):
             policy = store.policy
-            mine = (policy.num_sinks, getattr(policy, "window", None), bool(getattr(policy, "text_positions", 0)))
+            mine = (
+                policy.num_sinks,
+                getattr(policy, "window", None),
+                bool(getattr(policy, "text_positions", 0)),
+            )
             theirs = (saved["num_sinks"], saved["window"], bool(saved.get("text_positions", False)))
             if saved["num_sinks"] is not None and mine != theirs:
                 raise ValueError(f"layer {idx}: saved under another policy {theirs}, this cache has {mine}")

@@ -24,9 +24,13 @@ class Plan:
     policy: Policy
     text_pos: torch.Tensor  # (T,) text positions of the new tokens
     model_pos: torch.Tensor  # (T,) positions the model rotates them at: text position - offset
-    anchor_shift: torch.Tensor  # (T,) how far each query turns to see the anchored keys: anchor - model position
+    anchor_shift: (
+        torch.Tensor
+    )  # (T,) how far each query turns to see the anchored keys: anchor - model position
     key_pos: torch.Tensor  # (K,) text position of each key (-1: an empty slot)
-    anchored: torch.Tensor  # (K,) bool: keys stored at their anchor positions 0..S-1, seen by the turned query
+    anchored: (
+        torch.Tensor
+    )  # (K,) bool: keys stored at their anchor positions 0..S-1, seen by the turned query
     visible: torch.Tensor  # (T, K) bool: what each query attends to
     slots: torch.Tensor  # (T,) slot each new token is stored in; -1 for one that leaves within these T tokens
     leaving: torch.Tensor  # (C,) bool: stored slots whose token leaves once the plan is committed
@@ -37,7 +41,9 @@ class Plan:
     last_slot: int  # the highest slot written (-1: none)
     all_stay: bool  # whether every new token stays
     departures: bool  # whether any token leaves (a stored one, or a new one within these T tokens)
-    memo: dict = field(default_factory=dict, compare=False, repr=False)  # what a backend derives once per plan
+    memo: dict = field(
+        default_factory=dict, compare=False, repr=False
+    )  # what a backend derives once per plan
 
     @property
     def turns(self) -> bool:

@@ -121,7 +121,9 @@ class Generation:
         self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         self.eos = set() if sampling.ignore_eos else eos_ids(model, tokenizer)
         self.detok = Detokenizer(tokenizer)
-        self.hold = max((len(s) for s in sampling.stop), default=1) - 1  # text held back while a stop may start
+        self.hold = (
+            max((len(s) for s in sampling.stop), default=1) - 1
+        )  # text held back while a stop may start
         self.pending = ""
         self.recent: list[int] = list(prompt_ids[-64:])
         self.generated = 0
