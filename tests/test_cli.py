@@ -153,9 +153,11 @@ def test_chat_script_and_transcript(tmp_path):
         "60",
         "--max-new-tokens",
         "40",
+        "--temperature",
+        "0",
     )
     assert result.returncode == 0, result.stderr
-    assert "[turns 1, streamed" in result.stdout
+    assert "[turns 1, streamed" in result.stdout and "sampling greedy" in result.stdout
     rows = [json.loads(line) for line in transcript.read_text().splitlines()]
     assert [r["user"] for r in rows] == ["What is the capital of France?", "Thank you!"]
     assert "Paris" in rows[0]["assistant"] and rows[1]["cache_length"] <= 64

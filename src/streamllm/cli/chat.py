@@ -1,19 +1,38 @@
-"""``streamllm chat``: an endless interactive chat, or a scripted one."""
+"""``streamllm chat``: an endless interactive chat, or a scripted one.
+
+At the prompt: line editing and history (readline), ``\"\"\"`` opens and closes a multi-line message, a line
+ending in ``\\`` goes on on the next one. Ctrl-C stops a reply and keeps the turn as far as it went; on a line
+being typed it drops the line; at an empty prompt, a second Ctrl-C in a row ends the chat, as do Ctrl-D and
+``/quit``.
+"""
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
+from ..home import home
 from ..sysinfo import current_rss_mb
 from .common import InputError, load, read_text, sampling, sampling_args, stream_args, stream_config
 
+HELP = """Commands:
+  /help    this list
+  /stats   turns, tokens streamed, cache fill, sampling, memory
+  /reset   start a new conversation (empties the cache)
+  /quit    leave (also Ctrl-D, or Ctrl-C twice at an empty prompt)
+Ctrl-C while the model answers stops the reply; the conversation keeps what it said so far.
+Multi-line messages: a line of three double quotes (\"\"\") opens them and another closes them, or end a line
+with \\ to go on on the next one."""
+
+HISTORY_LINES = 1000
+
 
 def add_parser(sub) -> None:
-    c = sub.add_parser("chat", help="endless interactive chat (/reset, /stats, /quit)")
+    c = sub.add_parser("chat", help="endless interactive chat (/help lists the commands)")
     stream_args(c)
-    sampling_args(c, 512)
+    sampling_args(c, 512, chat=True)
     c.add_argument("--script", type=Path, help='JSONL file of user turns ({"content": ...} per line)')
     c.add_argument("--transcript", type=Path, help="write every turn as JSONL here")
     c.set_defaults(run=run)
@@ -36,53 +55,174 @@ def _script_turns(path: Path) -> list[str]:
     return turns
 
 
+class Prompt:
+    """Reads one message at a time from the terminal. ``read`` returns None when the user leaves."""
+
+    def __init__(self, interactive: bool):
+        self.interactive, self.history = interactive, None
+        self.interrupted = False  # the last thing at the prompt was a Ctrl-C
+        if interactive:
+            self._start_readline()
+
+    def _start_readline(self) -> None:
+        try:
+            import readline  # noqa: F401  (line editing for input() from here on)
+        except ImportError:
+            return
+        self.history = home() / "chat_history"
+        try:
+            readline.read_history_file(self.history)
+        except OSError:
+            pass  # no history yet
+        readline.set_history_length(HISTORY_LINES)
+
+    def save_history(self) -> None:
+        if self.history is None:
+            return
+        import readline
+
+        try:
+            self.history.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(self.history)
+        except OSError:
+            pass  # a read-only home loses the history, not the chat
+
+    def read(self) -> str | None:
+        while True:
+            try:
+                message = self._message()
+            except EOFError:
+                print()
+                return None
+            except KeyboardInterrupt:
+                if self._typed():  # Ctrl-C on a line being typed drops that line
+                    print()
+                    self.interrupted = False
+                    continue
+                if self.interrupted:
+                    print()
+                    return None
+                self.interrupted = True
+                print("\n(Ctrl-C again, Ctrl-D or /quit to leave)")
+                continue
+            self.interrupted = False
+            return message
+
+    def _typed(self) -> bool:
+        if self.history is None:
+            return False
+        import readline
+
+        return bool(readline.get_line_buffer().strip())
+
+    def _message(self) -> str:
+        first = input("> ")
+        if first.strip() == '"""':
+            lines = []
+            while (line := input("... ")).strip() != '"""':
+                lines.append(line)
+            return "\n".join(lines)
+        lines = [first]
+        while lines[-1].endswith("\\"):
+            lines[-1] = lines[-1][:-1]
+            lines.append(input("... "))
+        return "\n".join(lines)
+
+
+class StopOnInterrupt:
+    """While a reply streams, Ctrl-C asks it to stop after the current token instead of killing the program (a
+    forward pass cut in half would leave the cache half written)."""
+
+    def __enter__(self) -> StopOnInterrupt:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _stats(session, config) -> str:
+    s = session.sampling
+    shape = (
+        "greedy" if s.temperature == 0 else f"temperature {s.temperature}, top-p {s.top_p}, top-k {s.top_k}"
+    )
+    return (
+        f"[turns {session.turns}, streamed {session.stream.tokens_seen} tokens, cache "
+        f"{session.stream.cache_length}/{config.cache_size}, sampling {shape}, repetition penalty "
+        f"{s.repetition_penalty}, RSS {current_rss_mb():.0f} MB]"
+    )
+
+
+def _reply(session, user: str) -> tuple[str, object, bool]:
+    """Stream one reply to the terminal: (its text, the last event, whether the user stopped it)."""
+    reply, last = [], None
+    events = session.send(user)
+    with StopOnInterrupt() as stop:
+        try:
+            for event in events:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+                reply.append(event.text)
+                last = event
+                if stop.requested:
+                    break
+        finally:
+            events.close()
+    sys.stdout.write(" [stopped]\n" if stop.requested else "\n")
+    return "".join(reply), last, stop.requested
+
+
 def run(args) -> int:
-    from ..runtime.chat import ChatSession
+    from ..runtime.chat import CHAT_SAMPLING, ChatSession, chat_sampling
 
     turns = _script_turns(args.script) if args.script else None
-    options, config = sampling(args), stream_config(args)
+    sampling(args, CHAT_SAMPLING)  # a bad value fails now, not after loading the model
+    config = stream_config(args)
     model, tokenizer = load(args)
-    session = ChatSession(model, tokenizer, config, options)
+    session = ChatSession(model, tokenizer, config, sampling(args, chat_sampling(model)))
     transcript = open(args.transcript, "a", encoding="utf-8") if args.transcript else None  # noqa: SIM115
     source = iter(turns) if turns is not None else None
+    prompt = None if source is not None else Prompt(sys.stdin.isatty())
+    if prompt is not None and prompt.interactive:
+        print("streamllm chat: /help lists the commands, Ctrl-C stops a reply.")
     try:
         while True:
             if source is not None:
                 user = next(source, None)
-                if user is None:
-                    break
-                print(f"> {user}")
+                if user is not None:
+                    print(f"> {user}")
             else:
-                try:
-                    user = input("> ")
-                except EOFError:
-                    break
+                user = prompt.read()
+            if user is None:
+                break
             command = user.strip()
             if command == "/quit":
                 break
+            if command in ("/help", "/?"):
+                print(HELP)
+                continue
             if command == "/reset":
                 session.reset()
                 print("[conversation reset]")
                 continue
             if command == "/stats":
-                print(
-                    f"[turns {session.turns}, streamed {session.stream.tokens_seen} tokens, cache "
-                    f"{session.stream.cache_length}/{config.cache_size}, RSS {current_rss_mb():.0f} MB]"
-                )
+                print(_stats(session, config))
+                continue
+            if command.startswith("/") and " " not in command:
+                print(f"unknown command {command}; /help lists them")
                 continue
             if not command:
                 continue
-            reply, last = [], None
-            for event in session.send(user):
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
-                reply.append(event.text)
-                last = event
-            sys.stdout.write("\n")
-            if transcript:
+            reply, last, stopped = _reply(session, user)
+            if transcript and last is not None:
                 row = {
                     "user": user,
-                    "assistant": "".join(reply),
+                    "assistant": reply,
+                    "stopped": stopped,
                     "tokens_seen": last.tokens_seen,
                     "cache_length": last.cache_length,
                     "tok_per_s": round(last.tok_per_s, 2),
@@ -92,4 +232,6 @@ def run(args) -> int:
     finally:
         if transcript:
             transcript.close()
+        if prompt is not None:
+            prompt.save_history()
     return 0

@@ -62,12 +62,18 @@ def stream_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def sampling_args(p: argparse.ArgumentParser, max_new: int) -> None:
+def sampling_args(p: argparse.ArgumentParser, max_new: int, chat: bool = False) -> None:
+    """The sampling options. With ``chat``, the ones left unset take the chat defaults (see ``chat_sampling``)."""
+
+    def default(value):
+        return None if chat else value
+
+    note = " (default: the model's own, else the chat default)" if chat else ""
     p.add_argument("--max-new-tokens", type=positive, default=max_new)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=non_negative, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=default(0.0), help="0 is greedy" + note)
+    p.add_argument("--top-p", type=float, default=default(1.0), help=note.strip() or None)
+    p.add_argument("--top-k", type=non_negative, default=default(0), help="0 is off" + note)
+    p.add_argument("--repetition-penalty", type=float, default=default(1.0), help=note.strip() or None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
@@ -113,19 +119,21 @@ def read_text(path: Path) -> str:
     return text
 
 
-def sampling(args):
+def sampling_options(args) -> dict:
+    """The sampling options as given on the command line; None where a chat option was left unset."""
+    names = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "max_new_tokens", "ignore_eos")
+    return {name: getattr(args, name) for name in names} | {"stop": tuple(args.stop)}
+
+
+def sampling(args, base=None):
+    """The ``Sampling`` the options ask for: the options set on the command line over ``base`` (default:
+    ``Sampling()``). Raises ``ConfigError`` for a value out of range."""
+    from dataclasses import replace
+
     from ..runtime.generate import Sampling
 
-    return Sampling(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
-        stop=tuple(args.stop),
-        ignore_eos=args.ignore_eos,
-    )
+    chosen = {k: v for k, v in sampling_options(args).items() if v is not None}
+    return replace(base or Sampling(), **chosen)
 
 
 def output_file(path: Path | None, overwrite: bool) -> Path | None:

@@ -21,7 +21,9 @@ def add_parser(sub) -> None:
     e.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     e.add_argument("--text", type=Path, action="append", default=[], help="UTF-8 text instead of Shakespeare")
     e.add_argument("--tokens", type=positive, default=None, help="stream length instead of the default")
-    e.add_argument("--questions", type=Path, default=None, help="chat: MT-Bench style JSONL of questions")
+    e.add_argument(
+        "--questions", type=Path, default=None, help="chat, sampling: MT-Bench style JSONL of questions"
+    )
     model_args(e)
     e.set_defaults(run=run)
 

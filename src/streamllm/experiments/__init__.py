@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import attention_map, chat, curves, streameval
+from . import attention_map, chat, curves, sampling, streameval
 from .context import Context
 from .report import Report
 
@@ -19,6 +19,7 @@ EXPERIMENTS: dict[str, Callable[[Context], Report]] = {
     "attention-map": attention_map.attention_map,
     "streameval": streameval.streameval,
     "chat": chat.chat,
+    "sampling": sampling.sampling,
 }
 
 __all__ = ["EXPERIMENTS", "Context", "Report"]

@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 from ..config import StreamConfig
 from .generate import Event, Sampling, stream_generate
 from .stream import Stream
 from .templates import ChatTemplate
+
+# Chosen by measurement (``streamllm experiment sampling``, docs/results.md): greedy decoding loops on the same
+# line in a small chat model, and this is the mildest setting tried that stopped it.
+CHAT_SAMPLING = Sampling(temperature=0.6, top_p=0.9, repetition_penalty=1.1, max_new_tokens=512)
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def chat_sampling(model) -> Sampling:
+    """The sampling a chat starts from: the model's own generation defaults when it ships sampling ones (its
+    ``generation_config`` says ``do_sample``), else ``CHAT_SAMPLING``."""
+    own = getattr(model, "generation_config", None)
+    if own is None or not getattr(own, "do_sample", False):
+        return CHAT_SAMPLING
+    found = {f: getattr(own, f) for f in _SAMPLING_FIELDS if getattr(own, f, None) is not None}
+    return replace(Sampling(max_new_tokens=CHAT_SAMPLING.max_new_tokens), **found)
 
 
 class ChatSession:
@@ -37,14 +54,23 @@ class ChatSession:
         return self.template.continuation([message], self._close)
 
     def send(self, user: str) -> Iterator[Event]:
+        """Feed one user turn and stream the reply. Closing the iterator early (a user who stops the reply) keeps
+        the turn as far as it went, as a stop string does."""
         if not user.strip():
             raise ValueError("the message is empty")
         text = self.turn_text(user)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         finish = None
-        for event in stream_generate(self.model, self.tokenizer, ids, self.sampling, stream=self.stream):
-            finish = event.finish_reason
-            yield event
+        try:
+            for event in stream_generate(self.model, self.tokenizer, ids, self.sampling, stream=self.stream):
+                finish = event.finish_reason
+                yield event
+        except GeneratorExit:
+            self._end_turn(None)  # every token yielded so far is in the stream
+            raise
+        self._end_turn(finish)
+
+    def _end_turn(self, finish: str | None) -> None:
         self.turns += 1
         eos_fed = (self.tokenizer.eos_token or "") if finish == "stop" else ""
         self._close = self.template.reply_close(eos_fed)
