@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from . import errors
+from . import errors, page
 from .config import ServerConfig
 from .guards import AuthGuard, BodyLimit
 from .routes import Api
@@ -49,6 +49,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     app.state.turns = turns
     errors.install(app)
     app.include_router(Api(turns, config, time.time()).router())
+    app.include_router(page.router())
     # Outermost first: the key is checked before a body is read.
     app.add_middleware(BodyLimit, config=config)
     app.add_middleware(AuthGuard, config=config)

@@ -10,8 +10,9 @@ import json
 
 from .config import ServerConfig, owner_of
 from .errors import AUTHENTICATION, INVALID_REQUEST, error_body
+from .page import PATHS as PAGE_PATHS
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health"}) | PAGE_PATHS
 
 
 async def _send_error(send, status: int, message: str, type: str, code: str, headers=()) -> None:
@@ -31,7 +32,7 @@ async def _send_error(send, status: int, message: str, type: str, code: str, hea
 
 
 class AuthGuard:
-    """With API keys configured, every path but ``/health`` needs ``Authorization: Bearer <key>``. The caller's
+    """With API keys configured, every path but ``/health`` and the chat page's files needs ``Authorization: Bearer <key>``. The caller's
     owner id (a digest of the key) goes into ``scope["state"]["owner"]`` for the routes."""
 
     def __init__(self, app, config: ServerConfig):

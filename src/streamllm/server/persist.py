@@ -212,6 +212,10 @@ class StateDir:
             raise StateError("meta.json belongs to another session")
         return meta
 
+    def saved_at(self, session_id: str) -> float:
+        """When the session's last turn was committed (unix time)."""
+        return (self.folder(session_id) / "meta.json").stat().st_mtime
+
     def read(self, session_id: str) -> tuple[dict, bytes]:
         """(meta, state bytes), both checked; raises ``StateError``."""
         meta = self.read_meta(session_id)

@@ -1,5 +1,5 @@
 """The HTTP endpoints: OpenAI's ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``, plus ``/health``
-and ``/v1/sessions/{id}``. Replies are OpenAI's JSON objects, or server-sent events ending with ``data: [DONE]``.
+and ``/v1/sessions`` (this key's sessions) and ``/v1/sessions/{id}``. Replies are OpenAI's JSON objects, or server-sent events ending with ``data: [DONE]``.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ class Api:
         r.add_api_route("/v1/models/{model}", self.model, methods=["GET"], summary="One model")
         r.add_api_route("/v1/chat/completions", self.chat, methods=["POST"], summary="Chat completion")
         r.add_api_route("/v1/completions", self.completions, methods=["POST"], summary="Text completion")
+        r.add_api_route("/v1/sessions", self.sessions, methods=["GET"], summary="This key's sessions")
         r.add_api_route(
             "/v1/sessions/{session_id}", self.session, methods=["GET"], summary="A session's state"
         )
@@ -101,8 +102,12 @@ class Api:
         self._check_model(model, "model")
         return self._model_card()
 
+    async def sessions(self, request: Request) -> dict:
+        mine = self.turns.store.owned_by(request.state.owner)
+        return {"object": "list", "data": [s.describe(self.config.stream) for s in mine]}
+
     async def session(self, session_id: str, request: Request) -> dict:
-        return self.turns.store.get(session_id, request.state.owner).describe()
+        return self.turns.store.get(session_id, request.state.owner).describe(self.config.stream)
 
     async def delete_session(self, session_id: str, request: Request) -> dict:
         session = self.turns.store.get(session_id, request.state.owner)

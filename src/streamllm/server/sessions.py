@@ -18,6 +18,7 @@ import logging
 import time
 from collections import OrderedDict, defaultdict
 
+from ..config import StreamConfig
 from ..runtime.stream import Stream
 from .config import ServerConfig
 from .errors import NOT_FOUND, SERVER_ERROR, APIError
@@ -48,21 +49,34 @@ class Session:
         self.error: str | None = None  # why its saved state cannot be used
         self.dirty = False  # holds a turn that is not on disk yet (its save failed)
         self.last_used = time.monotonic()
+        self.updated = time.time()  # of the last turn (or creation): the order of the session list
+        self.saved_tokens_seen: int | None = None  # tokens_seen of the state on disk
 
     @property
     def loaded(self) -> bool:
         return self.stream is not None
 
-    def describe(self) -> dict:
+    def describe(self, config: StreamConfig) -> dict:
+        """The session as the API shows it: counters, the cache's fill and shape, and why it is unusable."""
+        seen = self.stream.tokens_seen if self.stream else self.saved_tokens_seen
+        length = self.stream.cache_length if self.stream else None
         return {
             "id": self.id,
             "object": "session",
             "turns": self.turns,
+            "updated": int(self.updated),
             "in_memory": self.loaded,
             "busy": self.lock.locked(),
             "saved": self.generation > 0,
-            "tokens_seen": self.stream.tokens_seen if self.stream else None,
-            "cache_length": self.stream.cache_length if self.stream else None,
+            "tokens_seen": seen,
+            "cache_length": length,
+            "evicted": seen - length if seen is not None and length is not None else None,
+            "cache": {
+                "method": config.method,
+                "num_sinks": config.num_sinks,
+                "window": config.window,
+                "size": config.cache_size,
+            },
             "text_bytes": self.text_bytes,
             "error": self.error,
         }
@@ -99,6 +113,8 @@ class SessionStore:
                 meta["generation"],
             )
             session.text_bytes, session.text_sha256 = meta["text_bytes"], meta["text_sha256"]
+            session.saved_tokens_seen = meta["tokens_seen"]
+            session.updated = self.disk.saved_at(session_id)
             self._add(session)
         log.info("%d saved sessions indexed from %s", len(self.sessions), self.disk.root)
 
@@ -122,6 +138,7 @@ class SessionStore:
         text = session.convo.text.encode("utf-8")
         session.text_bytes, session.text_sha256 = len(text), hashlib.sha256(text).hexdigest()
         session.turns = session.convo.turns
+        session.updated = time.time()
         self._index[session.owner][session.text_bytes].setdefault(session.text_sha256, set()).add(session.id)
 
     def candidates(self, owner: str, text: str) -> list[Session]:
@@ -144,6 +161,11 @@ class SessionStore:
                     continue  # a new session in its first turn: any idle or new session does as well
                 found.append(session)
         return sorted(found, key=lambda s: (-s.text_bytes, s.lock.locked(), not s.loaded))
+
+    def owned_by(self, owner: str) -> list[Session]:
+        """The sessions of ``owner``, most recently used first."""
+        mine = [s for s in self.sessions.values() if s.owner == owner]
+        return sorted(mine, key=lambda s: -s.updated)
 
     def create(self, owner: str) -> Session:
         session = Session(new_session_id(), owner)
