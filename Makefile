@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup browser demo test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,7 +18,16 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/streamllm demo
 
-test: setup
+# The chat page's browser tests and the terminal chat's test need Chromium, its driver and tmux, from Debian's
+# packages. Where they cannot be installed (no apt, not root) those tests are skipped, each with its reason.
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null && command -v tmux >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver tmux \
+	  || echo "make browser: apt-get failed; the browser and terminal tests will be skipped"; \
+	else echo "make browser: cannot install chromium, chromium-driver and tmux here; their tests will be skipped"; fi
+
+test: setup browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q tests
 

@@ -14,9 +14,12 @@ from server_helpers import KEY_B
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and DRIVER), reason="Chromium is not installed (make browser installs it from Debian's packages)"
+    not (CHROMIUM and DRIVER),
+    reason="Chromium is not installed (make browser installs it from Debian's packages)",
 )
-ARTIFACTS = Path(os.environ.get("STREAMLLM_TEST_ARTIFACTS", Path(__file__).parent.parent / "build" / "test-artifacts"))
+ARTIFACTS = Path(
+    os.environ.get("STREAMLLM_TEST_ARTIFACTS", Path(__file__).parent.parent / "build" / "test-artifacts")
+)
 WAIT = 120  # seconds: a reply of 64 tokens on one thread, with room to spare on a busy machine
 
 
@@ -91,7 +94,9 @@ class Page:
         box.send_keys(Keys.ENTER)
 
     def replies(self) -> list[str]:
-        return self.js("return [...document.querySelectorAll('#messages li.assistant')].map(li => li.textContent)")
+        return self.js(
+            "return [...document.querySelectorAll('#messages li.assistant')].map(li => li.textContent)"
+        )
 
     def streaming(self) -> bool:
         return self.js("return document.querySelector('#messages li.streaming') !== null")
@@ -106,8 +111,10 @@ class Page:
 
     def bar(self) -> tuple[int, int, str]:
         bar = self.el("cache-bar")
-        return int(bar.get_attribute("aria-valuenow")), int(bar.get_attribute("aria-valuemax")), bar.get_attribute(
-            "data-full"
+        return (
+            int(bar.get_attribute("aria-valuenow")),
+            int(bar.get_attribute("aria-valuemax")),
+            bar.get_attribute("data-full"),
         )
 
     def session_id(self) -> str:
@@ -241,10 +248,12 @@ def test_sessions_can_be_switched_and_deleted(page, server):
         ".querySelector('.delete').click()"
     )
     page.until(
-        lambda: httpx.get(
-            f"{server.url}/v1/sessions/{second}", headers={"Authorization": f"Bearer {KEY_B}"}
-        ).status_code
-        == 404,
+        lambda: (
+            httpx.get(
+                f"{server.url}/v1/sessions/{second}", headers={"Authorization": f"Bearer {KEY_B}"}
+            ).status_code
+            == 404
+        ),
         "the session to be deleted",
         30,
     )
@@ -266,6 +275,10 @@ def test_the_page_is_served_with_a_strict_content_security_policy(server):
     response = httpx.get(f"{server.url}/", timeout=30)
     assert response.status_code == 200 and "text/html" in response.headers["content-type"]
     policy = response.headers["content-security-policy"]
-    assert "script-src 'self'" in policy and "default-src 'none'" in policy and "'unsafe-inline'" not in policy
-    assert "<script src=\"/ui/app.js\"" in response.text and "<script>" not in response.text
-    assert httpx.get(f"{server.url}/ui/app.js?name=../persist.py", timeout=30).text.startswith("// The streamllm")
+    assert (
+        "script-src 'self'" in policy and "default-src 'none'" in policy and "'unsafe-inline'" not in policy
+    )
+    assert '<script src="/ui/app.js"' in response.text and "<script>" not in response.text
+    assert httpx.get(f"{server.url}/ui/app.js?name=../persist.py", timeout=30).text.startswith(
+        "// The streamllm"
+    )

@@ -158,6 +158,20 @@ def test_sessions_belong_to_their_key(server):
     assert other.status_code == 200 and other.headers["x-session-id"] != session
     assert other.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
 
+    def listed(key):
+        response = httpx.get(f"{server.url}/v1/sessions", headers={"Authorization": f"Bearer {key}"})
+        assert response.status_code == 200
+        return response.json()["data"]
+
+    mine, theirs = listed(KEY_A), listed(KEY_B)
+    assert mine[0]["id"] == session  # most recent first
+    assert session not in {s["id"] for s in theirs} and other.headers["x-session-id"] in {
+        s["id"] for s in theirs
+    }
+    assert mine[0]["cache"] == {"method": "sink", "num_sinks": 4, "window": 60, "size": CACHE}
+    assert mine[0]["evicted"] == mine[0]["tokens_seen"] - mine[0]["cache_length"]
+    assert httpx.get(f"{server.url}/v1/sessions").status_code == 401
+
 
 def test_a_message_longer_than_the_cache_is_served(server, client):
     long_message = (
