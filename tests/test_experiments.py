@@ -131,6 +131,23 @@ def test_chat(outputs):
     assert "| sink | 6 | 0 | 0 |" in md
 
 
+def test_sampling(outputs):
+    from streamllm.experiments.sampling import SETTINGS, right
+
+    out, _ = outputs("sampling")
+    rows, md = read(out, "sampling")
+    parts = ["chat"] * 4 + ["facts"] * 3
+    assert [(r["sampling"], r["part"]) for r in rows] == [(name, part) for name in SETTINGS for part in parts]
+    assert all(int(r["generated"]) > 0 and r["finish"] in ("stop", "length") for r in rows)
+    assert md.count("(the chat default)") == 1  # the default is one of the settings measured
+    assert all((r["degenerate"] or None) == degenerate(r["reply"]) for r in rows)
+    greedy_facts = [r for r in rows if r["sampling"] == "greedy" and r["part"] == "facts"]
+    assert greedy_facts[0]["right"] == "True"  # the capital of France
+    assert f"| greedy | 4 | {sum(bool(r['degenerate']) for r in rows[:4])} |" in md
+    assert right("It is Paris.", ("paris",)) and not right("Parisian", ("paris",))
+    assert right("7 days", ("7",)) and not right("1776", ("7",))
+
+
 def test_streameval_scoring():
     assert score("40317>", "40317")
     assert score(" 40317 >", "40317")

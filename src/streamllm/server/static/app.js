@@ -289,8 +289,12 @@ async function send(text) {
       state.sessionId = id;
       localStorage.setItem(STORE.current, id);
     }
+    let finished = false;
     for await (const data of events(response)) {
-      if (data === "[DONE]") break;
+      if (data === "[DONE]") {
+        finished = true;
+        break;
+      }
       const chunk = JSON.parse(data);
       if (chunk.error) throw new ApiError(chunk.error.status || 500, chunk.error.message, chunk.error.code);
       if (chunk.usage) usage = chunk.usage;
@@ -306,6 +310,8 @@ async function send(text) {
       reply.textContent = content;
       reply.scrollIntoView({ block: "end" });
     }
+    // The server sends [DONE] only once the turn is saved; without it the turn did not happen.
+    if (!finished) throw new Error("The connection closed before the reply was complete. Send the message again.");
     const tokens = usage ? usage.completion_tokens : pieces;
     if (first !== null && last > first && tokens > 1) {
       $("stat-rate").textContent = ((1000 * (tokens - 1)) / (last - first)).toFixed(1);
@@ -317,7 +323,7 @@ async function send(text) {
     // The server undoes a turn that did not finish, so the page does too: the message goes back in the box.
     asked.remove();
     reply.remove();
-    $("input").value = text;
+    if (!$("input").value) $("input").value = text;
     if (err.name === "AbortError") showNotice("Stopped. The server undid this turn; your message is back in the box.");
     else showError(err);
   } finally {
@@ -326,7 +332,6 @@ async function send(text) {
     setRunning(null);
   }
   await refreshSessions();
-  showSessions();
   await refreshStats();
 }
 
