@@ -119,21 +119,17 @@ def read_text(path: Path) -> str:
     return text
 
 
-def sampling_options(args) -> dict:
-    """The sampling options as given on the command line; None where a chat option was left unset."""
-    names = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "max_new_tokens", "ignore_eos")
-    return {name: getattr(args, name) for name in names} | {"stop": tuple(args.stop)}
-
-
 def sampling(args, base=None):
-    """The ``Sampling`` the options ask for: the options set on the command line over ``base`` (default:
-    ``Sampling()``). Raises ``ConfigError`` for a value out of range."""
+    """The ``Sampling`` the options ask for: the options given on the command line over ``base`` (default:
+    ``Sampling()``); a chat's options left unset are None and keep ``base``'s. Raises ``ConfigError`` for a value
+    out of range."""
     from dataclasses import replace
 
     from ..runtime.generate import Sampling
 
-    chosen = {k: v for k, v in sampling_options(args).items() if v is not None}
-    return replace(base or Sampling(), **chosen)
+    names = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "max_new_tokens", "ignore_eos")
+    given = {name: getattr(args, name) for name in names} | {"stop": tuple(args.stop)}
+    return replace(base or Sampling(), **{k: v for k, v in given.items() if v is not None})
 
 
 def output_file(path: Path | None, overwrite: bool) -> Path | None:
