@@ -183,7 +183,7 @@ def run(args) -> int:
     sampling(args, CHAT_SAMPLING)  # a bad value fails now, not after loading the model
     config = stream_config(args)
     model, tokenizer = load(args)
-    session = ChatSession(model, tokenizer, config, sampling(args, chat_sampling(model)))
+    session = ChatSession(model, tokenizer, config, sampling(args, chat_sampling(model)), bos=args.bos)
     transcript = open(args.transcript, "a", encoding="utf-8") if args.transcript else None  # noqa: SIM115
     source = iter(turns) if turns is not None else None
     prompt = None if source is not None else Prompt(sys.stdin.isatty())

@@ -60,6 +60,12 @@ def stream_args(p: argparse.ArgumentParser) -> None:
         default="fast",
         help="single tokens: fast path (exact), fast path on 4-bit weights, or transformers' forward",
     )
+    p.add_argument(
+        "--no-bos",
+        dest="bos",
+        action="store_false",
+        help="do not start the stream with BOS (by default it does when the tokenizer adds one)",
+    )
 
 
 def sampling_args(p: argparse.ArgumentParser, max_new: int, chat: bool = False) -> None:

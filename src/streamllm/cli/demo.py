@@ -35,7 +35,8 @@ def run(args) -> int:
     out = sys.stdout
     print(f"[demo] loading {args.model} ...", file=sys.stderr)
     model, tokenizer = load(args)
-    session = ChatSession(model, tokenizer, config, Sampling(max_new_tokens=300, repetition_penalty=1.1))
+    sampling = Sampling(max_new_tokens=300, repetition_penalty=1.1)
+    session = ChatSession(model, tokenizer, config, sampling, bos=args.bos)
     cap = config.cache_size
     print(
         f"[demo] {config.method} cache {config.num_sinks}+{config.window} = {cap} tokens; streaming "

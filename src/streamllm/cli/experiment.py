@@ -24,6 +24,12 @@ def add_parser(sub) -> None:
     e.add_argument(
         "--questions", type=Path, default=None, help="chat, sampling: MT-Bench style JSONL of questions"
     )
+    e.add_argument(
+        "--no-bos",
+        dest="bos",
+        action="store_false",
+        help="do not start streams with BOS (by default they do when the tokenizer adds one)",
+    )
     model_args(e)
     e.set_defaults(run=run)
 
@@ -53,6 +59,7 @@ def run(args) -> int:
         texts=args.text,
         tokens=args.tokens,
         questions=args.questions,
+        bos=args.bos,
         bar=lambda total, desc: tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, disable=None),
     )
     start = time.perf_counter()

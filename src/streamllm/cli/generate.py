@@ -31,7 +31,7 @@ def run(args) -> int:
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
     last = None
-    for event in stream_generate(model, tokenizer, prompt, options, config):
+    for event in stream_generate(model, tokenizer, prompt, options, config, bos=args.bos):
         sys.stdout.write(event.text)
         sys.stdout.flush()
         last = event

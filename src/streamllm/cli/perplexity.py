@@ -27,6 +27,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..runtime.perplexity import perplexity_run
+    from ..runtime.tokens import encode
 
     texts = [read_text(path) for path in args.text]
     csv_path = output_file(args.csv, args.overwrite)
@@ -34,7 +35,7 @@ def run(args) -> int:
     model, tokenizer = load(args)
     ids: list[int] = []
     for text in texts:
-        ids.extend(tokenizer.encode(text, add_special_tokens=False))
+        ids.extend(encode(tokenizer, text, first=not ids, bos=args.bos))
         if args.max_tokens and len(ids) >= args.max_tokens:
             break
     ids = ids[: args.max_tokens] if args.max_tokens else ids

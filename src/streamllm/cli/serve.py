@@ -75,6 +75,7 @@ def run(args) -> int:
         max_message_chars=args.max_message_chars,
         request_timeout_s=float(args.request_timeout),
         batch_decode=args.batch_decode,
+        bos=args.bos,
     )
     if args.state_dir is not None:
         try:

@@ -58,7 +58,7 @@ def run_method(
     ctx: Context, method: str, window: int, turns: list[tuple[int, str]], max_new: int
 ) -> list[tuple]:
     config = StreamConfig(num_sinks=4, window=window, method=method)
-    session = ChatSession(ctx.model, ctx.tokenizer, config, Sampling(max_new_tokens=max_new))
+    session = ChatSession(ctx.model, ctx.tokenizer, config, Sampling(max_new_tokens=max_new), bos=ctx.bos)
     limit = ctx.max_positions if method == "dense" else None
     rows = []
     with ctx.progress(len(turns), f"chat {method}") as bar:

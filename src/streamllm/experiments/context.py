@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import DataError, shakespeare_text, shakespeare_works
+from ..runtime.tokens import encode
 
 
 @dataclass
@@ -20,6 +21,7 @@ class Context:
     texts: list[Path] = field(default_factory=list)  # user texts, chained; empty: the bundled Shakespeare
     tokens: int | None = None  # override of the experiment's stream length
     questions: Path | None = None  # chat experiment: MT-Bench style JSONL
+    bos: bool = True  # streams start with BOS when the tokenizer adds one
     bar: Callable[..., contextlib.AbstractContextManager] | None = None  # bar(total=, desc=) -> obj.update(n)
 
     def progress(self, total: int, desc: str):
@@ -32,15 +34,16 @@ class Context:
         """The model's pre-training context length, if its config says."""
         return getattr(self.model.config, "max_position_embeddings", None)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    def encode(self, text: str, first: bool = False) -> list[int]:
+        """``text`` as token ids; ``first``: it starts a stream (with BOS, when the tokenizer adds one)."""
+        return encode(self.tokenizer, text, first, self.bos)
 
     def text_ids(self, length: int, first_work: str = "hamlet") -> list[int]:
         """``length`` tokens (or ``--tokens``) of the user's texts, else of Shakespeare starting at one work."""
         length = self.tokens or length
         ids: list[int] = []
         for text in self.text_pieces(first_work, cycle=False):
-            ids.extend(self.encode(text))
+            ids.extend(self.encode(text, first=not ids))
             if len(ids) >= length:
                 return ids[:length]
         raise DataError(

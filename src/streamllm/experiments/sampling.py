@@ -89,14 +89,16 @@ def _run(ctx: Context, name: str, options: dict, turns, facts, window: int, max_
     config = StreamConfig(num_sinks=4, window=window)
     rows = []
     with ctx.progress(len(turns) + len(facts), name) as bar:
-        session = ChatSession(ctx.model, ctx.tokenizer, config, _setting(options, max_new))
+        session = ChatSession(ctx.model, ctx.tokenizer, config, _setting(options, max_new), bos=ctx.bos)
         for turn, (qid, user) in enumerate(turns, 1):
             reply, last, seconds = _reply(session, user)
             why = degenerate(reply) or ""
-            rows.append((name, "chat", turn, qid, why, last.generated, last.finish_reason, seconds, "", reply))
+            rows.append(
+                (name, "chat", turn, qid, why, last.generated, last.finish_reason, seconds, "", reply)
+            )
             bar.update(1)
         for n, (question, accepted) in enumerate(facts, 1):
-            alone = ChatSession(ctx.model, ctx.tokenizer, config, _setting(options, FACT_TOKENS))
+            alone = ChatSession(ctx.model, ctx.tokenizer, config, _setting(options, FACT_TOKENS), bos=ctx.bos)
             reply, last, seconds = _reply(alone, question)
             why = degenerate(reply) or ""
             ok = right(reply, accepted)

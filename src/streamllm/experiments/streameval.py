@@ -72,7 +72,7 @@ def run_stream(
             line = len(values) + 1
             values.append(f"{rng.randrange(10_000, 100_000)}")
             starts.append(stream.tokens_seen)
-            stream.feed(ctx.encode(line_text(line, values[-1])))
+            stream.feed(ctx.encode(line_text(line, values[-1]), first=stream.tokens_seen == 0))
             if line < first_query or line % QUERY_EVERY:
                 continue
             back = lines_back[len(results) % len(lines_back)]

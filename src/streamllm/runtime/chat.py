@@ -9,6 +9,7 @@ from ..config import StreamConfig
 from .generate import Event, Sampling, stream_generate
 from .stream import Stream
 from .templates import ChatTemplate
+from .tokens import encode
 
 # Chosen by measurement (``streamllm experiment sampling``, docs/results.md): greedy decoding loops on the same
 # line in a small chat model, and this is the mildest setting tried that stopped it.
@@ -31,11 +32,16 @@ class ChatSession:
     """A conversation with constant memory. The chat template is rendered per turn, never for the whole history."""
 
     def __init__(
-        self, model, tokenizer, config: StreamConfig | None = None, sampling: Sampling | None = None
+        self,
+        model,
+        tokenizer,
+        config: StreamConfig | None = None,
+        sampling: Sampling | None = None,
+        bos: bool = True,
     ):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; use `generate` instead")
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.bos = model, tokenizer, bos
         self.template = ChatTemplate(tokenizer)
         self.sampling = sampling or Sampling(max_new_tokens=256)
         self.stream = Stream(model, config)
@@ -59,7 +65,7 @@ class ChatSession:
         if not user.strip():
             raise ValueError("the message is empty")
         text = self.turn_text(user)
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = encode(self.tokenizer, text, first=self.stream.tokens_seen == 0, bos=self.bos)
         finish = None
         try:
             for event in stream_generate(self.model, self.tokenizer, ids, self.sampling, stream=self.stream):

@@ -15,6 +15,7 @@ import torch
 
 from ..config import ConfigError, StreamConfig
 from .stream import Stream
+from .tokens import encode
 
 
 @dataclass(frozen=True)
@@ -162,15 +163,18 @@ def stream_generate(
     sampling: Sampling | None = None,
     config: StreamConfig | None = None,
     stream: Stream | None = None,
+    bos: bool = True,
 ) -> Iterator[Event]:
     """Feed ``prompt`` (text or token ids) into a stream and generate from it, one ``Event`` per token.
 
     Pass ``stream`` to continue an existing conversation; otherwise a new one is made from ``config``. Every
-    generated token is fed back into the stream, so the stream ends up holding the whole exchange.
+    generated token is fed back into the stream, so the stream ends up holding the whole exchange. Text that
+    starts a stream starts with BOS when the tokenizer adds one (``bos=False``: never); token ids are fed as given.
     """
     sampling = sampling or Sampling()
     stream = stream or Stream(model, config)
-    ids = tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+    first = stream.tokens_seen == 0
+    ids = encode(tokenizer, prompt, first, bos) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise ValueError("the prompt is empty")
     loop = Generation(model, tokenizer, ids, sampling)

@@ -26,7 +26,8 @@ class ServerConfig:
     gets (it stops earlier at the end of its turn). ``max_message_chars`` bounds one message; a message longer than the cache is
     fine (it is fed in chunks). ``request_timeout_s`` covers everything from arrival to the last token.
     ``batch_decode`` > 1 lets that many sessions' decode steps share one forward pass (more tokens/s, but a
-    greedy reply may then differ in rare near-ties depending on what else is running).
+    greedy reply may then differ in rare near-ties depending on what else is running). ``bos``: a session starts
+    the way the model was trained to (see ``runtime.tokens``); prompts given as token ids are fed as given.
     """
 
     model_id: str
@@ -39,6 +40,7 @@ class ServerConfig:
     max_message_chars: int = 1_000_000
     request_timeout_s: float = 600.0
     batch_decode: int = 1
+    bos: bool = True  # a session's first text starts with BOS when the tokenizer adds one
 
     def __post_init__(self) -> None:
         if not self.model_id:

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Sequence
 
 from ..runtime.templates import ChatTemplate
+from ..runtime.tokens import encode
 from .errors import bad_request
 from .schemas import ChatMessage
 
@@ -21,8 +22,8 @@ class Renderer:
     """The request side's own tokenizer (the model worker decodes with another copy), behind a lock: a fast
     tokenizer must not be used from two threads at once."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = copy.deepcopy(tokenizer)
+    def __init__(self, tokenizer, bos: bool = True):
+        self.tokenizer, self.bos = copy.deepcopy(tokenizer), bos
         self._lock = threading.Lock()
         self.template = ChatTemplate(self.tokenizer) if getattr(tokenizer, "chat_template", None) else None
         self.vocab_size = len(self.tokenizer)
@@ -51,9 +52,10 @@ class Renderer:
         """What still has to be fed to end an assistant reply, given the end-of-turn text the model produced."""
         return self.template.reply_close(eos_fed) if self.template is not None else ""
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, first: bool = False) -> list[int]:
+        """``text`` as token ids; ``first``: it starts a session (with BOS, when ``bos`` and the tokenizer adds one)."""
         with self._lock:
-            return self.tokenizer.encode(text, add_special_tokens=False)
+            return encode(self.tokenizer, text, first, self.bos)
 
     def decode(self, ids: Sequence[int]) -> str:
         with self._lock:

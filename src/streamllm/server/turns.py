@@ -58,7 +58,7 @@ class Turns:
     def __init__(self, model, tokenizer, config: ServerConfig, store: SessionStore, scheduler: Scheduler):
         self.model, self.config, self.store, self.scheduler = model, config, store, scheduler
         self.tokenizer = tokenizer  # used by the model worker only
-        self.renderer = Renderer(tokenizer)
+        self.renderer = Renderer(tokenizer, config.bos)
         self.eos_ids = eos_ids(model, tokenizer)
 
     # -- choosing the session ----------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ class Turns:
 
     async def _plan(self, session: Session, suffix: str, text: str, kind: str) -> Turn:
         try:
-            ids = await asyncio.to_thread(self.renderer.encode, suffix)
+            ids = await asyncio.to_thread(self.renderer.encode, suffix, not session.convo.tokens)
         except BaseException:
             self._release(session)
             raise
