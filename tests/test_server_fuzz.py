@@ -38,6 +38,7 @@ def fuzz_server():
 
 OPERATIONS = [
     ("GET", "/health"),
+    ("GET", "/v1/sessions"),
     ("GET", "/v1/models"),
     ("GET", "/v1/models/{model}"),
     ("POST", "/v1/chat/completions"),
