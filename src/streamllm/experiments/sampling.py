@@ -1,6 +1,7 @@
 """Which sampling a small chat model needs: the endless chat of ``chat`` (every turn of the question set as one
 conversation under the paper's sink cache), once per sampling setting, counting the replies that degenerate
-(empty, or looping on the same words) and those that run on to the length cap."""
+(empty, or looping on the same words) and those that run on to the length cap; then short questions with one
+right answer, each in a chat of its own, so that a setting is not chosen for fewer loops at the cost of answers."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 import time
 
 from ..config import StreamConfig
-from ..runtime.chat import CHAT_SAMPLING, ChatSession
+from ..runtime.chat import CHAT_SAMPLING, SAMPLING_FIELDS, ChatSession
 from ..runtime.generate import Sampling
 from .chat import MIN_DISTINCT, NGRAM, degenerate, load_questions
 from .context import Context
@@ -72,9 +73,8 @@ def _setting(options: dict, max_new: int) -> Sampling:
 
 
 def _is_default(options: dict) -> bool:
-    fields = ("temperature", "top_p", "top_k", "repetition_penalty")
     chosen = Sampling(**options)
-    return all(getattr(chosen, f) == getattr(CHAT_SAMPLING, f) for f in fields)
+    return all(getattr(chosen, f) == getattr(CHAT_SAMPLING, f) for f in SAMPLING_FIELDS)
 
 
 def _reply(session: ChatSession, user: str) -> tuple[str, object, float]:

@@ -17,7 +17,7 @@ from .tokens import encode
 # a third of those answers.
 CHAT_SAMPLING = Sampling(repetition_penalty=1.1, max_new_tokens=512)
 
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")  # what shapes the choice of tokens
 
 
 def chat_sampling(model) -> Sampling:
@@ -26,7 +26,7 @@ def chat_sampling(model) -> Sampling:
     own = getattr(model, "generation_config", None)
     if own is None or not getattr(own, "do_sample", False):
         return CHAT_SAMPLING
-    found = {f: getattr(own, f) for f in _SAMPLING_FIELDS if getattr(own, f, None) is not None}
+    found = {f: getattr(own, f) for f in SAMPLING_FIELDS if getattr(own, f, None) is not None}
     return replace(Sampling(max_new_tokens=CHAT_SAMPLING.max_new_tokens), **found)
 
 
