@@ -22,7 +22,14 @@ NAME = "streamllm_oracle"
 
 class OracleState:
     def __init__(
-        self, inv_freqs, num_sinks: int, window: int | None, text_positions: bool = False, keep=None
+        self,
+        inv_freqs,
+        num_sinks: int,
+        window: int | None,
+        text_positions: bool = False,
+        keep=None,
+        memory=None,
+        recall_at=(),
     ):
         self.inv_freqs = inv_freqs
         self.num_sinks, self.window, self.text_positions, self.keep = num_sinks, window, text_positions, keep
@@ -30,6 +37,35 @@ class OracleState:
         self.keys: dict[int, list[torch.Tensor]] = {}  # layer -> pre-rotary keys (B, Hkv, D)
         self.values: dict[int, list[torch.Tensor]] = {}
         self.t = 0  # text position of the token being processed
+        self.point = False  # whether token t selects what memory layers recall
+        # Memory (a MemoryConfig, or None): every evicted entry, in the order it left, and the current selection.
+        self.memory, self.recall_at = memory, set(recall_at)
+        self.gone: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> (pre-rotary key, value)
+        self.chosen: dict[int, list[int]] = {}  # layer -> recalled block numbers, ascending
+        self.n_recall = 0  # blocks each memory layer recalls until the next selection
+
+
+def _select(state: OracleState, i: int, q_pre: torch.Tensor) -> None:
+    """Brute force: every block's representative keys (per kv head, the keys farthest from the block's mean), a
+    score per block (per query head the best logit at distance window + 1, summed), the best blocks."""
+    mem = state.memory
+    gone = state.gone.get(i, [])
+    n_blocks = len(gone) // mem.block_size
+    q = rotate(q_pre, torch.tensor([state.window + 1]), state.inv_freqs[i])[:, :, 0]  # (B, H, D)
+    scores = []
+    for b in range(n_blocks):
+        keys = torch.stack([k for k, _ in gone[b * mem.block_size : (b + 1) * mem.block_size]], dim=2)
+        keys = keys[0]  # (Hkv, bs, D)
+        G = q.shape[1] // keys.shape[0]
+        total = 0.0
+        for h in range(q.shape[1]):
+            k = keys[h // G]  # (bs, D)
+            far = (k - k.mean(0)).norm(dim=-1)
+            order = sorted(range(k.shape[0]), key=lambda j: (-float(far[j]), j))[: mem.reps]
+            total += max(float(q[0, h] @ k[j]) for j in order)
+        scores.append(total)
+    best = sorted(range(n_blocks), key=lambda b: (-scores[b], b))[: state.n_recall]
+    state.chosen[i] = sorted(best)
 
 
 def _kept(state: OracleState, positions: list[int], sliding_window: int | None) -> list[bool]:
@@ -62,15 +98,35 @@ def oracle_attention(
     n = len(keys) - 1  # the query's in-cache position
     q_at = t if oracle.text_positions else n
     S = 0 if sliding_window is not None else oracle.num_sinks
-    k_at = torch.tensor([p if p < S else q_at - (t - p) for p in positions])
-    K = rotate(torch.stack(keys, dim=2), k_at, inv_freq)  # (B, Hkv, n+1, D)
-    V = torch.stack(values, dim=2)
+    recalled_keys, recalled_values, recalled_at = [], [], []
+    mem = oracle.memory if sliding_window is None else None
+    if mem is not None:
+        if oracle.point:
+            _select(oracle, i, q_pre)
+        bs = mem.block_size
+        for b in oracle.chosen.get(i, []):
+            for k, v in oracle.gone[i][b * bs : (b + 1) * bs]:
+                recalled_keys.append(k)
+                recalled_values.append(v)
+        M = len(recalled_keys)
+        if mem.positions == "cache":  # between the sinks and the window, in text order
+            recalled_at = [S + u for u in range(M)]
+            q_at = n + M
+        else:  # every one just past the window
+            recalled_at = [q_at - oracle.window - 1] * M
+    k_at = torch.tensor([p if p < S else q_at - (t - p) for p in positions] + recalled_at)
+    K = rotate(torch.stack(keys + recalled_keys, dim=2), k_at, inv_freq)  # (B, Hkv, n+1+M, D)
+    V = torch.stack(values + recalled_values, dim=2)
     q = rotate(q_pre, torch.tensor([q_at]), inv_freq)  # (B, H, 1, D)
     G = q.shape[1] // K.shape[1]
     K, V = K.repeat_interleave(G, dim=1), V.repeat_interleave(G, dim=1)
     probs = torch.softmax((q @ K.transpose(-1, -2)) * (scaling or q.shape[-1] ** -0.5), dim=-1)
     out = (probs @ V).to(query.dtype)  # (B, H, 1, D)
     stay = _kept(oracle, positions, sliding_window)
+    if mem is not None:
+        oracle.gone.setdefault(i, []).extend(
+            (k, v) for k, v, s in zip(keys, values, stay, strict=True) if not s
+        )
     oracle.keys[i] = [k for k, s in zip(keys, stay, strict=True) if s]
     oracle.values[i] = [v for v, s in zip(values, stay, strict=True) if s]
     oracle.positions[i] = [p for p, s in zip(positions, stay, strict=True) if s]
@@ -82,18 +138,32 @@ AttentionInterface.register(NAME, oracle_attention)
 
 @torch.no_grad()
 def oracle_logits(
-    model, ids: list[int], num_sinks: int, window: int | None, text_positions: bool = False, keep=None
+    model,
+    ids: list[int],
+    num_sinks: int,
+    window: int | None,
+    text_positions: bool = False,
+    keep=None,
+    memory=None,
+    recall_at=(),
 ) -> torch.Tensor:
     """Logits (N, V) of streaming ``ids`` token by token under the paper's algorithm (or, with
     ``text_positions``, with every kept token at its original position; or with ``keep`` deciding which tokens
-    stay)."""
+    stay; or with ``memory``, a ``MemoryConfig``, recalling evicted blocks, with extra selection points at
+    ``recall_at``)."""
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
     try:
-        state = OracleState(layer_inv_freqs(model), num_sinks, window, text_positions, keep)
+        state = OracleState(
+            layer_inv_freqs(model), num_sinks, window, text_positions, keep, memory, recall_at
+        )
         rows = []
         for t, tok in enumerate(ids):
             state.t = t
+            state.point = memory is not None and (t % memory.refresh == 0 or t in state.recall_at)
+            if state.point:  # every memory layer holds the same number of blocks
+                held = max((len(g) for g in state.gone.values()), default=0) // memory.block_size
+                state.n_recall = min(memory.blocks, held)
             out = model(
                 input_ids=torch.tensor([[tok]]),
                 position_ids=torch.tensor([[t]]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .core.policy import DensePolicy, Policy, SinkPolicy, WindowPolicy
 
@@ -12,8 +13,55 @@ POSITIONS = ("cache", "text")
 DECODE_MODES = ("fast", "int4", "transformers")
 
 
+RECALL_POSITIONS = ("cache", "fixed")
+
+
 class ConfigError(ValueError):
     """A configuration value a user supplied is invalid."""
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Memory of the tokens that left the window (``core/memory.py``; ``docs/design.md``, "Memory").
+
+    Evicted tokens are kept per layer in blocks of ``block_size`` consecutive tokens, each with ``reps``
+    representative keys per kv head. Every ``refresh`` tokens (and wherever the caller asks for a recall) each
+    layer selects the ``blocks`` blocks whose representative keys score highest against that token's query;
+    attention then sees the sinks, those blocks and the window until the next selection.
+
+    ``positions``: where recalled tokens sit. ``cache`` (default): in text order between the sinks and the window,
+    at in-cache positions, as the paper places everything it keeps. ``fixed``: every recalled token at one
+    distance from the query, just past the window (InfLLM's choice).
+
+    ``ram_mb``: blocks beyond this many MiB of keys and values go to a file in ``dir`` (a temporary one when
+    None) and are read back when recalled. Representative keys always stay in RAM."""
+
+    block_size: int = 128
+    blocks: int = 4
+    reps: int = 4
+    refresh: int = 64
+    ram_mb: int = 1024
+    positions: str = "cache"
+    dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "blocks", "reps", "refresh", "ram_mb"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"memory {name} must be an integer, got {value!r}")
+            if value < 1:
+                raise ConfigError(f"memory {name} must be >= 1, got {value}")
+        if self.reps > self.block_size:
+            raise ConfigError(f"memory reps ({self.reps}) cannot exceed the block size ({self.block_size})")
+        if self.positions not in RECALL_POSITIONS:
+            raise ConfigError(
+                f"unknown memory positions {self.positions!r}; choose one of {', '.join(RECALL_POSITIONS)}"
+            )
+
+    @property
+    def recalled(self) -> int:
+        """The most recalled tokens attention sees besides the sinks and the window."""
+        return self.blocks * self.block_size
 
 
 @dataclass(frozen=True)
@@ -37,6 +85,9 @@ class StreamConfig:
     the same cache and the same results within the dtype's rounding, about twice as fast. ``int4`` does the same
     with 4-bit copies of the weights (8-bit for a matrix not on a 4-bit grid; faster again; logits change
     slightly). ``transformers`` uses the model's own forward for every token.
+
+    ``memory``: keep the tokens that leave the window and let attention recall the most relevant blocks of them
+    (``MemoryConfig``); None (the default) is the paper's method.
     """
 
     num_sinks: int = 4
@@ -46,6 +97,7 @@ class StreamConfig:
     rebase_every: int = 4096
     positions: str = "cache"
     decode: str = "fast"
+    memory: MemoryConfig | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -66,6 +118,11 @@ class StreamConfig:
             raise ConfigError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.rebase_every < 1:
             raise ConfigError(f"rebase_every must be >= 1, got {self.rebase_every}")
+        if self.memory is not None:
+            if self.method != "sink" or self.positions != "cache":
+                raise ConfigError("memory works with the sink method at in-cache positions")
+            if not isinstance(self.memory, MemoryConfig):
+                raise ConfigError(f"memory must be a MemoryConfig, got {self.memory!r}")
 
     @property
     def cache_size(self) -> int:

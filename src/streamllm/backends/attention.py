@@ -35,28 +35,30 @@ def attend(
     inv_freq: torch.Tensor,
     scaling: float,
     softcap: float | None = None,
+    recalled: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` (B, H, T, D) over the ``stored`` keys and values (B, Hkv, C, D) (None before the
-    first commit) and the ``new`` ones (B, Hkv, T, D), as ``plan`` says. -> (B, H, T, D)"""
+    first commit), the ``new`` ones (B, Hkv, T, D) and the ``recalled`` ones (B, Hkv, M, D) (from memory,
+    rotated at in-cache positions, seen by every query from its anchor), as ``plan`` says. -> (B, H, T, D)"""
     k_new, v_new = new
     B, H, T, D = query.shape
     G = H // k_new.shape[1]
     q_win = query.reshape(B, -1, G * T, D)  # (B, Hkv, G*T, D), query rows grouped per kv head: (g, t)
     q_anchor = None
-    if plan.turns:
+    if plan.turns or recalled is not None:
         q_anchor = rotate(query, plan.anchor_shift, inv_freq).reshape(B, -1, G * T, D)  # (B, Hkv, G*T, D)
     fused = softcap is None and FLASH_CPU is not None and query.device.type == "cpu"
     if fused and T > 1:
-        out = _fused(plan, stored, k_new, v_new, q_win, q_anchor, scaling)
+        out = _fused(plan, stored, k_new, v_new, q_win, q_anchor, scaling, recalled)
     elif fused and stored is not None:
-        out = _fused_one(plan, stored, k_new, v_new, q_win, q_anchor, scaling)
+        out = _fused_one(plan, stored, k_new, v_new, q_win, q_anchor, scaling, recalled)
     else:
-        out = _scores(plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap)
+        out = _scores(plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap, recalled)
     return out.reshape(B, H, T, D)
 
 
-def _scores(plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap):
-    """Explicit scores: stored and new key blocks share one float32 softmax. Copies no keys (decode steps)."""
+def _scores(plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap, recalled=None):
+    """Explicit scores: stored, new and recalled key blocks share one float32 softmax. Copies no keys."""
     T = plan.text_pos.numel()
     G = q_win.shape[2] // T
     C = plan.key_pos.numel() - T
@@ -68,10 +70,16 @@ def _scores(plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap):
     blocks.append(_block_scores(q_win, q_anchor, k_new, plan.anchored[C:]))  # (B, Hkv, G*T, T)
     values.append(v_new)
     scores = torch.cat(blocks, dim=-1).float() * scaling  # (B, Hkv, G*T, K)
+    if recalled is not None:
+        scores = torch.cat([scores, (q_anchor @ recalled[0].transpose(-1, -2)).float() * scaling], dim=-1)
+        values.append(recalled[1])
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     visible = plan.visible if stored is not None else plan.visible[:, C:]  # (T, K)
-    scores = scores.masked_fill(~visible.to(scores.device).repeat(G, 1), float("-inf"))  # rows: (g, t)
+    visible = visible.to(scores.device).repeat(G, 1)  # rows: (g, t)
+    if recalled is not None:  # every query sees all of them, from its anchor
+        visible = torch.cat([visible, visible.new_ones(visible.shape[0], recalled[0].shape[2])], dim=1)
+    scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v_new.dtype)  # (B, Hkv, G*T, K)
     out, start = None, 0
     for v in values:
@@ -90,9 +98,10 @@ def _block_scores(q_win, q_anchor, keys, anchored):
     return scores
 
 
-def _fused(plan, stored, k_new, v_new, q_win, q_anchor, scaling):
-    """Fused kernel over the window keys; the few anchored keys (seen by the turned query) are merged into the
-    same softmax through the kernel's log-sum-exp. Used for chunks, where it is several times faster."""
+def _fused(plan, stored, k_new, v_new, q_win, q_anchor, scaling, recalled=None):
+    """Fused kernel over the window keys; the few anchored keys and the recalled ones (seen by the turned query)
+    are merged into the same softmax through the kernel's log-sum-exp. Used for chunks, where it is several
+    times faster."""
     T = plan.text_pos.numel()
     if stored is None:
         keys, values = k_new, v_new  # (B, Hkv, T, D)
@@ -100,20 +109,29 @@ def _fused(plan, stored, k_new, v_new, q_win, q_anchor, scaling):
         keys = torch.cat([stored[0], k_new], dim=2)  # (B, Hkv, K, D)
         values = torch.cat([stored[1], v_new], dim=2)  # (B, Hkv, K, D)
     m = _masks(plan, stored is not None, q_win.shape[2] // T, q_win.dtype)
-    if q_anchor is None or m.anchor_cols is None:
+    turned = plan.turns and m.anchor_cols is not None  # anchored keys seen by the turned query
+    if not turned and recalled is None:
         return FLASH_CPU(q_win.contiguous(), keys, values, attn_mask=m.all_bias, scale=scaling)[0]
-    out, lse = FLASH_CPU(q_win.contiguous(), keys, values, attn_mask=m.win_bias, scale=scaling)
-    lse = lse.float().masked_fill(m.anchor_only, float("-inf"))  # (B, Hkv, G*T)
-    a_keys, a_values = (
-        keys[:, :, m.anchor_cols].float(),
-        values[:, :, m.anchor_cols].float(),
-    )  # (B, Hkv, s, D)
-    a_scores = (q_anchor.float() @ a_keys.transpose(-1, -2)) * scaling  # (B, Hkv, G*T, s)
-    a_scores = a_scores.masked_fill(m.anchor_hidden, float("-inf"))
-    return _join((out, lse), a_scores, a_values, values.dtype)
+    scores, vals = [], []
+    if turned:
+        out, lse = FLASH_CPU(q_win.contiguous(), keys, values, attn_mask=m.win_bias, scale=scaling)
+        lse = lse.float().masked_fill(m.anchor_only, float("-inf"))  # (B, Hkv, G*T)
+        a_keys = keys[:, :, m.anchor_cols].float()  # (B, Hkv, s, D)
+        a_scores = (q_anchor.float() @ a_keys.transpose(-1, -2)) * scaling  # (B, Hkv, G*T, s)
+        scores.append(a_scores.masked_fill(m.anchor_hidden, float("-inf")))
+        vals.append(values[:, :, m.anchor_cols].float())
+    else:
+        out, lse = FLASH_CPU(q_win.contiguous(), keys, values, attn_mask=m.all_bias, scale=scaling)[:2]
+        lse = lse.float()
+    if recalled is not None:
+        scores.append(
+            (q_anchor.float() @ recalled[0].float().transpose(-1, -2)) * scaling
+        )  # (B, Hkv, G*T, M)
+        vals.append(recalled[1].float())
+    return _join((out, lse), torch.cat(scores, dim=-1), torch.cat(vals, dim=2), values.dtype)
 
 
-def _fused_one(plan, stored, k_new, v_new, q_win, q_anchor, scaling):
+def _fused_one(plan, stored, k_new, v_new, q_win, q_anchor, scaling, recalled=None):
     """One new token (T = 1): the fused kernel over the stored window keys in place (no copy of the cache), with
     the token's own key and the anchored keys merged into the same softmax through the kernel's log-sum-exp."""
     k_old, v_old = stored  # (B, Hkv, C, D)
@@ -131,6 +149,11 @@ def _fused_one(plan, stored, k_new, v_new, q_win, q_anchor, scaling):
     if s:
         explicit.append((q.float() @ k_old[:, :, :s].float().transpose(-1, -2)) * scaling)  # (B, Hkv, G, s)
         values.append(v_old[:, :, :s].float())
+    if recalled is not None:
+        explicit.append(
+            (q_anchor.float() @ recalled[0].float().transpose(-1, -2)) * scaling
+        )  # (B, Hkv, G, M)
+        values.append(recalled[1].float())
     scores, vals = (
         torch.cat(explicit, dim=-1),
         torch.cat(values, dim=2),

@@ -27,6 +27,7 @@ def batchable(cache) -> bool:
     """Whether a stream with this cache can join a batched decode step."""
     return (
         isinstance(cache, KVCache)
+        and cache.memory is None
         and cache.uniform
         and cache.policy.capacity is not None
         and all(layer.keys is not None for layer in cache.layers)

@@ -191,7 +191,7 @@ class Decoder:
     @torch.no_grad()  # not inference_mode: a dense cache grown here must stay writable by the chunked path
     def step(self, cache: KVCache, token: int) -> torch.Tensor:
         """Feed one token; returns the logits (V,) that predict the next one. The cache must be ``ready``."""
-        if self.native is not None:
+        if self.native is not None and cache.memory is None:  # the native step has no memory (yet)
             return self.step_many([cache], [token])[0]
         plan = cache.plan(1)[0]  # every layer's: a ready cache has one policy
         x = self.embed.weight[token]  # (E,)
@@ -207,7 +207,7 @@ class Decoder:
         plans = [cache.plan(1)[0] for cache in caches]
         # The C++ step stores each new key at its slot itself, unless an eviction hook must see the key it
         # replaces first; then the commit stores it from the scratch slot.
-        slots = [int(p.slots[0]) if c.on_evict is None else -1 for p, c in zip(plans, caches, strict=True)]
+        slots = [int(p.slots[0]) if not c.hooked else -1 for p, c in zip(plans, caches, strict=True)]
         S = plans[0].policy.num_sinks
         C = caches[0].layers[0].keys.shape[2]
         x = self.embed.weight[list(tokens)]  # (R, E)
@@ -262,8 +262,9 @@ class Decoder:
         q = qk[:H].view(1, H, 1, D)  # (1, H, 1, D)
         k = qk[H:].view(1, Hkv, 1, D)  # (1, Hkv, 1, D)
         store = cache.layers[i]
+        recalled = cache.recall(i, q)
         out = attend(
-            plan, q, (store.keys, store.values), (k, v), store.inv_freq, self.scaling
+            plan, q, (store.keys, store.values), (k, v), store.inv_freq, self.scaling, recalled=recalled
         )  # (1, H, 1, D)
         cache.commit(i, k, v)
         return out.view(H * D)

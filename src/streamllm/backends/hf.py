@@ -27,7 +27,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..config import StreamConfig
 from ..core.cache import Evicted, KVCache, NotPreparedError
-from ..core.policy import Policy
+from ..core.memory import Memory
+from ..core.policy import Policy, SinkPolicy
 from .arch import attention_modules, layer_inv_freqs, lookup
 from .attention import attend
 
@@ -65,7 +66,18 @@ def cache_for(
         raise NotPreparedError(f"found {len(modules)} attention modules for {len(freqs)} layers")
     windows = [getattr(m, "sliding_window", getattr(model.config, "sliding_window", None)) for m in modules]
     policies = [base.for_layer(w) for w in windows]
-    return KVCache(policies, freqs, config.rebase_every if rebase else None, on_evict)
+    memory = None
+    if config.memory is not None:
+        if not isinstance(base, SinkPolicy) or base.text_positions:
+            raise ValueError("memory needs the sink policy at in-cache positions")
+        layers = [p == base for p in policies]
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        itemsize = next(model.parameters()).element_size()
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        token_bytes = sum(layers) * 2 * kv_heads * head_dim * itemsize
+        memory = Memory(config.memory, layers, base.num_sinks, base.window, freqs, token_bytes)
+    return KVCache(policies, freqs, config.rebase_every if rebase else None, on_evict, memory)
 
 
 def streamllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -112,7 +124,10 @@ def attend_layer(
             f"(kv heads, head dim), this model's are {tuple(key.shape[1::2])}"
         )
     stored = None if store.keys is None else (store.keys, store.values)
-    out = attend(cache.plans[layer_idx], query, stored, (key, value), store.inv_freq, scaling, softcap)
+    recalled = cache.recall(layer_idx, query)
+    out = attend(
+        cache.plans[layer_idx], query, stored, (key, value), store.inv_freq, scaling, softcap, recalled
+    )
     cache.commit(layer_idx, key, value)
     return out.transpose(1, 2).contiguous()
 
@@ -122,7 +137,17 @@ def forward(
     model: nn.Module, target: KVCache | Sequence[KVCache], ids: torch.Tensor, keep_all: bool = True
 ) -> torch.Tensor:
     """Feed ``ids`` (R, T) through the model, row r into cache r (one cache: R = 1), every layer attending through
-    its cache's plan. -> logits (R, T, V) float32, or (R, 1, V) without ``keep_all``."""
+    its cache's plan. -> logits (R, T, V) float32, or (R, 1, V) without ``keep_all``.
+
+    A stream with memory is fed in pieces that each start at most one selection point (``KVCache.split_points``)."""
+    if isinstance(target, KVCache) and (cuts := target.split_points(target.seen, ids.shape[1])):
+        bounds = [0, *cuts, ids.shape[1]]
+        outs = [_forward(model, target, ids[:, a:b], keep_all) for a, b in zip(bounds, bounds[1:])]
+        return torch.cat(outs, dim=1) if keep_all else outs[-1]
+    return _forward(model, target, ids, keep_all)
+
+
+def _forward(model, target, ids, keep_all):
     caches = [target] if isinstance(target, KVCache) else list(target)
     for cache in caches:
         cache.plan(ids.shape[1])
@@ -198,6 +223,8 @@ class SinkCache(Cache):
         on_evict=None,
     ):
         self.config = config or StreamConfig(num_sinks=num_sinks, window=window, method=method)
+        if self.config.memory is not None:
+            raise ValueError("SinkCache keeps no memory (generate feeds prompts whole); use streamllm.Stream")
         self.kv = cache_for(model, self.config, on_evict, rebase=False)
         super().__init__(layers=[_LayerView(self.kv, i) for i in range(len(self.kv.layers))])
 

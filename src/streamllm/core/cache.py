@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .memory import Memory
 from .plan import Plan, make_plan
 from .policy import Policy
 from .rotary import rotate
@@ -92,6 +93,7 @@ class KVCache:
         inv_freqs: Sequence[torch.Tensor],
         rebase_every: int | None = 4096,
         on_evict: Callable[[Evicted], None] | None = None,
+        memory: Memory | None = None,
     ):
         if len(policies) != len(inv_freqs):
             raise ValueError(f"{len(policies)} policies for {len(inv_freqs)} layers")
@@ -104,6 +106,7 @@ class KVCache:
         self.uniform = len(distinct) == 1  # every layer has the same policy: one plan serves them all
         self.rebase_every = rebase_every
         self.on_evict = on_evict
+        self.memory = memory  # keeps what leaves the memory layers and recalls it (``memory.py``)
         self.seen = 0  # tokens processed: the next token's text position
         self.offset = 0  # model position = text position - offset (window keys are rotated at it)
         self.plans: list[Plan] | None = None  # the pending plan of every layer, until all have committed
@@ -141,13 +144,23 @@ class KVCache:
             )
         if T < 1:
             raise ValueError("nothing to plan")
+        recall = {}
+        if self.memory is not None:
+            if self.memory.next_point(self.seen) < self.seen + T:
+                raise ValueError(
+                    f"tokens {self.seen}..{self.seen + T - 1} span a memory selection point; "
+                    "split them there (streamllm's forward does)"
+                )
+            select, M = self.memory.start(self.seen)
+            recall = {"recalled": M, "anchor_extra": self.memory.extra_anchor(), "select": select}
         self._maybe_rebase(T)
         made = []
         for group in self.groups:
             first = self.layers[group[0]]
             if first.policy.capacity is None and first.keys is not None:
                 self._grow(group, first.length + T)
-            made.append(make_plan(first.policy, first.slot_pos, self.seen, self.offset, T))
+            extra = recall if recall and group[0] in self.memory.layers else {}
+            made.append(make_plan(first.policy, first.slot_pos, self.seen, self.offset, T, **extra))
         self._group_plans = made
         self.plans = [made[g] for g in self._group_of]
         self.uncommitted = len(self.layers)
@@ -165,7 +178,7 @@ class KVCache:
         leaving token before its slot is overwritten."""
         plan = self.plans[layer_idx]
         store = self.layers[layer_idx]
-        if self.on_evict is not None and plan.departures:
+        if self.hooked and plan.departures:
             if written:
                 raise RuntimeError("a backend wrote over the slots of tokens that on_evict had not seen yet")
             self._evict(layer_idx, plan, k_new, v_new)
@@ -182,6 +195,33 @@ class KVCache:
         self.uncommitted -= 1
         if self.uncommitted == 0:
             self._finish()
+
+    def recall(self, layer_idx: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The recalled keys and values (1, Hkv, M, D) layer ``layer_idx`` attends to besides its plan's, or None.
+        At a selection point the layer first selects them with the query (1, H, T, D) of the first token."""
+        plan = self.plans[layer_idx]
+        if not plan.recalled:
+            return None
+        if plan.select:
+            pos = int(plan.model_pos[0])
+            self.memory.select(layer_idx, query[:, :, 0], pos, pos + int(plan.anchor_shift[0]))
+        return self.memory.recalled(layer_idx)
+
+    def split_points(self, start: int, T: int) -> list[int]:
+        """Where tokens ``start .. start + T - 1`` must be split so that no piece spans a memory selection point:
+        the offsets (0 < o < T) of the points inside."""
+        if self.memory is None:
+            return []
+        cuts, at = [], start
+        while (at := self.memory.next_point(at)) < start + T:
+            cuts.append(at - start)
+        return cuts
+
+    @property
+    def hooked(self) -> bool:
+        """Whether leaving tokens go somewhere (``on_evict`` or the memory), so a backend may not overwrite their
+        slots before the commit has handed them on."""
+        return self.on_evict is not None or self.memory is not None
 
     def abandon(self) -> None:
         """Forget a plan whose forward pass failed midway. Layers that committed already hold the new tokens, so
@@ -216,7 +256,10 @@ class KVCache:
             pos = torch.cat([p[0] for p in parts])  # (N,)
             keys = torch.cat([p[1] for p in parts], dim=2)  # (B, Hkv, N, D)
             values = torch.cat([p[2] for p in parts], dim=2)  # (B, Hkv, N, D)
-            self.on_evict(Evicted(i, pos, keys.clone(), values.clone(), self.offset))
+            if self.memory is not None:
+                self.memory.add(i, pos, keys, values, self.offset)
+            if self.on_evict is not None:
+                self.on_evict(Evicted(i, pos, keys.clone(), values.clone(), self.offset))
 
     def _size_for(self, policy: Policy, need: int, store: LayerStore) -> int:
         if policy.capacity is not None:

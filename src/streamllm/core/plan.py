@@ -41,6 +41,8 @@ class Plan:
     last_slot: int  # the highest slot written (-1: none)
     all_stay: bool  # whether every new token stays
     departures: bool  # whether any token leaves (a stored one, or a new one within these T tokens)
+    recalled: int = 0  # M: tokens recalled from memory, seen by every query from its anchor (``memory.py``)
+    select: bool = False  # the first token selects what is recalled (a selection point of the memory)
     memo: dict = field(
         default_factory=dict, compare=False, repr=False
     )  # what a backend derives once per plan
@@ -51,8 +53,18 @@ class Plan:
         return bool(self.anchored.any()) and bool((self.anchor_shift != 0).any())
 
 
-def make_plan(policy: Policy, slot_pos: torch.Tensor, seen: int, offset: int, T: int) -> Plan:
+def make_plan(
+    policy: Policy,
+    slot_pos: torch.Tensor,
+    seen: int,
+    offset: int,
+    T: int,
+    recalled: int = 0,
+    anchor_extra: int = 0,
+    select: bool = False,
+) -> Plan:
     """The plan for tokens ``seen .. seen + T - 1`` of a layer whose slots hold ``slot_pos`` (C,) (-1: empty).
+    ``recalled`` tokens from memory are seen besides, and move the anchor up by ``anchor_extra``.
 
     New tokens that stay take the free slots (empty, or freed by a token that leaves) in ascending order, then
     slots past C, which an unbounded cache grows into. The first S tokens of a stream always land in slots
@@ -76,7 +88,7 @@ def make_plan(policy: Policy, slot_pos: torch.Tensor, seen: int, offset: int, T:
         policy=policy,
         text_pos=q,
         model_pos=model_pos,
-        anchor_shift=policy.anchor(q) - model_pos,
+        anchor_shift=policy.anchor(q) + anchor_extra - model_pos,
         key_pos=key_pos,
         anchored=held & (key_pos < S) if S else torch.zeros_like(held),
         visible=policy.visible(q, key_pos),
@@ -88,4 +100,6 @@ def make_plan(policy: Policy, slot_pos: torch.Tensor, seen: int, offset: int, T:
         last_slot=int(stay_slots.max()) if n_stay else -1,
         all_stay=n_stay == T,
         departures=n_stay < T or bool(leaving.any()),
+        recalled=recalled,
+        select=select,
     )

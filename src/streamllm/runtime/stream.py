@@ -60,11 +60,19 @@ class Stream:
     def cache_bytes(self) -> int:
         return self.cache.memory_bytes()
 
+    @property
+    def memory(self):
+        """The stream's ``core.memory.Memory``, or None."""
+        return getattr(self.cache, "memory", None)
+
     @torch.no_grad()
-    def feed(self, ids: Sequence[int]) -> torch.Tensor:
-        """Process new tokens; returns the logits (V,) that predict the token after the last one."""
+    def feed(self, ids: Sequence[int], recall: bool = False) -> torch.Tensor:
+        """Process new tokens; returns the logits (V,) that predict the token after the last one. With ``recall``
+        and a memory, the last token selects what is recalled (say, the end of a question)."""
         if len(ids) == 0:
             raise ValueError("nothing to feed")
+        if recall and self.memory is not None:
+            self.memory.recall_at(self.tokens_seen + len(ids) - 1)
         last = None
         for logits in self.chunks(ids, keep_all=False):
             last = logits
@@ -76,7 +84,7 @@ class Stream:
         ids = [int(i) for i in ids]
         step = self.config.chunk_size
         for start in range(0, len(ids), step):
-            chunk = ids[start : start + step]
+            chunk = ids[start : start + step]  # forward splits it further at memory selection points
             if isinstance(self.cache, Recompute):
                 yield self.cache.forward(chunk, keep_all)
             elif len(chunk) == 1 and self.decoder is not None and self.decoder.ready(self.cache):

@@ -1,0 +1,153 @@
+"""Memory of evicted blocks: the engine matches a brute-force oracle on every architecture, chunked equals token
+by token, blocks spill to a file past the RAM budget and come back intact, and bad settings are refused."""
+
+import dataclasses
+
+import pytest
+import torch
+from oracle import oracle_logits
+from tiny import ARCHS, tiny_model
+
+import streamllm
+from streamllm import StreamConfig
+from streamllm.config import ConfigError, MemoryConfig
+from streamllm.runtime.stream import Stream
+
+MEMORY = MemoryConfig(block_size=4, blocks=2, reps=2, refresh=5, ram_mb=1)
+CONFIG = StreamConfig(num_sinks=2, window=6, rebase_every=7, memory=MEMORY)
+N = 60
+
+
+def _ids(seed=0, n=N):
+    return torch.randint(0, 101, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _stream_rows(model, ids, config, chunk, recall_at=()):
+    stream = Stream(model, dataclasses.replace(config, chunk_size=chunk))
+    for pos in recall_at:
+        stream.memory.recall_at(pos)
+    return torch.cat(list(stream.chunks(ids))), stream
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("positions", ["cache", "fixed"])
+def test_chunked_and_token_by_token_match_the_oracle(arch, positions):
+    model = streamllm.prepare(tiny_model(arch))
+    config = dataclasses.replace(CONFIG, memory=dataclasses.replace(MEMORY, positions=positions))
+    ids = _ids()
+    marks = (23, 41)
+    want = oracle_logits(model, ids, 2, 6, memory=config.memory, recall_at=marks)
+    for chunk in (1, 7, N):
+        got, stream = _stream_rows(
+            model, ids, dataclasses.replace(config, decode="transformers"), chunk, marks
+        )
+        assert (got - want).abs().max() < 1e-4, (arch, positions, chunk)
+    stats = stream.memory.stats()
+    assert stats["blocks"] == (N - 6 - 2) // 4  # tokens 2..N-7 have left the window
+    assert stats["recalled"] == 2 * 4 and stats["selections"] > 0
+
+
+def test_memory_changes_what_the_stream_computes():
+    """The recalled blocks really are attended: without them the logits differ from the oracle's."""
+    model = streamllm.prepare(tiny_model("llama"))
+    ids = _ids(seed=3)
+    plain = torch.cat(list(Stream(model, dataclasses.replace(CONFIG, memory=None)).chunks(ids)))
+    with_memory = oracle_logits(model, ids, 2, 6, memory=MEMORY)
+    late = slice(20, None)  # once blocks exist
+    assert (plain[late] - with_memory[late]).abs().max() > 1e-2
+    assert (plain[:13] - with_memory[:13]).abs().max() < 1e-4  # nothing to recall yet
+
+
+@pytest.mark.parametrize("step", ["python", "transformers"])
+def test_decoding_matches_the_oracle(step):
+    model = streamllm.prepare(tiny_model("qwen2"))
+    ids = _ids(seed=4)
+    want = oracle_logits(model, ids, 2, 6, memory=MEMORY)
+    decode = "fast" if step == "python" else "transformers"
+    stream = Stream(model, dataclasses.replace(CONFIG, decode=decode))
+    rows = list(stream.chunks(ids[:9]))
+    for token in ids[9:]:
+        rows.append(stream.feed([token])[None])
+    assert (torch.cat(rows) - want).abs().max() < 1e-4
+
+
+def test_feed_with_recall_selects_at_the_last_token():
+    model = streamllm.prepare(tiny_model("llama"))
+    ids = _ids(seed=5)
+    want = oracle_logits(model, ids, 2, 6, memory=MEMORY, recall_at=(38,))
+    stream = Stream(model, dataclasses.replace(CONFIG, decode="transformers", chunk_size=64))
+    first = stream.feed(ids[:39], recall=True)
+    assert (first - want[38]).abs().max() < 1e-4
+    rest = torch.cat(list(stream.chunks(ids[39:])))
+    assert (rest - want[39:]).abs().max() < 1e-4
+
+
+def test_blocks_past_the_budget_go_to_a_file_and_come_back(tmp_path):
+    """A budget of one block: every older block lives in the file, and the results do not change."""
+    model = streamllm.prepare(tiny_model("llama"))
+    ids = _ids(seed=6, n=90)
+    block_bytes = (
+        2 * 2 * 2 * 16 * 4 * MEMORY.block_size
+    )  # layers, k and v, kv heads, head dim, float32, tokens
+    small = dataclasses.replace(MEMORY, ram_mb=1, dir=tmp_path)
+    big, _ = _stream_rows(model, ids, dataclasses.replace(CONFIG, decode="transformers"), 9)
+    stream = Stream(model, dataclasses.replace(CONFIG, decode="transformers", chunk_size=9, memory=small))
+    stream.memory.budget = (
+        block_bytes  # the smallest budget a config can state is 1 MiB; the rule is the same
+    )
+    got = torch.cat(list(stream.chunks(ids)))
+    stats = stream.memory.stats()
+    assert stats["layer_blocks_on_disk"] > 0 and stats["disk_bytes"] > 0
+    assert 0 < stream.memory.ram_bytes <= block_bytes
+    assert (got - big).abs().max() < 1e-5
+    assert list(tmp_path.iterdir()) == []  # the file is unlinked once open: it goes with the stream
+
+
+def test_a_full_disk_stops_the_stream_with_a_clear_error(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from streamllm.core.memory import MemoryFileError
+
+    model = streamllm.prepare(tiny_model("llama"))
+    stream = Stream(
+        model,
+        dataclasses.replace(CONFIG, decode="transformers", memory=dataclasses.replace(MEMORY, dir=tmp_path)),
+    )
+    stream.memory.budget = 1  # every block goes to the file
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(MemoryFileError, match="No space left on device"):
+        stream.feed(_ids(seed=7))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("block_size", 0, "block_size must be >= 1"),
+        ("blocks", -1, "blocks must be >= 1"),
+        ("reps", 9, "cannot exceed the block size"),
+        ("refresh", 0, "refresh must be >= 1"),
+        ("ram_mb", 0, "ram_mb must be >= 1"),
+        ("positions", "text", "unknown memory positions"),
+    ],
+)
+def test_bad_settings_are_refused(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(MemoryConfig(block_size=8), **{field: value})
+
+
+def test_a_budget_below_one_block_is_refused():
+    model = streamllm.prepare(tiny_model("llama"))
+    with pytest.raises(ValueError, match="smaller than one block"):
+        Stream(model, StreamConfig(memory=MemoryConfig(block_size=8192, ram_mb=1)))
+
+
+def test_memory_needs_the_sink_method():
+    with pytest.raises(ConfigError, match="sink method"):
+        StreamConfig(method="window", memory=MemoryConfig())
+    with pytest.raises(ConfigError, match="sink method"):
+        StreamConfig(positions="text", memory=MemoryConfig())
