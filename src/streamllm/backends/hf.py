@@ -142,7 +142,10 @@ def forward(
     A stream with memory is fed in pieces that each start at most one selection point (``KVCache.split_points``)."""
     if isinstance(target, KVCache) and (cuts := target.split_points(target.seen, ids.shape[1])):
         bounds = [0, *cuts, ids.shape[1]]
-        outs = [_forward(model, target, ids[:, a:b], keep_all) for a, b in zip(bounds, bounds[1:])]
+        outs = [
+            _forward(model, target, ids[:, a:b], keep_all)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
         return torch.cat(outs, dim=1) if keep_all else outs[-1]
     return _forward(model, target, ids, keep_all)
 
