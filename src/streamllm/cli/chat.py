@@ -15,7 +15,16 @@ from pathlib import Path
 
 from ..home import home
 from ..sysinfo import current_rss_mb
-from .common import InputError, load, read_text, sampling, sampling_args, stream_args, stream_config
+from .common import (
+    InputError,
+    load,
+    memory_line,
+    read_text,
+    sampling,
+    sampling_args,
+    stream_args,
+    stream_config,
+)
 
 HELP = """Commands:
   /help    this list
@@ -153,7 +162,7 @@ def _stats(session, config) -> str:
     return (
         f"[turns {session.turns}, streamed {session.stream.tokens_seen} tokens, cache "
         f"{session.stream.cache_length}/{config.cache_size}, sampling {shape}, repetition penalty "
-        f"{s.repetition_penalty}, RSS {current_rss_mb():.0f} MB]"
+        f"{s.repetition_penalty}, RSS {current_rss_mb():.0f} MB{memory_line(session.stream)}]"
     )
 
 

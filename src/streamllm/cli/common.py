@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 
 from ..backends.arch import UnsupportedModelError
-from ..config import DECODE_MODES, METHODS, POSITIONS, ConfigError, StreamConfig
+from ..config import (
+    DECODE_MODES,
+    METHODS,
+    POSITIONS,
+    RECALL_POSITIONS,
+    ConfigError,
+    MemoryConfig,
+    StreamConfig,
+)
+from ..core.memory import MemoryFileError
 from ..data import DataError
 from ..models import BUILTINS, DEFAULT_MODEL, DTYPES, ModelError, is_pulled, pull
 
@@ -17,7 +26,15 @@ class InputError(ValueError):
     pass
 
 
-USER_ERRORS = (InputError, ConfigError, ModelError, UnsupportedModelError, DataError, ValueError)
+USER_ERRORS = (
+    InputError,
+    ConfigError,
+    ModelError,
+    UnsupportedModelError,
+    DataError,
+    MemoryFileError,
+    ValueError,
+)
 
 
 def int_at_least(minimum: int):
@@ -66,6 +83,40 @@ def stream_args(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not start the stream with BOS (by default it does when the tokenizer adds one)",
     )
+    memory_args(p)
+
+
+MEMORY_FLAGS = {  # option -> MemoryConfig field
+    "--memory-block": "block_size",
+    "--memory-blocks": "blocks",
+    "--memory-reps": "reps",
+    "--memory-refresh": "refresh",
+    "--memory-ram": "ram_mb",
+}
+
+
+def memory_args(p: argparse.ArgumentParser) -> None:
+    d = MemoryConfig()
+    g = p.add_argument_group("memory of evicted tokens (any --memory-* option turns it on)")
+    g.add_argument(
+        "--memory", action="store_true", help="keep evicted tokens in blocks and recall the relevant ones"
+    )
+    helps = {
+        "block_size": f"tokens per block (default {d.block_size})",
+        "blocks": f"blocks recalled at a time (default {d.blocks})",
+        "reps": f"representative keys per block and kv head (default {d.reps})",
+        "refresh": f"tokens between selections (default {d.refresh})",
+        "ram_mb": f"MiB of blocks kept in RAM; older blocks go to a file (default {d.ram_mb})",
+    }
+    for flag, field in MEMORY_FLAGS.items():
+        g.add_argument(flag, dest=f"memory_{field}", type=int, default=None, help=helps[field])
+    g.add_argument(
+        "--memory-positions",
+        choices=RECALL_POSITIONS,
+        default=None,
+        help="recalled tokens between the sinks and the window (cache, default) or all just past it (fixed)",
+    )
+    g.add_argument("--memory-dir", type=Path, default=None, help="folder for the memory file (default: temp)")
 
 
 def sampling_args(p: argparse.ArgumentParser, max_new: int, chat: bool = False) -> None:
@@ -90,6 +141,19 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def memory_config(args) -> MemoryConfig | None:
+    """The ``MemoryConfig`` the options ask for, or None when no memory option is given."""
+    fields = {f: getattr(args, f"memory_{f}", None) for f in MEMORY_FLAGS.values()}
+    fields["positions"] = getattr(args, "memory_positions", None)
+    fields["dir"] = getattr(args, "memory_dir", None)
+    given = {k: v for k, v in fields.items() if v is not None}
+    if not given and not getattr(args, "memory", False):
+        return None
+    if "dir" in given and not given["dir"].is_dir():
+        raise InputError(f"memory folder does not exist: {given['dir']}")
+    return MemoryConfig(**given)
+
+
 def stream_config(args) -> StreamConfig:
     return StreamConfig(
         num_sinks=args.num_sinks,
@@ -98,6 +162,24 @@ def stream_config(args) -> StreamConfig:
         chunk_size=args.chunk_size,
         positions=args.positions,
         decode=args.decode,
+        memory=memory_config(args),
+    )
+
+
+def memory_stats(stream) -> dict | None:
+    """What a stream's memory holds (``Memory.stats``), or None without one."""
+    memory = getattr(stream, "memory", None)
+    return None if memory is None else memory.stats()
+
+
+def memory_line(stream) -> str:
+    """The memory's vital signs for a one-line summary ("" without a memory)."""
+    m = memory_stats(stream)
+    if m is None:
+        return ""
+    return (
+        f", memory {m['blocks']} blocks ({m['tokens']} tokens, {m['ram_bytes'] / 2**20:.0f} MB RAM, "
+        f"{m['disk_bytes'] / 2**20:.0f} MB disk, {m['recalled']} recalled)"
     )
 
 

@@ -25,6 +25,13 @@ def add_parser(sub) -> None:
         "--questions", type=Path, default=None, help="chat, sampling: MT-Bench style JSONL of questions"
     )
     e.add_argument(
+        "--lengths",
+        type=_lengths,
+        default=None,
+        help="passkey: stream lengths, comma-separated (e.g. 4096,16384)",
+    )
+    e.add_argument("--keys", type=positive, default=None, help="passkey: keys per cell (default 10)")
+    e.add_argument(
         "--no-bos",
         dest="bos",
         action="store_false",
@@ -32,6 +39,18 @@ def add_parser(sub) -> None:
     )
     model_args(e)
     e.set_defaults(run=run)
+
+
+def _lengths(text: str) -> list[int]:
+    import argparse
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 256:
+        raise argparse.ArgumentTypeError(f"lengths must be integers >= 256, got {text!r}")
+    return values
 
 
 def run(args) -> int:
@@ -60,6 +79,8 @@ def run(args) -> int:
         tokens=args.tokens,
         questions=args.questions,
         bos=args.bos,
+        lengths=args.lengths,
+        keys=args.keys,
         bar=lambda total, desc: tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, disable=None),
     )
     start = time.perf_counter()

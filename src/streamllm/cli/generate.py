@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..sysinfo import peak_rss_mb
-from .common import InputError, load, sampling, sampling_args, stream_args, stream_config
+from .common import InputError, load, memory_line, sampling, sampling_args, stream_args, stream_config
 
 
 def add_parser(sub) -> None:
@@ -20,6 +20,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..runtime.generate import stream_generate
+    from ..runtime.stream import Stream
 
     if not args.prompt.strip():
         raise InputError("the prompt is empty")
@@ -30,8 +31,8 @@ def run(args) -> int:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
-    last = None
-    for event in stream_generate(model, tokenizer, prompt, options, config, bos=args.bos):
+    last, stream = None, Stream(model, config)
+    for event in stream_generate(model, tokenizer, prompt, options, bos=args.bos, stream=stream):
         sys.stdout.write(event.text)
         sys.stdout.flush()
         last = event
@@ -39,7 +40,8 @@ def run(args) -> int:
     if args.stats and last:
         print(
             f"[{last.generated} tokens, {last.tok_per_s:.1f} tok/s, cache {last.cache_length}/{config.cache_size}, "
-            f"{last.tokens_seen} streamed, finish={last.finish_reason}, peak RSS {peak_rss_mb():.0f} MB]",
+            f"{last.tokens_seen} streamed, finish={last.finish_reason}, peak RSS {peak_rss_mb():.0f} MB"
+            f"{memory_line(stream)}]",
             file=sys.stderr,
         )
     return 0

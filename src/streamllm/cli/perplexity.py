@@ -7,7 +7,17 @@ import sys
 from pathlib import Path
 
 from ..sysinfo import peak_rss_mb
-from .common import InputError, load, output_file, positive, read_text, stream_args, stream_config
+from .common import (
+    InputError,
+    load,
+    memory_line,
+    memory_stats,
+    output_file,
+    positive,
+    read_text,
+    stream_args,
+    stream_config,
+)
 
 
 def add_parser(sub) -> None:
@@ -27,6 +37,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from ..runtime.perplexity import perplexity_run
+    from ..runtime.stream import Stream
     from ..runtime.tokens import encode
 
     texts = [read_text(path) for path in args.text]
@@ -41,8 +52,9 @@ def run(args) -> int:
     ids = ids[: args.max_tokens] if args.max_tokens else ids
     if len(ids) < 2:
         raise InputError("the text has fewer than 2 tokens")
+    stream = Stream(model, config)
     with tqdm(total=len(ids), unit="tok", file=sys.stderr, disable=None) as bar:
-        result = perplexity_run(model, [ids], config, csv_path, on_chunk=bar.update)
+        result = perplexity_run(model, [ids], config, csv_path, on_chunk=bar.update, stream=stream)
     summary = {
         "ppl": round(result.ppl, 4),
         "tokens": len(ids),
@@ -53,12 +65,13 @@ def run(args) -> int:
         "model": args.model,
         "tok_per_s": round(result.tok_per_s, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "memory": memory_stats(stream),
     }
     if args.json:
         print(json.dumps(summary))
     else:
         print(
             f"perplexity {result.ppl:.3f} over {len(ids)} tokens ({config.method}, {config.num_sinks}+{config.window}), "
-            f"{result.tok_per_s:.1f} tok/s, peak RSS {summary['peak_rss_mb']} MB"
+            f"{result.tok_per_s:.1f} tok/s, peak RSS {summary['peak_rss_mb']} MB{memory_line(stream)}"
         )
     return 0

@@ -6,7 +6,16 @@ import argparse
 import logging
 from pathlib import Path
 
-from .common import InputError, int_at_least, load, positive, read_text, stream_args, stream_config
+from .common import (
+    InputError,
+    int_at_least,
+    load,
+    memory_config,
+    positive,
+    read_text,
+    stream_args,
+    stream_config,
+)
 
 
 def add_parser(sub) -> None:
@@ -63,6 +72,12 @@ def _api_keys(args) -> tuple[str, ...]:
 
 def run(args) -> int:
     from ..server import ServerConfig, serve
+
+    if memory_config(args) is not None:
+        raise InputError(
+            "serve does not take --memory yet: a session's memory is neither saved with its turns nor undone "
+            "with a stopped reply"
+        )
 
     config = ServerConfig(
         model_id=args.model,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import attention_map, chat, curves, sampling, streameval
+from . import attention_map, chat, curves, passkey, sampling, streameval
 from .context import Context
 from .report import Report
 
@@ -20,6 +20,7 @@ EXPERIMENTS: dict[str, Callable[[Context], Report]] = {
     "streameval": streameval.streameval,
     "chat": chat.chat,
     "sampling": sampling.sampling,
+    "passkey": passkey.passkey,
 }
 
 __all__ = ["EXPERIMENTS", "Context", "Report"]

@@ -22,6 +22,8 @@ class Context:
     tokens: int | None = None  # override of the experiment's stream length
     questions: Path | None = None  # chat experiment: MT-Bench style JSONL
     bos: bool = True  # streams start with BOS when the tokenizer adds one
+    lengths: list[int] | None = None  # passkey: stream lengths instead of the default ones
+    keys: int | None = None  # passkey: keys per cell instead of the default
     bar: Callable[..., contextlib.AbstractContextManager] | None = None  # bar(total=, desc=) -> obj.update(n)
 
     def progress(self, total: int, desc: str):

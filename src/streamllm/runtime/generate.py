@@ -178,7 +178,7 @@ def stream_generate(
     if not ids:
         raise ValueError("the prompt is empty")
     loop = Generation(model, tokenizer, ids, sampling)
-    logits = stream.feed(ids)
+    logits = stream.feed(ids, recall=True)  # with a memory, the prompt's last token selects what is recalled
     loop.prefilled()
     while True:
         token = loop.next_token(logits)

@@ -44,13 +44,16 @@ def held_after(config: StreamConfig, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def iter_nll(model, pieces: Iterable[Sequence[int]], config: StreamConfig) -> Iterator[torch.Tensor]:
-    """Stream token ``pieces`` (any sizes, chained into one stream) through a fresh stream.
+def iter_nll(
+    model, pieces: Iterable[Sequence[int]], config: StreamConfig, stream: Stream | None = None
+) -> Iterator[torch.Tensor]:
+    """Stream token ``pieces`` (any sizes, chained into one stream) through a fresh stream (or ``stream``, made
+    by the caller from ``config``, who can then read its state).
 
     Yields the NLLs (n,) of successive tokens, starting with the stream's second token, one chunk at a time, so
     memory stays flat however long the stream is.
     """
-    stream = Stream(model, config)
+    stream = stream or Stream(model, config)
     buf: list[int] = []
     C = config.chunk_size
     for piece in pieces:
@@ -108,6 +111,7 @@ def perplexity_run(
     config: StreamConfig,
     csv_path: Path | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    stream: Stream | None = None,
 ) -> RunningPerplexity:
     """Stream ``pieces`` and total the losses in constant memory; with ``csv_path``, write one row per token:
     its index in the stream, NLL, the running perplexity so far, the cache length it was predicted from and the
@@ -118,7 +122,7 @@ def perplexity_run(
         writer = csv.writer(f) if f else None
         if writer:
             writer.writerow(CSV_HEADER)
-        for nll in iter_nll(model, pieces, config):
+        for nll in iter_nll(model, pieces, config, stream):
             first = run.tokens + 1  # stream index of this chunk's first scored token
             running = torch.exp(
                 (run.total_nll + nll.double().cumsum(0)) / torch.arange(first, first + len(nll))

@@ -73,7 +73,9 @@ class Job:
             stream.feed(prefix[start : start + chunk])
             yield None
         loop = Generation(model, tokenizer, ids, sampling)
-        logits = stream.feed(ids[-1:])
+        logits = stream.feed(
+            ids[-1:], recall=True
+        )  # with a memory, the prompt's end selects what is recalled
         loop.prefilled()
         while True:
             token = loop.next_token(logits)
