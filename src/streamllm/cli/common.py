@@ -190,6 +190,10 @@ def load(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if not sys.stderr.isatty():  # a log or a pipe gets no progress bars from transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if args.model in BUILTINS and not is_pulled(args.model):
         pull(args.model, progress=lambda msg: print(f"[streamllm] {msg}", file=sys.stderr))
     return load_model(args.model, args.dtype)

@@ -192,14 +192,17 @@ class Memory:
             expected = self.num_sinks + mem.count * bs
             if int(block_pos[0]) != expected or int(block_pos[-1]) != expected + bs - 1:
                 raise RuntimeError(f"memory of layer {layer}: block {mem.count} is not tokens {expected}..")
-            self._store(layer, mem, k[:, :, start : start + bs], v[:, :, start : start + bs])
+            self.keep_block(layer, k[:, :, start : start + bs], v[:, :, start : start + bs])
         mem.pending_pos, mem.pending_keys, mem.pending_values = (
             [pos[whole:]],
             [k[:, :, whole:]],
             [v[:, :, whole:]],
         )
 
-    def _store(self, layer: int, mem: _LayerMemory, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def keep_block(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep one whole block of ``layer`` as its next block: keys before rotary and values (1, Hkv, bs, D).
+        ``add`` calls it for every block its tokens complete (a benchmark may call it to fill a memory)."""
+        mem = self.layers[layer]
         r = self.config.reps
         k = keys[0].float()  # (Hkv, bs, D)
         spread = (k - k.mean(dim=1, keepdim=True)).norm(dim=-1)  # (Hkv, bs)
