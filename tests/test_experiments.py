@@ -50,8 +50,8 @@ def table_rows(report):
 def test_methods(outputs):
     out, report = outputs("methods")
     rows, md = read(out, "methods")
-    assert {r["method"] for r in rows} == {"dense", "window", "sink", "recompute (sampled)"}
-    for name in ("dense", "window", "sink", "recompute"):
+    assert {r["method"] for r in rows} == {"dense", "window", "sink", "sink + memory", "recompute (sampled)"}
+    for name in ("dense", "window", "sink", "sink + memory", "recompute"):
         assert f"| {name} |" in md
     mean = {m: sum(float(r["mean_nll"]) for r in rows if r["method"] == m) for m in ("window", "sink")}
     assert mean["window"] > mean["sink"]  # evicting the first tokens hurts (paper Fig. 3)
@@ -189,3 +189,16 @@ def test_passkey(outputs):
     assert not right["sink", "0.1"]  # the key left the 4+252 cache long before the question
     assert right["memory", "0.1"] and right["memory", "0.5"]  # and memory brought it back
     assert "the key's block was recalled by" in md
+
+
+def test_memory(outputs):
+    out, report = outputs("memory")
+    rows, md = read(out, "memory")
+    assert [r["config"] for r in rows] == [
+        "sink",
+        "sink + memory, cache positions",
+        "sink + memory, fixed distance",
+    ]
+    ppls = [float(r["perplexity"]) for r in rows]
+    assert ppls[1] != ppls[0] and ppls[2] != ppls[1]  # memory is attended, and the rules differ
+    assert all(p < 2 * ppls[0] for p in ppls)  # and it does not wreck the stream

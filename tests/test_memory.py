@@ -2,6 +2,7 @@
 by token, blocks spill to a file past the RAM budget and come back intact, and bad settings are refused."""
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from tiny import ARCHS, tiny_model
 
 import streamllm
 from streamllm import StreamConfig
+from streamllm.backends import native
 from streamllm.config import ConfigError, MemoryConfig
 from streamllm.runtime.stream import Stream
 
@@ -58,17 +60,31 @@ def test_memory_changes_what_the_stream_computes():
     assert (plain[:13] - with_memory[:13]).abs().max() < 1e-4  # nothing to recall yet
 
 
-@pytest.mark.parametrize("step", ["python", "transformers"])
-def test_decoding_matches_the_oracle(step):
+@pytest.mark.parametrize("positions", ["cache", "fixed"])
+@pytest.mark.parametrize("step", ["native", "python", "transformers"])
+def test_decoding_matches_the_oracle(step, positions, monkeypatch):
+    if step == "native" and (shutil.which("c++") is None or native.kernels() is None):
+        pytest.skip("no C++ compiler here: decoding uses the Python step")
     model = streamllm.prepare(tiny_model("qwen2"))
     ids = _ids(seed=4)
-    want = oracle_logits(model, ids, 2, 6, memory=MEMORY)
-    decode = "fast" if step == "python" else "transformers"
-    stream = Stream(model, dataclasses.replace(CONFIG, decode=decode))
+    memory = dataclasses.replace(MEMORY, positions=positions)
+    want = oracle_logits(model, ids, 2, 6, memory=memory)
+    decode = "transformers" if step == "transformers" else "fast"
+    stream = Stream(model, dataclasses.replace(CONFIG, decode=decode, memory=memory))
+    if step == "python":
+        monkeypatch.setattr(stream.decoder, "native", None)
+    elif step == "native":
+        calls = []
+        step_many = stream.decoder.step_many
+        monkeypatch.setattr(stream.decoder, "step_many", lambda *a: calls.append(1) or step_many(*a))
     rows = list(stream.chunks(ids[:9]))
     for token in ids[9:]:
         rows.append(stream.feed([token])[None])
     assert (torch.cat(rows) - want).abs().max() < 1e-4
+    if step == "native":  # every token but the selection points went through the C++ step
+        # the first block (tokens 2..5) is held once token 11 is processed: selections start at token 12
+        points = [t for t in range(9, N) if t % MEMORY.refresh == 0 and t >= 12]
+        assert len(calls) == N - 9 - len(points)
 
 
 def test_feed_with_recall_selects_at_the_last_token():

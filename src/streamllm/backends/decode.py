@@ -191,8 +191,10 @@ class Decoder:
     @torch.no_grad()  # not inference_mode: a dense cache grown here must stay writable by the chunked path
     def step(self, cache: KVCache, token: int) -> torch.Tensor:
         """Feed one token; returns the logits (V,) that predict the next one. The cache must be ``ready``."""
-        if self.native is not None and cache.memory is None:  # the native step has no memory (yet)
-            return self.step_many([cache], [token])[0]
+        if self.native is not None and (cache.memory is None or not cache.memory.due(cache.seen)):
+            return self.step_many([cache], [token])[
+                0
+            ]  # a token that selects from memory needs its query first
         plan = cache.plan(1)[0]  # every layer's: a ready cache has one policy
         x = self.embed.weight[token]  # (E,)
         cos, sin = self.rotary(x, plan.model_pos[None])  # (1, 1, D), model dtype
@@ -210,14 +212,18 @@ class Decoder:
         slots = [int(p.slots[0]) if not c.hooked else -1 for p, c in zip(plans, caches, strict=True)]
         S = plans[0].policy.num_sinks
         C = caches[0].layers[0].keys.shape[2]
+        room = caches[0].layers[0].recall_slots  # M_max: scratch slots of keys recalled from memory
+        if any(plan.select for plan in plans):
+            raise RuntimeError("a token that selects from memory goes through the Python step")
         x = self.embed.weight[list(tokens)]  # (R, E)
         cos, sin = self.rotary(x, torch.cat([plan.model_pos for plan in plans])[:, None])  # (R, 1, D)
+        turns = S or room
         logits = self.native(
             x,
             cos[:, 0],  # (R, D)
             sin[:, 0],  # (R, D)
-            torch.stack([self._turn(plan) for plan in plans]) if S else torch.empty(0),  # (R, D, D)
-            torch.stack([native_mask(plan, S) for plan in plans]),  # (R, C + 1 + S)
+            torch.stack([self._turn(plan) for plan in plans]) if turns else torch.empty(0),  # (R, D, D)
+            torch.stack([native_mask(plan, S, room) for plan in plans]),  # (R, C + 1 + S + M_max)
             [[cache.layers[i].full_keys for cache in caches] for i in range(len(self.layers))],
             [[cache.layers[i].full_values for cache in caches] for i in range(len(self.layers))],
             slots,
@@ -270,15 +276,17 @@ class Decoder:
         return out.view(H * D)
 
 
-def native_mask(plan: Plan, S: int) -> torch.Tensor:
-    """What the token sees in the native step's key layout -> (C + 1 + S,) bool: the stored slots the plan shows it
-    (the anchored ones through their turned copies instead), itself in scratch slot C, and the copies of the
-    anchored keys in scratch slots C+1..C+S."""
+def native_mask(plan: Plan, S: int, room: int = 0) -> torch.Tensor:
+    """What the token sees in the native step's key layout -> (C + 1 + S + room,) bool: the stored slots the plan
+    shows it (the anchored ones through their turned copies instead), itself in scratch slot C, the copies of the
+    anchored keys in scratch slots C+1..C+S, and the ``plan.recalled`` keys recalled from memory after them (of
+    ``room`` scratch slots)."""
     visible = plan.visible[0]  # (C + 1,)
     C = visible.numel() - 1
     anchored = plan.anchored[:C]  # (C,): slots 0..S-1 when held
     seen = visible[:C]
-    return torch.cat([seen & ~anchored, visible[C:], (seen & anchored)[:S]])
+    recalled = torch.arange(room) < plan.recalled  # (room,)
+    return torch.cat([seen & ~anchored, visible[C:], (seen & anchored)[:S], recalled])
 
 
 def _rotation_matrix(shift: int, inv_freq: torch.Tensor) -> torch.Tensor:

@@ -143,10 +143,11 @@ void rotate(const T* x, const T* cos, const T* sin, T* out, int64_t D) {
 }
 
 // The G query heads of each kv head against the visible keys, split into blocks of keys so that every thread has
-// work; each block keeps its own running maximum, sum and weighted values, merged at the end.
+// work; each block keeps its own running maximum, sum and weighted values, merged at the end. Keys from slot
+// ``split`` on (recalled from memory) are scored with the turned query ``qa`` instead of ``q``.
 template <typename T>
-void attend(const float* q, const T* keys, const T* values, const bool* visible, int64_t H, int64_t Hkv, int64_t N,
-            int64_t D, float scale, T* out) {
+void attend(const float* q, const float* qa, int64_t split, const T* keys, const T* values, const bool* visible,
+            int64_t H, int64_t Hkv, int64_t N, int64_t D, float scale, T* out) {
   const int64_t G = H / Hkv;
   const int64_t blocks = (N + BLOCK - 1) / BLOCK;
   const float NEG = -std::numeric_limits<float>::infinity();
@@ -158,13 +159,15 @@ void attend(const float* q, const T* keys, const T* values, const bool* visible,
       const T* K = keys + h * N * D;
       const T* V = values + h * N * D;
       const float* Q = q + h * G * D;
+      const float* QA = qa + h * G * D;
       float* m = maxes.data() + task * G;
       float* l = sums.data() + task * G;
       float* a = acc.data() + task * G * D;
       for (int64_t n = n0; n < n1; ++n) {
         if (!visible[n]) continue;
+        const float* Qn = n < split ? Q : QA;
         for (int64_t g = 0; g < G; ++g) {
-          const float s = dot(Q + g * D, K + n * D, D) * scale;
+          const float s = dot(Qn + g * D, K + n * D, D) * scale;
           scores[g * BLOCK + n - n0] = s;
           m[g] = std::max(m[g], s);
         }
@@ -254,7 +257,8 @@ class Step {
   }
 
   // R tokens, each of its own stream. x: their embeddings (R, E); cos, sin: their rotary angles (R, D); turn: the
-  // sinks' rotations (R, D, D) float32, empty without sinks; visible: (R, N) bool, from the cache's plan; keys,
+  // sinks' rotations (R, D, D) float32, empty without sinks or recalled keys; visible: (R, N) bool, from the
+  // cache's plan (slots past C + S are keys recalled from memory, seen by the query turned the other way); keys,
   // values: per layer, per row (1, Hkv, N, D); slots: (R,) the slot the plan gives each new token, or -1. Every
   // stream has the same C and S. Each layer's new key and value are left in scratch slot C, and stored at the
   // row's slot after attending when it is not -1 (the cache's commit then only records it). Returns the logits
@@ -267,7 +271,9 @@ class Step {
     TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "one cache buffer per layer");
     TORCH_CHECK(static_cast<int64_t>(slots.size()) == R, "one slot per row");
     TORCH_CHECK(visible.scalar_type() == at::kBool && visible.is_contiguous(), "visible: contiguous bool");
-    TORCH_CHECK(S == 0 || (turn.scalar_type() == at::kFloat && turn.is_contiguous()), "turn: contiguous float32");
+    TORCH_CHECK(turn.numel() == 0 || (turn.scalar_type() == at::kFloat && turn.is_contiguous()),
+                "turn: contiguous float32");
+    TORCH_CHECK((S == 0 && visible.size(1) == C + 1) || turn.size(0) == x.size(0), "turn: one per row");
     at::Tensor out;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "streamllm_decode_step", [&] {
       out = run<scalar_t>(x, cos.contiguous(), sin.contiguous(), turn, visible, keys, values, slots, C, S);
@@ -288,6 +294,8 @@ class Step {
     at::Tensor h = at::empty_like(x);               // (R, E) their normalised copies
     at::Tensor rotated = at::empty({H + Hkv, D}, x.options());
     at::Tensor q = at::empty({H, D}, x.options().dtype(at::kFloat));
+    at::Tensor qa = at::empty({H, D}, x.options().dtype(at::kFloat));  // q turned to see recalled keys
+    const int64_t split = C + 1 + S;  // first slot of the recalled keys (N when there are none)
     at::Tensor attended = at::empty({R, H * D}, x.options());
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& L = layers_[i];
@@ -325,7 +333,9 @@ class Step {
         if (S) move_sinks(K, V, turn.data_ptr<float>() + row * D * D, Hkv, N, C, S, D);
         float* qf = q.data_ptr<float>();
         for (int64_t j = 0; j < H * D; ++j) qf[j] = to_float(r[j]);
-        attend(qf, K, V, visible.data_ptr<bool>() + row * N, H, Hkv, N, D, static_cast<float>(scale_),
+        float* qt = qa.data_ptr<float>();
+        if (split < N) turn_query(qf, turn.data_ptr<float>() + row * D * D, qt, H, D);
+        attend(qf, qt, split, K, V, visible.data_ptr<bool>() + row * N, H, Hkv, N, D, static_cast<float>(scale_),
                attended.data_ptr<T>() + row * H * D);
         const int64_t slot = slots[row];
         for (int64_t k = 0; slot >= 0 && k < Hkv; ++k) {  // then into the slot the plan gave it
@@ -368,6 +378,16 @@ class Step {
         T* dst = K + (k * N + C + 1 + i) * D;
         for (int64_t e = 0; e < D; ++e) dst[e] = static_cast<T>(moved[e]);
         std::copy(V + (k * N + i) * D, V + (k * N + i + 1) * D, V + (k * N + C + 1 + i) * D);
+      }
+    }
+  }
+
+  // The query turned by the opposite of ``turn`` (which moves keys: k @ turn): q . (k @ turn) = (q @ turn^T) . k,
+  // so the recalled keys, stored where the query's anchor sees them, are scored as the moved sinks are.
+  static void turn_query(const float* q, const float* turn, float* out, int64_t H, int64_t D) {
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t d = 0; d < D; ++d) {
+        out[h * D + d] = dot(q + h * D, turn + d * D, D);
       }
     }
   }

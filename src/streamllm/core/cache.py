@@ -51,9 +51,12 @@ class Evicted:
 class LayerStore:
     """One layer's storage and the policy and rotary frequencies it was made with."""
 
-    def __init__(self, policy: Policy, inv_freq: torch.Tensor):
+    def __init__(self, policy: Policy, inv_freq: torch.Tensor, recall_slots: int = 0):
         self.policy, self.inv_freq = policy, inv_freq
-        self.full_keys = self.full_values = None  # (B, Hkv, C + 1 + S, D): C slots, then the scratch ones
+        self.recall_slots = recall_slots  # M_max: scratch slots for keys recalled from memory
+        self.full_keys = self.full_values = (
+            None  # (B, Hkv, C + 1 + S + M_max, D): C slots, then the scratch ones
+        )
         self.keys = self.values = None  # (B, Hkv, C, D) views without the scratch slots
         self.slot_pos = torch.empty(
             0, dtype=torch.long
@@ -70,9 +73,9 @@ class LayerStore:
         if size <= have and self.keys is not None:
             return
         B, Hkv, _, D = like.shape
-        spare = 1 + self.policy.num_sinks
-        full_keys = like.new_zeros(B, Hkv, size + spare, D)  # (B, Hkv, C + 1 + S, D)
-        full_values = like.new_zeros(B, Hkv, size + spare, D)  # (B, Hkv, C + 1 + S, D)
+        spare = 1 + self.policy.num_sinks + self.recall_slots
+        full_keys = like.new_zeros(B, Hkv, size + spare, D)  # (B, Hkv, C + 1 + S + M_max, D)
+        full_values = like.new_zeros(B, Hkv, size + spare, D)
         slot_pos = torch.full((size,), -1, dtype=torch.long)  # (C,)
         if self.keys is not None:
             full_keys[:, :, :have], full_values[:, :, :have] = self.keys, self.values
@@ -97,7 +100,10 @@ class KVCache:
     ):
         if len(policies) != len(inv_freqs):
             raise ValueError(f"{len(policies)} policies for {len(inv_freqs)} layers")
-        self.layers = [LayerStore(p, f) for p, f in zip(policies, inv_freqs, strict=True)]
+        recall = [
+            memory.config.recalled if memory and i in memory.layers else 0 for i in range(len(policies))
+        ]
+        self.layers = [LayerStore(*args) for args in zip(policies, inv_freqs, recall, strict=True)]
         distinct = list(dict.fromkeys(policies))  # layers of one policy share one plan
         self.groups = [[i for i, p in enumerate(policies) if p == policy] for policy in distinct]
         self._group_of = [distinct.index(p) for p in policies]
@@ -202,10 +208,15 @@ class KVCache:
         plan = self.plans[layer_idx]
         if not plan.recalled:
             return None
-        if plan.select:
+        store = self.layers[layer_idx]
+        start = store.slot_pos.numel() + 1 + store.policy.num_sinks  # the recall scratch slots
+        end = start + plan.recalled
+        if plan.select:  # into the scratch slots, where the C++ decode step reads them too
             pos = int(plan.model_pos[0])
-            self.memory.select(layer_idx, query[:, :, 0], pos, pos + int(plan.anchor_shift[0]))
-        return self.memory.recalled(layer_idx)
+            keys, values = self.memory.select(layer_idx, query[:, :, 0], pos, pos + int(plan.anchor_shift[0]))
+            store.full_keys[:, :, start:end] = keys
+            store.full_values[:, :, start:end] = values
+        return store.full_keys[:, :, start:end], store.full_values[:, :, start:end]
 
     def split_points(self, start: int, T: int) -> list[int]:
         """Where tokens ``start .. start + T - 1`` must be split so that no piece spans a memory selection point:

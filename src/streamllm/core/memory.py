@@ -88,7 +88,7 @@ class _Spill:
 
 class _LayerMemory:
     """One layer's blocks: representative keys (Nb, Hkv, r, D), the pending tokens of the block being filled,
-    and the current selection's recalled keys and values (1, Hkv, M, D)."""
+    and the blocks selected last."""
 
     def __init__(self):
         self.reps: torch.Tensor | None = None  # (capacity, Hkv, r, D), rows 0..Nb-1 used
@@ -97,7 +97,6 @@ class _LayerMemory:
         self.pending_keys: list[torch.Tensor] = []  # (1, Hkv, n, D) pre-rotary
         self.pending_values: list[torch.Tensor] = []
         self.selected: list[int] = []
-        self.recalled: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Memory:
@@ -240,12 +239,12 @@ class Memory:
         return both[0], both[1]
 
     # -- recalling ---------------------------------------------------------------------------------------------
-    def select(self, layer: int, query: torch.Tensor, model_pos: int, anchor: int) -> None:
-        """Select layer ``layer``'s blocks with ``query`` (1, H, D), rotated at ``model_pos``, and fill the recalled
-        keys and values. ``anchor``: the in-cache position the query sees recalled keys from."""
-        mem = self.layers.get(layer)
-        if mem is None:
-            return
+    def select(
+        self, layer: int, query: torch.Tensor, model_pos: int, anchor: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Select layer ``layer``'s blocks with ``query`` (1, H, D), rotated at ``model_pos``. -> the recalled keys,
+        rotated where the query sees them from ``anchor`` (its in-cache position), and values (1, Hkv, M, D)."""
+        mem = self.layers[layer]
         cfg = self.config
         inv_freq = self.inv_freqs[layer]
         n = self.recalled_len // cfg.block_size  # the same for every layer, fixed when the token was planned
@@ -267,12 +266,12 @@ class Memory:
             at = torch.arange(S, S + M)
         else:
             at = torch.full((M,), anchor - self.window - 1)
-        mem.recalled = (rotate(keys, at, inv_freq), values)
         self.selections += 1
+        return rotate(keys, at, inv_freq), values
 
-    def recalled(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        mem = self.layers.get(layer)
-        return None if mem is None else mem.recalled
+    def due(self, pos: int) -> bool:
+        """Whether token ``pos`` selects (a selection point with blocks to select from)."""
+        return self.is_point(pos) and self.blocks > 0
 
     def extra_anchor(self) -> int:
         """How far the recalled tokens move the query's anchor: M under ``cache`` positions, 0 under ``fixed``."""

@@ -15,6 +15,7 @@ EXPERIMENTS: dict[str, Callable[[Context], Report]] = {
     "cache-size": curves.cache_size,
     "newline-sinks": curves.newline_sinks,
     "positions": curves.positions,
+    "memory": curves.memory,
     "long": curves.long,
     "attention-map": attention_map.attention_map,
     "streameval": streameval.streameval,

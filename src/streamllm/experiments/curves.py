@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 
 import torch
 
-from ..config import StreamConfig
+from ..config import MemoryConfig, StreamConfig
 from ..runtime.perplexity import iter_nll, recompute_nll, streaming_nll
 from ..sysinfo import current_rss_mb
 from .context import Context
@@ -72,6 +73,8 @@ def methods(ctx: Context) -> Report:
     curves, nlls = {}, {}
     for method in ("dense", "window", "sink"):
         nlls[method] = nll_curve(ctx, ids, StreamConfig(num_sinks=4, window=window, method=method), method)
+    memory = MemoryConfig(block_size=16) if ctx.quick else MemoryConfig()
+    nlls["sink + memory"] = nll_curve(ctx, ids, replace(sink, memory=memory), "sink + memory")
     # Recompute costs a forward of cache_size + 1 tokens per token: it is scored on every stride-th token.
     sample = list(range(stride, len(ids), stride))
     with ctx.progress(len(sample), "recompute") as bar:
@@ -173,6 +176,23 @@ def newline_sinks(ctx: Context) -> Report:
         [r[0] for r in rows], [r[1] for r in rows], f"{ctx.model_name}: newline sinks", ""
     )
     return report
+
+
+def memory(ctx: Context) -> Report:
+    """Sink with memory of evicted blocks against plain sink, under both rules for where recalled tokens sit."""
+    n, window, block = (600, 60, 16) if ctx.quick else (20_000, 1020, MemoryConfig().block_size)
+    configs = {
+        "sink": StreamConfig(num_sinks=4, window=window),
+        "sink + memory, cache positions": StreamConfig(
+            num_sinks=4, window=window, memory=MemoryConfig(block_size=block)
+        ),
+        "sink + memory, fixed distance": StreamConfig(
+            num_sinks=4, window=window, memory=MemoryConfig(block_size=block, positions="fixed")
+        ),
+    }
+    return _ppl_table(
+        ctx, "memory", f"Memory of evicted blocks, cache 4+{window}", configs, ctx.text_ids(n), "method"
+    )
 
 
 def positions(ctx: Context) -> Report:
