@@ -68,8 +68,7 @@ def run(model, ids, size: int | None, tokens: int, ram_mb: int) -> dict:
         "rss_rise_mb": rss.peak - start_rss,
         "ram_mb": stats.get("ram_bytes", 0) / 2**20,
         "disk_mb": stats.get("disk_bytes", 0) / 2**20,
-        "disk_bytes_per_token": stats.get("disk_bytes", 0)
-        / max(1, stats.get("tokens", 0) - _in_ram(stats, stream)),
+        "disk_bytes_per_token": _disk_per_token(stats, stream),
         "fill_s": fill_s,
     }
     if stream.memory:
@@ -77,10 +76,12 @@ def run(model, ids, size: int | None, tokens: int, ram_mb: int) -> dict:
     return row
 
 
-def _in_ram(stats: dict, stream: Stream) -> int:
-    """Tokens whose blocks are in RAM (one layer's blocks are entries; every layer has as many)."""
-    layers = len(stream.memory.layers)
-    return stats["layer_blocks_in_ram"] // layers * stream.memory.config.block_size
+def _disk_per_token(stats: dict, stream: Stream) -> float:
+    """Bytes in the memory file per token whose blocks are there (each entry is one layer's block)."""
+    if not stats or not stats["layer_blocks_on_disk"]:
+        return 0.0
+    tokens = stats["layer_blocks_on_disk"] / len(stream.memory.layers) * stream.memory.config.block_size
+    return stats["disk_bytes"] / tokens
 
 
 def main() -> None:

@@ -57,6 +57,7 @@ def bad_files(tmp_path_factory):
         (["experiment", "sinks", "--out", "{d}/empty.txt"], "is a file"),
         (["experiment", "chat", "--out", "{d}/o", "--questions", "/no/such.jsonl"], "not found"),
         (["experiment", "passkey", "--out", "{d}/o", "--lengths", "4096,abc"], "--lengths"),
+        (["experiment", "passkey", "--out", "{d}/o", "--methods", "sink,magic"], "--methods"),
         (["generate", "--prompt", "hi", "--memory-block", "0"], "block_size must be >= 1"),
         (["generate", "--prompt", "hi", "--memory-ram", "-5"], "ram_mb must be >= 1"),
         (

@@ -183,7 +183,7 @@ def test_passkey(outputs):
     out, report = outputs("passkey")
     rows, md = read(out, "passkey")
     methods = [r["method"] for r in rows]
-    assert methods == (["sink"] + ["memory"] + ["dense"]) * 3  # three depths, one key each
+    assert methods == ["sink", "memory", "memory-fixed", "dense"] * 3  # three depths, one key each
     right = {(r["method"], r["depth"]): r["right"] == "True" for r in rows}
     assert all(right["dense", d] for d in ("0.1", "0.5", "0.9"))  # 1K tokens: the model can do it
     assert not right["sink", "0.1"]  # the key left the 4+252 cache long before the question

@@ -99,22 +99,22 @@ def test_feed_with_recall_selects_at_the_last_token():
 
 
 def test_blocks_past_the_budget_go_to_a_file_and_come_back(tmp_path):
-    """A budget of one block: every older block lives in the file, and the results do not change."""
+    """A budget of a few blocks: the older blocks live in the file, and the results do not change."""
     model = streamllm.prepare(tiny_model("llama"))
     ids = _ids(seed=6, n=90)
-    block_bytes = (
-        2 * 2 * 2 * 16 * 4 * MEMORY.block_size
-    )  # layers, k and v, kv heads, head dim, float32, tokens
+    # one block of both layers: layers, k and v, kv heads, head dim, float32, tokens
+    block_bytes = 2 * 2 * 2 * 16 * 4 * MEMORY.block_size
     small = dataclasses.replace(MEMORY, ram_mb=1, dir=tmp_path)
     big, _ = _stream_rows(model, ids, dataclasses.replace(CONFIG, decode="transformers"), 9)
     stream = Stream(model, dataclasses.replace(CONFIG, decode="transformers", chunk_size=9, memory=small))
-    stream.memory.budget = (
-        block_bytes  # the smallest budget a config can state is 1 MiB; the rule is the same
-    )
+    budget = 8 * block_bytes  # the smallest budget a config can state is 1 MiB; the rule is the same
+    stream.memory.budget = budget
     got = torch.cat(list(stream.chunks(ids)))
     stats = stream.memory.stats()
     assert stats["layer_blocks_on_disk"] > 0 and stats["disk_bytes"] > 0
-    assert 0 < stream.memory.ram_bytes <= block_bytes
+    assert (
+        stats["layer_blocks_in_ram"] > 0 and 0 < stats["ram_bytes"] <= budget
+    )  # representative keys included
     assert (got - big).abs().max() < 1e-5
     assert list(tmp_path.iterdir()) == []  # the file is unlinked once open: it goes with the stream
 
@@ -167,3 +167,13 @@ def test_memory_needs_the_sink_method():
         StreamConfig(method="window", memory=MemoryConfig())
     with pytest.raises(ConfigError, match="sink method"):
         StreamConfig(positions="text", memory=MemoryConfig())
+
+
+def test_representative_keys_beyond_the_budget_stop_the_stream():
+    model = streamllm.prepare(tiny_model("llama"))
+    stream = Stream(model, dataclasses.replace(CONFIG, decode="transformers"))
+    stream.memory.budget = (
+        600  # every block moves to the file; soon its representative keys alone are too many
+    )
+    with pytest.raises(ValueError, match="representative keys alone"):
+        stream.feed(_ids(seed=8))

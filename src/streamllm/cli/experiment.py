@@ -31,6 +31,7 @@ def add_parser(sub) -> None:
         help="passkey: stream lengths, comma-separated (e.g. 4096,16384)",
     )
     e.add_argument("--keys", type=positive, default=None, help="passkey: keys per cell (default 10)")
+    e.add_argument("--methods", type=_methods, default=None, help="passkey: methods to run, comma-separated")
     e.add_argument(
         "--no-bos",
         dest="bos",
@@ -51,6 +52,18 @@ def _lengths(text: str) -> list[int]:
     if not values or min(values) < 256:
         raise argparse.ArgumentTypeError(f"lengths must be integers >= 256, got {text!r}")
     return values
+
+
+def _methods(text: str) -> list[str]:
+    import argparse
+
+    from ..experiments.passkey import METHODS
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(METHODS)}; got {text!r}")
+    return names
 
 
 def run(args) -> int:
@@ -81,6 +94,7 @@ def run(args) -> int:
         bos=args.bos,
         lengths=args.lengths,
         keys=args.keys,
+        methods=args.methods,
         bar=lambda total, desc: tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, disable=None),
     )
     start = time.perf_counter()

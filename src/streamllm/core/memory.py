@@ -94,9 +94,12 @@ class _LayerMemory:
         self.reps: torch.Tensor | None = None  # (capacity, Hkv, r, D), rows 0..Nb-1 used
         self.count = 0
         self.pending_pos: list[torch.Tensor] = []
-        self.pending_keys: list[torch.Tensor] = []  # (1, Hkv, n, D) pre-rotary
+        self.pending_keys: list[torch.Tensor] = []  # (1, Hkv, n, D) as stored: rotated at position - offset
         self.pending_values: list[torch.Tensor] = []
+        self.pending_offsets: list[torch.Tensor] = []  # (n,) the rebasing offset each waiting key was rotated at
+        self.held = 0  # tokens waiting
         self.selected: list[int] = []
+        self.next_pos: int | None = None  # the text position the next block starts at (None: the first sink)
 
 
 class Memory:
@@ -126,7 +129,8 @@ class Memory:
             )
         self.ram: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.disk: dict[tuple[int, int], tuple[int, torch.Size, torch.dtype]] = {}
-        self.ram_bytes = 0
+        self.ram_bytes = 0  # keys and values of the blocks in RAM
+        self.rep_bytes = 0  # representative keys (always in RAM)
         self.spill = _Spill(config.dir)
         self.marks: set[int] = set()  # positions where the caller asked for a selection
         self.recalled_len = 0  # M: recalled tokens every memory layer holds now
@@ -163,40 +167,39 @@ class Memory:
     # -- keeping -----------------------------------------------------------------------------------------------
     def add(self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, offset: int):
         """Tokens that left ``layer``: text positions (N,), keys rotated at position - offset and values
-        (1, Hkv, N, D). Completed blocks get their representative keys; their keys and values are stored."""
+        (1, Hkv, N, D). They wait as they are (decoding adds one token per layer per step, so this does no work
+        per token); once a block is complete its keys are turned back before rotary, in one rotation, and kept."""
         mem = self.layers.get(layer)
         if mem is None:
             return
         if keys.shape[0] != 1:
             raise ValueError("memory keeps one stream per cache (batch 1)")
-        order = positions.argsort()
-        positions = positions[order]
-        keys = keys[:, :, order.to(keys.device)]
-        values = values[:, :, order.to(values.device)]
-        if bool((positions < self.num_sinks).any()):
-            raise ValueError("a sink left the cache; memory needs the sink policy")
-        pre = rotate(keys, -(positions - offset), self.inv_freqs[layer])  # (1, Hkv, N, D) before rotary
         mem.pending_pos.append(positions)
-        mem.pending_keys.append(pre)
+        mem.pending_keys.append(keys)
         mem.pending_values.append(values)
+        mem.pending_offsets.append(torch.full_like(positions, offset))
+        mem.held += positions.numel()
         bs = self.config.block_size
-        held = sum(p.numel() for p in mem.pending_pos)
-        if held < bs:
+        if mem.held < bs:
             return
-        pos = torch.cat(mem.pending_pos)
-        k, v = torch.cat(mem.pending_keys, dim=2), torch.cat(mem.pending_values, dim=2)
-        whole = held // bs * bs
+        pos, order = torch.cat(mem.pending_pos).sort()
+        offsets = torch.cat(mem.pending_offsets)[order]
+        on = order.to(keys.device)
+        k, v = torch.cat(mem.pending_keys, dim=2)[:, :, on], torch.cat(mem.pending_values, dim=2)[:, :, on]
+        if int(pos[0]) < self.num_sinks:
+            raise ValueError("a sink left the cache; memory needs the sink policy")
+        whole = mem.held // bs * bs
+        pre = rotate(k[:, :, :whole], -(pos[:whole] - offsets[:whole]), self.inv_freqs[layer])  # before rotary
         for start in range(0, whole, bs):
             block_pos = pos[start : start + bs]
-            expected = self.num_sinks + mem.count * bs
+            expected = self.num_sinks if mem.next_pos is None else mem.next_pos
             if int(block_pos[0]) != expected or int(block_pos[-1]) != expected + bs - 1:
-                raise RuntimeError(f"memory of layer {layer}: block {mem.count} is not tokens {expected}..")
-            self.keep_block(layer, k[:, :, start : start + bs], v[:, :, start : start + bs])
-        mem.pending_pos, mem.pending_keys, mem.pending_values = (
-            [pos[whole:]],
-            [k[:, :, whole:]],
-            [v[:, :, whole:]],
-        )
+                raise RuntimeError(f"memory of layer {layer}: the next block is not tokens {expected}..")
+            mem.next_pos = expected + bs
+            self.keep_block(layer, pre[:, :, start : start + bs], v[:, :, start : start + bs])
+        mem.pending_pos, mem.pending_offsets = [pos[whole:]], [offsets[whole:]]
+        mem.pending_keys, mem.pending_values = [k[:, :, whole:]], [v[:, :, whole:]]
+        mem.held -= whole
 
     def keep_block(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep one whole block of ``layer`` as its next block: keys before rotary and values (1, Hkv, bs, D).
@@ -213,11 +216,17 @@ class Memory:
                 grown[: mem.count] = mem.reps[: mem.count]
             mem.reps = grown
         mem.reps[mem.count] = reps
+        self.rep_bytes += reps.nbytes
         key = (layer, mem.count)
         self.ram[key] = (keys.clone(), values.clone())
         self.ram_bytes += keys.nbytes + values.nbytes
         mem.count += 1
-        while self.ram_bytes > self.budget:
+        while self.ram_bytes + self.rep_bytes > self.budget:  # representative keys count too, and stay
+            if not self.ram:
+                raise ValueError(
+                    f"the memory's representative keys alone ({self.rep_bytes / 2**20:.0f} MiB) fill its RAM "
+                    f"budget of {self.config.ram_mb} MiB; raise --memory-ram, or --memory-block"
+                )
             self._move_out()
 
     def _move_out(self) -> None:
@@ -279,14 +288,13 @@ class Memory:
 
     # -- reporting ---------------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        rep_bytes = sum(m.count * m.reps[0].nbytes for m in self.layers.values() if m.reps is not None)
         disk = sum(s.numel() * torch.empty(0, dtype=d).element_size() for _, s, d in self.disk.values())
         return {
             "blocks": self.blocks,
             "tokens": self.blocks * self.config.block_size,
             "layer_blocks_in_ram": len(self.ram),  # one layer's block each
             "layer_blocks_on_disk": len(self.disk),
-            "ram_bytes": self.ram_bytes + rep_bytes,
+            "ram_bytes": self.ram_bytes + self.rep_bytes,
             "disk_bytes": disk,
             "recalled": self.recalled_len,
             "selections": self.selections,

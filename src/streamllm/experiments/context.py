@@ -24,6 +24,7 @@ class Context:
     bos: bool = True  # streams start with BOS when the tokenizer adds one
     lengths: list[int] | None = None  # passkey: stream lengths instead of the default ones
     keys: int | None = None  # passkey: keys per cell instead of the default
+    methods: list[str] | None = None  # passkey: the methods to run instead of all
     bar: Callable[..., contextlib.AbstractContextManager] | None = None  # bar(total=, desc=) -> obj.update(n)
 
     def progress(self, total: int, desc: str):

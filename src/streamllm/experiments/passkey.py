@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import re
 from collections import defaultdict
+from dataclasses import replace
 
 from ..config import MemoryConfig, StreamConfig
 from ..runtime.stream import Stream
@@ -28,6 +29,12 @@ QUESTION = "What is the pass key? The pass key is"
 LENGTHS = (4096, 16384, 65536, 262144, 1048576)
 DEPTHS = (0.1, 0.5, 0.9)
 KEYS = 10
+METHODS = (
+    "sink",
+    "memory",
+    "memory-fixed",
+    "dense",
+)  # memory-fixed: recalled tokens at InfLLM's fixed distance
 ANSWER_TOKENS = 8
 CACHE = StreamConfig(num_sinks=4, window=1020)  # --quick: 4+252, memory blocks of 64
 
@@ -58,15 +65,16 @@ def trial_ids(ctx: Context, length: int, depth: float, key: str) -> tuple[list[i
 
 
 def methods_for(ctx: Context, length: int) -> list[tuple[str, StreamConfig]]:
+    """The methods run at ``length`` (``ctx.methods``, or all): dense only within the model's trained context."""
     window, memory = (252, MemoryConfig(block_size=64)) if ctx.quick else (CACHE.window, MemoryConfig())
     out = [
         ("sink", StreamConfig(num_sinks=4, window=window)),
         ("memory", StreamConfig(num_sinks=4, window=window, memory=memory)),
+        ("memory-fixed", StreamConfig(num_sinks=4, window=window, memory=replace(memory, positions="fixed"))),
     ]
-    trained = ctx.max_positions or 0
-    if length <= trained:
+    if length <= (ctx.max_positions or 0):
         out.append(("dense", StreamConfig(method="dense")))
-    return out
+    return [(name, config) for name, config in out if name in (ctx.methods or METHODS)]
 
 
 def run_trial(ctx: Context, config: StreamConfig, length: int, depth: float, key: str):
@@ -128,11 +136,11 @@ def _report(ctx: Context, rows: list, probe: dict | None) -> Report:
         ("length", "depth", "method", "key", "answer", "right"),
         rows,
     )
-    configs = dict(methods_for(ctx, lengths[0]))
+    window, memory = (252, MemoryConfig(block_size=64)) if ctx.quick else (CACHE.window, MemoryConfig())
     report.sections.append(
         "Right answers per cell (keys right / keys tried), by stream length in tokens and the depth of the key. "
-        f"Cache {configs['sink'].num_sinks}+{configs['sink'].window}; memory: {configs['memory'].memory}; dense "
-        f"where the length is within the model's trained context ({ctx.max_positions} tokens)."
+        f"Cache 4+{window}; memory: {memory} (memory-fixed: the same with positions='fixed'); dense where the "
+        f"length is within the model's trained context ({ctx.max_positions} tokens)."
     )
     report.sections.append(table(("method", "length", *[f"depth {d:.0%}" for d in DEPTHS]), table_rows))
     if probe:
