@@ -96,7 +96,9 @@ class _LayerMemory:
         self.pending_pos: list[torch.Tensor] = []
         self.pending_keys: list[torch.Tensor] = []  # (1, Hkv, n, D) as stored: rotated at position - offset
         self.pending_values: list[torch.Tensor] = []
-        self.pending_offsets: list[torch.Tensor] = []  # (n,) the rebasing offset each waiting key was rotated at
+        self.pending_offsets: list[
+            torch.Tensor
+        ] = []  # (n,) the rebasing offset each waiting key was rotated at
         self.held = 0  # tokens waiting
         self.selected: list[int] = []
         self.next_pos: int | None = None  # the text position the next block starts at (None: the first sink)
@@ -189,7 +191,9 @@ class Memory:
         if int(pos[0]) < self.num_sinks:
             raise ValueError("a sink left the cache; memory needs the sink policy")
         whole = mem.held // bs * bs
-        pre = rotate(k[:, :, :whole], -(pos[:whole] - offsets[:whole]), self.inv_freqs[layer])  # before rotary
+        pre = rotate(
+            k[:, :, :whole], -(pos[:whole] - offsets[:whole]), self.inv_freqs[layer]
+        )  # before rotary
         for start in range(0, whole, bs):
             block_pos = pos[start : start + bs]
             expected = self.num_sinks if mem.next_pos is None else mem.next_pos
