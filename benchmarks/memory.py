@@ -1,7 +1,7 @@
 """The cost of memory: decode and chunked tok/s with 10K, 100K and 1M tokens of memory behind the cache, beside
 plain sink, with peak RSS against the RAM budget and disk bytes per token.
 
-    .venv/bin/python benchmarks/memory.py [--sizes 10240,102400,1048576] [--dtype bfloat16] [--tokens 64]
+    .venv/bin/python benchmarks/memory.py [--sizes 10240,102400,1048576] [--refresh 64,256] [--dtype bfloat16]
 
 Every stream has 4 sinks + 1020 window and takes the same 2048 tokens of Hamlet first, so its cache is full. A
 memory stream is then given ``size`` tokens of memory as whole blocks (``Memory.keep_block``) of random keys and
@@ -9,7 +9,8 @@ values: what a block holds does not change what it costs to score, move to disk,
 by side in this one process: the next ``--tokens`` tokens of the text decoded one at a time (decode tok/s, each
 stream on its default decode path: the C++ step for plain sink, the Python step with memory), and 2048 more tokens
 fed in chunks (chunked tok/s). Selections happen every ``refresh`` tokens as in any stream, so their cost is in
-both figures. Writes memory.csv and memory.md into --out.
+both figures; at the first size each ``--refresh`` interval is run, since chunks are split at every selection
+point. Writes memory.csv and memory.md into --out.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def fill(stream: Stream, tokens: int, generator: torch.Generator) -> None:
             n += 1
 
 
-def run(model, ids, size: int | None, tokens: int, ram_mb: int) -> dict:
-    memory = MemoryConfig(ram_mb=ram_mb) if size is not None else None
+def run(model, ids, size: int | None, tokens: int, ram_mb: int, refresh: int = 64) -> dict:
+    memory = MemoryConfig(ram_mb=ram_mb, refresh=refresh) if size is not None else None
     stream = Stream(model, StreamConfig(num_sinks=4, window=1020, memory=memory))
     stream.feed(ids[:PREFIX])
     start_rss = current_rss_mb()
@@ -62,6 +63,7 @@ def run(model, ids, size: int | None, tokens: int, ram_mb: int) -> dict:
     stats = stream.memory.stats() if stream.memory else {}
     row = {
         "memory_tokens": size or 0,
+        "refresh": refresh if size else "",
         "decode": len(seconds) / sum(seconds),
         "chunked": chunked,
         "peak_rss_mb": rss.peak,
@@ -90,24 +92,32 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--tokens", type=int, default=64, help="tokens decoded one at a time per stream")
     p.add_argument("--ram-mb", type=int, default=MemoryConfig().ram_mb)
+    p.add_argument(
+        "--refresh",
+        default="64,256",
+        help="selection intervals: all at the first size, the first at the others",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, args.dtype)
     ids = text_ids(tokenizer, PREFIX + args.tokens + CHUNKED)
     sizes = [int(s) for s in args.sizes.split(",")]
+    refreshes = [int(r) for r in args.refresh.split(",")]
+    runs = [(sizes[0], r) for r in refreshes] + [(size, refreshes[0]) for size in sizes[1:]]
     rows = [run(model, ids, None, args.tokens, args.ram_mb)]
     base = rows[0]
-    for size in sizes:
-        rows.append(run(model, ids, size, args.tokens, args.ram_mb))
+    for size, refresh in runs:
+        rows.append(run(model, ids, size, args.tokens, args.ram_mb, refresh))
         r = rows[-1]
         print(
-            f"memory {size}: decode {r['decode']:.1f} tok/s ({r['decode'] / base['decode']:.2f}x sink), chunked "
+            f"memory {size}, refresh {refresh}: decode {r['decode']:.1f} tok/s ({r['decode'] / base['decode']:.2f}x sink), chunked "
             f"{r['chunked']:.0f} tok/s ({r['chunked'] / base['chunked']:.2f}x), peak RSS {r['peak_rss_mb']:.0f} MB, "
             f"memory RAM {r['ram_mb']:.0f} MB, disk {r['disk_mb']:.0f} MB",
             flush=True,
         )
     header = (
         "memory tokens",
+        "refresh",
         "decode tok/s",
         "vs sink",
         "chunked tok/s",
@@ -120,6 +130,7 @@ def main() -> None:
     table_rows = [
         (
             r["memory_tokens"] or "none (plain sink)",
+            r["refresh"],
             round(r["decode"], 1),
             f"{r['decode'] / base['decode']:.2f}x",
             round(r["chunked"]),
