@@ -34,7 +34,8 @@ class MemoryConfig:
     distance from the query, just past the window (InfLLM's choice).
 
     ``ram_mb``: blocks beyond this many MiB of keys and values go to a file in ``dir`` (a temporary one when
-    None) and are read back when recalled. Representative keys always stay in RAM."""
+    None) and are read back when recalled. Representative keys always stay in RAM and count in the
+    budget."""
 
     block_size: int = 128
     blocks: int = 4

@@ -54,9 +54,8 @@ class LayerStore:
     def __init__(self, policy: Policy, inv_freq: torch.Tensor, recall_slots: int = 0):
         self.policy, self.inv_freq = policy, inv_freq
         self.recall_slots = recall_slots  # M_max: scratch slots for keys recalled from memory
-        self.full_keys = self.full_values = (
-            None  # (B, Hkv, C + 1 + S + M_max, D): C slots, then the scratch ones
-        )
+        # (B, Hkv, C + 1 + S + M_max, D): C slots, then the scratch ones
+        self.full_keys = self.full_values = None
         self.keys = self.values = None  # (B, Hkv, C, D) views without the scratch slots
         self.slot_pos = torch.empty(
             0, dtype=torch.long

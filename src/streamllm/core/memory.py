@@ -20,7 +20,7 @@ limits to a sliding window keep none. The rules (derivation and the reasons in `
   ``fixed`` places every recalled token at distance ``window + 1`` from the query.
 - **Where blocks live.** Keys and values of blocks stay in RAM up to ``ram_mb``; past it the oldest ones move to a
   file (``dir``; unlinked once open, so it goes when the stream does) and are read back when recalled.
-  Representative keys always stay in RAM.
+  Representative keys always stay in RAM and count in the budget.
 
 Letters: Hkv kv heads, G query heads per kv head, D head dim, N tokens, Nb blocks, r representative keys, M
 recalled tokens.
@@ -84,6 +84,9 @@ class _Spill:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+    def __del__(self) -> None:  # a stream that is reset or dropped lets its file go
+        self.close()
 
 
 class _LayerMemory:
