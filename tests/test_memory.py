@@ -107,7 +107,7 @@ def test_blocks_past_the_budget_go_to_a_file_and_come_back(tmp_path):
     small = dataclasses.replace(MEMORY, ram_mb=1, dir=tmp_path)
     big, _ = _stream_rows(model, ids, dataclasses.replace(CONFIG, decode="transformers"), 9)
     stream = Stream(model, dataclasses.replace(CONFIG, decode="transformers", chunk_size=9, memory=small))
-    budget = 8 * block_bytes  # the smallest budget a config can state is 1 MiB; the rule is the same
+    budget = 16 * block_bytes  # the smallest budget a config can state is 1 MiB; the rule is the same
     stream.memory.budget = budget
     got = torch.cat(list(stream.chunks(ids)))
     stats = stream.memory.stats()

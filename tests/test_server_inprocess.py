@@ -100,11 +100,11 @@ def test_a_server_failure_is_a_500_and_the_server_keeps_serving(tiny, monkeypatc
         ]
         feed, calls = Stream.feed, []
 
-        def failing_feed(self, ids):
+        def failing_feed(self, ids, **kwargs):
             calls.append(1)
             if len(calls) == 2:  # in the middle of the turn, after part of it went in
                 raise RuntimeError("simulated failure in the model")
-            return feed(self, ids)
+            return feed(self, ids, **kwargs)
 
         monkeypatch.setattr(Stream, "feed", failing_feed)
         failed = _chat(server.url, history)

@@ -217,13 +217,14 @@ class Memory:
         spread = (k - k.mean(dim=1, keepdim=True)).norm(dim=-1)  # (Hkv, bs)
         pick = spread.sort(dim=-1, descending=True, stable=True).indices[:, :r]  # (Hkv, r)
         reps = torch.gather(keys[0], 1, pick[..., None].expand(-1, -1, k.shape[-1]))  # (Hkv, r, D)
-        if mem.reps is None or mem.count == mem.reps.shape[0]:
-            grown = reps.new_zeros((max(16, 2 * mem.count), *reps.shape))
+        if mem.reps is None or mem.count == mem.reps.shape[0]:  # grow by an eighth: little held in reserve
+            grown = reps.new_zeros((mem.count + max(16, mem.count // 8), *reps.shape))
             if mem.reps is not None:
                 grown[: mem.count] = mem.reps[: mem.count]
+                self.rep_bytes -= mem.reps.nbytes
             mem.reps = grown
+            self.rep_bytes += grown.nbytes  # what is allocated counts, not only what is used
         mem.reps[mem.count] = reps
-        self.rep_bytes += reps.nbytes
         key = (layer, mem.count)
         self.ram[key] = (keys.clone(), values.clone())
         self.ram_bytes += keys.nbytes + values.nbytes
