@@ -99,9 +99,8 @@ class _LayerMemory:
         self.pending_pos: list[torch.Tensor] = []
         self.pending_keys: list[torch.Tensor] = []  # (1, Hkv, n, D) as stored: rotated at position - offset
         self.pending_values: list[torch.Tensor] = []
-        self.pending_offsets: list[
-            torch.Tensor
-        ] = []  # (n,) the rebasing offset each waiting key was rotated at
+        # (n,) the rebasing offset each waiting key was rotated at
+        self.pending_offsets: list[torch.Tensor] = []
         self.held = 0  # tokens waiting
         self.selected: list[int] = []
         self.next_pos: int | None = None  # the text position the next block starts at (None: the first sink)
@@ -194,9 +193,8 @@ class Memory:
         if int(pos[0]) < self.num_sinks:
             raise ValueError("a sink left the cache; memory needs the sink policy")
         whole = mem.held // bs * bs
-        pre = rotate(
-            k[:, :, :whole], -(pos[:whole] - offsets[:whole]), self.inv_freqs[layer]
-        )  # before rotary
+        delta = -(pos[:whole] - offsets[:whole])  # back to position 0: before rotary
+        pre = rotate(k[:, :, :whole], delta, self.inv_freqs[layer])
         for start in range(0, whole, bs):
             block_pos = pos[start : start + bs]
             expected = self.num_sinks if mem.next_pos is None else mem.next_pos
@@ -241,8 +239,7 @@ class Memory:
         """Move the oldest block in RAM to the file."""
         key, (k, v) = self.ram.popitem(last=False)
         both = torch.stack([k, v]).contiguous()  # (2, 1, Hkv, bs, D)
-        raw = both.view(torch.uint8) if both.dtype != torch.uint8 else both
-        offset = self.spill.write(raw.numpy().tobytes())
+        offset = self.spill.write(both.view(torch.uint8).numpy().tobytes())
         self.disk[key] = (offset, both.shape, both.dtype)
         self.ram_bytes -= k.nbytes + v.nbytes
 
@@ -266,9 +263,8 @@ class Memory:
         inv_freq = self.inv_freqs[layer]
         n = self.recalled_len // cfg.block_size  # the same for every layer, fixed when the token was planned
         Hkv, D = mem.reps.shape[1], mem.reps.shape[3]
-        q = rotate(query.float()[0, :, None], torch.tensor([self.window + 1 - model_pos]), inv_freq)[
-            :, 0
-        ]  # (H, D)
+        shift = torch.tensor([self.window + 1 - model_pos])  # to distance window + 1 from a key at 0
+        q = rotate(query.float()[0, :, None], shift, inv_freq)[:, 0]  # (H, D)
         q = q.view(Hkv, -1, D)  # (Hkv, G, D)
         reps = mem.reps[: mem.count].float()  # (Nb, Hkv, r, D)
         scores = torch.einsum("kgd,nkrd->nkgr", q, reps).amax(-1).sum((1, 2))  # (Nb,)
@@ -296,14 +292,13 @@ class Memory:
 
     # -- reporting ---------------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        disk = sum(s.numel() * torch.empty(0, dtype=d).element_size() for _, s, d in self.disk.values())
         return {
             "blocks": self.blocks,
             "tokens": self.blocks * self.config.block_size,
             "layer_blocks_in_ram": len(self.ram),  # one layer's block each
             "layer_blocks_on_disk": len(self.disk),
             "ram_bytes": self.ram_bytes + self.rep_bytes,
-            "disk_bytes": disk,
+            "disk_bytes": self.spill.size,  # the file holds blocks only, each written once
             "recalled": self.recalled_len,
             "selections": self.selections,
         }
