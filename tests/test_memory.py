@@ -177,3 +177,172 @@ def test_representative_keys_beyond_the_budget_stop_the_stream():
     )
     with pytest.raises(ValueError, match="representative keys alone"):
         stream.feed(_ids(seed=8))
+
+
+# -- saved with a stream, restored, rolled back ---------------------------------------------------------------
+def _saved(model, config, ids, path, budget=None):
+    """A stream with its memory file at ``path`` after ``ids``, saved as a server session saves it."""
+    from streamllm.server.persist import Conversation, encode_state
+
+    stream = Stream(model, config, memory_file=path)
+    if budget is not None:
+        stream.memory.budget = budget
+    stream.feed(ids)
+    convo = Conversation(text="t", turns=1)
+    convo.tokens.extend(ids)
+    meta, blob = encode_state("s" * 32, "owner", "tiny", config, convo, stream)
+    return stream, meta, blob
+
+
+def _restored(model, config, meta, blob, path):
+    from streamllm.server.persist import decode_state
+
+    stream = Stream(model, config, memory_file=path)
+    decode_state(meta, blob, stream)
+    return stream
+
+
+@pytest.mark.parametrize("decode", ["transformers", "fast"])
+@pytest.mark.parametrize("positions", ["cache", "fixed"])
+def test_a_saved_memory_restores_and_rolls_back_exactly(tmp_path, decode, positions):
+    """Saved mid-stream (some blocks spilled past the budget, the last selection in force), a fresh stream
+    restored from the file continues bit for bit; the live stream rolled back to the state does too."""
+    from streamllm.server.persist import restore_stream, stream_tensors
+
+    model = streamllm.prepare(tiny_model("llama"))
+    memory = dataclasses.replace(MEMORY, positions=positions)
+    config = dataclasses.replace(CONFIG, decode=decode, memory=memory)
+    ids = _ids(seed=9, n=130)
+    path = tmp_path / "memory.bin"
+    block_bytes = 2 * 2 * 2 * 16 * 4 * MEMORY.block_size
+    live, meta, blob = _saved(model, config, ids[:63], path, budget=8 * block_bytes)
+    assert 63 % MEMORY.refresh != 0 and live.memory.recalled_len > 0  # continuing needs the recall slots
+    stats = live.memory.stats()
+    assert stats["blocks"] == meta["memory"]["layers"]["0"]["count"] > 4
+    assert path.stat().st_size == meta["memory"]["file_bytes"]
+    restored = _restored(model, config, meta, blob, path)
+    assert restored.memory.stats()["blocks"] == stats["blocks"]
+    snapshot = stream_tensors(live), live.tokens_seen
+    ahead = [live.feed([t]) for t in ids[63:100]]  # more blocks, selections, spills
+    (tensors, layers, info), seen = snapshot
+    restore_stream(live, tensors, layers, seen, info)
+    for i, token in enumerate(ids[63:]):
+        got, back = restored.feed([token]), live.feed([token])
+        assert torch.equal(got, back), i
+        if i < len(ahead):
+            assert torch.equal(back, ahead[i]), i
+
+
+def test_each_save_appends_only_the_new_blocks(tmp_path):
+    from streamllm.server.persist import encode_state
+
+    model = streamllm.prepare(tiny_model("llama"))
+    config = dataclasses.replace(CONFIG, decode="transformers")
+    ids = _ids(seed=10, n=120)
+    path = tmp_path / "memory.bin"
+    stream, meta, _ = _saved(model, config, ids[:50], path)
+    first = path.read_bytes()
+    blocks = meta["memory"]["layers"]["0"]["count"]
+    stream.feed(ids[50:])
+    convo_meta, _ = encode_state("s" * 32, "owner", "tiny", config, _convo(ids), stream)
+    now = path.read_bytes()
+    assert now[: len(first)] == first  # nothing rewritten
+    added = convo_meta["memory"]["layers"]["0"]["count"] - blocks
+    record = (len(now) - len(first)) / (2 * added)  # two memory layers
+    # one record: its header, representative keys (Hkv, r, D) and keys and values (Hkv, bs, D), float32
+    assert added > 0 and record == 16 + (2 * 2 * 16 + 2 * 2 * 4 * 16) * 4
+
+
+def _convo(ids):
+    from streamllm.server.persist import Conversation
+
+    convo = Conversation(text="t", turns=2)
+    convo.tokens.extend(ids)
+    return convo
+
+
+def test_a_crash_after_the_memory_was_written_loses_nothing_committed(tmp_path):
+    """Blocks appended for a turn whose meta.json never committed are cut off when the session loads."""
+    model = streamllm.prepare(tiny_model("llama"))
+    config = dataclasses.replace(CONFIG, decode="transformers")
+    ids = _ids(seed=11, n=120)
+    path = tmp_path / "memory.bin"
+    reference, meta, blob = _saved(model, config, ids[:50], path)
+    committed = path.stat().st_size
+    crashed = _restored(model, config, meta, blob, path)
+    crashed.feed(ids[50:90])
+    crashed.memory.persist()  # the next turn's blocks reach the file, then the process dies
+    assert path.stat().st_size > committed
+    restored = _restored(model, config, meta, blob, path)
+    assert path.stat().st_size == committed
+    for token in ids[50:]:
+        assert torch.equal(restored.feed([token]), reference.feed([token]))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("missing", "memory file memory.bin is missing"),
+        ("truncated", "is truncated"),
+        ("flipped", "fails its checksum"),
+        ("other session", "belongs to another session"),
+        ("other layout", "another model or memory layout"),
+    ],
+)
+def test_a_damaged_memory_file_is_a_clear_error(tmp_path, damage, message):
+    import json
+
+    from streamllm.server.persist import StateError
+
+    model = streamllm.prepare(tiny_model("llama"))
+    config = dataclasses.replace(CONFIG, decode="transformers")
+    path = tmp_path / "memory.bin"
+    _, meta, blob = _saved(model, config, _ids(seed=12, n=80), path)
+    data = path.read_bytes()
+    if damage == "missing":
+        path.unlink()
+    elif damage == "truncated":
+        path.write_bytes(data[:-100])
+    elif damage == "flipped":
+        path.write_bytes(data[: 4096 + 20] + bytes([data[4096 + 20] ^ 0xFF]) + data[4096 + 21 :])
+    elif damage == "other session":
+        _saved(model, config, _ids(seed=13, n=80), path)
+    else:
+        header = json.loads(data[16:4096])
+        header["head_dim"] = 8
+        head = b"STREAMLLM-MEMORY" + json.dumps(header, sort_keys=True).encode()
+        path.write_bytes(head.ljust(4096, b" ") + data[4096:])
+    with pytest.raises(StateError, match=message):
+        _restored(model, config, meta, blob, path)
+
+
+def test_a_failed_save_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from streamllm.core.memory import MemoryFileError
+
+    model = streamllm.prepare(tiny_model("llama"))
+    config = dataclasses.replace(CONFIG, decode="transformers")
+    ids = _ids(seed=14, n=120)
+    path = tmp_path / "memory.bin"
+    stream, meta, blob = _saved(model, config, ids[:50], path)
+    size = stream.memory.store.size
+    saved = [len(m.saved) for m in stream.memory.layers.values()]
+    stream.feed(ids[50:100])
+    write = os.pwrite
+    calls = []
+
+    def full_after_one(*args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(*args)
+
+    monkeypatch.setattr(os, "pwrite", full_after_one)
+    with pytest.raises(MemoryFileError, match="No space left on device"):
+        stream.memory.persist()
+    assert stream.memory.store.size == size and [len(m.saved) for m in stream.memory.layers.values()] == saved
+    monkeypatch.setattr(os, "pwrite", write)
+    stream.memory.persist()  # the disk has room again: the same blocks are written, nothing is lost
+    assert all(len(m.saved) == m.count for m in stream.memory.layers.values())

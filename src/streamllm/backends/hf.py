@@ -17,6 +17,7 @@ Letters: B batch, H heads, Hkv kv heads, T new tokens, D head dim, V vocabulary.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -54,10 +55,16 @@ def prepare(model: nn.Module) -> nn.Module:
 
 
 def cache_for(
-    model: nn.Module, config: StreamConfig, on_evict=None, rebase: bool = True, policy: Policy | None = None
+    model: nn.Module,
+    config: StreamConfig,
+    on_evict=None,
+    rebase: bool = True,
+    policy: Policy | None = None,
+    memory_file: Path | None = None,
 ) -> KVCache:
     """An empty cache made for ``model``: each layer's policy (``policy``, or the one ``config`` names; a layer the
-    model limits to a sliding window keeps its own window) and rotary frequencies, read off the model once, here."""
+    model limits to a sliding window keeps its own window) and rotary frequencies, read off the model once, here.
+    ``memory_file``: where the memory (``config.memory``) persists its blocks when asked to (``Memory.persist``)."""
     lookup(model.config)
     base = policy or config.policy()
     freqs = layer_inv_freqs(model)
@@ -70,13 +77,22 @@ def cache_for(
     if config.memory is not None:
         if not isinstance(base, SinkPolicy) or base.text_positions:
             raise ValueError("memory needs the sink policy at in-cache positions")
-        layers = [p == base for p in policies]
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        itemsize = next(model.parameters()).element_size()
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        token_bytes = sum(layers) * 2 * kv_heads * head_dim * itemsize
-        memory = Memory(config.memory, layers, base.num_sinks, base.window, freqs, token_bytes)
+        itemsize = next(model.parameters()).element_size()
+        layers = [p == base for p in policies]
+        memory = Memory(
+            config.memory,
+            layers,
+            base.num_sinks,
+            base.window,
+            freqs,
+            kv_heads,
+            head_dim,
+            itemsize,
+            memory_file,
+        )
     return KVCache(policies, freqs, config.rebase_every if rebase else None, on_evict, memory)
 
 

@@ -10,7 +10,6 @@ from .common import (
     InputError,
     int_at_least,
     load,
-    memory_config,
     positive,
     read_text,
     stream_args,
@@ -72,12 +71,6 @@ def _api_keys(args) -> tuple[str, ...]:
 
 def run(args) -> int:
     from ..server import ServerConfig, serve
-
-    if memory_config(args) is not None:
-        raise InputError(
-            "serve does not take --memory yet: a session's memory is neither saved with its turns nor undone "
-            "with a stopped reply"
-        )
 
     config = ServerConfig(
         model_id=args.model,

@@ -207,12 +207,19 @@ class KVCache:
         plan = self.plans[layer_idx]
         if not plan.recalled:
             return None
-        store = self.layers[layer_idx]
-        start = store.slot_pos.numel() + 1 + store.policy.num_sinks  # the recall scratch slots
-        end = start + plan.recalled
         if plan.select:  # into the scratch slots, where the C++ decode step reads them too
             pos = int(plan.model_pos[0])
             keys, values = self.memory.select(layer_idx, query[:, :, 0], pos, pos + int(plan.anchor_shift[0]))
+            return self._recall_slots(layer_idx, keys, values)
+        return self._recall_slots(layer_idx)
+
+    def _recall_slots(self, i: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        """Layer ``i``'s recall scratch slots (after the sinks' anchored copy), filled with ``keys`` and ``values``
+        when given: -> the M slots in use."""
+        store = self.layers[i]
+        start = store.slot_pos.numel() + 1 + store.policy.num_sinks
+        end = start + self.memory.recalled_len
+        if keys is not None:
             store.full_keys[:, :, start:end] = keys
             store.full_values[:, :, start:end] = values
         return store.full_keys[:, :, start:end], store.full_values[:, :, start:end]
@@ -321,7 +328,10 @@ class KVCache:
                     "text_positions": bool(getattr(policy, "text_positions", False)),
                 }
             )
-        return {"layers": layers}
+        state = {"layers": layers}
+        if self.memory is not None:
+            state["memory"] = self.memory.state_dict()  # (counters, tensors); the blocks stay where they are
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned into this (fresh) cache; the policies must be the same."""
@@ -347,3 +357,8 @@ class KVCache:
             store.keys[:, :, :used] = keys
             store.values[:, :, :used] = saved["values"]
             store.slot_pos[:used] = saved["slot_pos"]
+        if self.memory is not None and "memory" in state:
+            self.memory.load_state_dict(*state["memory"])
+            if self.memory.recalled_len:  # the recalled blocks, as the last selection placed them
+                for i in self.memory.layers:
+                    self._recall_slots(i, *self.memory.recalled(i))

@@ -28,10 +28,15 @@ recalled tokens.
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
+import struct
 import tempfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -40,41 +45,139 @@ from .rotary import rotate
 
 
 class MemoryFileError(RuntimeError):
-    """The memory file could not be written or read back: the stream cannot keep its memory."""
+    """A memory file could not be written or read back, or is not this memory's: the stream cannot keep (or get
+    back) its memory."""
 
 
-class _Spill:
-    """The file blocks move to past the RAM budget: appended, read back by offset, never rewritten."""
+_MAGIC = b"STREAMLLM-MEMORY"
+_HEADER = 4096  # the file's first bytes: the magic, then the layout as JSON, padded with spaces
+_RECORD = struct.Struct(
+    "<iiII"
+)  # a block's record starts: layer, block, crc32 of its reps, crc32 of its keys+values
 
-    def __init__(self, folder):
+
+class _BlockFile:
+    """Blocks in a file, appended and never rewritten. Each record is one layer's block: a small header, then its
+    representative keys (Hkv, r, D), keys and values (Hkv, bs, D), in the stream's dtype, with crc32s that reading
+    checks. The file's first ``_HEADER`` bytes name its layout and a random id, so a file of another model or
+    another session is recognised.
+
+    Without ``path`` the file is a temporary one in ``folder``, unlinked as soon as it is open (it goes with the
+    process); with ``path`` it is a named file that outlives the stream (a server session's ``memory.bin``).
+    Only bytes below ``size`` count: a writer that failed midway, or a crash, may leave more, which the next
+    write overwrites."""
+
+    def __init__(self, layout: dict, path: Path | None = None, folder: Path | None = None):
+        self.layout, self.path, self.folder = layout, path, folder
         self.fd: int | None = None
-        self.folder = folder
+        self.id: str | None = None
         self.size = 0
+        kv_heads, head_dim, bs, r = (layout[k] for k in ("kv_heads", "head_dim", "block_size", "reps"))
+        item = torch.empty(0, dtype=getattr(torch, layout["dtype"])).element_size()
+        self.reps_bytes = kv_heads * r * head_dim * item
+        self.kv_bytes = 2 * kv_heads * bs * head_dim * item
+        self.record = _RECORD.size + self.reps_bytes + self.kv_bytes
 
-    def _open(self) -> int:
-        if self.fd is None:
-            try:
-                fd, path = tempfile.mkstemp(prefix="streamllm-memory-", dir=self.folder)
-            except OSError as exc:
-                raise MemoryFileError(
-                    f"cannot create a memory file in {self.folder or 'the temp folder'}: {exc.strerror}"
-                ) from None
-            os.unlink(path)  # the file lives as long as the stream holds it open
-            self.fd = fd
-        return self.fd
-
-    def write(self, data: bytes) -> int:
-        fd, offset, view = self._open(), self.size, memoryview(data)
+    # -- opening -----------------------------------------------------------------------------------------------
+    def create(self) -> None:
+        """Open a new, empty file (a named one is replaced)."""
         try:
-            done = 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], offset + done)
+            if self.path is None:
+                fd, name = tempfile.mkstemp(prefix="streamllm-memory-", dir=self.folder)
+                os.unlink(name)  # the file lives as long as it is held open
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         except OSError as exc:
-            raise MemoryFileError(f"memory file write failed: {exc.strerror}") from None
+            where = self.path or self.folder or "the temp folder"
+            raise MemoryFileError(f"cannot create a memory file in {where}: {exc.strerror}") from None
+        self.fd, self.id = fd, secrets.token_hex(8)
+        header = _MAGIC + json.dumps({"id": self.id, **self.layout}, sort_keys=True).encode()
+        self._pwrite(header.ljust(_HEADER, b" "), 0)
+        self.size = _HEADER
+
+    def open(self, file_id: str, size: int) -> None:
+        """Open the named file a saved state refers to: it must carry ``file_id`` and this layout, and hold at
+        least ``size`` bytes (anything past them is a turn that was never committed, and is cut off)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            raise MemoryFileError(f"the memory file {self.path.name} is missing") from None
+        except OSError as exc:
+            raise MemoryFileError(
+                f"the memory file {self.path.name} cannot be opened: {exc.strerror}"
+            ) from None
+        self.fd = fd
+        head = os.pread(fd, _HEADER, 0)
+        try:
+            found = json.loads(head[len(_MAGIC) :]) if head.startswith(_MAGIC) else None
+        except ValueError:
+            found = None
+        if not isinstance(found, dict):
+            raise MemoryFileError(f"{self.path.name} is not a streamllm memory file")
+        if found.pop("id", None) != file_id:
+            raise MemoryFileError(f"{self.path.name} belongs to another session (its id does not match)")
+        if found != self.layout:
+            raise MemoryFileError(f"{self.path.name} was written for another model or memory layout: {found}")
+        have = os.fstat(fd).st_size
+        if have < size:
+            raise MemoryFileError(f"the memory file {self.path.name} is truncated: {have} of {size} bytes")
+        if have > size:
+            os.ftruncate(fd, size)
+        self.id, self.size = file_id, size
+
+    # -- records -----------------------------------------------------------------------------------------------
+    def append(
+        self, layer: int, block: int, reps: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> int:
+        """Write one record at the end; -> its offset. Raises ``MemoryFileError`` (nothing counts as written)."""
+        if self.fd is None:
+            self.create()
+        r = _raw(reps)
+        kv = _raw(keys) + _raw(values)
+        data = _RECORD.pack(layer, block, zlib.crc32(r), zlib.crc32(kv)) + r + kv
+        offset = self.size
+        self._pwrite(data, offset)
         self.size += len(data)
         return offset
 
-    def read(self, offset: int, n: int) -> bytes:
+    def read_reps(self, offset: int) -> tuple[int, int, bytes]:
+        """(layer, block, representative keys' bytes) of the record at ``offset``."""
+        data = self._pread(offset, _RECORD.size + self.reps_bytes)
+        layer, block, crc, _ = _RECORD.unpack_from(data)
+        reps = data[_RECORD.size :]
+        if zlib.crc32(reps) != crc:
+            raise MemoryFileError(f"memory file corrupted: the record at offset {offset} fails its checksum")
+        return layer, block, reps
+
+    def read_kv(self, offset: int) -> bytes:
+        head = _RECORD.size + self.reps_bytes
+        data = self._pread(offset, head + self.kv_bytes)
+        _, _, _, crc = _RECORD.unpack_from(data)
+        kv = data[head:]
+        if zlib.crc32(kv) != crc:
+            raise MemoryFileError(f"memory file corrupted: the record at offset {offset} fails its checksum")
+        return kv
+
+    def sync(self) -> None:
+        if self.fd is not None:
+            try:
+                os.fsync(self.fd)
+            except OSError as exc:
+                raise MemoryFileError(f"memory file sync failed: {exc.strerror}") from None
+
+    def _pwrite(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        try:
+            done = 0
+            while done < len(view):
+                done += os.pwrite(self.fd, view[done:], offset + done)
+        except OSError as exc:
+            raise MemoryFileError(f"memory file write failed: {exc.strerror}") from None
+
+    def _pread(self, offset: int, n: int) -> bytes:
+        if offset + n > self.size:
+            raise MemoryFileError(f"memory file: no record at offset {offset}")
         data = os.pread(self.fd, n, offset)
         if len(data) != n:
             raise MemoryFileError(f"memory file truncated: {len(data)} of {n} bytes at offset {offset}")
@@ -87,6 +190,10 @@ class _Spill:
 
     def __del__(self) -> None:  # a stream that is reset or dropped lets its file go
         self.close()
+
+
+def _raw(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
 
 
 class _LayerMemory:
@@ -103,13 +210,16 @@ class _LayerMemory:
         self.pending_offsets: list[torch.Tensor] = []
         self.held = 0  # tokens waiting
         self.selected: list[int] = []
+        self.at = 0  # under ``fixed`` positions: where the selected keys were rotated to
         self.next_pos: int | None = None  # the text position the next block starts at (None: the first sink)
+        self.saved: list[int] = []  # offsets of blocks 0, 1, ... in the named file
 
 
 class Memory:
     """The memory of one stream. ``layers``: which layers keep one (those with the sink policy); ``num_sinks`` and
-    ``window``: that policy's; ``inv_freqs``: every layer's rotary frequencies; ``token_bytes``: bytes of keys
-    and values per token over the memory layers (to check the RAM budget before anything runs)."""
+    ``window``: that policy's; ``inv_freqs``: every layer's rotary frequencies; ``kv_heads``, ``head_dim`` and
+    ``itemsize``: the shape of a token's keys (to check the RAM budget before anything runs). ``file``: the named
+    file ``persist`` saves blocks to, so the memory can be restored with its stream (a server session's)."""
 
     def __init__(
         self,
@@ -118,24 +228,31 @@ class Memory:
         num_sinks: int,
         window: int,
         inv_freqs: Sequence[torch.Tensor],
-        token_bytes: int,
+        kv_heads: int,
+        head_dim: int,
+        itemsize: int,
+        file: Path | None = None,
     ):
         self.config = config
         self.num_sinks, self.window = num_sinks, window
         self.inv_freqs = list(inv_freqs)
         self.layers = {i: _LayerMemory() for i, on in enumerate(layers) if on}
-        block = token_bytes * config.block_size
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        block = len(self.layers) * 2 * kv_heads * head_dim * itemsize * config.block_size
         self.budget = config.ram_mb * 2**20
         if block > self.budget:
             raise ValueError(
                 f"memory RAM budget of {config.ram_mb} MiB is smaller than one block "
                 f"({block / 2**20:.1f} MiB: {config.block_size} tokens); raise --memory-ram or lower --memory-block"
             )
+        self.dtype: torch.dtype | None = None  # of the keys, known from the first block
         self.ram: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.disk: dict[tuple[int, int], tuple[int, torch.Size, torch.dtype]] = {}
         self.ram_bytes = 0  # keys and values of the blocks in RAM
         self.rep_bytes = 0  # representative keys (always in RAM)
-        self.spill = _Spill(config.dir)
+        self.spill: _BlockFile | None = None  # blocks past the budget that the named file does not hold
+        self.spilled: dict[tuple[int, int], int] = {}  # their offsets in it
+        self.file = Path(file) if file is not None else None
+        self.store: _BlockFile | None = None  # the named file, once ``persist`` or a restore opened it
         self.marks: set[int] = set()  # positions where the caller asked for a selection
         self.recalled_len = 0  # M: recalled tokens every memory layer holds now
         self.selections = 0
@@ -210,46 +327,74 @@ class Memory:
         """Keep one whole block of ``layer`` as its next block: keys before rotary and values (1, Hkv, bs, D).
         ``add`` calls it for every block its tokens complete (a benchmark may call it to fill a memory)."""
         mem = self.layers[layer]
+        if self.dtype is None:
+            self.dtype = keys.dtype
+        elif keys.dtype != self.dtype:
+            raise MemoryFileError(f"this memory holds {self.dtype} keys; a block of {keys.dtype} keys came")
         r = self.config.reps
         k = keys[0].float()  # (Hkv, bs, D)
         spread = (k - k.mean(dim=1, keepdim=True)).norm(dim=-1)  # (Hkv, bs)
         pick = spread.sort(dim=-1, descending=True, stable=True).indices[:, :r]  # (Hkv, r)
         reps = torch.gather(keys[0], 1, pick[..., None].expand(-1, -1, k.shape[-1]))  # (Hkv, r, D)
-        if mem.reps is None or mem.count == mem.reps.shape[0]:  # grow by an eighth: little held in reserve
-            grown = reps.new_zeros((mem.count + max(16, mem.count // 8), *reps.shape))
-            if mem.reps is not None:
-                grown[: mem.count] = mem.reps[: mem.count]
-                self.rep_bytes -= mem.reps.nbytes
-            mem.reps = grown
-            self.rep_bytes += grown.nbytes  # what is allocated counts, not only what is used
+        self._reserve(mem, mem.count + 1, reps)
         mem.reps[mem.count] = reps
-        key = (layer, mem.count)
-        self.ram[key] = (keys.clone(), values.clone())
+        self.ram[(layer, mem.count)] = (keys.clone(), values.clone())
         self.ram_bytes += keys.nbytes + values.nbytes
         mem.count += 1
-        while self.ram_bytes + self.rep_bytes > self.budget:  # representative keys count too, and stay
+        self._fit()
+
+    def _reserve(self, mem: _LayerMemory, rows: int, like: torch.Tensor) -> None:
+        """Room for ``rows`` blocks' representative keys, grown by an eighth (little held in reserve)."""
+        if mem.reps is not None and rows <= mem.reps.shape[0]:
+            return
+        grown = like.new_zeros((rows - 1 + max(16, rows // 8), *like.shape))
+        if mem.reps is not None:
+            grown[: mem.count] = mem.reps[: mem.count]
+            self.rep_bytes -= mem.reps.nbytes
+        mem.reps = grown
+        self.rep_bytes += grown.nbytes  # what is allocated counts, not only what is used
+
+    def _fit(self) -> None:
+        """Move the oldest blocks out of RAM until the budget holds; representative keys count too, and stay."""
+        while self.ram_bytes + self.rep_bytes > self.budget:
             if not self.ram:
                 raise ValueError(
                     f"the memory's representative keys alone ({self.rep_bytes / 2**20:.0f} MiB) fill its RAM "
                     f"budget of {self.config.ram_mb} MiB; raise --memory-ram, or --memory-block"
                 )
-            self._move_out()
+            key, (k, v) = self.ram.popitem(last=False)
+            self.ram_bytes -= k.nbytes + v.nbytes
+            layer, block = key
+            if block < len(self.layers[layer].saved):
+                continue  # the named file holds it already
+            if self.spill is None:
+                self.spill = _BlockFile(self._layout(), folder=self.config.dir)
+            self.spilled[key] = self.spill.append(layer, block, self.layers[layer].reps[block], k, v)
 
-    def _move_out(self) -> None:
-        """Move the oldest block in RAM to the file."""
-        key, (k, v) = self.ram.popitem(last=False)
-        both = torch.stack([k, v]).contiguous()  # (2, 1, Hkv, bs, D)
-        offset = self.spill.write(both.view(torch.uint8).numpy().tobytes())
-        self.disk[key] = (offset, both.shape, both.dtype)
-        self.ram_bytes -= k.nbytes + v.nbytes
+    def _layout(self) -> dict:
+        cfg = self.config
+        return {
+            "version": 1,
+            "layers": sorted(self.layers),
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "block_size": cfg.block_size,
+            "reps": cfg.reps,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
 
     def _load(self, layer: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
         key = (layer, block)
         if key in self.ram:
             return self.ram[key]
-        offset, shape, dtype = self.disk[key]
-        n = shape.numel() * torch.empty(0, dtype=dtype).element_size()
-        both = torch.frombuffer(bytearray(self.spill.read(offset, n)), dtype=dtype).view(shape)
+        mem = self.layers[layer]
+        data = (
+            self.store.read_kv(mem.saved[block])
+            if block < len(mem.saved)
+            else self.spill.read_kv(self.spilled[key])
+        )
+        shape = (2, 1, self.kv_heads, self.config.block_size, self.head_dim)
+        both = torch.frombuffer(bytearray(data), dtype=self.dtype).view(shape)
         return both[0], both[1]
 
     # -- recalling ---------------------------------------------------------------------------------------------
@@ -259,28 +404,31 @@ class Memory:
         """Select layer ``layer``'s blocks with ``query`` (1, H, D), rotated at ``model_pos``. -> the recalled keys,
         rotated where the query sees them from ``anchor`` (its in-cache position), and values (1, Hkv, M, D)."""
         mem = self.layers[layer]
-        cfg = self.config
-        inv_freq = self.inv_freqs[layer]
-        n = self.recalled_len // cfg.block_size  # the same for every layer, fixed when the token was planned
+        n = (
+            self.recalled_len // self.config.block_size
+        )  # the same for every layer, fixed when the token was planned
         Hkv, D = mem.reps.shape[1], mem.reps.shape[3]
         shift = torch.tensor([self.window + 1 - model_pos])  # to distance window + 1 from a key at 0
-        q = rotate(query.float()[0, :, None], shift, inv_freq)[:, 0]  # (H, D)
+        q = rotate(query.float()[0, :, None], shift, self.inv_freqs[layer])[:, 0]  # (H, D)
         q = q.view(Hkv, -1, D)  # (Hkv, G, D)
         reps = mem.reps[: mem.count].float()  # (Nb, Hkv, r, D)
         scores = torch.einsum("kgd,nkrd->nkgr", q, reps).amax(-1).sum((1, 2))  # (Nb,)
-        best = scores.sort(descending=True, stable=True).indices[:n].sort().values.tolist()
-        mem.selected = best
-        parts = [self._load(layer, b) for b in best]
+        mem.selected = scores.sort(descending=True, stable=True).indices[:n].sort().values.tolist()
+        mem.at = anchor - self.window - 1
+        self.selections += 1
+        return self.recalled(layer)
+
+    def recalled(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values (1, Hkv, M, D) of ``layer``'s selected blocks, keys rotated where the query sees
+        them (``select`` returns them; a restored stream rebuilds its recall slots with them)."""
+        mem = self.layers[layer]
+        parts = [self._load(layer, b) for b in mem.selected]
         keys = torch.cat([k for k, _ in parts], dim=2)  # (1, Hkv, M, D) before rotary
         values = torch.cat([v for _, v in parts], dim=2)
         M = keys.shape[2]
         S = self.num_sinks
-        if cfg.positions == "cache":
-            at = torch.arange(S, S + M)
-        else:
-            at = torch.full((M,), anchor - self.window - 1)
-        self.selections += 1
-        return rotate(keys, at, inv_freq), values
+        at = torch.arange(S, S + M) if self.config.positions == "cache" else torch.full((M,), mem.at)
+        return rotate(keys, at, self.inv_freqs[layer]), values
 
     def due(self, pos: int) -> bool:
         """Whether token ``pos`` selects (a selection point with blocks to select from)."""
@@ -290,18 +438,130 @@ class Memory:
         """How far the recalled tokens move the query's anchor: M under ``cache`` positions, 0 under ``fixed``."""
         return self.recalled_len if self.config.positions == "cache" else 0
 
+    # -- saving and restoring ---------------------------------------------------------------------------------
+    def persist(self) -> None:
+        """Append every block the named file lacks to it, then sync: with ``state_dict`` taken after, the memory
+        can be restored from that file. Raises ``MemoryFileError``; then the file counts as it was before."""
+        if self.file is None:
+            raise RuntimeError("this memory has no named file to persist to")
+        todo = [(layer, b) for layer, mem in self.layers.items() for b in range(len(mem.saved), mem.count)]
+        if not todo:
+            return
+        if self.store is None:
+            self.store = _BlockFile(self._layout(), path=self.file)
+            self.store.create()
+        start, done = self.store.size, []
+        try:
+            for layer, b in todo:
+                keys, values = self._load(layer, b)
+                done.append(self.store.append(layer, b, self.layers[layer].reps[b], keys, values))
+            self.store.sync()
+        except MemoryFileError:
+            self.store.size = start
+            raise
+        for (layer, b), offset in zip(todo, done, strict=True):
+            self.layers[layer].saved.append(offset)
+            self.spilled.pop((layer, b), None)  # its copy in the spill file is not needed any more
+
+    def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(counters, which can go to JSON; the blocks being filled, as tensors copied to the CPU). Blocks are
+        not in it: they stay where they are (``load_state_dict`` rolls this memory back to the state), and the
+        named file holds the ones ``persist`` wrote (a fresh memory restores from it)."""
+        info: dict = {
+            "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch."),
+            "file": None if self.store is None else self.store.id,
+            "file_bytes": 0 if self.store is None else self.store.size,
+            "marks": sorted(self.marks),
+            "recalled": self.recalled_len,
+            "selections": self.selections,
+            "layers": {},
+        }
+        tensors = {}
+        for i, mem in self.layers.items():
+            info["layers"][str(i)] = {
+                "count": mem.count,
+                "selected": list(mem.selected),
+                "at": mem.at,
+                "next_pos": mem.next_pos,
+            }
+            if mem.held:
+                for name in ("pos", "keys", "values", "offsets"):
+                    part = torch.cat(
+                        getattr(mem, f"pending_{name}"), dim=2 if name in ("keys", "values") else 0
+                    )
+                    tensors[f"{i}.{name}"] = part.detach().to("cpu", copy=True).contiguous()
+        return info, tensors
+
+    def load_state_dict(self, info: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Go back to what ``state_dict`` returned: this memory drops the blocks kept since (a turn undone), or,
+        when it is fresh, reads the representative keys of the blocks from the named file (a stream restored)."""
+        if set(info["layers"]) != {str(i) for i in self.layers}:
+            raise ValueError(
+                f"memory of layers {sorted(info['layers'])}; this model keeps {sorted(self.layers)}"
+            )
+        counts = {i: int(info["layers"][str(i)]["count"]) for i in self.layers}
+        if self.blocks == 0 and any(counts.values()):
+            self._restore(info, counts)
+        for i, mem in self.layers.items():
+            saved = info["layers"][str(i)]
+            if mem.count < counts[i]:
+                raise ValueError(f"memory of layer {i} holds {mem.count} blocks, the state {counts[i]}")
+            for b in range(counts[i], mem.count):  # kept after the state was taken
+                if (kv := self.ram.pop((i, b), None)) is not None:
+                    self.ram_bytes -= kv[0].nbytes + kv[1].nbytes
+                self.spilled.pop((i, b), None)
+            mem.count = counts[i]
+            del mem.saved[counts[i] :]
+            mem.selected, mem.at = [int(b) for b in saved["selected"]], int(saved["at"])
+            mem.next_pos = None if saved["next_pos"] is None else int(saved["next_pos"])
+            if f"{i}.pos" in tensors:
+                mem.pending_pos, mem.pending_offsets = [tensors[f"{i}.pos"]], [tensors[f"{i}.offsets"]]
+                mem.pending_keys, mem.pending_values = [tensors[f"{i}.keys"]], [tensors[f"{i}.values"]]
+                mem.held = mem.pending_pos[0].numel()
+            else:
+                mem.pending_pos, mem.pending_offsets, mem.pending_keys, mem.pending_values = [], [], [], []
+                mem.held = 0
+        self.marks = {int(p) for p in info["marks"]}
+        self.recalled_len, self.selections = int(info["recalled"]), int(info["selections"])
+
+    def _restore(self, info: dict, counts: dict[int, int]) -> None:
+        """Index the named file a saved state refers to: every record's place, and its representative keys."""
+        if self.file is None or info["file"] is None:
+            raise MemoryFileError("the saved state has memory blocks, but no memory file to read them from")
+        self.dtype = getattr(torch, info["dtype"])
+        store = _BlockFile(self._layout(), path=self.file)
+        store.open(info["file"], int(info["file_bytes"]))
+        shape = (self.kv_heads, self.config.reps, self.head_dim)
+        for offset in range(_HEADER, store.size, store.record):
+            layer, block, raw = store.read_reps(offset)
+            mem = self.layers.get(layer)
+            if mem is None or block != len(mem.saved) or block >= counts[layer]:
+                raise MemoryFileError(f"memory file corrupted: an unexpected record at offset {offset}")
+            reps = torch.frombuffer(bytearray(raw), dtype=self.dtype).view(shape)
+            self._reserve(mem, block + 1, reps)
+            mem.reps[block] = reps
+            mem.saved.append(offset)
+            mem.count = block + 1
+        for i, mem in self.layers.items():
+            if mem.count != counts[i]:
+                raise MemoryFileError(f"the memory file holds {mem.count} of layer {i}'s {counts[i]} blocks")
+        self.store = store
+        self._fit()
+
     # -- reporting ---------------------------------------------------------------------------------------------
     def stats(self) -> dict:
         return {
             "blocks": self.blocks,
             "tokens": self.blocks * self.config.block_size,
             "layer_blocks_in_ram": len(self.ram),  # one layer's block each
-            "layer_blocks_on_disk": len(self.disk),
+            "layer_blocks_on_disk": len(self.spilled) + sum(len(m.saved) for m in self.layers.values()),
             "ram_bytes": self.ram_bytes + self.rep_bytes,
-            "disk_bytes": self.spill.size,  # the file holds blocks only, each written once
+            "disk_bytes": sum(f.size for f in (self.spill, self.store) if f is not None),
             "recalled": self.recalled_len,
             "selections": self.selections,
         }
 
     def close(self) -> None:
-        self.spill.close()
+        for f in (self.spill, self.store):
+            if f is not None:
+                f.close()

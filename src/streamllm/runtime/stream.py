@@ -8,6 +8,7 @@ gets dense attention. Single tokens go through the model's fast decode step wher
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import torch
 
@@ -23,7 +24,8 @@ class Stream:
     """A model, a configuration and the state of one stream: a ``KVCache`` (or ``Recompute``'s window).
 
     ``policy`` replaces the one ``config.method`` names (any ``core.policy.Policy``); ``on_evict`` receives every
-    batch of tokens that leaves the cache (``core.cache.Evicted``)."""
+    batch of tokens that leaves the cache (``core.cache.Evicted``); ``memory_file``: the file the memory's blocks
+    are saved to (``Memory.persist``), so that the stream can be restored with its memory."""
 
     def __init__(
         self,
@@ -31,8 +33,10 @@ class Stream:
         config: StreamConfig | None = None,
         policy: Policy | None = None,
         on_evict: Callable[[Evicted], None] | None = None,
+        memory_file: Path | None = None,
     ):
         self.model = prepare(model)
+        self.memory_file = memory_file
         self.config = config or StreamConfig()
         self.policy, self.on_evict = policy, on_evict
         weights = {"fast": "model", "int4": "int4"}.get(self.config.decode)  # config.decode: see StreamConfig
@@ -46,7 +50,9 @@ class Stream:
         if self.config.method == "recompute":
             self.cache = Recompute(self.model, self.config.cache_size)
         else:
-            self.cache = cache_for(self.model, self.config, self.on_evict, policy=self.policy)
+            self.cache = cache_for(
+                self.model, self.config, self.on_evict, policy=self.policy, memory_file=self.memory_file
+            )
 
     @property
     def tokens_seen(self) -> int:

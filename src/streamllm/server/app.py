@@ -68,8 +68,14 @@ def _version() -> str:
 def _describe(config: ServerConfig) -> str:
     where = f"sessions saved in {config.state_dir}" if config.state_dir else "sessions in memory only"
     keys = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no API key"
+    m = config.stream.memory
+    memory = (
+        f" with memory ({m.blocks} blocks of {m.block_size} recalled, {m.ram_mb} MiB of RAM per session)"
+        if m
+        else ""
+    )
     return (
-        f"cache {config.stream.num_sinks}+{config.stream.window} ({config.stream.method}), {where}, "
+        f"cache {config.stream.num_sinks}+{config.stream.window} ({config.stream.method}){memory}, {where}, "
         f"{config.max_sessions} sessions in memory at most, decode batches of {config.batch_decode}, {keys}"
     )
 

@@ -6,12 +6,18 @@ text). ``meta.json`` is the commit point: a new state file is written under a ne
 is replaced by a rename. A crash at any moment leaves the previous turn's pair intact; the state file's sha256 in
 ``meta.json`` catches a corrupted or truncated file.
 
+A session with a memory (``--memory``) also has ``memory.bin``, its evicted blocks, only ever appended to: each
+save appends the blocks kept since the last one and syncs the file before ``meta.json`` commits its length. A
+crash leaves at most an uncommitted tail, which the next load cuts off; the file's id and layout, its length and
+each record's checksum are checked when it is read.
+
 Session ids are checked against ``SESSION_ID`` before they become paths, so no request reaches a file outside
 the state folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,6 +36,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from ..config import StreamConfig
+from ..core.memory import MemoryFileError
 from ..runtime.recompute import Recompute
 from ..runtime.stream import Stream
 
@@ -38,6 +45,7 @@ log = logging.getLogger(__name__)
 FORMAT = "streamllm-session"
 VERSION = 1
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")
+MEMORY_FILE = "memory.bin"
 
 
 class StateError(Exception):
@@ -70,25 +78,38 @@ def text_digest(text: str) -> str:
 
 
 # -- a stream <-> tensors ---------------------------------------------------------------------------------------
-def stream_tensors(stream: Stream) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """The stream's state as named tensors plus per-layer counters (JSON-able). Tensors are copies on CPU."""
+def stream_tensors(stream: Stream) -> tuple[dict[str, torch.Tensor], list[dict], dict | None]:
+    """The stream's state as named tensors, per-layer counters and the memory's counters (both JSON-able; the
+    memory's are None without one). Tensors are copies on CPU. The memory's blocks are not in it: they stay in
+    the stream's memory (a rollback) and in its file, up to what the last ``Memory.persist`` wrote."""
     tensors: dict[str, torch.Tensor] = {}
     layers: list[dict] = []
     if isinstance(stream.cache, Recompute):  # recompute keeps only its recent tokens
         tensors["recompute.recent"] = stream.cache.state_dict()["recent"]
-        return tensors, layers
-    for i, layer in enumerate(stream.cache.state_dict()["layers"]):
+        return tensors, layers, None
+    state = stream.cache.state_dict()
+    for i, layer in enumerate(state["layers"]):
         layers.append({k: layer[k] for k in ("seen", "offset", "num_sinks", "window", "text_positions")})
         if layer["keys"] is not None:
             for name in ("keys", "values", "slot_pos"):
                 tensors[f"layers.{i}.{name}"] = layer[name].detach().to("cpu", copy=True).contiguous()
-    return tensors, layers
+    memory = None
+    if "memory" in state:
+        memory, pending = state["memory"]
+        tensors |= {f"memory.{name}": tensor for name, tensor in pending.items()}
+    return tensors, layers, memory
 
 
 def restore_stream(
-    stream: Stream, tensors: dict[str, torch.Tensor], layers: list[dict], tokens_seen: int
+    stream: Stream,
+    tensors: dict[str, torch.Tensor],
+    layers: list[dict],
+    tokens_seen: int,
+    memory: dict | None = None,
 ) -> None:
-    """Put a saved state into a fresh ``stream`` of the same model and configuration."""
+    """Put a saved state into ``stream`` (of the same model and configuration): a fresh stream restores its
+    memory from its memory file; the stream the state was taken from rolls its memory back to it."""
+    kept = stream.memory  # its blocks: what a rollback truncates
     stream.reset()
     if isinstance(stream.cache, Recompute):
         stream.cache.load_state_dict({"recent": tensors["recompute.recent"]}, tokens_seen)
@@ -101,7 +122,14 @@ def restore_stream(
             tensor = tensors.get(f"layers.{i}.{name}")
             state[name] = None if tensor is None else tensor.to(device if name != "slot_pos" else "cpu")
         states.append(state)
-    stream.cache.load_state_dict({"layers": states})
+    state = {"layers": states}
+    if (memory is None) != (stream.memory is None):
+        raise ValueError("the state and the stream disagree on whether there is a memory")
+    if memory is not None:
+        stream.cache.memory = kept
+        pending = {name[7:]: t.to(device) for name, t in tensors.items() if name.startswith("memory.")}
+        state["memory"] = (memory, pending)
+    stream.cache.load_state_dict(state)
     if stream.tokens_seen != tokens_seen:
         raise ValueError(f"the cache has seen {stream.tokens_seen} tokens, the session {tokens_seen}")
 
@@ -109,8 +137,11 @@ def restore_stream(
 def encode_state(
     session_id: str, owner: str, model_id: str, config: StreamConfig, convo: Conversation, stream: Stream
 ) -> tuple[dict, bytes]:
-    """(meta, safetensors bytes) of a session; meta still lacks the state file's name and digest."""
-    tensors, layers = stream_tensors(stream)
+    """(meta, safetensors bytes) of a session; meta still lacks the state file's name and digest. A memory's new
+    blocks are appended to its file first (``Memory.persist``; raises ``MemoryFileError``)."""
+    if stream.memory is not None:
+        stream.memory.persist()
+    tensors, layers, memory = stream_tensors(stream)
     tensors["log.tokens"] = torch.from_numpy(np.frombuffer(convo.tokens.tobytes(), dtype=np.int32).copy())
     tensors["log.text"] = torch.from_numpy(np.frombuffer(convo.text.encode("utf-8"), dtype=np.uint8).copy())
     meta = {
@@ -126,6 +157,7 @@ def encode_state(
         "text_bytes": len(convo.text.encode("utf-8")),
         "text_sha256": text_digest(convo.text),
         "layers": layers,
+        "memory": memory,
     }
     return meta, save_tensors(tensors)
 
@@ -141,9 +173,12 @@ def decode_state(meta: dict, blob: bytes, stream: Stream) -> Conversation:
         text = bytes(tensors["log.text"].numpy().tobytes()).decode("utf-8")
         if text_digest(text) != meta["text_sha256"]:
             raise StateError("the conversation text does not match its digest")
-        restore_stream(stream, tensors, meta["layers"], int(meta["tokens_seen"]))
+        restore_stream(stream, tensors, meta["layers"], int(meta["tokens_seen"]), meta.get("memory"))
     except StateError:
         raise
+    except MemoryFileError as exc:
+        stream.reset()
+        raise StateError(str(exc)) from None
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
         stream.reset()
         raise StateError(f"the state file does not fit this model ({type(exc).__name__}: {exc})") from None
@@ -151,13 +186,25 @@ def decode_state(meta: dict, blob: bytes, stream: Stream) -> Conversation:
 
 
 def _config_dict(config: StreamConfig) -> dict:
-    return {
+    settings = {
         "num_sinks": config.num_sinks,
         "window": config.window,
         "method": config.method,
         "positions": config.positions,
         "rebase_every": config.rebase_every,
     }
+    if (
+        config.memory is not None
+    ):  # what shapes a memory file and what it recalls; not where, or the RAM it uses
+        m = config.memory
+        settings["memory"] = {
+            "block_size": m.block_size,
+            "blocks": m.blocks,
+            "reps": m.reps,
+            "refresh": m.refresh,
+            "positions": m.positions,
+        }
+    return settings
 
 
 def check_meta(meta: object, model_id: str, config: StreamConfig) -> dict:
@@ -196,8 +243,16 @@ class StateDir:
             raise ValueError(f"invalid session id {session_id!r}")
         return self.root / session_id
 
+    def memory_file(self, session_id: str) -> Path:
+        return self.folder(session_id) / MEMORY_FILE
+
     def ids(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and SESSION_ID.fullmatch(p.name))
+        """Saved sessions: folders with a ``meta.json`` (a session whose first turn never committed has none)."""
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and SESSION_ID.fullmatch(p.name) and (p / "meta.json").exists()
+        )
 
     def read_meta(self, session_id: str) -> dict:
         path = self.folder(session_id) / "meta.json"
@@ -246,9 +301,16 @@ class StateDir:
         shutil.rmtree(self.folder(session_id), ignore_errors=True)
 
     def sweep(self) -> None:
-        """Remove temporary files a crash may have left behind."""
+        """Remove temporary files a crash may have left behind, and the memory files of sessions whose first
+        turn never committed."""
         for tmp in self.root.glob("*/.*.tmp"):
             tmp.unlink(missing_ok=True)
+        for memory in self.root.glob(f"*/{MEMORY_FILE}"):
+            folder = memory.parent
+            if SESSION_ID.fullmatch(folder.name) and not (folder / "meta.json").exists():
+                memory.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

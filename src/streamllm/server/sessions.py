@@ -51,6 +51,7 @@ class Session:
         self.last_used = time.monotonic()
         self.updated = time.time()  # of the last turn (or creation): the order of the session list
         self.saved_tokens_seen: int | None = None  # tokens_seen of the state on disk
+        self.saved_memory: dict | None = None  # the memory of the state on disk: blocks per layer, file bytes
 
     @property
     def loaded(self) -> bool:
@@ -78,8 +79,17 @@ class Session:
                 "size": config.cache_size,
             },
             "text_bytes": self.text_bytes,
+            "memory": self._memory_stats(config),
             "error": self.error,
         }
+
+    def _memory_stats(self, config: StreamConfig) -> dict | None:
+        """Blocks held, where and how many bytes; for a session only on disk, what its saved state holds."""
+        if config.memory is None:
+            return None
+        if self.stream is not None:
+            return self.stream.memory.stats()
+        return self.saved_memory
 
 
 class SessionStore:
@@ -114,6 +124,7 @@ class SessionStore:
             )
             session.text_bytes, session.text_sha256 = meta["text_bytes"], meta["text_sha256"]
             session.saved_tokens_seen = meta["tokens_seen"]
+            session.saved_memory = saved_memory(meta, self.config.stream)
             session.updated = self.disk.saved_at(session_id)
             self._add(session)
         log.info("%d saved sessions indexed from %s", len(self.sessions), self.disk.root)
@@ -213,7 +224,8 @@ class SessionStore:
             return
         await self._make_room(session, deadline)
         self._memory[session.id] = None  # the room is taken now, before anything else can take it
-        stream = Stream(self.model, self.config.stream)
+        memory_file = self.disk.memory_file(session.id) if self.disk is not None else None
+        stream = Stream(self.model, self.config.stream, memory_file=memory_file)
         if session.convo is None:  # saved on disk
             try:
                 meta, blob = await asyncio.to_thread(self.disk.read, session.id)
@@ -286,4 +298,20 @@ class SessionStore:
         )
         await asyncio.to_thread(self.disk.write, session.id, meta, blob, session.generation + 1)
         session.generation += 1
+        session.saved_memory = saved_memory(meta, self.config.stream)
         session.dirty = False
+
+
+def saved_memory(meta: dict, config: StreamConfig) -> dict | None:
+    """What a saved state's memory holds, as ``Memory.stats`` names it (the part known without loading it)."""
+    memory = meta.get("memory")
+    if not isinstance(memory, dict) or config.memory is None:
+        return None
+    counts = [layer.get("count", 0) for layer in memory.get("layers", {}).values()]
+    blocks = min(counts, default=0)
+    return {
+        "blocks": blocks,
+        "tokens": blocks * config.memory.block_size,
+        "layer_blocks_on_disk": sum(counts),
+        "disk_bytes": memory.get("file_bytes", 0),
+    }

@@ -228,8 +228,8 @@ class Turns:
         session = turn.session
         try:
             if turn.snapshot is not None:
-                (tensors, layers), tokens_seen, convo = turn.snapshot
-                restore_stream(session.stream, tensors, layers, tokens_seen)
+                (tensors, layers, memory), tokens_seen, convo = turn.snapshot
+                restore_stream(session.stream, tensors, layers, tokens_seen, memory)
                 session.convo = convo
             elif session.convo.turns and self.store.disk is not None:
                 self.store.unload(session)  # the state before this turn is on disk; it reloads on demand
