@@ -67,7 +67,7 @@ def bad_files(tmp_path_factory):
         (["generate", "--prompt", "hi", "--memory", "--method", "window"], "sink method"),
         (["generate", "--prompt", "hi", "--memory-dir", "/no/such/dir"], "does not exist"),
         (["generate", "--prompt", "hi", "--memory-positions", "text"], "--memory-positions"),
-        (["serve", "--memory"], "serve does not take --memory"),
+        (["serve", "--memory", "--memory-refresh", "0"], "refresh must be >= 1"),
     ],
 )
 def test_bad_input_gets_one_line_error(args, needle, bad_files):

@@ -1,6 +1,7 @@
 """Server behaviour that needs a hand inside the process (failures, timeouts, damaged files), on a tiny random
 model that speaks the real tokenizer, served by uvicorn on a loopback port in a thread."""
 
+import dataclasses
 import json
 import threading
 
@@ -10,6 +11,7 @@ import torch
 from server_helpers import ThreadServer, tiny_chat_model
 
 from streamllm import StreamConfig
+from streamllm.config import MemoryConfig
 from streamllm.runtime.stream import Stream
 from streamllm.server import ServerConfig, create_app
 from streamllm.server.persist import Conversation, StateDir, decode_state, encode_state
@@ -290,3 +292,51 @@ def test_batched_decoding_serves_concurrent_sessions_alike(tiny):
         scheduler = app.state.turns.scheduler
     assert together == alone and len(alone) == 6
     assert scheduler.batched_steps > 0 and scheduler.batched_rows > scheduler.batched_steps
+
+
+MEMORY_STREAM = dataclasses.replace(
+    STREAM, memory=MemoryConfig(block_size=8, blocks=2, reps=2, refresh=16, ram_mb=1)
+)
+QUESTIONS = ["tell me about rivers", "and the sea?", "what lives there", "why is it salty", "thank you"]
+
+
+def _turns(url, session, questions):
+    replies = []
+    for question in questions:
+        reply = _chat(url, [{"role": "user", "content": question}], session=session, max_tokens=4)
+        assert reply.status_code == 200, reply.text
+        session = reply.headers["x-session-id"]
+        replies.append(reply.json()["choices"][0]["message"]["content"])
+    return session, replies
+
+
+def test_a_session_memory_is_saved_undone_restored_and_deleted(tiny, tmp_path):
+    with _serve(tiny, stream=MEMORY_STREAM) as server:  # uninterrupted, nothing on disk
+        _, reference = _turns(server.url, None, QUESTIONS)
+    with _serve(tiny, stream=MEMORY_STREAM, state_dir=tmp_path, request_timeout_s=2.0) as server:
+        session, replies = _turns(server.url, None, QUESTIONS[:3])
+        other, _ = _turns(server.url, None, QUESTIONS[:3])
+        assert replies == reference[:3]
+        state = _state(server.url, session)
+        assert state["memory"]["blocks"] > 2 and state["memory"]["disk_bytes"] > 0
+        memory_file = tmp_path / "sessions" / session / "memory.bin"
+        assert memory_file.stat().st_size == state["memory"]["disk_bytes"]
+        slow = _chat(
+            server.url, [{"role": "user", "content": "a long one"}], session=session, max_tokens=4000
+        )
+        assert slow.status_code == 504
+        assert _idle_state(server.url, session)["turns"] == 3
+    other_file = tmp_path / "sessions" / other / "memory.bin"
+    other_file.write_bytes(other_file.read_bytes()[:-10])  # a damaged memory breaks only its own session
+    with _serve(tiny, stream=MEMORY_STREAM, state_dir=tmp_path) as server:
+        saved = _state(server.url, session)
+        assert not saved["in_memory"] and saved["memory"]["blocks"] == state["memory"]["blocks"]
+        _, rest = _turns(server.url, session, QUESTIONS[3:])
+        assert rest == reference[3:]  # the undone turn left no trace, and the memory came back whole
+        broken = _chat(server.url, [{"role": "user", "content": "next"}], session=other)
+        assert (
+            broken.status_code == 500
+            and "memory file memory.bin is truncated" in broken.json()["error"]["message"]
+        )
+        gone = httpx.delete(f"{server.url}/v1/sessions/{session}", headers=AUTH)
+        assert gone.status_code == 200 and not memory_file.parent.exists()
