@@ -197,11 +197,13 @@ def _raw(tensor: torch.Tensor) -> bytes:
 
 
 class _LayerMemory:
-    """One layer's blocks: representative keys (Nb, Hkv, r, D), the pending tokens of the block being filled,
+    """One layer's blocks: representative keys (Hkv, Nb * r, D), the pending tokens of the block being filled,
     and the blocks selected last."""
 
     def __init__(self):
-        self.reps: torch.Tensor | None = None  # (capacity, Hkv, r, D), rows 0..Nb-1 used
+        # (Hkv, capacity * r, D): block b's representative keys are columns b*r .. b*r + r - 1, so that one
+        # batched product per kv head scores every block
+        self.reps: torch.Tensor | None = None
         self.count = 0
         self.pending_pos: list[torch.Tensor] = []
         self.pending_keys: list[torch.Tensor] = []  # (1, Hkv, n, D) as stored: rotated at position - offset
@@ -336,23 +338,29 @@ class Memory:
         spread = (k - k.mean(dim=1, keepdim=True)).norm(dim=-1)  # (Hkv, bs)
         pick = spread.sort(dim=-1, descending=True, stable=True).indices[:, :r]  # (Hkv, r)
         reps = torch.gather(keys[0], 1, pick[..., None].expand(-1, -1, k.shape[-1]))  # (Hkv, r, D)
-        self._reserve(mem, mem.count + 1, reps)
-        mem.reps[mem.count] = reps
+        self._put_reps(mem, mem.count, reps)
         self.ram[(layer, mem.count)] = (keys.clone(), values.clone())
         self.ram_bytes += keys.nbytes + values.nbytes
         mem.count += 1
         self._fit()
 
-    def _reserve(self, mem: _LayerMemory, rows: int, like: torch.Tensor) -> None:
-        """Room for ``rows`` blocks' representative keys, grown by an eighth (little held in reserve)."""
-        if mem.reps is not None and rows <= mem.reps.shape[0]:
-            return
-        grown = like.new_zeros((rows - 1 + max(16, rows // 8), *like.shape))
-        if mem.reps is not None:
-            grown[: mem.count] = mem.reps[: mem.count]
-            self.rep_bytes -= mem.reps.nbytes
-        mem.reps = grown
-        self.rep_bytes += grown.nbytes  # what is allocated counts, not only what is used
+    def _put_reps(self, mem: _LayerMemory, block: int, reps: torch.Tensor) -> None:
+        """Store block ``block``'s representative keys (Hkv, r, D); the storage grows by an eighth when full
+        (little held in reserve)."""
+        r = self.config.reps
+        if mem.reps is None or (block + 1) * r > mem.reps.shape[1]:
+            blocks = block + max(16, (block + 1) // 8)
+            grown = reps.new_zeros((reps.shape[0], blocks * r, reps.shape[2]))
+            if mem.reps is not None:
+                grown[:, : block * r] = mem.reps[:, : block * r]
+                self.rep_bytes -= mem.reps.nbytes
+            mem.reps = grown
+            self.rep_bytes += grown.nbytes  # what is allocated counts, not only what is used
+        mem.reps[:, block * r : (block + 1) * r] = reps
+
+    def _reps(self, layer: int, block: int) -> torch.Tensor:
+        r = self.config.reps
+        return self.layers[layer].reps[:, block * r : (block + 1) * r]
 
     def _fit(self) -> None:
         """Move the oldest blocks out of RAM until the budget holds; representative keys count too, and stay."""
@@ -369,7 +377,7 @@ class Memory:
                 continue  # the named file holds it already
             if self.spill is None:
                 self.spill = _BlockFile(self._layout(), folder=self.config.dir)
-            self.spilled[key] = self.spill.append(layer, block, self.layers[layer].reps[block], k, v)
+            self.spilled[key] = self.spill.append(layer, block, self._reps(layer, block), k, v)
 
     def _layout(self) -> dict:
         cfg = self.config
@@ -407,12 +415,13 @@ class Memory:
         n = (
             self.recalled_len // self.config.block_size
         )  # the same for every layer, fixed when the token was planned
-        Hkv, D = mem.reps.shape[1], mem.reps.shape[3]
+        Hkv, D, r = mem.reps.shape[0], mem.reps.shape[2], self.config.reps
         shift = torch.tensor([self.window + 1 - model_pos])  # to distance window + 1 from a key at 0
         q = rotate(query.float()[0, :, None], shift, self.inv_freqs[layer])[:, 0]  # (H, D)
         q = q.view(Hkv, -1, D)  # (Hkv, G, D)
-        reps = mem.reps[: mem.count].float()  # (Nb, Hkv, r, D)
-        scores = torch.einsum("kgd,nkrd->nkgr", q, reps).amax(-1).sum((1, 2))  # (Nb,)
+        reps = mem.reps[:, : mem.count * r].float()  # (Hkv, Nb * r, D)
+        logits = torch.bmm(reps, q.transpose(1, 2))  # (Hkv, Nb * r, G)
+        scores = logits.view(Hkv, mem.count, r, -1).amax(2).sum((0, 2))  # (Nb,)
         mem.selected = scores.sort(descending=True, stable=True).indices[:n].sort().values.tolist()
         mem.at = anchor - self.window - 1
         self.selections += 1
@@ -454,7 +463,7 @@ class Memory:
         try:
             for layer, b in todo:
                 keys, values = self._load(layer, b)
-                done.append(self.store.append(layer, b, self.layers[layer].reps[b], keys, values))
+                done.append(self.store.append(layer, b, self._reps(layer, b), keys, values))
             self.store.sync()
         except MemoryFileError:
             self.store.size = start
@@ -538,8 +547,7 @@ class Memory:
             if mem is None or block != len(mem.saved) or block >= counts[layer]:
                 raise MemoryFileError(f"memory file corrupted: an unexpected record at offset {offset}")
             reps = torch.frombuffer(bytearray(raw), dtype=self.dtype).view(shape)
-            self._reserve(mem, block + 1, reps)
-            mem.reps[block] = reps
+            self._put_reps(mem, block, reps)
             mem.saved.append(offset)
             mem.count = block + 1
         for i, mem in self.layers.items():
