@@ -58,6 +58,8 @@ def bad_files(tmp_path_factory):
         (["experiment", "chat", "--out", "{d}/o", "--questions", "/no/such.jsonl"], "not found"),
         (["experiment", "passkey", "--out", "{d}/o", "--lengths", "4096,abc"], "--lengths"),
         (["experiment", "passkey", "--out", "{d}/o", "--methods", "sink,magic"], "--methods"),
+        (["experiment", "streameval", "--out", "{d}/o", "--methods", "sink,dense"], "not dense"),
+        (["experiment", "sinks", "--out", "{d}/o", "--methods", "sink"], "--methods applies to"),
         (["generate", "--prompt", "hi", "--memory-block", "0"], "block_size must be >= 1"),
         (["generate", "--prompt", "hi", "--memory-ram", "-5"], "ram_mb must be >= 1"),
         (

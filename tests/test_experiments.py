@@ -111,14 +111,22 @@ def test_attention_map(outputs, real):
 def test_streameval(outputs):
     out, _ = outputs("streameval")
     rows, md = read(out, "streameval")
-    assert len(rows) == 12  # 2 cache sizes x 2 rounds x 3 distances
-    inside = [r for r in rows if r["in_cache"] == "True"]
-    outside = [r for r in rows if r["in_cache"] == "False"]
+    assert len(rows) == 24  # sink and memory x 2 cache sizes x 2 rounds x 3 distances
+    sink = [r for r in rows if r["method"] == "sink"]
+    memory = [r for r in rows if r["method"] == "memory"]
+    assert len(sink) == len(memory) == 12
+    # Both are asked the same questions about the same lines.
+    assert [(r["lines_back"], r["expected"]) for r in sink] == [
+        (r["lines_back"], r["expected"]) for r in memory
+    ]
+    inside = [r for r in sink if r["in_cache"] == "True"]
+    outside = [r for r in sink if r["in_cache"] == "False"]
     assert inside and outside
-    assert not any(r["correct"] == "True" for r in outside)  # an evicted line cannot be recalled
+    assert not any(r["correct"] == "True" for r in outside)  # without memory, an evicted line is gone
     assert any(r["correct"] == "True" for r in inside)
     for r in rows:
         assert (r["correct"] == "True") == score(r["answer"], r["expected"])
+    assert "| memory |" in md and "| sink |" in md
 
 
 def test_chat(outputs):

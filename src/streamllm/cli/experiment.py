@@ -31,7 +31,12 @@ def add_parser(sub) -> None:
         help="passkey: stream lengths, comma-separated (e.g. 4096,16384)",
     )
     e.add_argument("--keys", type=positive, default=None, help="passkey: keys per cell (default 10)")
-    e.add_argument("--methods", type=_methods, default=None, help="passkey: methods to run, comma-separated")
+    e.add_argument(
+        "--methods",
+        type=_methods,
+        default=None,
+        help="passkey, streameval: methods to run, comma-separated (streameval: sink, memory, memory-fixed)",
+    )
     e.add_argument(
         "--no-bos",
         dest="bos",
@@ -66,6 +71,17 @@ def _methods(text: str) -> list[str]:
     return names
 
 
+def _check_methods(name: str, methods: list[str]) -> None:
+    from ..experiments import passkey, streameval
+
+    known = {"passkey": passkey.METHODS, "streameval": streameval.METHODS}
+    if name not in known:
+        raise InputError(f"--methods applies to {' and '.join(known)}, not to {name}")
+    unknown = [m for m in methods if m not in known[name]]
+    if unknown:
+        raise InputError(f"{name} runs {', '.join(known[name])}; not {', '.join(unknown)}")
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
@@ -78,6 +94,8 @@ def run(args) -> int:
         raise InputError(f"questions file not found: {args.questions}")
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out} is a file, not a folder")
+    if args.methods:
+        _check_methods(args.name, args.methods)
     clash = [p for p in Report(args.name, "", "", ()).paths(args.out) if p.exists()]
     if clash and not args.overwrite:
         raise InputError(f"{clash[0]} exists; pass --overwrite to replace it")

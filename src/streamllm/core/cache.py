@@ -115,6 +115,7 @@ class KVCache:
         self.seen = 0  # tokens processed: the next token's text position
         self.offset = 0  # model position = text position - offset (window keys are rotated at it)
         self.plans: list[Plan] | None = None  # the pending plan of every layer, until all have committed
+        self._departing: tuple | None = None  # (plan, what leaves under it), for the layers that share it
         self.uncommitted = 0
 
     # -- the stream's view ---------------------------------------------------------------------------------------
@@ -244,6 +245,7 @@ class KVCache:
         """Forget a plan whose forward pass failed midway. Layers that committed already hold the new tokens, so
         the stream is unusable until it is reset; this only lets the next call say so clearly."""
         self.plans = None
+        self._departing = None
         self.uncommitted = 0
 
     def _finish(self) -> None:
@@ -257,26 +259,43 @@ class KVCache:
                 self.layers[i].slot_pos = slot_pos
         self.seen = self.plans[0].seen
         self.plans = None
+        self._departing = None
 
     def _evict(self, i: int, plan: Plan, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         store = self.layers[i]
-        gone = ~plan.stays
+        leaving, gone, pos = self._departures(plan, store)
         parts = []
-        if bool(plan.leaving.any()):
-            idx = plan.leaving.nonzero().flatten()
-            on = idx.to(store.keys.device)
-            parts.append((store.slot_pos[idx], store.keys[:, :, on], store.values[:, :, on]))
-        if bool(gone.any()):
-            on = gone.to(k_new.device)
-            parts.append((plan.text_pos[gone], k_new[:, :, on], v_new[:, :, on]))
-        if parts:
-            pos = torch.cat([p[0] for p in parts])  # (N,)
-            keys = torch.cat([p[1] for p in parts], dim=2)  # (B, Hkv, N, D)
-            values = torch.cat([p[2] for p in parts], dim=2)  # (B, Hkv, N, D)
-            if self.memory is not None:
-                self.memory.add(i, pos, keys, values, self.offset)
-            if self.on_evict is not None:
-                self.on_evict(Evicted(i, pos, keys.clone(), values.clone(), self.offset))
+        if leaving is not None:
+            on = leaving if store.keys.is_cpu else leaving.to(store.keys.device)
+            parts.append((store.keys.index_select(2, on), store.values.index_select(2, on)))
+        if gone is not None:
+            on = gone if k_new.is_cpu else gone.to(k_new.device)
+            parts.append((k_new.index_select(2, on), v_new.index_select(2, on)))
+        if not parts:
+            return
+        # (B, Hkv, N, D) each
+        keys = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=2)
+        values = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=2)
+        if self.memory is not None:
+            self.memory.add(i, pos, keys, values, self.offset)
+        if self.on_evict is not None:
+            self.on_evict(Evicted(i, pos, keys.clone(), values.clone(), self.offset))
+
+    def _departures(
+        self, plan: Plan, store: LayerStore
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """(stored slots that leave, new tokens that do not stay, the text positions of both), worked out once
+        per plan: every layer that shares the plan (and its slot positions) hands on the same slots."""
+        if self._departing is not None and self._departing[0] is plan:
+            return self._departing[1]
+        leaving = plan.leaving.nonzero().flatten() if bool(plan.leaving.any()) else None
+        gone_mask = ~plan.stays
+        gone = gone_mask.nonzero().flatten() if bool(gone_mask.any()) else None
+        pos = [store.slot_pos[leaving]] if leaving is not None else []
+        pos += [plan.text_pos[gone]] if gone is not None else []
+        out = (leaving, gone, torch.cat(pos) if pos else torch.empty(0, dtype=torch.long))
+        self._departing = (plan, out)
+        return out
 
     def _size_for(self, policy: Policy, need: int, store: LayerStore) -> int:
         if policy.capacity is not None:

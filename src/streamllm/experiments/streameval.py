@@ -7,7 +7,9 @@ lines with a query every 10 lines asking for the content of an earlier line, sco
 
 The model's answers stay in the stream, as in a chat. Accuracy is reported against the distance (in tokens)
 from the query back to the line it asks about, for several cache sizes: once that line has left the cache the
-model cannot know it, and accuracy must fall to zero.
+model cannot know it, and accuracy must fall to zero. With ``memory`` (``--methods sink,memory``) the evicted lines
+are kept in blocks and the query's last token recalls the blocks that match it, so accuracy can stay up past the
+window: that is what memory is for.
 """
 
 from __future__ import annotations
@@ -15,15 +17,26 @@ from __future__ import annotations
 import random
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ..config import StreamConfig
+from ..config import MemoryConfig, StreamConfig
 from ..runtime.generate import Sampling, stream_generate
 from ..runtime.stream import Stream
 from .context import Context
 from .report import Report, figure, table
 
 QUERY_EVERY = 10  # lines
+METHODS = ("sink", "memory", "memory-fixed")  # memory-fixed: recalled tokens at InfLLM's fixed distance
+
+
+def method_config(ctx: Context, method: str, window: int) -> StreamConfig:
+    """The cache ``method`` names, with ``window``; --quick uses memory blocks of 16 tokens (about a line)."""
+    if method not in METHODS:
+        raise ValueError(f"streameval runs {', '.join(METHODS)}; not {method!r}")
+    memory = MemoryConfig(block_size=16) if ctx.quick else MemoryConfig()
+    if method == "memory-fixed":
+        memory = replace(memory, positions="fixed")
+    return StreamConfig(num_sinks=4, window=window, memory=None if method == "sink" else memory)
 
 
 def line_text(index: int, value: str) -> str:
@@ -44,6 +57,7 @@ def score(answer: str, expected: str) -> bool:
 
 @dataclass
 class Query:
+    method: str
     cache: int  # cache size of the run
     lines_back: int
     distance: int  # tokens from the start of the asked line to the query
@@ -57,9 +71,15 @@ class Query:
 
 
 def run_stream(
-    ctx: Context, config: StreamConfig, queries: int, lines_back: list[int], seed: int = 0
+    ctx: Context,
+    config: StreamConfig,
+    queries: int,
+    lines_back: list[int],
+    seed: int = 0,
+    method: str = "sink",
 ) -> list[Query]:
-    """One stream of register lines with ``queries`` queries, cycling through the ``lines_back`` distances."""
+    """One stream of register lines with ``queries`` queries, cycling through the ``lines_back`` distances. The
+    lines and queries depend only on ``seed``, so every method is asked the same questions."""
     rng = random.Random(seed)
     stream = Stream(ctx.model, config)
     values: list[str] = []
@@ -67,7 +87,7 @@ def run_stream(
     results: list[Query] = []
     first_query = max(lines_back)  # every query has its line to ask about
     sampling = Sampling(max_new_tokens=8, stop=(">",))
-    with ctx.progress(queries, f"streameval {config.num_sinks}+{config.window}") as bar:
+    with ctx.progress(queries, f"streameval {method} {config.num_sinks}+{config.window}") as bar:
         while len(results) < queries:
             line = len(values) + 1
             values.append(f"{rng.randrange(10_000, 100_000)}")
@@ -84,7 +104,15 @@ def run_stream(
             )
             stream.feed(ctx.encode(">\n" if not answer.endswith(">") else "\n"))
             results.append(
-                Query(config.cache_size, back, distance, distance <= config.window, answer, values[asked - 1])
+                Query(
+                    method,
+                    config.cache_size,
+                    back,
+                    distance,
+                    distance <= config.window,
+                    answer,
+                    values[asked - 1],
+                )
             )
             bar.update(1)
     return results
@@ -95,23 +123,30 @@ def streameval(ctx: Context) -> Report:
         windows, lines_back, rounds = (60, 124), [1, 4, 12], 2
     else:
         windows, lines_back, rounds = (252, 508, 1020), [1, 5, 10, 20, 40, 60, 80, 100, 140], 6
+    methods = ctx.methods or ["sink", "memory"]
+    configs = [(m, method_config(ctx, m, w)) for m in methods for w in windows]  # refuses unknown ones first
     results: list[Query] = []
-    for window in windows:
-        results += run_stream(
-            ctx, StreamConfig(num_sinks=4, window=window), rounds * len(lines_back), lines_back
-        )
-    groups: dict[tuple[int, int], list[Query]] = defaultdict(list)
+    for method, config in configs:
+        results += run_stream(ctx, config, rounds * len(lines_back), lines_back, method=method)
+    groups: dict[tuple[str, int, int], list[Query]] = defaultdict(list)
     for q in results:
-        groups[q.cache, q.lines_back].append(q)
+        groups[q.method, q.cache, q.lines_back].append(q)
     rows = []
-    for (cache, back), qs in sorted(groups.items()):
+    for (method, cache, back), qs in sorted(
+        groups.items(), key=lambda kv: (methods.index(kv[0][0]), kv[0][1:])
+    ):
         distance = sum(q.distance for q in qs) / len(qs)
         inside = sum(q.in_cache for q in qs)
         rows.append(
-            (cache, back, round(distance), f"{inside}/{len(qs)}", sum(q.correct for q in qs) / len(qs))
+            (
+                method,
+                cache,
+                back,
+                round(distance),
+                f"{inside}/{len(qs)}",
+                sum(q.correct for q in qs) / len(qs),
+            )
         )
-    inside = [q for q in results if q.in_cache]
-    outside = [q for q in results if not q.in_cache]
 
     def acc(qs: list[Query]) -> str:
         return (
@@ -124,29 +159,51 @@ def streameval(ctx: Context) -> Report:
         "streameval",
         f"StreamEval: accuracy against distance to the answer ({ctx.model_name})",
         ctx.command,
-        ("cache", "lines_back", "distance_tokens", "in_cache", "answer", "expected", "correct"),
-        [(q.cache, q.lines_back, q.distance, q.in_cache, q.answer, q.expected, q.correct) for q in results],
+        ("method", "cache", "lines_back", "distance_tokens", "in_cache", "answer", "expected", "correct"),
+        [
+            (q.method, q.cache, q.lines_back, q.distance, q.in_cache, q.answer, q.expected, q.correct)
+            for q in results
+        ],
     )
     report.sections.append(
-        f"Accuracy with the answer still in the cache: {acc(inside)}; with the answer evicted: {acc(outside)}."
+        table(
+            ("method", "accuracy, answer still in the cache", "accuracy, answer evicted"),
+            [
+                (
+                    m,
+                    acc([q for q in results if q.method == m and q.in_cache]),
+                    acc([q for q in results if q.method == m and not q.in_cache]),
+                )
+                for m in methods
+            ],
+        )
     )
     report.sections.append(
-        table(("cache", "lines back", "mean distance (tokens)", "answer in cache", "accuracy"), rows)
+        table(
+            ("method", "cache", "lines back", "mean distance (tokens)", "answer in cache", "accuracy"), rows
+        )
     )
     fig, axes = figure()
     ax = axes[0, 0]
+    styles = {"sink": "-", "memory": "--", "memory-fixed": ":"}
     for i, window in enumerate(windows):
         cache = window + 4
-        pts = [(r[2], r[4]) for r in rows if r[0] == cache]
-        ax.plot(
-            [p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"cache 4+{window}", color=f"C{i}"
-        )
+        for method in methods:
+            pts = [(r[3], r[5]) for r in rows if r[0] == method and r[1] == cache]
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                ls=styles[method],
+                label=f"{method}, cache 4+{window}",
+                color=f"C{i}",
+            )
         ax.axvline(window, color=f"C{i}", ls=":", lw=1)
     ax.set_xscale("log")
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("distance from the query back to the asked line (tokens)")
     ax.set_ylabel("exact-match accuracy")
-    ax.set_title(f"{ctx.model_name}: StreamEval (dotted: window size)")
+    ax.set_title(f"{ctx.model_name}: StreamEval (dotted vertical: window size)")
     ax.legend()
     report.figure = fig
     return report
