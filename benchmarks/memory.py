@@ -6,8 +6,8 @@ plain sink, with peak RSS against the RAM budget and disk bytes per token.
 Every stream has 4 sinks + 1020 window and takes the same 2048 tokens of Hamlet first, so its cache is full. A
 memory stream is then given ``size`` tokens of memory as whole blocks (``Memory.keep_block``) of random keys and
 values: what a block holds does not change what it costs to score, move to disk, read back and attend. Then, side
-by side in this one process: the next ``--tokens`` tokens of the text decoded one at a time (decode tok/s, each
-stream on its default decode path: the C++ step for plain sink, the Python step with memory), and 2048 more tokens
+by side in this one process: the next ``--tokens`` tokens of the text decoded one at a time (decode tok/s, on the
+default decode path: the C++ step, and with memory the Python step at each selection point), and 2048 more tokens
 fed in chunks (chunked tok/s). Selections happen every ``refresh`` tokens as in any stream, so their cost is in
 both figures; at the first size each ``--refresh`` interval is run, since chunks are split at every selection
 point. Writes memory.csv and memory.md into --out.
