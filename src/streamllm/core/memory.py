@@ -21,6 +21,10 @@ limits to a sliding window keep none. The rules (derivation and the reasons in `
 - **Where blocks live.** Keys and values of blocks stay in RAM up to ``ram_mb``; past it the oldest ones move to a
   file (``dir``; unlinked once open, so it goes when the stream does) and are read back when recalled.
   Representative keys always stay in RAM and count in the budget.
+- **Saving.** A memory made with a named ``file`` (a server session's) can ``persist``: every block the file
+  lacks is appended to it, and ``state_dict`` then names the file's id and length. A fresh memory restores from
+  that (``load_state_dict``), reading only representative keys; the memory the state was taken from rolls back
+  to it instead (a turn undone). A block already in the named file leaves RAM without another write.
 
 Letters: Hkv kv heads, G query heads per kv head, D head dim, N tokens, Nb blocks, r representative keys, M
 recalled tokens.
@@ -51,9 +55,8 @@ class MemoryFileError(RuntimeError):
 
 _MAGIC = b"STREAMLLM-MEMORY"
 _HEADER = 4096  # the file's first bytes: the magic, then the layout as JSON, padded with spaces
-_RECORD = struct.Struct(
-    "<iiII"
-)  # a block's record starts: layer, block, crc32 of its reps, crc32 of its keys+values
+# A block's record starts: layer, block, crc32 of its representative keys, crc32 of its keys and values.
+_RECORD = struct.Struct("<iiII")
 
 
 class _BlockFile:
@@ -412,9 +415,8 @@ class Memory:
         """Select layer ``layer``'s blocks with ``query`` (1, H, D), rotated at ``model_pos``. -> the recalled keys,
         rotated where the query sees them from ``anchor`` (its in-cache position), and values (1, Hkv, M, D)."""
         mem = self.layers[layer]
-        n = (
-            self.recalled_len // self.config.block_size
-        )  # the same for every layer, fixed when the token was planned
+        # The number of blocks is the same for every layer, fixed when the token was planned.
+        n = self.recalled_len // self.config.block_size
         Hkv, D, r = mem.reps.shape[0], mem.reps.shape[2], self.config.reps
         shift = torch.tensor([self.window + 1 - model_pos])  # to distance window + 1 from a key at 0
         q = rotate(query.float()[0, :, None], shift, self.inv_freqs[layer])[:, 0]  # (H, D)
