@@ -225,6 +225,8 @@ def check_meta(meta: object, model_id: str, config: StreamConfig) -> dict:
     for key, kind in wanted.items():
         if not isinstance(meta.get(key), kind):
             raise StateError(f"meta.json lacks a valid {key!r}")
+    if not isinstance(meta.get("memory"), dict | None):
+        raise StateError("meta.json lacks a valid 'memory'")
     if not re.fullmatch(r"state-\d{8}\.safetensors", meta["state_file"]):
         raise StateError("meta.json names an unexpected state file")
     return meta

@@ -307,7 +307,10 @@ def saved_memory(meta: dict, config: StreamConfig) -> dict | None:
     memory = meta.get("memory")
     if not isinstance(memory, dict) or config.memory is None:
         return None
-    counts = [layer.get("count", 0) for layer in memory.get("layers", {}).values()]
+    try:
+        counts = [int(layer["count"]) for layer in memory["layers"].values()]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None  # loading the session will say what is wrong with it
     blocks = min(counts, default=0)
     return {
         "blocks": blocks,
