@@ -60,6 +60,7 @@ def bad_files(tmp_path_factory):
         (["experiment", "passkey", "--out", "{d}/o", "--methods", "sink,magic"], "--methods"),
         (["experiment", "streameval", "--out", "{d}/o", "--methods", "sink,dense"], "not dense"),
         (["experiment", "sinks", "--out", "{d}/o", "--methods", "sink"], "--methods applies to"),
+        (["experiment", "streameval", "--out", "{d}/o", "--memory-blocks", "0"], "blocks must be >= 1"),
         (["generate", "--prompt", "hi", "--memory-block", "0"], "block_size must be >= 1"),
         (["generate", "--prompt", "hi", "--memory-ram", "-5"], "ram_mb must be >= 1"),
         (

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..experiments import EXPERIMENTS
-from .common import InputError, load, model_args, positive, read_text
+from .common import InputError, load, memory_args, memory_config, model_args, positive, read_text
 
 
 def add_parser(sub) -> None:
@@ -44,6 +44,7 @@ def add_parser(sub) -> None:
         help="do not start streams with BOS (by default they do when the tokenizer adds one)",
     )
     model_args(e)
+    memory_args(e)
     e.set_defaults(run=run)
 
 
@@ -96,6 +97,7 @@ def run(args) -> int:
         raise InputError(f"--out {args.out} is a file, not a folder")
     if args.methods:
         _check_methods(args.name, args.methods)
+    memory = memory_config(args)  # settings for the memory methods; refused now if bad, not after loading
     clash = [p for p in Report(args.name, "", "", ()).paths(args.out) if p.exists()]
     if clash and not args.overwrite:
         raise InputError(f"{clash[0]} exists; pass --overwrite to replace it")
@@ -113,6 +115,7 @@ def run(args) -> int:
         lengths=args.lengths,
         keys=args.keys,
         methods=args.methods,
+        memory=memory,
         bar=lambda total, desc: tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, disable=None),
     )
     start = time.perf_counter()

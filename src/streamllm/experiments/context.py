@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import MemoryConfig
 from ..data import DataError, shakespeare_text, shakespeare_works
 from ..runtime.tokens import encode
 
@@ -25,7 +26,14 @@ class Context:
     lengths: list[int] | None = None  # passkey: stream lengths instead of the default ones
     keys: int | None = None  # passkey: keys per cell instead of the default
     methods: list[str] | None = None  # passkey: the methods to run instead of all
+    memory: MemoryConfig | None = (
+        None  # the --memory-* options: what the memory methods use instead of defaults
+    )
     bar: Callable[..., contextlib.AbstractContextManager] | None = None  # bar(total=, desc=) -> obj.update(n)
+
+    def memory_or(self, default: MemoryConfig) -> MemoryConfig:
+        """The memory the user's ``--memory-*`` options describe, else ``default`` (the experiment's own)."""
+        return self.memory or default
 
     def progress(self, total: int, desc: str):
         if self.bar is None:

@@ -73,7 +73,7 @@ def methods(ctx: Context) -> Report:
     curves, nlls = {}, {}
     for method in ("dense", "window", "sink"):
         nlls[method] = nll_curve(ctx, ids, StreamConfig(num_sinks=4, window=window, method=method), method)
-    memory = MemoryConfig(block_size=16) if ctx.quick else MemoryConfig()
+    memory = ctx.memory_or(MemoryConfig(block_size=16) if ctx.quick else MemoryConfig())
     nlls["sink + memory"] = nll_curve(ctx, ids, replace(sink, memory=memory), "sink + memory")
     # Recompute costs a forward of cache_size + 1 tokens per token: it is scored on every stride-th token.
     sample = list(range(stride, len(ids), stride))
@@ -181,13 +181,14 @@ def newline_sinks(ctx: Context) -> Report:
 def memory(ctx: Context) -> Report:
     """Sink with memory of evicted blocks against plain sink, under both rules for where recalled tokens sit."""
     n, window, block = (600, 60, 16) if ctx.quick else (20_000, 1020, MemoryConfig().block_size)
+    memory = ctx.memory_or(MemoryConfig(block_size=block))
     configs = {
         "sink": StreamConfig(num_sinks=4, window=window),
         "sink + memory, cache positions": StreamConfig(
-            num_sinks=4, window=window, memory=MemoryConfig(block_size=block)
+            num_sinks=4, window=window, memory=replace(memory, positions="cache")
         ),
         "sink + memory, fixed distance": StreamConfig(
-            num_sinks=4, window=window, memory=MemoryConfig(block_size=block, positions="fixed")
+            num_sinks=4, window=window, memory=replace(memory, positions="fixed")
         ),
     }
     return _ppl_table(

@@ -67,6 +67,7 @@ def trial_ids(ctx: Context, length: int, depth: float, key: str) -> tuple[list[i
 def methods_for(ctx: Context, length: int) -> list[tuple[str, StreamConfig]]:
     """The methods run at ``length`` (``ctx.methods``, or all): dense only within the model's trained context."""
     window, memory = (252, MemoryConfig(block_size=64)) if ctx.quick else (CACHE.window, MemoryConfig())
+    memory = ctx.memory_or(memory)
     out = [
         ("sink", StreamConfig(num_sinks=4, window=window)),
         ("memory", StreamConfig(num_sinks=4, window=window, memory=memory)),
@@ -137,6 +138,7 @@ def _report(ctx: Context, rows: list, probe: dict | None) -> Report:
         rows,
     )
     window, memory = (252, MemoryConfig(block_size=64)) if ctx.quick else (CACHE.window, MemoryConfig())
+    memory = ctx.memory_or(memory)
     report.sections.append(
         "Right answers per cell (keys right / keys tried), by stream length in tokens and the depth of the key. "
         f"Cache 4+{window}; memory: {memory} (memory-fixed: the same with positions='fixed'); dense where the "

@@ -33,7 +33,7 @@ def method_config(ctx: Context, method: str, window: int) -> StreamConfig:
     """The cache ``method`` names, with ``window``; --quick uses memory blocks of 16 tokens (about a line)."""
     if method not in METHODS:
         raise ValueError(f"streameval runs {', '.join(METHODS)}; not {method!r}")
-    memory = MemoryConfig(block_size=16) if ctx.quick else MemoryConfig()
+    memory = ctx.memory_or(MemoryConfig(block_size=16) if ctx.quick else MemoryConfig())
     if method == "memory-fixed":
         memory = replace(memory, positions="fixed")
     return StreamConfig(num_sinks=4, window=window, memory=None if method == "sink" else memory)
