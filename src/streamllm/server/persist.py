@@ -127,7 +127,11 @@ def restore_stream(
         raise ValueError("the state and the stream disagree on whether there is a memory")
     if memory is not None:
         stream.cache.memory = kept
-        pending = {name[7:]: t.to(device) for name, t in tensors.items() if name.startswith("memory.")}
+        pending = {
+            name.removeprefix("memory."): t.to(device)
+            for name, t in tensors.items()
+            if name.startswith("memory.")
+        }
         state["memory"] = (memory, pending)
     stream.cache.load_state_dict(state)
     if stream.tokens_seen != tokens_seen:
