@@ -180,17 +180,24 @@ def test_representative_keys_beyond_the_budget_stop_the_stream():
 
 
 # -- saved with a stream, restored, rolled back ---------------------------------------------------------------
+def _convo(ids):
+    """A session's conversation that has fed ``ids``."""
+    from streamllm.server.persist import Conversation
+
+    convo = Conversation(text="t", turns=1)
+    convo.tokens.extend(ids)
+    return convo
+
+
 def _saved(model, config, ids, path, budget=None):
     """A stream with its memory file at ``path`` after ``ids``, saved as a server session saves it."""
-    from streamllm.server.persist import Conversation, encode_state
+    from streamllm.server.persist import encode_state
 
     stream = Stream(model, config, memory_file=path)
     if budget is not None:
         stream.memory.budget = budget
     stream.feed(ids)
-    convo = Conversation(text="t", turns=1)
-    convo.tokens.extend(ids)
-    meta, blob = encode_state("s" * 32, "owner", "tiny", config, convo, stream)
+    meta, blob = encode_state("s" * 32, "owner", "tiny", config, _convo(ids), stream)
     return stream, meta, blob
 
 
@@ -251,14 +258,6 @@ def test_each_save_appends_only_the_new_blocks(tmp_path):
     record = (len(now) - len(first)) / (2 * added)  # two memory layers
     # one record: its header, representative keys (Hkv, r, D) and keys and values (Hkv, bs, D), float32
     assert added > 0 and record == 16 + (2 * 2 * 16 + 2 * 2 * 4 * 16) * 4
-
-
-def _convo(ids):
-    from streamllm.server.persist import Conversation
-
-    convo = Conversation(text="t", turns=2)
-    convo.tokens.extend(ids)
-    return convo
 
 
 def test_a_crash_after_the_memory_was_written_loses_nothing_committed(tmp_path):

@@ -32,12 +32,6 @@ recalled tokens.
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
-import struct
-import tempfile
-import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,158 +39,8 @@ from pathlib import Path
 import torch
 
 from ..config import MemoryConfig
+from .blockfile import HEADER, BlockFile, MemoryFileError
 from .rotary import rotate
-
-
-class MemoryFileError(RuntimeError):
-    """A memory file could not be written or read back, or is not this memory's: the stream cannot keep (or get
-    back) its memory."""
-
-
-_MAGIC = b"STREAMLLM-MEMORY"
-_HEADER = 4096  # the file's first bytes: the magic, then the layout as JSON, padded with spaces
-# A block's record starts: layer, block, crc32 of its representative keys, crc32 of its keys and values.
-_RECORD = struct.Struct("<iiII")
-
-
-class _BlockFile:
-    """Blocks in a file, appended and never rewritten. Each record is one layer's block: a small header, then its
-    representative keys (Hkv, r, D), keys and values (Hkv, bs, D), in the stream's dtype, with crc32s that reading
-    checks. The file's first ``_HEADER`` bytes name its layout and a random id, so a file of another model or
-    another session is recognised.
-
-    Without ``path`` the file is a temporary one in ``folder``, unlinked as soon as it is open (it goes with the
-    process); with ``path`` it is a named file that outlives the stream (a server session's ``memory.bin``).
-    Only bytes below ``size`` count: a writer that failed midway, or a crash, may leave more, which the next
-    write overwrites."""
-
-    def __init__(self, layout: dict, path: Path | None = None, folder: Path | None = None):
-        self.layout, self.path, self.folder = layout, path, folder
-        self.fd: int | None = None
-        self.id: str | None = None
-        self.size = 0
-        kv_heads, head_dim, bs, r = (layout[k] for k in ("kv_heads", "head_dim", "block_size", "reps"))
-        item = torch.empty(0, dtype=getattr(torch, layout["dtype"])).element_size()
-        self.reps_bytes = kv_heads * r * head_dim * item
-        self.kv_bytes = 2 * kv_heads * bs * head_dim * item
-        self.record = _RECORD.size + self.reps_bytes + self.kv_bytes
-
-    # -- opening -----------------------------------------------------------------------------------------------
-    def create(self) -> None:
-        """Open a new, empty file (a named one is replaced)."""
-        try:
-            if self.path is None:
-                fd, name = tempfile.mkstemp(prefix="streamllm-memory-", dir=self.folder)
-                os.unlink(name)  # the file lives as long as it is held open
-            else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        except OSError as exc:
-            where = self.path or self.folder or "the temp folder"
-            raise MemoryFileError(f"cannot create a memory file in {where}: {exc.strerror}") from None
-        self.fd, self.id = fd, secrets.token_hex(8)
-        header = _MAGIC + json.dumps({"id": self.id, **self.layout}, sort_keys=True).encode()
-        self._pwrite(header.ljust(_HEADER, b" "), 0)
-        self.size = _HEADER
-
-    def open(self, file_id: str, size: int) -> None:
-        """Open the named file a saved state refers to: it must carry ``file_id`` and this layout, and hold at
-        least ``size`` bytes (anything past them is a turn that was never committed, and is cut off)."""
-        try:
-            fd = os.open(self.path, os.O_RDWR)
-        except FileNotFoundError:
-            raise MemoryFileError(f"the memory file {self.path.name} is missing") from None
-        except OSError as exc:
-            raise MemoryFileError(
-                f"the memory file {self.path.name} cannot be opened: {exc.strerror}"
-            ) from None
-        self.fd = fd
-        head = os.pread(fd, _HEADER, 0)
-        try:
-            found = json.loads(head[len(_MAGIC) :]) if head.startswith(_MAGIC) else None
-        except ValueError:
-            found = None
-        if not isinstance(found, dict):
-            raise MemoryFileError(f"{self.path.name} is not a streamllm memory file")
-        if found.pop("id", None) != file_id:
-            raise MemoryFileError(f"{self.path.name} belongs to another session (its id does not match)")
-        if found != self.layout:
-            raise MemoryFileError(f"{self.path.name} was written for another model or memory layout: {found}")
-        have = os.fstat(fd).st_size
-        if have < size:
-            raise MemoryFileError(f"the memory file {self.path.name} is truncated: {have} of {size} bytes")
-        if have > size:
-            os.ftruncate(fd, size)
-        self.id, self.size = file_id, size
-
-    # -- records -----------------------------------------------------------------------------------------------
-    def append(
-        self, layer: int, block: int, reps: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
-    ) -> int:
-        """Write one record at the end; -> its offset. Raises ``MemoryFileError`` (nothing counts as written)."""
-        if self.fd is None:
-            self.create()
-        r = _raw(reps)
-        kv = _raw(keys) + _raw(values)
-        data = _RECORD.pack(layer, block, zlib.crc32(r), zlib.crc32(kv)) + r + kv
-        offset = self.size
-        self._pwrite(data, offset)
-        self.size += len(data)
-        return offset
-
-    def read_reps(self, offset: int) -> tuple[int, int, bytes]:
-        """(layer, block, representative keys' bytes) of the record at ``offset``."""
-        data = self._pread(offset, _RECORD.size + self.reps_bytes)
-        layer, block, crc, _ = _RECORD.unpack_from(data)
-        reps = data[_RECORD.size :]
-        if zlib.crc32(reps) != crc:
-            raise MemoryFileError(f"memory file corrupted: the record at offset {offset} fails its checksum")
-        return layer, block, reps
-
-    def read_kv(self, offset: int) -> bytes:
-        head = _RECORD.size + self.reps_bytes
-        data = self._pread(offset, head + self.kv_bytes)
-        _, _, _, crc = _RECORD.unpack_from(data)
-        kv = data[head:]
-        if zlib.crc32(kv) != crc:
-            raise MemoryFileError(f"memory file corrupted: the record at offset {offset} fails its checksum")
-        return kv
-
-    def sync(self) -> None:
-        if self.fd is not None:
-            try:
-                os.fsync(self.fd)
-            except OSError as exc:
-                raise MemoryFileError(f"memory file sync failed: {exc.strerror}") from None
-
-    def _pwrite(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
-        try:
-            done = 0
-            while done < len(view):
-                done += os.pwrite(self.fd, view[done:], offset + done)
-        except OSError as exc:
-            raise MemoryFileError(f"memory file write failed: {exc.strerror}") from None
-
-    def _pread(self, offset: int, n: int) -> bytes:
-        if offset + n > self.size:
-            raise MemoryFileError(f"memory file: no record at offset {offset}")
-        data = os.pread(self.fd, n, offset)
-        if len(data) != n:
-            raise MemoryFileError(f"memory file truncated: {len(data)} of {n} bytes at offset {offset}")
-        return data
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def __del__(self) -> None:  # a stream that is reset or dropped lets its file go
-        self.close()
-
-
-def _raw(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
 
 
 class _LayerMemory:
@@ -254,10 +98,10 @@ class Memory:
         self.ram: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.ram_bytes = 0  # keys and values of the blocks in RAM
         self.rep_bytes = 0  # representative keys (always in RAM)
-        self.spill: _BlockFile | None = None  # blocks past the budget that the named file does not hold
+        self.spill: BlockFile | None = None  # blocks past the budget that the named file does not hold
         self.spilled: dict[tuple[int, int], int] = {}  # their offsets in it
         self.file = Path(file) if file is not None else None
-        self.store: _BlockFile | None = None  # the named file, once ``persist`` or a restore opened it
+        self.store: BlockFile | None = None  # the named file, once ``persist`` or a restore opened it
         self.marks: set[int] = set()  # positions where the caller asked for a selection
         self.recalled_len = 0  # M: recalled tokens every memory layer holds now
         self.selections = 0
@@ -379,7 +223,7 @@ class Memory:
             if block < len(self.layers[layer].saved):
                 continue  # the named file holds it already
             if self.spill is None:
-                self.spill = _BlockFile(self._layout(), folder=self.config.dir)
+                self.spill = BlockFile(self._layout(), folder=self.config.dir)
             self.spilled[key] = self.spill.append(layer, block, self._reps(layer, block), k, v)
 
     def _layout(self) -> dict:
@@ -459,7 +303,7 @@ class Memory:
         if not todo:
             return
         if self.store is None:
-            self.store = _BlockFile(self._layout(), path=self.file)
+            self.store = BlockFile(self._layout(), path=self.file)
             self.store.create()
         start, done = self.store.size, []
         try:
@@ -540,10 +384,10 @@ class Memory:
         if self.file is None or info["file"] is None:
             raise MemoryFileError("the saved state has memory blocks, but no memory file to read them from")
         self.dtype = getattr(torch, info["dtype"])
-        store = _BlockFile(self._layout(), path=self.file)
+        store = BlockFile(self._layout(), path=self.file)
         store.open(info["file"], int(info["file_bytes"]))
         shape = (self.kv_heads, self.config.reps, self.head_dim)
-        for offset in range(_HEADER, store.size, store.record):
+        for offset in range(HEADER, store.size, store.record):
             layer, block, raw = store.read_reps(offset)
             mem = self.layers.get(layer)
             if mem is None or block != len(mem.saved) or block >= counts[layer]:
