@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
-from streamllm.backends.arch import layer_inv_freqs
+from streamllm.backends.arch import layer_inv_freqs, position_limit
 from streamllm.core.rotary import rotate
 
 NAME = "streamllm_oracle"
@@ -37,6 +37,7 @@ class OracleState:
         self.keys: dict[int, list[torch.Tensor]] = {}  # layer -> pre-rotary keys (B, Hkv, D)
         self.values: dict[int, list[torch.Tensor]] = {}
         self.t = 0  # text position of the token being processed
+        self.handed = 0  # the position the model rotated it at (t, or t wrapped below a rotary's limit)
         self.point = False  # whether token t selects what memory layers recall
         # Memory (a MemoryConfig, or None): every evicted entry, in the order it left, and the current selection.
         self.memory, self.recall_at = memory, set(recall_at)
@@ -89,7 +90,7 @@ def oracle_attention(
     assert query.shape[2] == 1, "the oracle goes one token at a time"
     i, t = module.layer_idx, oracle.t
     inv_freq = oracle.inv_freqs[i]
-    tpos = torch.tensor([t])
+    tpos = torch.tensor([oracle.handed])
     k_pre = rotate(key.double(), -tpos, inv_freq)[:, :, 0]  # (B, Hkv, D)
     q_pre = rotate(query.double(), -tpos, inv_freq)  # (B, H, 1, D)
     keys = oracle.keys.setdefault(i, []) + [k_pre]
@@ -157,16 +158,18 @@ def oracle_logits(
         state = OracleState(
             layer_inv_freqs(model), num_sinks, window, text_positions, keep, memory, recall_at
         )
+        limit = position_limit(model.config)  # past it the model's rotary would change its frequencies
         rows = []
         for t, tok in enumerate(ids):
             state.t = t
+            state.handed = t if limit is None else t % limit
             state.point = memory is not None and (t % memory.refresh == 0 or t in state.recall_at)
             if state.point:  # every memory layer holds the same number of blocks
                 held = max((len(g) for g in state.gone.values()), default=0) // memory.block_size
                 state.n_recall = min(memory.blocks, held)
             out = model(
                 input_ids=torch.tensor([[tok]]),
-                position_ids=torch.tensor([[t]]),
+                position_ids=torch.tensor([[state.handed]]),
                 use_cache=False,
                 oracle=state,
             )

@@ -127,6 +127,25 @@ def test_streameval(outputs):
     for r in rows:
         assert (r["correct"] == "True") == score(r["answer"], r["expected"])
     assert "| memory |" in md and "| sink |" in md
+    assert all(r["recalled"] == "" for r in sink)  # no memory, nothing recalled
+    shares = [float(r["recalled"]) for r in memory if r["in_cache"] == "False" and r["recalled"]]
+    assert shares and all(0 <= s <= 1 for s in shares)
+    assert "share of memory layers that recalled the value" in md
+
+
+def test_streameval_recall_share():
+    from types import SimpleNamespace
+
+    from streamllm.config import MemoryConfig, StreamConfig
+    from streamllm.experiments.streameval import value_recalled
+
+    config = StreamConfig(num_sinks=4, window=60, memory=MemoryConfig(block_size=16))
+    layers = {i: SimpleNamespace(selected=sel) for i, sel in enumerate([[0, 2], [1], [3, 5], [2]])}
+    memory = SimpleNamespace(layers=layers)
+    # text positions 36..40 are in block 2 (tokens 36..51): layers 0 and 3 recalled it
+    assert value_recalled(memory, config, 36, 41) == 0.5
+    # 30..40 reach back into block 1 too: layer 1 joins
+    assert value_recalled(memory, config, 30, 41) == 0.75
 
 
 def test_chat(outputs):

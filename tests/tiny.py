@@ -36,3 +36,41 @@ def tiny_model(arch: str, seed: int = 0):
     config = _configs()[arch]
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     return model
+
+
+# Every rope type transformers 5 ships, on the tiny Llama. The original context is small (64 positions, 48 for
+# longrope), so that a stream of a few hundred tokens passes it, and dynamic and longrope would change their
+# frequencies if the cache ever handed the model a position that far.
+_HALF = 8  # head dim 16 / 2
+ROPE_VARIANTS = {
+    "linear": dict(rope_type="linear", factor=4.0),
+    "llama3": dict(
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=16,
+    ),
+    "yarn": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, attention_factor=1.3),
+    "dynamic": dict(rope_type="dynamic", factor=2.0),
+    "longrope": dict(
+        rope_type="longrope",
+        short_factor=[1.0 + 0.1 * i for i in range(_HALF)],
+        long_factor=[2.0 + 0.3 * i for i in range(_HALF)],
+        original_max_position_embeddings=48,
+    ),
+    "proportional": dict(rope_type="proportional", partial_rotary_factor=0.5),
+}
+
+
+def tiny_rope_model(rope: str, seed: int = 0):
+    torch.manual_seed(seed)
+    params = dict(ROPE_VARIANTS[rope], rope_theta=10000.0)
+    max_positions = 256 if rope == "longrope" else 64
+    config = tf.LlamaConfig(
+        **dict(COMMON, max_position_embeddings=max_positions),
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters=params,
+    )
+    return tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()

@@ -43,8 +43,12 @@ ARCHITECTURES: dict[str, Arch] = {
     "mpt": Arch("MPT", False, _ALIBI),
 }
 
-# Rope types whose frequencies depend on the sequence length: a shift is then not a pure rotation.
-_LENGTH_DEPENDENT_ROPE = {"dynamic", "longrope"}
+# Rope types with fixed frequencies: a shift is a pure rotation. The factor yarn and longrope apply to cos and sin
+# scales the rotated keys and queries themselves, so turning them further keeps it.
+FIXED_ROPE = ("default", "linear", "llama3", "yarn", "proportional")
+# Rope types whose frequencies change once a position passes the original context (dynamic NTK grows its base,
+# longrope swaps short factors for long ones): exact while every position handed to the model stays inside it.
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
 def lookup(config) -> Arch:
@@ -58,11 +62,26 @@ def lookup(config) -> Arch:
         raise UnsupportedModelError(f"{arch.family} cannot stream with attention sinks: {arch.reason}")
     for params in _rope_parameter_sets(config):
         rope_type = params.get("rope_type", "default")
-        if rope_type in _LENGTH_DEPENDENT_ROPE:
+        if rope_type not in FIXED_ROPE + LENGTH_DEPENDENT_ROPE:
             raise UnsupportedModelError(
-                f"rope type {rope_type!r} depends on the sequence length and is not supported"
+                f"rope type {rope_type!r} has not been checked for streaming "
+                f"(checked: {', '.join(FIXED_ROPE + LENGTH_DEPENDENT_ROPE)})"
             )
     return arch
+
+
+def position_limit(config) -> int | None:
+    """The first model position at which the model's rotary changes its frequencies (``dynamic``: past
+    ``max_position_embeddings``; ``longrope``: past ``original_max_position_embeddings``), or None when they never
+    change. A streamed cache keeps every position it hands the model below it."""
+    limits = []
+    for params in _rope_parameter_sets(config):
+        rope_type = params.get("rope_type", "default")
+        if rope_type == "dynamic":
+            limits.append(config.max_position_embeddings)
+        elif rope_type == "longrope":
+            limits.append(params.get("original_max_position_embeddings") or config.max_position_embeddings)
+    return min(limits, default=None)
 
 
 def _rope_parameter_sets(config) -> list[dict]:
@@ -81,9 +100,10 @@ def layer_inv_freqs(model: nn.Module) -> list[torch.Tensor]:
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     freqs = []
     for layer_type in layer_types:
-        inv_freq = getattr(rotary, f"{layer_type}_inv_freq", None)
+        # the frequencies at init (dynamic rope rewrites ``inv_freq`` after a pass beyond the original context)
+        inv_freq = getattr(rotary, f"{layer_type}_original_inv_freq", None)
         if inv_freq is None:
-            inv_freq = rotary.inv_freq
+            inv_freq = getattr(rotary, "original_inv_freq", rotary.inv_freq)
         freqs.append(inv_freq.detach().to(torch.float64).cpu())
     return freqs
 

@@ -30,7 +30,7 @@ from ..config import StreamConfig
 from ..core.cache import Evicted, KVCache, NotPreparedError
 from ..core.memory import Memory
 from ..core.policy import Policy, SinkPolicy
-from .arch import attention_modules, layer_inv_freqs, lookup
+from .arch import UnsupportedModelError, attention_modules, layer_inv_freqs, lookup, position_limit
 from .attention import attend
 
 ATTENTION_NAME = "streamllm"
@@ -93,7 +93,15 @@ def cache_for(
             itemsize,
             memory_file,
         )
-    return KVCache(policies, freqs, config.rebase_every if rebase else None, on_evict, memory)
+    limit = position_limit(model.config)
+    capacity = max((p.capacity for p in policies if p.capacity is not None), default=None)
+    if limit is not None and capacity is not None and capacity >= limit:
+        raise UnsupportedModelError(
+            f"this model's rotary changes its frequencies past position {limit - 1} (its original context); a "
+            f"cache of {capacity} tokens does not fit inside it, so choose a smaller one"
+        )
+    rebase_every = config.rebase_every if rebase else None
+    return KVCache(policies, freqs, rebase_every, on_evict, memory, position_limit=limit)
 
 
 def streamllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -87,7 +87,9 @@ class KVCache:
     """A stream's cache: one ``LayerStore`` per layer, the count of tokens seen and the rebasing offset.
 
     ``policies`` and ``inv_freqs`` give each layer's policy and rotary frequencies (``for_model`` reads them off a
-    model). ``on_evict`` receives an ``Evicted`` for every layer and batch of tokens that leave."""
+    model). ``on_evict`` receives an ``Evicted`` for every layer and batch of tokens that leave.
+    ``position_limit``: model positions must stay below it (a rotary whose frequencies change past the model's
+    original context); rebasing comes early enough, and a piece too long to fit is refused."""
 
     def __init__(
         self,
@@ -96,6 +98,7 @@ class KVCache:
         rebase_every: int | None = 4096,
         on_evict: Callable[[Evicted], None] | None = None,
         memory: Memory | None = None,
+        position_limit: int | None = None,
     ):
         if len(policies) != len(inv_freqs):
             raise ValueError(f"{len(policies)} policies for {len(inv_freqs)} layers")
@@ -110,6 +113,7 @@ class KVCache:
         self.policy = max(distinct, key=lambda p: (p.capacity is None, p.capacity or 0, p.num_sinks))
         self.uniform = len(distinct) == 1  # every layer has the same policy: one plan serves them all
         self.rebase_every = rebase_every
+        self.position_limit = position_limit
         self.on_evict = on_evict
         self.memory = memory  # keeps what leaves the memory layers and recalls it (``memory.py``)
         self.seen = 0  # tokens processed: the next token's text position
@@ -150,6 +154,17 @@ class KVCache:
             )
         if T < 1:
             raise ValueError("nothing to plan")
+        limit, cap = self.position_limit, self.policy.capacity
+        if limit is not None and (cap is None or self.rebase_every is None) and self.seen + T > limit:
+            raise ValueError(
+                f"position {self.seen + T - 1} is past {limit - 1}, the last this model's rotary keeps its "
+                "frequencies at; streamllm.Stream keeps positions below it by rebasing"
+            )
+        if limit is not None and cap is not None and cap + T > limit:
+            raise ValueError(
+                f"{T} tokens at once would take model positions past {limit - 1}, the last this model's rotary "
+                f"keeps its frequencies at; feed at most {limit - cap} at a time"
+            )
         recall = {}
         if self.memory is not None:
             if self.memory.next_point(self.seen) < self.seen + T:
@@ -226,14 +241,18 @@ class KVCache:
         return store.full_keys[:, :, start:end], store.full_values[:, :, start:end]
 
     def split_points(self, start: int, T: int) -> list[int]:
-        """Where tokens ``start .. start + T - 1`` must be split so that no piece spans a memory selection point:
-        the offsets (0 < o < T) of the points inside."""
-        if self.memory is None:
-            return []
-        cuts, at = [], start
-        while (at := self.memory.next_point(at)) < start + T:
-            cuts.append(at - start)
-        return cuts
+        """Where tokens ``start .. start + T - 1`` must be split so that no piece spans a memory selection point
+        and every piece fits below ``position_limit``: the offsets (0 < o < T), ascending."""
+        cuts = set()
+        if self.memory is not None:
+            at = start
+            while (at := self.memory.next_point(at)) < start + T:
+                cuts.add(at - start)
+        cap = self.policy.capacity
+        if self.position_limit is not None and cap is not None:
+            room = self.position_limit - cap
+            cuts.update(range(room, T, room))  # pieces that cross a memory point only get shorter
+        return sorted(cuts)
 
     @property
     def hooked(self) -> bool:
@@ -310,9 +329,15 @@ class KVCache:
 
     # -- rebasing ------------------------------------------------------------------------------------------------
     def _maybe_rebase(self, T: int) -> None:
-        """Keep model positions below ``capacity + rebase_every``: turn the window keys back by the excess."""
+        """Keep model positions below ``capacity + rebase_every`` (and ``position_limit``): turn the window keys
+        back by the excess."""
         cap = self.policy.capacity
-        if cap is None or self.rebase_every is None or self.seen - self.offset + T <= cap + self.rebase_every:
+        if cap is None or self.rebase_every is None:
+            return
+        bound = cap + self.rebase_every
+        if self.position_limit is not None:
+            bound = min(bound, self.position_limit)
+        if self.seen - self.offset + T <= bound:
             return
         shift = self.seen - self.offset - cap
         if shift <= 0:

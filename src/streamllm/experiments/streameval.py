@@ -64,6 +64,9 @@ class Query:
     in_cache: bool  # whether the whole asked line was still in the window when the query began
     answer: str
     expected: str
+    # with memory: the share of memory layers whose selection at the question held the asked line's value
+    # (None without memory, or when a selection after the question replaced it before it could be read)
+    recalled: float | None = None
 
     @property
     def correct(self) -> bool:
@@ -99,9 +102,17 @@ def run_stream(
             asked = line - back + 1  # lines_back=1 asks about the line just fed
             distance = stream.tokens_seen - starts[asked - 1]
             prompt = ctx.encode(query_text(asked))
-            answer = "".join(
-                e.text for e in stream_generate(ctx.model, ctx.tokenizer, prompt, sampling, stream=stream)
-            )
+            value_at = starts[asked - 1] + len(
+                ctx.encode(line_text(asked, "")[:-2])
+            )  # the value's first token
+            memory = stream.memory
+            before = memory.selections if memory is not None else 0
+            pieces, recalled = [], None
+            for event in stream_generate(ctx.model, ctx.tokenizer, prompt, sampling, stream=stream):
+                if not pieces and memory is not None and memory.selections - before == len(memory.layers):
+                    recalled = value_recalled(memory, config, value_at, starts[asked])
+                pieces.append(event.text)
+            answer = "".join(pieces)
             stream.feed(ctx.encode(">\n" if not answer.endswith(">") else "\n"))
             results.append(
                 Query(
@@ -112,10 +123,20 @@ def run_stream(
                     distance <= config.window,
                     answer,
                     values[asked - 1],
+                    recalled,
                 )
             )
             bar.update(1)
     return results
+
+
+def value_recalled(memory, config: StreamConfig, start: int, end: int) -> float:
+    """The share of memory layers whose current selection holds a block with a token of text positions
+    ``start .. end - 1`` (an asked line's value)."""
+    bs = config.memory.block_size
+    blocks = {(p - config.num_sinks) // bs for p in range(start, end)}
+    layers = memory.layers.values()
+    return sum(any(b in blocks for b in m.selected) for m in layers) / len(layers)
 
 
 def streameval(ctx: Context) -> Report:
@@ -159,20 +180,54 @@ def streameval(ctx: Context) -> Report:
         "streameval",
         f"StreamEval: accuracy against distance to the answer ({ctx.model_name})",
         ctx.command,
-        ("method", "cache", "lines_back", "distance_tokens", "in_cache", "answer", "expected", "correct"),
+        (
+            "method",
+            "cache",
+            "lines_back",
+            "distance_tokens",
+            "in_cache",
+            "answer",
+            "expected",
+            "correct",
+            "recalled",
+        ),
         [
-            (q.method, q.cache, q.lines_back, q.distance, q.in_cache, q.answer, q.expected, q.correct)
+            (
+                q.method,
+                q.cache,
+                q.lines_back,
+                q.distance,
+                q.in_cache,
+                q.answer,
+                q.expected,
+                q.correct,
+                "" if q.recalled is None else round(q.recalled, 3),
+            )
             for q in results
         ],
     )
+
+    def recall(qs: list[Query]) -> str:
+        shares = [q.recalled for q in qs if q.recalled is not None]
+        if not shares:
+            return "-"
+        most = sum(share >= 0.5 for share in shares)
+        return f"{sum(shares) / len(shares):.2f}; half the layers or more: {most}/{len(shares)}"
+
     report.sections.append(
         table(
-            ("method", "accuracy, answer still in the cache", "accuracy, answer evicted"),
+            (
+                "method",
+                "accuracy, answer still in the cache",
+                "accuracy, answer evicted",
+                "evicted: share of memory layers that recalled the value",
+            ),
             [
                 (
                     m,
                     acc([q for q in results if q.method == m and q.in_cache]),
                     acc([q for q in results if q.method == m and not q.in_cache]),
+                    recall([q for q in results if q.method == m and not q.in_cache]),
                 )
                 for m in methods
             ],
