@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface
 
-from streamllm.backends.arch import layer_inv_freqs, position_limit
+from streamllm.backends.arch import layer_inv_freqs, position_limit, rotary_order
 from streamllm.core.rotary import rotate
 
 NAME = "streamllm_oracle"
@@ -37,6 +37,7 @@ class OracleState:
         self.keys: dict[int, list[torch.Tensor]] = {}  # layer -> pre-rotary keys (B, Hkv, D)
         self.values: dict[int, list[torch.Tensor]] = {}
         self.t = 0  # text position of the token being processed
+        self.order = None  # ``arch.rotary_order``: head dims reordered before anything turns them
         self.handed = 0  # the position the model rotated it at (t, or t wrapped below a rotary's limit)
         self.point = False  # whether token t selects what memory layers recall
         # Memory (a MemoryConfig, or None): every evicted entry, in the order it left, and the current selection.
@@ -89,6 +90,9 @@ def oracle_attention(
 ):
     assert query.shape[2] == 1, "the oracle goes one token at a time"
     i, t = module.layer_idx, oracle.t
+    order = oracle.order  # rotary on neighbouring dims: turned into the halves form
+    if order is not None:
+        query, key = query[..., order], key[..., order]
     inv_freq = oracle.inv_freqs[i]
     tpos = torch.tensor([oracle.handed])
     k_pre = rotate(key.double(), -tpos, inv_freq)[:, :, 0]  # (B, Hkv, D)
@@ -121,7 +125,10 @@ def oracle_attention(
     q = rotate(q_pre, torch.tensor([q_at]), inv_freq)  # (B, H, 1, D)
     G = q.shape[1] // K.shape[1]
     K, V = K.repeat_interleave(G, dim=1), V.repeat_interleave(G, dim=1)
-    probs = torch.softmax((q @ K.transpose(-1, -2)) * (scaling or q.shape[-1] ** -0.5), dim=-1)
+    logits = (q @ K.transpose(-1, -2)) * (scaling or q.shape[-1] ** -0.5)
+    if kwargs.get("softcap") is not None:  # Gemma2
+        logits = torch.tanh(logits / kwargs["softcap"]) * kwargs["softcap"]
+    probs = torch.softmax(logits, dim=-1)
     out = (probs @ V).to(query.dtype)  # (B, H, 1, D)
     stay = _kept(oracle, positions, sliding_window)
     if mem is not None:
@@ -158,6 +165,7 @@ def oracle_logits(
         state = OracleState(
             layer_inv_freqs(model), num_sinks, window, text_positions, keep, memory, recall_at
         )
+        state.order = rotary_order(model)
         limit = position_limit(model.config)  # past it the model's rotary would change its frequencies
         rows = []
         for t, tok in enumerate(ids):

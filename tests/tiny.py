@@ -74,3 +74,41 @@ def tiny_rope_model(rope: str, seed: int = 0):
         rope_parameters=params,
     )
     return tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def _family_configs():
+    # pad/bos/eos ids of the released configs lie outside the tiny vocabulary
+    base = dict(COMMON, num_attention_heads=4, num_key_value_heads=2, pad_token_id=None, bos_token_id=None)
+    base["eos_token_id"] = None
+    four = dict(base, num_hidden_layers=4)
+    return {
+        # a small cap, so the tanh is far from linear on the tiny model's logits
+        "gemma2": tf.Gemma2Config(**four, head_dim=16, sliding_window=12, attn_logit_softcapping=2.0),
+        "phi3": tf.Phi3Config(**base),
+        "smollm3": tf.SmolLM3Config(**four, no_rope_layers=[1, 0, 1, 0]),
+        "olmo2": tf.Olmo2Config(**base),
+        "olmo3": tf.Olmo3Config(**four, sliding_window=12),
+        "granite": tf.GraniteConfig(
+            **base,
+            attention_multiplier=0.3,
+            embedding_multiplier=2.0,
+            residual_multiplier=0.5,
+            logits_scaling=4.0,
+        ),
+        "ministral": tf.MinistralConfig(
+            **four, head_dim=16, sliding_window=12, layer_types=["sliding_attention", "full_attention"] * 2
+        ),
+        "starcoder2": tf.Starcoder2Config(**base),
+        "cohere": tf.CohereConfig(**base),
+        "cohere2": tf.Cohere2Config(**four, head_dim=16, sliding_window=12),
+        "glm": tf.GlmConfig(**base, head_dim=16),
+        "helium": tf.HeliumConfig(**base, head_dim=16),
+    }
+
+
+FAMILIES = list(_family_configs())
+
+
+def tiny_family_model(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return tf.AutoModelForCausalLM.from_config(_family_configs()[name], dtype=torch.float32).eval()

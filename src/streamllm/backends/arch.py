@@ -6,6 +6,7 @@ made for a model needs (``hf.cache_for``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,11 +23,28 @@ class Arch:
     supported: bool
     reason: str = ""
     fast_decode: bool = False  # decode.Decoder runs it (Llama-style blocks: fused q/k/v and gate/up, RMSNorm)
+    # Rotary turns neighbouring dims (0, 1), (2, 3), ... instead of the two halves (Cohere, GLM): streamllm then
+    # reorders the rotated dims of queries and keys alike (evens, then odds), which leaves every logit as it is
+    # and makes the rotation the halves form it computes (``rotary_order``).
+    rotary_pairs: bool = False
+    # config -> which layers apply no rotary at all (SmolLM3, Cohere2's global layers): their keys never turn
+    no_rope: Callable | None = None
 
 
 _ROPE = "RoPE decoder with transformers' rotate-half rotary"
 _LEARNED = "learned absolute positions: positions cannot be reassigned inside the cache, only recomputed (use --method recompute)"
 _ALIBI = "ALiBi attention bias is not supported yet"
+
+_PAIRS = "RoPE decoder with rotary on neighbouring dims (reordered to the halves form)"
+
+
+def _smollm3_no_rope(config) -> list[bool]:
+    return [not use for use in config.no_rope_layers]
+
+
+def _cohere2_no_rope(config) -> list[bool]:
+    return [kind != "sliding_attention" for kind in config.layer_types]  # only its local layers turn keys
+
 
 ARCHITECTURES: dict[str, Arch] = {
     "llama": Arch("Llama / SmolLM", True, _ROPE, fast_decode=True),
@@ -36,6 +54,24 @@ ARCHITECTURES: dict[str, Arch] = {
     "gpt_neox": Arch("GPT-NeoX / Pythia (partial rotary)", True, _ROPE),
     "phi": Arch("Phi (partial rotary)", True, _ROPE),
     "gemma3_text": Arch("Gemma3 (per-layer sliding and global attention)", True, _ROPE),
+    "gemma2": Arch("Gemma2 (sliding and global attention, logit soft-capping)", True, _ROPE),
+    "phi3": Arch("Phi-3 / Phi-3.5 / Phi-4", True, _ROPE),
+    "smollm3": Arch("SmolLM3 (every fourth layer without rotary)", True, _ROPE, no_rope=_smollm3_no_rope),
+    "olmo2": Arch("OLMo 2", True, _ROPE),
+    "olmo3": Arch("OLMo 3 (sliding and global attention)", True, _ROPE),
+    "granite": Arch("Granite", True, _ROPE),
+    "ministral": Arch("Ministral (sliding and global attention)", True, _ROPE),
+    "starcoder2": Arch("StarCoder2", True, _ROPE),
+    "cohere": Arch("Cohere Command R", True, _PAIRS, rotary_pairs=True),
+    "cohere2": Arch(
+        "Cohere Command R7B (global layers without rotary)",
+        True,
+        _PAIRS,
+        rotary_pairs=True,
+        no_rope=_cohere2_no_rope,
+    ),
+    "glm": Arch("GLM-4 (partial rotary)", True, _PAIRS, rotary_pairs=True),
+    "helium": Arch("Helium", True, _PAIRS, rotary_pairs=True),
     "gpt2": Arch("GPT-2", False, _LEARNED),
     "gpt_neo": Arch("GPT-Neo", False, _LEARNED),
     "opt": Arch("OPT", False, _LEARNED),
@@ -99,13 +135,29 @@ def layer_inv_freqs(model: nn.Module) -> list[torch.Tensor]:
     config = model.config
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     freqs = []
-    for layer_type in layer_types:
+    arch = ARCHITECTURES.get(getattr(config, "model_type", None))
+    no_rope = arch.no_rope(config) if arch is not None and arch.no_rope else [False] * len(layer_types)
+    for layer_type, unturned in zip(layer_types, no_rope, strict=True):
         # the frequencies at init (dynamic rope rewrites ``inv_freq`` after a pass beyond the original context)
         inv_freq = getattr(rotary, f"{layer_type}_original_inv_freq", None)
         if inv_freq is None:
             inv_freq = getattr(rotary, "original_inv_freq", rotary.inv_freq)
-        freqs.append(inv_freq.detach().to(torch.float64).cpu())
+        inv_freq = inv_freq.detach().to(torch.float64).cpu()
+        freqs.append(torch.zeros_like(inv_freq) if unturned else inv_freq)  # zero frequencies: no turn at all
     return freqs
+
+
+def rotary_order(model: nn.Module) -> torch.Tensor | None:
+    """For a family whose rotary turns neighbouring dims: the order of head dims (the rotated ones' evens, their
+    odds, then the unrotated ones) in which that rotation is the halves form ``core/rotary.py`` computes. None
+    for the others."""
+    arch = ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    if arch is None or not arch.rotary_pairs:
+        return None
+    config = model.config
+    D = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    R = 2 * layer_inv_freqs(model)[0].numel()
+    return torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2), torch.arange(R, D)])
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

@@ -30,11 +30,19 @@ from ..config import StreamConfig
 from ..core.cache import Evicted, KVCache, NotPreparedError
 from ..core.memory import Memory
 from ..core.policy import Policy, SinkPolicy
-from .arch import UnsupportedModelError, attention_modules, layer_inv_freqs, lookup, position_limit
+from .arch import (
+    UnsupportedModelError,
+    attention_modules,
+    layer_inv_freqs,
+    lookup,
+    position_limit,
+    rotary_order,
+)
 from .attention import attend
 
 ATTENTION_NAME = "streamllm"
 TAG = "streamllm"  # the attribute ``SinkCache.update`` sets on the keys it returns
+ORDER = "streamllm_rotary_order"  # the attention module attribute ``prepare`` sets for ``arch.rotary_order``
 
 
 def register() -> None:
@@ -51,6 +59,9 @@ def prepare(model: nn.Module) -> nn.Module:
     register()
     if model.config._attn_implementation != ATTENTION_NAME:
         model.set_attn_implementation(ATTENTION_NAME)
+    order = rotary_order(model)
+    for module in attention_modules(model):
+        setattr(module, ORDER, order)
     return model
 
 
@@ -107,12 +118,17 @@ def cache_for(
 def streamllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention signature: query (B, H, T, D) -> ((B, T, H, D), None)."""
     target = kwargs.pop(ATTENTION_NAME, None) or getattr(key, TAG, None)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    softcap = kwargs.get("softcap")
     if target is None:  # no streamllm cache in play (a plain forward): ordinary attention
+        if softcap is not None:
+            return _plain_softcapped(query, key, value, attention_mask, scaling, softcap), None
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    softcap = kwargs.get("softcap")
+    order = getattr(module, ORDER, None)
+    if order is not None:  # rotary on neighbouring dims: the same reordering of queries and keys keeps q . k
+        query, key = query[..., order], key[..., order]
     if isinstance(target, KVCache):
         out = attend_layer(target, module.layer_idx, query, key, value, scaling, softcap)
     else:  # several streams, one row each (``batched.py``)
@@ -131,6 +147,21 @@ def streamllm_attention(module, query, key, value, attention_mask, scaling=None,
             ]
         )
     return out, None
+
+
+def _plain_softcapped(query, key, value, mask, scaling: float, softcap: float) -> torch.Tensor:
+    """Attention with soft-capped logits (Gemma2), which sdpa lacks: query (B, H, T, D) -> (B, T, H, D)."""
+    G = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(G, dim=1), value.repeat_interleave(G, dim=1)
+    logits = torch.tanh(query @ key.transpose(-1, -2) * scaling / softcap) * softcap  # (B, H, T, N)
+    if mask is None:
+        T, N = logits.shape[-2:]
+        mask = torch.ones(T, N, dtype=torch.bool, device=query.device).tril(N - T)
+    if mask.dtype == torch.bool:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    else:
+        logits = logits + mask
+    return (logits.softmax(-1, dtype=torch.float32).to(value.dtype) @ value).transpose(1, 2)
 
 
 def attend_layer(
