@@ -128,7 +128,10 @@ def oracle_attention(
     logits = (q @ K.transpose(-1, -2)) * (scaling or q.shape[-1] ** -0.5)
     if kwargs.get("softcap") is not None:  # Gemma2
         logits = torch.tanh(logits / kwargs["softcap"]) * kwargs["softcap"]
-    probs = torch.softmax(logits, dim=-1)
+    if kwargs.get("s_aux") is not None:  # learned sink logits (gpt-oss): one more column per head, no value
+        sink = kwargs["s_aux"].double().view(1, -1, 1, 1).expand(*logits.shape[:3], 1)
+        logits = torch.cat([logits, sink], dim=-1)
+    probs = torch.softmax(logits, dim=-1)[..., : V.shape[2]]
     out = (probs @ V).to(query.dtype)  # (B, H, 1, D)
     stay = _kept(oracle, positions, sliding_window)
     if mem is not None:

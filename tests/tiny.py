@@ -101,6 +101,18 @@ def _family_configs():
         "starcoder2": tf.Starcoder2Config(**base),
         "cohere": tf.CohereConfig(**base),
         "cohere2": tf.Cohere2Config(**four, head_dim=16, sliding_window=12),
+        "gpt_oss": tf.GptOssConfig(
+            **four,
+            head_dim=16,
+            sliding_window=12,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+        ),
+        "granite_swa": tf.GraniteSWAConfig(**four, sliding_window=12),
+        "granitemoe_swa": tf.GraniteMoeSWAConfig(
+            **four, sliding_window=12, num_local_experts=4, num_experts_per_tok=2
+        ),
         "glm": tf.GlmConfig(**base, head_dim=16),
         "helium": tf.HeliumConfig(**base, head_dim=16),
     }
@@ -111,4 +123,11 @@ FAMILIES = list(_family_configs())
 
 def tiny_family_model(name: str, seed: int = 0):
     torch.manual_seed(seed)
-    return tf.AutoModelForCausalLM.from_config(_family_configs()[name], dtype=torch.float32).eval()
+    model = tf.AutoModelForCausalLM.from_config(_family_configs()[name], dtype=torch.float32).eval()
+    with (
+        torch.no_grad()
+    ):  # learned sink logits far from 0, so that leaving them out shows (gpt-oss, Granite SWA)
+        for module in model.modules():
+            if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+                module.sinks.normal_(0.0, 2.0)
+    return model

@@ -70,6 +70,11 @@ ARCHITECTURES: dict[str, Arch] = {
         rotary_pairs=True,
         no_rope=_cohere2_no_rope,
     ),
+    "gpt_oss": Arch("gpt-oss (learned sink logits; sliding and global attention)", True, _ROPE),
+    "granite_swa": Arch("Granite SWA (learned sink logits; sliding and global attention)", True, _ROPE),
+    "granitemoe_swa": Arch(
+        "Granite MoE SWA (learned sink logits; sliding and global attention)", True, _ROPE
+    ),
     "glm": Arch("GLM-4 (partial rotary)", True, _PAIRS, rotary_pairs=True),
     "helium": Arch("Helium", True, _PAIRS, rotary_pairs=True),
     "gpt2": Arch("GPT-2", False, _LEARNED),

@@ -36,10 +36,12 @@ def attend(
     scaling: float,
     softcap: float | None = None,
     recalled: tuple[torch.Tensor, torch.Tensor] | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` (B, H, T, D) over the ``stored`` keys and values (B, Hkv, C, D) (None before the
     first commit), the ``new`` ones (B, Hkv, T, D) and the ``recalled`` ones (B, Hkv, M, D) (from memory,
-    rotated at in-cache positions, seen by every query from its anchor), as ``plan`` says. -> (B, H, T, D)"""
+    rotated at in-cache positions, seen by every query from its anchor), as ``plan`` says. ``sinks``: a model's
+    learned sink logits (H,) (gpt-oss), one more softmax column per head with no value. -> (B, H, T, D)"""
     k_new, v_new = new
     B, H, T, D = query.shape
     G = H // k_new.shape[1]
@@ -47,18 +49,19 @@ def attend(
     q_anchor = None
     if plan.turns or recalled is not None:
         q_anchor = rotate(query, plan.anchor_shift, inv_freq).reshape(B, -1, G * T, D)  # (B, Hkv, G*T, D)
-    fused = softcap is None and FLASH_CPU is not None and query.device.type == "cpu"
+    fused = softcap is None and sinks is None and FLASH_CPU is not None and query.device.type == "cpu"
     if fused and T > 1:
         out = _fused(plan, stored, k_new, v_new, q_win, q_anchor, scaling, recalled)
     elif fused and stored is not None:
         out = _fused_one(plan, stored, k_new, v_new, q_win, q_anchor, scaling, recalled)
     else:
-        out = _scores(plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap, recalled)
+        out = _scores(plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap, recalled, sinks)
     return out.reshape(B, H, T, D)
 
 
-def _scores(plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap, recalled=None):
-    """Explicit scores: stored, new and recalled key blocks share one float32 softmax. Copies no keys."""
+def _scores(plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap, recalled=None, sinks=None):
+    """Explicit scores: stored, new and recalled key blocks (and learned sinks) share one float32 softmax.
+    Copies no keys."""
     T = plan.text_pos.numel()
     G = q_win.shape[2] // T
     C = plan.key_pos.numel() - T
@@ -80,7 +83,14 @@ def _scores(plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap, recal
     if recalled is not None:  # every query sees all of them, from its anchor
         visible = torch.cat([visible, visible.new_ones(visible.shape[0], recalled[0].shape[2])], dim=1)
     scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v_new.dtype)  # (B, Hkv, G*T, K)
+    if (
+        sinks is not None
+    ):  # head h = kv head * G + g; rows (g, t): the column after the last key, dropped below
+        column = (
+            sinks.float().view(1, -1, G, 1).expand(scores.shape[0], -1, G, T).reshape(*scores.shape[:3], 1)
+        )
+        scores = torch.cat([scores, column], dim=-1)
+    probs = torch.softmax(scores, dim=-1).to(v_new.dtype)  # (B, Hkv, G*T, K (+ 1))
     out, start = None, 0
     for v in values:
         part = probs[..., start : start + v.shape[2]] @ v  # (B, Hkv, G*T, D)

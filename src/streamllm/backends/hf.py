@@ -120,9 +120,10 @@ def streamllm_attention(module, query, key, value, attention_mask, scaling=None,
     target = kwargs.pop(ATTENTION_NAME, None) or getattr(key, TAG, None)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     softcap = kwargs.get("softcap")
+    sinks = kwargs.get("s_aux")  # learned sink logits (gpt-oss)
     if target is None:  # no streamllm cache in play (a plain forward): ordinary attention
-        if softcap is not None:
-            return _plain_softcapped(query, key, value, attention_mask, scaling, softcap), None
+        if softcap is not None or sinks is not None:
+            return _plain_explicit(query, key, value, attention_mask, scaling, softcap, sinks), None
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
@@ -130,7 +131,7 @@ def streamllm_attention(module, query, key, value, attention_mask, scaling=None,
     if order is not None:  # rotary on neighbouring dims: the same reordering of queries and keys keeps q . k
         query, key = query[..., order], key[..., order]
     if isinstance(target, KVCache):
-        out = attend_layer(target, module.layer_idx, query, key, value, scaling, softcap)
+        out = attend_layer(target, module.layer_idx, query, key, value, scaling, softcap, sinks)
     else:  # several streams, one row each (``batched.py``)
         out = torch.cat(
             [
@@ -142,6 +143,7 @@ def streamllm_attention(module, query, key, value, attention_mask, scaling=None,
                     value[r : r + 1],
                     scaling,
                     softcap,
+                    sinks,
                 )
                 for r, cache in enumerate(target)
             ]
@@ -149,11 +151,14 @@ def streamllm_attention(module, query, key, value, attention_mask, scaling=None,
     return out, None
 
 
-def _plain_softcapped(query, key, value, mask, scaling: float, softcap: float) -> torch.Tensor:
-    """Attention with soft-capped logits (Gemma2), which sdpa lacks: query (B, H, T, D) -> (B, T, H, D)."""
+def _plain_explicit(query, key, value, mask, scaling: float, softcap, sinks) -> torch.Tensor:
+    """Attention with soft-capped logits (Gemma2) or learned sink logits (gpt-oss), which sdpa lacks:
+    query (B, H, T, D) -> (B, T, H, D)."""
     G = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(G, dim=1), value.repeat_interleave(G, dim=1)
-    logits = torch.tanh(query @ key.transpose(-1, -2) * scaling / softcap) * softcap  # (B, H, T, N)
+    logits = (query @ key.transpose(-1, -2)).float() * scaling  # (B, H, T, N)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     if mask is None:
         T, N = logits.shape[-2:]
         mask = torch.ones(T, N, dtype=torch.bool, device=query.device).tril(N - T)
@@ -161,11 +166,15 @@ def _plain_softcapped(query, key, value, mask, scaling: float, softcap: float) -
         logits = logits.masked_fill(~mask, float("-inf"))
     else:
         logits = logits + mask
-    return (logits.softmax(-1, dtype=torch.float32).to(value.dtype) @ value).transpose(1, 2)
+    if sinks is not None:
+        column = sinks.float().view(1, -1, 1, 1).expand(*logits.shape[:3], 1)
+        logits = torch.cat([logits, column], dim=-1)
+    probs = logits.softmax(-1)[..., : value.shape[2]].to(value.dtype)
+    return (probs @ value).transpose(1, 2)
 
 
 def attend_layer(
-    cache: KVCache, layer_idx: int, query, key, value, scaling: float, softcap=None
+    cache: KVCache, layer_idx: int, query, key, value, scaling: float, softcap=None, sinks=None
 ) -> torch.Tensor:
     """One layer of one stream: attend as its plan says, then commit. query (B, H, T, D) -> (B, T, H, D)"""
     if layer_idx >= len(cache.layers):
@@ -181,7 +190,7 @@ def attend_layer(
     stored = None if store.keys is None else (store.keys, store.values)
     recalled = cache.recall(layer_idx, query)
     out = attend(
-        cache.plans[layer_idx], query, stored, (key, value), store.inv_freq, scaling, softcap, recalled
+        cache.plans[layer_idx], query, stored, (key, value), store.inv_freq, scaling, softcap, recalled, sinks
     )
     cache.commit(layer_idx, key, value)
     return out.transpose(1, 2).contiguous()
