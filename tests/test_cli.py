@@ -183,6 +183,16 @@ def test_models_lists_builtins():
     assert result.returncode == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
     assert names == ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m"]
+    assert "Qwen2 architecture" in result.stdout and "license: Apache-2.0" in result.stdout
+    assert "270M parameters" in result.stdout and "license: Gemma terms of use" in result.stdout
+
+
+def test_every_builtin_pins_its_full_checksum():
+    import re
+
+    from streamllm.models import BUILTINS
+
+    assert all(re.fullmatch(r"[0-9a-f]{64}", m.sha256) for m in BUILTINS.values())
 
 
 def test_generate_with_memory_reports_it(tmp_path):

