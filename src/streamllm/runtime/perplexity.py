@@ -153,10 +153,12 @@ def recompute_nll(
     cache_size: int,
     targets: Sequence[int],
     on_batch: Callable[[int], None] | None = None,
+    prefix: Sequence[int] = (),
 ) -> torch.Tensor:
     """NLL (len(targets),) of the tokens at stream indices ``targets`` (each >= 1) under sliding window with
     re-computation, the ``recompute`` method: token j is predicted from the ``cache_size + 1`` tokens before it
-    (what token j - 1 sees when it is processed), rebuilt from scratch. For sampling a long stream."""
+    (what token j - 1 sees when it is processed), rebuilt from scratch. For sampling a long stream.
+    ``prefix`` (a BOS token, say) starts every full window in place of its oldest tokens."""
     out: dict[int, torch.Tensor] = {}
     full = [j for j in targets if j - 1 >= cache_size]
     for j in (j for j in targets if j - 1 < cache_size):  # the stream's start: shorter windows, one by one
@@ -167,7 +169,8 @@ def recompute_nll(
     per_batch = max(1, RECOMPUTE_BATCH_TOKENS // (cache_size + 1))
     for b in range(0, len(full), per_batch):
         group = full[b : b + per_batch]
-        windows = torch.tensor([list(ids[j - 1 - cache_size : j]) for j in group])  # (b, C+1)
+        P = len(prefix)
+        windows = torch.tensor([[*prefix, *ids[j - 1 - cache_size + P : j]] for j in group])  # (b, C+1)
         logits = model(input_ids=windows, use_cache=False, logits_to_keep=1).logits[:, -1]  # (b, V)
         out.update(zip(group, _target_nll(logits, [ids[j] for j in group]), strict=True))
         if on_batch:
