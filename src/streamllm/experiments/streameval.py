@@ -102,6 +102,7 @@ def run_stream(
             asked = line - back + 1  # lines_back=1 asks about the line just fed
             distance = stream.tokens_seen - starts[asked - 1]
             prompt = ctx.encode(query_text(asked))
+            prompt_at = stream.tokens_seen  # where the asked line ends when it is the last one fed
             value_at = starts[asked - 1] + len(
                 ctx.encode(line_text(asked, "")[:-2])
             )  # the value's first token
@@ -110,7 +111,8 @@ def run_stream(
             pieces, recalled = [], None
             for event in stream_generate(ctx.model, ctx.tokenizer, prompt, sampling, stream=stream):
                 if not pieces and memory is not None and memory.selections - before == len(memory.layers):
-                    recalled = value_recalled(memory, config, value_at, starts[asked])
+                    line_end = starts[asked] if asked < len(starts) else prompt_at
+                    recalled = value_recalled(memory, config, value_at, line_end)
                 pieces.append(event.text)
             answer = "".join(pieces)
             stream.feed(ctx.encode(">\n" if not answer.endswith(">") else "\n"))
