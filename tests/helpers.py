@@ -18,3 +18,15 @@ def engine_logits(model, ids, config: StreamConfig, chunk: int, policy=None):
             assert layer.keys.shape[2] <= capacity
             assert layer.length <= capacity
     return torch.cat(rows), cache
+
+
+def assert_memory_matches_oracle(model, ids, num_sinks: int, window: int, chunk: int = 7):
+    """Streaming ``ids`` with a small memory (blocks of 4, 2 recalled) equals the oracle's brute force."""
+    from oracle import oracle_logits
+
+    from streamllm.config import MemoryConfig
+
+    memory = MemoryConfig(block_size=4, blocks=2, reps=2, refresh=5)
+    ref = oracle_logits(model, ids, num_sinks, window, memory=memory)
+    got, _ = engine_logits(model, ids, StreamConfig(num_sinks=num_sinks, window=window, memory=memory), chunk)
+    assert (got - ref).abs().max() < 1e-4

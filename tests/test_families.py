@@ -5,7 +5,7 @@ cannot check (it uses the same rotation)."""
 
 import pytest
 import torch
-from helpers import engine_logits
+from helpers import assert_memory_matches_oracle, engine_logits
 from oracle import oracle_logits
 from tiny import ARCHS, FAMILIES, ROPE_VARIANTS, tiny_family_model, tiny_model, tiny_rope_model
 from transformers import AttentionInterface
@@ -13,7 +13,6 @@ from transformers import AttentionInterface
 import streamllm
 from streamllm import StreamConfig
 from streamllm.backends.arch import layer_inv_freqs, rotary_order
-from streamllm.config import MemoryConfig
 from streamllm.core.rotary import rotate
 
 S, W = 2, 14
@@ -83,8 +82,4 @@ def test_family_streams_exactly(family):
 
 
 def test_family_memory_matches_oracle(family):
-    memory = MemoryConfig(block_size=4, blocks=2, reps=2, refresh=5)
-    ids = _ids(44, seed=2)
-    ref = oracle_logits(family, ids, S, W, memory=memory)
-    got, _ = engine_logits(family, ids, StreamConfig(num_sinks=S, window=W, memory=memory), 7)
-    assert (got - ref).abs().max() < 1e-4
+    assert_memory_matches_oracle(family, _ids(44, seed=2), S, W)

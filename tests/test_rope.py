@@ -4,7 +4,7 @@ below capacity and the oracle past it, through transformers and through the fast
 import pytest
 import torch
 import transformers as tf
-from helpers import engine_logits
+from helpers import assert_memory_matches_oracle, engine_logits
 from oracle import oracle_logits
 from tiny import ROPE_VARIANTS, tiny_model, tiny_rope_model
 
@@ -69,13 +69,7 @@ def test_fast_decode_matches_oracle(model, reference):
 
 
 def test_memory_matches_oracle(model):
-    from streamllm.config import MemoryConfig
-
-    memory = MemoryConfig(block_size=4, blocks=2, reps=2, refresh=5)
-    ids = _ids(50, seed=3)
-    ref = oracle_logits(model, ids, S, W, memory=memory)
-    got, _ = engine_logits(model, ids, StreamConfig(num_sinks=S, window=W, memory=memory), 7)
-    assert (got - ref).abs().max() < 1e-4
+    assert_memory_matches_oracle(model, _ids(50, seed=3), S, W)
 
 
 def _length_dependent():
