@@ -1,7 +1,7 @@
 """``streamllm serve`` refuses bad settings with one line on stderr and exit status 2, before loading a model."""
 
 import pytest
-from test_cli import assert_one_line_error, run
+from cli_helpers import assert_one_line_error, run
 
 
 @pytest.mark.parametrize(

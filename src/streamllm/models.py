@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import gguf_file
 from .backends.hf import prepare
 from .home import home
 
@@ -197,6 +198,11 @@ def resolve(name_or_path: str) -> tuple[str, str | None]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"GGUF file not found: {path}")
+        try:
+            types = gguf_file.summary(path)
+        except gguf_file.GGUFError as exc:
+            raise ModelError(str(exc)) from exc
+        log.info("%s: %s", path.name, ", ".join(f"{n} {kind}" for kind, n in types.items()))
         return str(path.parent), path.name
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -221,12 +227,17 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
         if key not in DTYPES:
             raise ModelError(f"unknown dtype {key!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[key]
-    source, gguf_file = resolve(name_or_path)
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    source, gguf_name = resolve(name_or_path)
+    extra = {"gguf_file": gguf_name} if gguf_name else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     except OSError as exc:
+        raise ModelError(f"cannot load {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
+    except ValueError as exc:
+        if not gguf_name:
+            raise
+        # transformers reads only the GGUF architectures it maps to its own classes
         raise ModelError(f"cannot load {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
     model.eval()
     prepare(model)

@@ -32,12 +32,18 @@ class MatVec:
 
 
 class Int4MatVec:
-    """y = W x with W held as 4-bit integers in groups of 32 inputs, each group with its own scale and minimum:
-    the layout of GGUF's Q4_1, in which the bundled models' layers are published, so those come back almost
-    exactly. Reads a quarter of the bytes of bfloat16; torch's CPU int4 kernel takes bfloat16 inputs."""
+    """y = W x with W held as 4-bit integers in groups of 32 inputs, each group with its own scale and minimum.
+
+    That is the layout of GGUF's Q4_1, and also what Q4_0 and the sub-blocks of Q4_K come back as once dequantized:
+    in every one of them each group of 32 weights sits on a grid ``low + q * step`` with q in 0..15. A group need
+    not use the whole grid (Q4_K fits its scales per block of 256), so the grid is found per group by trying
+    every count of steps between its lowest and highest weight, 15 down to 1, and keeping the one that fits best:
+    such layers come back exactly up to the bfloat16 rounding of the scales. Reads a quarter of the bytes of
+    bfloat16; torch's CPU int4 kernel takes bfloat16 inputs."""
 
     GROUP = 32  # decode_kernels.cpp assumes it too
     KIND = 1
+    ROWS = 4096  # rows fitted at a time, which bounds the fit's scratch memory
 
     @classmethod
     def fits(cls, weight: torch.Tensor) -> bool:
@@ -51,15 +57,32 @@ class Int4MatVec:
                 f"int4 weights need outputs divisible by 16 and inputs by {self.GROUP}, got {N}x{K}"
             )
         w = weight.detach().float().view(N, K // self.GROUP, self.GROUP)  # (N, K/32, 32)
-        low = w.amin(-1)  # (N, K/32)
-        scale = ((w.amax(-1) - low) / 15).clamp(min=1e-12)  # (N, K/32)
-        q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15)  # (N, K/32, 32)
-        self.error = float((q * scale[..., None] + low[..., None] - w).norm() / w.norm().clamp(min=1e-12))
+        fitted = [self._fit(w[r : r + self.ROWS]) for r in range(0, N, self.ROWS)]
+        q, step, low = (torch.cat(parts) for parts in zip(*fitted, strict=True))
+        self.error = float((q * step[..., None] + low[..., None] - w).norm() / w.norm().clamp(min=1e-12))
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).view(N, K), 1)
-        zero = low + 8 * scale  # the kernel computes (q - 8) * scale + zero
+        zero = low + 8 * step  # the kernel computes (q - 8) * scale + zero
         self.scale_zero = (
-            torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
+            torch.stack([step.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
         )  # (K/32, N, 2)
+
+    @staticmethod
+    def _fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The 4-bit grid of each group of ``w`` (n, G, 32) -> (q (n, G, 32), step (n, G), low (n, G))."""
+        low = w.amin(-1)  # (n, G)
+        span = w.amax(-1) - low  # (n, G)
+        best_err = torch.full_like(low, float("inf"))
+        best_levels = torch.full_like(low, 15.0)
+        for levels in range(15, 0, -1):
+            step = (span / levels).clamp(min=1e-12)  # (n, G)
+            q = torch.round((w - low[..., None]) / step[..., None]).clamp(0, levels)  # (n, G, 32)
+            err = (q * step[..., None] + low[..., None] - w).abs().amax(-1)  # (n, G)
+            better = err < 0.5 * best_err  # a finer grid that fits as well is kept
+            best_err = torch.where(better, err, best_err)
+            best_levels = torch.where(better, float(levels), best_levels)
+        step = (span / best_levels).clamp(min=1e-12)  # (n, G)
+        q = torch.round((w - low[..., None]) / step[..., None]).clamp(0, 15)  # (n, G, 32)
+        return q, step, low
 
     @property
     def nbytes(self) -> int:
@@ -102,13 +125,13 @@ class Int8MatVec:
 
 
 # A matrix whose 4-bit copy is further than this (relative Frobenius error) from it was not stored on a 4-bit grid
-# (the bundled models' embeddings, for one); it is kept in 8 bits instead.
+# (the bundled models' embeddings, for one, or GGUF's 5-, 6- and 8-bit layers); it is kept in 8 bits instead.
 INT4_MAX_ERROR = 0.01
 
 
 def quantized(weight: torch.Tensor) -> MatVec | Int4MatVec | Int8MatVec:
-    """4 bits where the matrix sits on a 4-bit grid already (Q4_1 layers) and the kernel takes its shape, else
-    8 bits."""
+    """4 bits where the matrix sits on a 4-bit grid already (GGUF's Q4_0, Q4_1 and Q4_K layers) and the kernel
+    takes its shape, else 8 bits."""
     if Int4MatVec.fits(weight):
         int4 = Int4MatVec(weight)
         if int4.error <= INT4_MAX_ERROR:
