@@ -17,6 +17,7 @@ from streamllm.backends.quant import INT4_MAX_ERROR, Int4MatVec, Int8MatVec, qua
 from streamllm.runtime.stream import Stream
 
 FAST = [name for name, arch in ARCHITECTURES.items() if arch.fast_decode]
+NATIVE = [name for name in FAST if name != "gemma3_text"]  # Gemma3 takes the Python step
 S, W = 2, 9
 EVERY_POLICY = pytest.mark.parametrize(
     "config",
@@ -83,8 +84,14 @@ def test_fused_weights_are_stored_once():
 def test_other_architectures_decode_through_transformers():
     model = tiny_model("gpt_neox")
     assert Stream(model, StreamConfig(num_sinks=S, window=W)).decoder is None
-    gemma = Stream(tiny_model("gemma3_text"), StreamConfig(num_sinks=S, window=W))
-    assert gemma.decoder is None
+
+
+def test_gemma3_takes_the_python_step():
+    """Gemma's norms, scaled embeddings, GELU and sliding layers are the Python step's, not the native one's;
+    the norm weights are drawn far from zero, so that mixing up Gemma's ``1 + weight`` with Llama's shows."""
+    stream = Stream(tiny_model("gemma3_text"), StreamConfig(num_sinks=S, window=W))
+    assert stream.decoder is not None and stream.decoder.native is None
+    assert stream.decoder.norm.gemma and stream.decoder.embed_scale is not None
 
 
 def test_bfloat16_fast_decode_within_rounding():
@@ -149,7 +156,7 @@ def kernels():
     return module
 
 
-@pytest.mark.parametrize("arch", FAST)
+@pytest.mark.parametrize("arch", NATIVE)
 @EVERY_POLICY
 def test_native_step_matches_python_step(kernels, arch, config, monkeypatch):
     model = tiny_model(arch)

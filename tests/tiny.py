@@ -19,6 +19,10 @@ def _configs():
         "qwen3": tf.Qwen3Config(**gqa, head_dim=16),
         "gpt_neox": tf.GPTNeoXConfig(**dict(COMMON, num_attention_heads=4), rotary_pct=0.5),
         "phi": tf.PhiConfig(**dict(COMMON, num_attention_heads=4), partial_rotary_factor=0.5),
+        # partial rotary as in Phi-4-mini; its released ids lie outside the tiny vocabulary
+        "phi3": tf.Phi3Config(
+            **gqa, partial_rotary_factor=0.5, pad_token_id=None, bos_token_id=None, eos_token_id=None
+        ),
         "gemma3_text": tf.Gemma3TextConfig(
             **dict(gqa, num_hidden_layers=4),
             head_dim=16,
@@ -35,6 +39,12 @@ def tiny_model(arch: str, seed: int = 0):
     torch.manual_seed(seed)
     config = _configs()[arch]
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with (
+        torch.no_grad()
+    ):  # norm weights far from their init (Gemma's start at 0, so 1 + 0 would hide its form)
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.5, 0.5)
     return model
 
 

@@ -22,7 +22,7 @@ class Arch:
     family: str
     supported: bool
     reason: str = ""
-    fast_decode: bool = False  # decode.Decoder runs it (Llama-style blocks: fused q/k/v and gate/up, RMSNorm)
+    fast_decode: bool = False  # decode.Decoder runs it (q/k/v and gate/up projections, RMSNorm, SiLU or GELU)
     # Rotary turns neighbouring dims (0, 1), (2, 3), ... instead of the two halves (Cohere, GLM): streamllm then
     # reorders the rotated dims of queries and keys alike (evens, then odds), which leaves every logit as it is
     # and makes the rotation the halves form it computes (``rotary_order``).
@@ -53,9 +53,9 @@ ARCHITECTURES: dict[str, Arch] = {
     "qwen3": Arch("Qwen3", True, _ROPE, fast_decode=True),
     "gpt_neox": Arch("GPT-NeoX / Pythia (partial rotary)", True, _ROPE),
     "phi": Arch("Phi (partial rotary)", True, _ROPE),
-    "gemma3_text": Arch("Gemma3 (per-layer sliding and global attention)", True, _ROPE),
+    "gemma3_text": Arch("Gemma3 (per-layer sliding and global attention)", True, _ROPE, fast_decode=True),
     "gemma2": Arch("Gemma2 (sliding and global attention, logit soft-capping)", True, _ROPE),
-    "phi3": Arch("Phi-3 / Phi-3.5 / Phi-4", True, _ROPE),
+    "phi3": Arch("Phi-3 / Phi-3.5 / Phi-4 (partial rotary in Phi-4-mini)", True, _ROPE, fast_decode=True),
     "smollm3": Arch("SmolLM3 (every fourth layer without rotary)", True, _ROPE, no_rope=_smollm3_no_rope),
     "olmo2": Arch("OLMo 2", True, _ROPE),
     "olmo3": Arch("OLMo 3 (sliding and global attention)", True, _ROPE),

@@ -39,11 +39,7 @@ def decode_step(
     model, caches: Sequence[KVCache], tokens: Sequence[int], decoder: Decoder | None = None
 ) -> torch.Tensor:
     """Feed one token to each of ``caches`` in a single pass. -> next-token logits (R, V)"""
-    if (
-        decoder is not None
-        and decoder.native is not None
-        and all(decoder.ready(c) and c.policy == caches[0].policy for c in caches)
-    ):
+    if decoder is not None and all(decoder.batches(c) and c.policy == caches[0].policy for c in caches):
         return decoder.step_many(caches, tokens)  # (R, V)
     ids = torch.tensor([[t] for t in tokens])  # (R, 1)
     return forward(model, list(caches), ids, keep_all=False)[:, -1]  # (R, V)

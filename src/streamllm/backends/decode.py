@@ -25,7 +25,8 @@ Letters: R streams, H heads, Hkv kv heads, G = H / Hkv, C stored slots, D head d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,18 +43,41 @@ from .quant import WEIGHTS, Int4MatVec, Int8MatVec, MatVec
 
 
 class _Norm:
-    """transformers' RMSNorm: normalise in float32, back to the model dtype, then scale."""
+    """transformers' RMSNorm, normalised in float32, in either of its two forms: Llama's scales by ``weight``
+    after the cast back to the model dtype, Gemma's by ``1 + weight`` before it (``_form`` tells them apart)."""
 
-    def __init__(self, module: nn.Module):
-        self.weight = module.weight.detach()  # (N,)
-        self.eps = module.variance_epsilon
-        self.shape = tuple(self.weight.shape)
+    def __init__(self, module: nn.Module, form: str):
+        weight = module.weight.detach()  # (N,)
+        self.gemma = form == "gemma"
+        self.weight = 1 + weight.float() if self.gemma else weight  # (N,)
+        self.eps = getattr(module, "variance_epsilon", None) or module.eps
+        self.shape = tuple(weight.shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         if x32.dim() == 1:  # the hidden state of one token: a dot product beats the general kernel's set-up
-            return self.weight * (x32 * torch.rsqrt(torch.dot(x32, x32) / x32.numel() + self.eps)).to(x.dtype)
-        return self.weight * F.rms_norm(x32, self.shape, eps=self.eps).to(x.dtype)
+            normed = x32 * torch.rsqrt(torch.dot(x32, x32) / x32.numel() + self.eps)
+        else:
+            normed = F.rms_norm(x32, self.shape, eps=self.eps)
+        if self.gemma:
+            return (normed * self.weight).to(x.dtype)
+        return self.weight * normed.to(x.dtype)
+
+
+def _form(module: nn.Module) -> str | None:
+    """Which RMSNorm ``module`` computes, found by running it: "llama", "gemma", or None for anything else."""
+    weight = module.weight.detach()
+    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None)
+    if eps is None:
+        return None
+    x = torch.linspace(-2, 3, weight.numel())  # (N,) float32
+    got = module(x.to(weight.dtype)[None])[0].float()  # (N,)
+    normed = x * torch.rsqrt(x.pow(2).mean() + eps)
+    tol = 1e-5 if weight.dtype == torch.float32 else 2e-2
+    for form, scale in (("llama", weight.float()), ("gemma", 1 + weight.float())):
+        if torch.allclose(got, normed * scale, rtol=tol, atol=tol):
+            return form
+    return None
 
 
 @dataclass
@@ -64,15 +88,21 @@ class _Layer:
     gate_up: MatVec | Int4MatVec | Int8MatVec  # (2 F, E)
     down: MatVec | Int4MatVec | Int8MatVec  # (E, F)
     norm_in: _Norm
-    norm_post: _Norm
-    q_norm: _Norm | None  # Qwen3 normalises each head of q and k
+    norm_post: _Norm  # before the MLP
+    q_norm: _Norm | None  # Qwen3 and Gemma3 normalise each head of q and k
     k_norm: _Norm | None
-    act: nn.Module
+    act: Callable[[torch.Tensor], torch.Tensor]
+    scaling: float
+    attn_out_norm: _Norm | None = None  # Gemma normalises what attention and the MLP add to the residual too
+    mlp_out_norm: _Norm | None = None
 
 
 def _fuse(linears: list[nn.Linear], share: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stack the weights (and biases) of linears that read the same input. With ``share`` each linear then keeps a
-    view of its rows, so the stacked copy is the only one."""
+    view of its rows, so the stacked copy is the only one. A model that fuses them itself (Phi-3) gives one."""
+    if len(linears) == 1:
+        lin = linears[0]
+        return lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
     weight = torch.cat([lin.weight.detach() for lin in linears])  # (sum of outputs, E)
     has_bias = [lin.bias is not None for lin in linears]
     bias = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None
@@ -88,12 +118,20 @@ def _fuse(linears: list[nn.Linear], share: bool) -> tuple[torch.Tensor, torch.Te
     return weight, bias
 
 
+def _linears(module: nn.Module, fused: str, parts: tuple[str, ...]) -> list[nn.Linear]:
+    """The projections that read one input: the model's own fused one where it has it, else its parts."""
+    return [getattr(module, fused)] if hasattr(module, fused) else [getattr(module, name) for name in parts]
+
+
 class Decoder:
-    """Single-token forward for the architectures the table marks ``fast_decode`` (Llama, Mistral, Qwen2/3).
+    """Single-token forward for the architectures the table marks ``fast_decode``: Llama, Mistral, Qwen2/3,
+    Phi-3 (its own fused projections, partial rotary) and Gemma3 (Gemma's norms, scaled embeddings, sliding
+    layers). The native step runs the Llama-shaped ones (SiLU, Llama's norms, one attention kind); the others take
+    the Python step.
 
     ``weights``: "model" multiplies by the model's own weights (exact); "int4" by 4-bit copies of the matrices
-    that sit on a 4-bit grid already and 8-bit copies of the rest (``_quantized``): about a third of the bytes
-    of bfloat16 to read per token, at the cost of a small change in the logits.
+    that sit on a 4-bit grid already and 8-bit copies of the rest (``quant.quantized``): about a third of the
+    bytes of bfloat16 to read per token, at the cost of a small change in the logits.
     """
 
     def __init__(self, model: nn.Module, weights: str = "model"):
@@ -109,15 +147,23 @@ class Decoder:
         self.H = config.num_attention_heads
         self.Hkv = config.num_key_value_heads
         self.D = getattr(config, "head_dim", None) or config.hidden_size // self.H
-        self.inv_freq = layer_inv_freqs(model)[0]
-        if 2 * self.inv_freq.numel() != self.D:
-            raise ValueError("the fast decode path needs rotary embedding over the whole head")
+        self.inv_freqs = layer_inv_freqs(model)  # per layer (R/2,)
+        L = len(self.inv_freqs)
+        self.layer_types = getattr(config, "layer_types", None) or ["full_attention"] * L
         self.rotary = model.model.rotary_emb
+        self.typed_rotary = "layer_type" in inspect.signature(self.rotary.forward).parameters  # Gemma3's
+        forms = {_form(m) for m in model.modules() if type(m).__name__.endswith("RMSNorm")}
+        if None in forms or len(forms) != 1:
+            raise ValueError("the fast decode path needs one known RMSNorm form")
+        form = forms.pop()
         self.layers = []
         for block in model.model.layers:
             attn, mlp = block.self_attn, block.mlp
-            qkv, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj], share=matvec is MatVec)
-            gate_up, _ = _fuse([mlp.gate_proj, mlp.up_proj], share=matvec is MatVec)
+            qkv, qkv_bias = _fuse(
+                _linears(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")), matvec is MatVec
+            )
+            gate_up, _ = _fuse(_linears(mlp, "gate_up_proj", ("gate_proj", "up_proj")), matvec is MatVec)
+            gemma = hasattr(block, "pre_feedforward_layernorm")  # norms around both halves of the block
             self.layers.append(
                 _Layer(
                     matvec(qkv),
@@ -125,22 +171,30 @@ class Decoder:
                     matvec(attn.o_proj.weight.detach()),
                     matvec(gate_up),
                     matvec(mlp.down_proj.weight.detach()),
-                    _Norm(block.input_layernorm),
-                    _Norm(block.post_attention_layernorm),
-                    _Norm(attn.q_norm) if hasattr(attn, "q_norm") else None,
-                    _Norm(attn.k_norm) if hasattr(attn, "k_norm") else None,
-                    mlp.act_fn,
+                    _Norm(block.input_layernorm, form),
+                    _Norm(block.pre_feedforward_layernorm if gemma else block.post_attention_layernorm, form),
+                    _Norm(attn.q_norm, form) if hasattr(attn, "q_norm") else None,
+                    _Norm(attn.k_norm, form) if hasattr(attn, "k_norm") else None,
+                    getattr(mlp, "act_fn", None) or mlp.activation_fn,
+                    attn.scaling,
+                    _Norm(block.post_attention_layernorm, form) if gemma else None,
+                    _Norm(block.post_feedforward_layernorm, form) if gemma else None,
                 )
             )
-        self.scaling = self.model.model.layers[0].self_attn.scaling
         self.embed = model.model.embed_tokens
-        self.norm = _Norm(model.model.norm)
+        scale = getattr(self.embed, "embed_scale", None)  # Gemma scales its embeddings by sqrt(E)
+        self.embed_scale = None if scale is None else scale.to(self.embed.weight.dtype)
+        self.softcap = getattr(config, "attn_logit_softcapping", None)
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
+        self.norm = _Norm(model.model.norm, form)
         self.lm_head = matvec(model.lm_head.weight.detach())  # (V, E)
         self.native = self._native_step()
 
     def _native_step(self):
         """The same step in C++ over the same weights (``decode_kernels.cpp``), or None where it does not apply:
-        no compiler, ``STREAMLLM_NATIVE=0``, an activation other than SiLU, or norms with different epsilons."""
+        no compiler, ``STREAMLLM_NATIVE=0``, or a model it does not compute (an activation other than SiLU, norms
+        of another form or with different epsilons, Gemma's extra norms and scales, more than one attention kind
+        or scaling)."""
         norms = [self.norm] + [
             n
             for layer in self.layers
@@ -151,6 +205,12 @@ class Decoder:
         if (
             not all(torch.equal(layer.act(probe), F.silu(probe)) for layer in self.layers)
             or len({n.eps for n in norms}) > 1
+            or self.norm.gemma
+            or self.embed_scale is not None
+            or self.softcap is not None
+            or self.final_softcap is not None
+            or len(set(self.layer_types)) > 1
+            or len({layer.scaling for layer in self.layers}) > 1
         ):
             return None
         module = native.kernels()
@@ -171,7 +231,15 @@ class Decoder:
             kinds.append([m.KIND for m in mats])
         head = [self.norm.weight, *self.lm_head.tensors]
         return module.Step(
-            layers, kinds, head, self.lm_head.KIND, self.H, self.Hkv, self.D, self.norm.eps, self.scaling
+            layers,
+            kinds,
+            head,
+            self.lm_head.KIND,
+            self.H,
+            self.Hkv,
+            self.D,
+            self.norm.eps,
+            self.layers[0].scaling,
         )
 
     def weight_bytes(self) -> int:
@@ -180,25 +248,41 @@ class Decoder:
         return sum(m.nbytes for m in mats) + self.lm_head.nbytes
 
     def ready(self, cache: KVCache) -> bool:
-        """Whether ``cache`` can take a fast step: it was made for this model, lives on the CPU, holds tokens,
-        and every layer has the same policy (no layer of the model limits itself to a sliding window)."""
-        return (
-            len(cache.layers) == len(self.layers)
-            and cache.uniform
-            and all(layer.keys is not None and layer.keys.device.type == "cpu" for layer in cache.layers)
+        """Whether ``cache`` can take a fast step: it was made for this model, lives on the CPU and holds
+        tokens."""
+        return len(cache.layers) == len(self.layers) and all(
+            layer.keys is not None and layer.keys.device.type == "cpu" for layer in cache.layers
         )
+
+    def batches(self, cache: KVCache) -> bool:
+        """Whether ``cache`` can go through the native step (``step_many``): ``ready``, and one plan serves all of
+        its layers."""
+        return self.native is not None and cache.uniform and self.ready(cache)
 
     @torch.no_grad()  # not inference_mode: a dense cache grown here must stay writable by the chunked path
     def step(self, cache: KVCache, token: int) -> torch.Tensor:
         """Feed one token; returns the logits (V,) that predict the next one. The cache must be ``ready``."""
-        if self.native is not None and (cache.memory is None or not cache.memory.due(cache.seen)):
+        if self.batches(cache) and (cache.memory is None or not cache.memory.due(cache.seen)):
             return self.step_many([cache], [token])[
                 0
             ]  # a token that selects from memory needs its query first
-        plan = cache.plan(1)[0]  # every layer's: a ready cache has one policy
+        plans = cache.plan(1)  # per layer
         x = self.embed.weight[token]  # (E,)
-        cos, sin = self.rotary(x, plan.model_pos[None])  # (1, 1, D), model dtype
-        return self._python_step(cache, plan, x, cos[0], sin[0])
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        return self._python_step(cache, plans, x, self._angles(x, plans[0].model_pos))
+
+    def _angles(self, x: torch.Tensor, pos: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's rotary cos and sin (1, R) at the model positions ``pos`` (1,), from the model's own rotary
+        module (one call per kind of layer)."""
+        if not self.typed_rotary:
+            cos, sin = self.rotary(x, pos[None])  # (1, 1, R)
+            return [(cos[0], sin[0])] * len(self.layers)
+        kinds = {}
+        for kind in set(self.layer_types):
+            cos, sin = self.rotary(x, pos[None], kind)
+            kinds[kind] = (cos[0], sin[0])
+        return [kinds[kind] for kind in self.layer_types]
 
     @torch.no_grad()
     def step_many(self, caches: Sequence[KVCache], tokens: Sequence[int]) -> torch.Tensor:
@@ -216,12 +300,12 @@ class Decoder:
         if any(plan.select for plan in plans):
             raise RuntimeError("a token that selects from memory goes through the Python step")
         x = self.embed.weight[list(tokens)]  # (R, E)
-        cos, sin = self.rotary(x, torch.cat([plan.model_pos for plan in plans])[:, None])  # (R, 1, D)
+        cos, sin = self.rotary(x, torch.cat([plan.model_pos for plan in plans])[:, None])  # (R, 1, Dr)
         turns = S or room
         logits = self.native(
             x,
-            cos[:, 0],  # (R, D)
-            sin[:, 0],  # (R, D)
+            cos[:, 0],  # (R, Dr)
+            sin[:, 0],  # (R, Dr)
             torch.stack([self._turn(plan) for plan in plans]) if turns else torch.empty(0),  # (R, D, D)
             torch.stack([native_mask(plan, S, room) for plan in plans]),  # (R, C + 1 + S + M_max)
             [[cache.layers[i].full_keys for cache in caches] for i in range(len(self.layers))],
@@ -242,17 +326,22 @@ class Decoder:
         """The rotation (D, D) that moves the sink keys, stored at 0..S-1, to where the token sees them: the
         opposite of the query's turn in ``attention.attend`` (a rotation moves both sides of a dot product
         alike)."""
-        return _rotation_matrix(-int(plan.anchor_shift[0]), self.inv_freq)
+        return _rotation_matrix(-int(plan.anchor_shift[0]), self.inv_freqs[0], self.D)
 
-    def _python_step(self, cache: KVCache, plan: Plan, x, cos, sin) -> torch.Tensor:
+    def _python_step(self, cache: KVCache, plans: list[Plan], x, angles) -> torch.Tensor:
         """The layers in torch operations; the native step does the same in C++. -> logits (V,) float32"""
         for i, layer in enumerate(self.layers):
             h = layer.norm_in(x)  # (E,)
-            x = x + layer.o(self._attention(cache, i, plan, layer, h, cos, sin))  # (E,)
+            out = layer.o(self._attention(cache, i, plans[i], layer, h, *angles[i]))  # (E,)
+            x = x + (out if layer.attn_out_norm is None else layer.attn_out_norm(out))
             h = layer.norm_post(x)  # (E,)
             gate, up = layer.gate_up(h).chunk(2)  # (F,) each
-            x = x + layer.down(layer.act(gate) * up)  # (E,)
-        return self.lm_head(self.norm(x)).float()  # (V,)
+            out = layer.down(layer.act(gate) * up)  # (E,)
+            x = x + (out if layer.mlp_out_norm is None else layer.mlp_out_norm(out))
+        logits = self.lm_head(self.norm(x))  # (V,)
+        if self.final_softcap is not None:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits.float()
 
     def _attention(self, cache: KVCache, i: int, plan: Plan, layer, h, cos, sin) -> torch.Tensor:
         """Self-attention of layer ``i`` for the new token, then its commit. -> (H*D,)"""
@@ -264,13 +353,22 @@ class Decoder:
         v = qkv[(H + Hkv) * D :].view(1, Hkv, 1, D)  # (1, Hkv, 1, D)
         if layer.q_norm is not None:
             qk = torch.cat([layer.q_norm(qk[:H]), layer.k_norm(qk[H:])])  # (H + Hkv, D)
-        qk = qk * cos[0] + rotate_half(qk) * sin[0]  # (H + Hkv, D), rotated at the model position
+        R = cos.shape[-1]  # rotated dims: D, or fewer with partial rotary
+        turned = qk[:, :R] * cos[0] + rotate_half(qk[:, :R]) * sin[0]  # (H + Hkv, R) at the model position
+        qk = turned if R == D else torch.cat([turned, qk[:, R:]], dim=-1)  # (H + Hkv, D)
         q = qk[:H].view(1, H, 1, D)  # (1, H, 1, D)
         k = qk[H:].view(1, Hkv, 1, D)  # (1, Hkv, 1, D)
         store = cache.layers[i]
         recalled = cache.recall(i, q)
         out = attend(
-            plan, q, (store.keys, store.values), (k, v), store.inv_freq, self.scaling, recalled=recalled
+            plan,
+            q,
+            (store.keys, store.values),
+            (k, v),
+            store.inv_freq,
+            layer.scaling,
+            softcap=self.softcap,
+            recalled=recalled,
         )  # (1, H, 1, D)
         cache.commit(i, k, v)
         return out.view(H * D)
@@ -289,16 +387,18 @@ def native_mask(plan: Plan, S: int, room: int = 0) -> torch.Tensor:
     return torch.cat([seen & ~anchored, visible[C:], (seen & anchored)[:S], recalled])
 
 
-def _rotation_matrix(shift: int, inv_freq: torch.Tensor) -> torch.Tensor:
+def _rotation_matrix(shift: int, inv_freq: torch.Tensor, D: int) -> torch.Tensor:
     """The rotary rotation by ``shift`` positions as a matrix M (D, D), float32: ``x @ M`` equals
-    ``rotary.rotate(x, shift)`` (x * cos + rotate_half(x) * sin), in one small product instead of six operations."""
-    cos, sin = shift_angles(torch.tensor([shift]), inv_freq)  # (1, D) float64 each
-    D = cos.shape[1]
-    half = D // 2
-    matrix = torch.diag(cos[0])  # (D, D)
+    ``rotary.rotate(x, shift)`` (x * cos + rotate_half(x) * sin over the first R dims, the rest left alone), in
+    one small product instead of six operations."""
+    cos, sin = shift_angles(torch.tensor([shift]), inv_freq)  # (1, R) float64 each
+    R = cos.shape[1]
+    half = R // 2
+    matrix = torch.eye(D, dtype=torch.float64)  # (D, D)
+    matrix[:R, :R] = torch.diag(cos[0])
     idx = torch.arange(half)
-    matrix[idx + half, idx] = -sin[0, :half]  # rotate_half(x)[j] = -x[j + D/2] for j < D/2
-    matrix[idx, idx + half] = sin[0, half:]  # and x[j - D/2] above
+    matrix[idx + half, idx] = -sin[0, :half]  # rotate_half(x)[j] = -x[j + R/2] for j < R/2
+    matrix[idx, idx + half] = sin[0, half:]  # and x[j - R/2] above
     return matrix.float()
 
 

@@ -131,15 +131,17 @@ void rms_norm(const T* x, const T* weight, T* out, int64_t n, float eps) {
   for (i = 0; i < n; ++i) out[i] = weight[i] * static_cast<T>(to_float(x[i]) * r);
 }
 
-// x * cos + rotate_half(x) * sin for one head, each product and the sum rounded to the model dtype.
+// x * cos + rotate_half(x) * sin for one head over its first Dr dims (all D, or fewer with partial rotary), each
+// product and the sum rounded to the model dtype; the other dims pass through.
 template <typename T>
-void rotate(const T* x, const T* cos, const T* sin, T* out, int64_t D) {
-  const int64_t half = D / 2;
+void rotate(const T* x, const T* cos, const T* sin, T* out, int64_t D, int64_t Dr) {
+  const int64_t half = Dr / 2;
   for (int64_t j = 0; j < half; ++j) {
     const T a = x[j], b = x[j + half];
     out[j] = static_cast<T>(a * cos[j]) + static_cast<T>(-b * sin[j]);
     out[j + half] = static_cast<T>(b * cos[j + half]) + static_cast<T>(a * sin[j + half]);
   }
+  for (int64_t j = Dr; j < D; ++j) out[j] = x[j];
 }
 
 // The G query heads of each kv head against the visible keys, split into blocks of keys so that every thread has
@@ -256,7 +258,8 @@ class Step {
     lm_head_ = Matrix{head_kind, head[1], head[2]};
   }
 
-  // R tokens, each of its own stream. x: their embeddings (R, E); cos, sin: their rotary angles (R, D); turn: the
+  // R tokens, each of its own stream. x: their embeddings (R, E); cos, sin: their rotary angles (R, Dr), Dr <= D
+  // the rotated dims of a head; turn: the
   // sinks' rotations (R, D, D) float32, empty without sinks or recalled keys; visible: (R, N) bool, from the
   // cache's plan (slots past C + S are keys recalled from memory, seen by the query turned the other way); keys,
   // values: per layer, per row (1, Hkv, N, D); slots: (R,) the slot the plan gives each new token, or -1. Every
@@ -289,6 +292,7 @@ class Step {
                  int64_t S) {
     const int64_t H = H_, Hkv = Hkv_, D = D_, R = embeddings.size(0), E = embeddings.size(1);
     const int64_t N = visible.size(1);
+    const int64_t Dr = cos.size(1);  // rotated dims of each head
     const float eps = static_cast<float>(eps_);
     at::Tensor x = embeddings.contiguous().clone();  // (R, E) the residual streams
     at::Tensor h = at::empty_like(x);               // (R, E) their normalised copies
@@ -322,9 +326,9 @@ class Step {
           }
         }
         T* r = rotated.data_ptr<T>();
-        const T* c = cos.data_ptr<T>() + row * D;
-        const T* s = sin.data_ptr<T>() + row * D;
-        for (int64_t j = 0; j < H + Hkv; ++j) rotate(raw + j * D, c, s, r + j * D, D);
+        const T* c = cos.data_ptr<T>() + row * Dr;
+        const T* s = sin.data_ptr<T>() + row * Dr;
+        for (int64_t j = 0; j < H + Hkv; ++j) rotate(raw + j * D, c, s, r + j * D, D, Dr);
         const T* v = raw + (H + Hkv) * D;
         for (int64_t k = 0; k < Hkv; ++k) {  // the token sees itself through scratch slot C
           std::copy(r + (H + k) * D, r + (H + k + 1) * D, K + (k * N + C) * D);
