@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from cli_helpers import assert_one_line_error, run
+from cli_helpers import assert_one_line_error, run, run_here
 
 from streamllm.data import shakespeare_dir
 
@@ -56,9 +56,15 @@ def bad_files(tmp_path_factory):
         (["serve", "--memory", "--memory-refresh", "0"], "refresh must be >= 1"),
     ],
 )
-def test_bad_input_gets_one_line_error(args, needle, bad_files):
-    result = run(*[a.format(d=bad_files) for a in args])
+def test_bad_input_gets_one_line_error(args, needle, bad_files, capsys):
+    """In this process, through the command's ``main``; the real process's own handling is checked once below."""
+    result = run_here(capsys, *[a.format(d=bad_files) for a in args])
     assert_one_line_error(result, needle)
+
+
+def test_bad_input_in_a_real_process(bad_files):
+    assert_one_line_error(run("generate", "--prompt", "hi", "--window", "0"), "--window")
+    assert_one_line_error(run("perplexity", "--text", f"{bad_files}/latin1.txt"), "UTF-8")
 
 
 def test_perplexity_json(tmp_path):

@@ -111,10 +111,10 @@ def test_attention_map(outputs, real):
 def test_streameval(outputs):
     out, _ = outputs("streameval")
     rows, md = read(out, "streameval")
-    assert len(rows) == 24  # sink and memory x 2 cache sizes x 2 rounds x 3 distances
+    assert len(rows) == 12  # sink and memory x 2 rounds x 3 distances
     sink = [r for r in rows if r["method"] == "sink"]
     memory = [r for r in rows if r["method"] == "memory"]
-    assert len(sink) == len(memory) == 12
+    assert len(sink) == len(memory) == 6
     # Both are asked the same questions about the same lines.
     assert [(r["lines_back"], r["expected"]) for r in sink] == [
         (r["lines_back"], r["expected"]) for r in memory

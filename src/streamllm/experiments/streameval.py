@@ -143,7 +143,7 @@ def value_recalled(memory, config: StreamConfig, start: int, end: int) -> float:
 
 def streameval(ctx: Context) -> Report:
     if ctx.quick:
-        windows, lines_back, rounds = (60, 124), [1, 4, 12], 2
+        windows, lines_back, rounds = (60,), [1, 4, 12], 2
     else:
         windows, lines_back, rounds = (252, 508, 1020), [1, 5, 10, 20, 40, 60, 80, 100, 140], 6
     methods = ctx.methods or ["sink", "memory"]
