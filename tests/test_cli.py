@@ -63,7 +63,6 @@ def test_bad_input_gets_one_line_error(args, needle, bad_files, capsys):
 
 
 def test_bad_input_in_a_real_process(bad_files):
-    assert_one_line_error(run("generate", "--prompt", "hi", "--window", "0"), "--window")
     assert_one_line_error(run("perplexity", "--text", f"{bad_files}/latin1.txt"), "UTF-8")
 
 

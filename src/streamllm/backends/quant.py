@@ -66,6 +66,14 @@ class Int4MatVec:
             torch.stack([step.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
         )  # (K/32, N, 2)
 
+    @classmethod
+    def sample_error(cls, weight: torch.Tensor, rows: int = 256) -> float:
+        """The fit's relative error on ``rows`` rows spread over ``weight``: a quick look before fitting it all."""
+        pick = torch.linspace(0, weight.shape[0] - 1, min(rows, weight.shape[0])).long()
+        w = weight[pick].detach().float().view(len(pick), -1, cls.GROUP)  # (rows, K/32, 32)
+        q, step, low = cls._fit(w)
+        return float((q * step[..., None] + low[..., None] - w).norm() / w.norm().clamp(min=1e-12))
+
     @staticmethod
     def _fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The 4-bit grid of each group of ``w`` (n, G, 32) -> (q (n, G, 32), step (n, G), low (n, G))."""
@@ -132,7 +140,7 @@ INT4_MAX_ERROR = 0.01
 def quantized(weight: torch.Tensor) -> MatVec | Int4MatVec | Int8MatVec:
     """4 bits where the matrix sits on a 4-bit grid already (GGUF's Q4_0, Q4_1 and Q4_K layers) and the kernel
     takes its shape, else 8 bits."""
-    if Int4MatVec.fits(weight):
+    if Int4MatVec.fits(weight) and Int4MatVec.sample_error(weight) <= INT4_MAX_ERROR:
         int4 = Int4MatVec(weight)
         if int4.error <= INT4_MAX_ERROR:
             return int4
