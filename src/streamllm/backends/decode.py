@@ -1,4 +1,4 @@
-"""``Decoder``: one new token through a Llama-style model, straight from its weights, on a ``KVCache``.
+"""``Decoder``: one new token through a decoder-only model, straight from its weights, on a ``KVCache``.
 
 Decoding is a single token per forward, so its cost is the weights read plus the fixed cost of every operation
 launched. transformers' module tree launches several hundred small operations per token and re-derives masks and
@@ -26,8 +26,7 @@ Letters: R streams, H heads, Hkv kv heads, G = H / Hkv, C stored slots, D head d
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -39,88 +38,8 @@ from ..core.rotary import rotate_half, shift_angles
 from . import native
 from .arch import layer_inv_freqs, lookup
 from .attention import attend
-from .quant import WEIGHTS, Int4MatVec, Int8MatVec, MatVec
-
-
-class _Norm:
-    """transformers' RMSNorm, normalised in float32, in either of its two forms: Llama's scales by ``weight``
-    after the cast back to the model dtype, Gemma's by ``1 + weight`` before it (``_form`` tells them apart)."""
-
-    def __init__(self, module: nn.Module, form: str):
-        weight = module.weight.detach()  # (N,)
-        self.gemma = form == "gemma"
-        self.weight = 1 + weight.float() if self.gemma else weight  # (N,)
-        self.eps = getattr(module, "variance_epsilon", None) or module.eps
-        self.shape = tuple(weight.shape)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        if x32.dim() == 1:  # the hidden state of one token: a dot product beats the general kernel's set-up
-            normed = x32 * torch.rsqrt(torch.dot(x32, x32) / x32.numel() + self.eps)
-        else:
-            normed = F.rms_norm(x32, self.shape, eps=self.eps)
-        if self.gemma:
-            return (normed * self.weight).to(x.dtype)
-        return self.weight * normed.to(x.dtype)
-
-
-def _form(module: nn.Module) -> str | None:
-    """Which RMSNorm ``module`` computes, found by running it: "llama", "gemma", or None for anything else."""
-    weight = module.weight.detach()
-    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None)
-    if eps is None:
-        return None
-    x = torch.linspace(-2, 3, weight.numel())  # (N,) float32
-    got = module(x.to(weight.dtype)[None])[0].float()  # (N,)
-    normed = x * torch.rsqrt(x.pow(2).mean() + eps)
-    tol = 1e-5 if weight.dtype == torch.float32 else 2e-2
-    for form, scale in (("llama", weight.float()), ("gemma", 1 + weight.float())):
-        if torch.allclose(got, normed * scale, rtol=tol, atol=tol):
-            return form
-    return None
-
-
-@dataclass
-class _Layer:
-    qkv: MatVec | Int4MatVec | Int8MatVec  # (Dq + 2 Dkv, E)
-    qkv_bias: torch.Tensor | None
-    o: MatVec | Int4MatVec | Int8MatVec  # (E, Dq)
-    gate_up: MatVec | Int4MatVec | Int8MatVec  # (2 F, E)
-    down: MatVec | Int4MatVec | Int8MatVec  # (E, F)
-    norm_in: _Norm
-    norm_post: _Norm  # before the MLP
-    q_norm: _Norm | None  # Qwen3 and Gemma3 normalise each head of q and k
-    k_norm: _Norm | None
-    act: Callable[[torch.Tensor], torch.Tensor]
-    scaling: float
-    attn_out_norm: _Norm | None = None  # Gemma normalises what attention and the MLP add to the residual too
-    mlp_out_norm: _Norm | None = None
-
-
-def _fuse(linears: list[nn.Linear], share: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stack the weights (and biases) of linears that read the same input. With ``share`` each linear then keeps a
-    view of its rows, so the stacked copy is the only one. A model that fuses them itself (Phi-3) gives one."""
-    if len(linears) == 1:
-        lin = linears[0]
-        return lin.weight.detach(), None if lin.bias is None else lin.bias.detach()
-    weight = torch.cat([lin.weight.detach() for lin in linears])  # (sum of outputs, E)
-    has_bias = [lin.bias is not None for lin in linears]
-    bias = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None
-    if any(has_bias) and bias is None:
-        raise ValueError("cannot fuse linears of which only some have a bias")
-    start = 0
-    for lin in linears if share else []:
-        n = lin.weight.shape[0]
-        lin.weight.data = weight[start : start + n]  # a contiguous view: the fused copy is the only one
-        if bias is not None:
-            lin.bias.data = bias[start : start + n]
-        start += n
-    return weight, bias
-
-
-def _linears(module: nn.Module, fused: str, parts: tuple[str, ...]) -> list[nn.Linear]:
-    """The projections that read one input: the model's own fused one where it has it, else its parts."""
-    return [getattr(module, fused)] if hasattr(module, fused) else [getattr(module, name) for name in parts]
+from .blocks import Layer, Norm, fuse, linears, norm_form
+from .quant import WEIGHTS, MatVec
 
 
 class Decoder:
@@ -152,33 +71,31 @@ class Decoder:
         self.layer_types = getattr(config, "layer_types", None) or ["full_attention"] * L
         self.rotary = model.model.rotary_emb
         self.typed_rotary = "layer_type" in inspect.signature(self.rotary.forward).parameters  # Gemma3's
-        forms = {_form(m) for m in model.modules() if type(m).__name__.endswith("RMSNorm")}
+        forms = {norm_form(m) for m in model.modules() if type(m).__name__.endswith("RMSNorm")}
         if None in forms or len(forms) != 1:
             raise ValueError("the fast decode path needs one known RMSNorm form")
         form = forms.pop()
         self.layers = []
         for block in model.model.layers:
             attn, mlp = block.self_attn, block.mlp
-            qkv, qkv_bias = _fuse(
-                _linears(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")), matvec is MatVec
-            )
-            gate_up, _ = _fuse(_linears(mlp, "gate_up_proj", ("gate_proj", "up_proj")), matvec is MatVec)
+            qkv, qkv_bias = fuse(linears(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")), matvec is MatVec)
+            gate_up, _ = fuse(linears(mlp, "gate_up_proj", ("gate_proj", "up_proj")), matvec is MatVec)
             gemma = hasattr(block, "pre_feedforward_layernorm")  # norms around both halves of the block
             self.layers.append(
-                _Layer(
+                Layer(
                     matvec(qkv),
                     qkv_bias,
                     matvec(attn.o_proj.weight.detach()),
                     matvec(gate_up),
                     matvec(mlp.down_proj.weight.detach()),
-                    _Norm(block.input_layernorm, form),
-                    _Norm(block.pre_feedforward_layernorm if gemma else block.post_attention_layernorm, form),
-                    _Norm(attn.q_norm, form) if hasattr(attn, "q_norm") else None,
-                    _Norm(attn.k_norm, form) if hasattr(attn, "k_norm") else None,
+                    Norm(block.input_layernorm, form),
+                    Norm(block.pre_feedforward_layernorm if gemma else block.post_attention_layernorm, form),
+                    Norm(attn.q_norm, form) if hasattr(attn, "q_norm") else None,
+                    Norm(attn.k_norm, form) if hasattr(attn, "k_norm") else None,
                     getattr(mlp, "act_fn", None) or mlp.activation_fn,
                     attn.scaling,
-                    _Norm(block.post_attention_layernorm, form) if gemma else None,
-                    _Norm(block.post_feedforward_layernorm, form) if gemma else None,
+                    Norm(block.post_attention_layernorm, form) if gemma else None,
+                    Norm(block.post_feedforward_layernorm, form) if gemma else None,
                 )
             )
         self.embed = model.model.embed_tokens
@@ -186,7 +103,7 @@ class Decoder:
         self.embed_scale = None if scale is None else scale.to(self.embed.weight.dtype)
         self.softcap = getattr(config, "attn_logit_softcapping", None)
         self.final_softcap = getattr(config, "final_logit_softcapping", None)
-        self.norm = _Norm(model.model.norm, form)
+        self.norm = Norm(model.model.norm, form)
         self.lm_head = matvec(model.lm_head.weight.detach())  # (V, E)
         self.native = self._native_step()
 
