@@ -191,3 +191,26 @@ def test_sampled_recompute_equals_streamed_recompute(model):
     picked = [1, 5, S + W, S + W + 1, S + W + 2, 40, N - 1]
     sampled = recompute_nll(model, ids, S + W, picked)
     assert (sampled - full[torch.tensor(picked) - 1]).abs().max() < 1e-4
+
+
+def test_recompute_windows_start_with_the_streams_bos(model, monkeypatch):
+    """A stream that starts with the model's BOS has every rebuilt window start with it, in place of the
+    window's oldest token, streamed and sampled alike; another stream's windows are plain."""
+    from torch.nn import functional as F
+
+    from streamllm.runtime.perplexity import recompute_nll, streaming_nll
+
+    monkeypatch.setattr(model.config, "bos_token_id", 3)
+    C, j = S + W, N - 1  # token j, predicted from the C + 1 tokens before it
+
+    def nll(window):
+        logits = model(input_ids=torch.tensor([window]), use_cache=False).logits[0, -1:]
+        return float(F.cross_entropy(logits, torch.tensor([ids[j]])))
+
+    ids = [3, *_ids(seed=8)[1:]]
+    streamed = streaming_nll(model, ids, StreamConfig(num_sinks=S, window=W, method="recompute")).nll
+    want = nll([3, *ids[j - C : j]])  # BOS in place of the oldest
+    assert abs(float(streamed[j - 1]) - want) < 1e-4
+    assert abs(float(recompute_nll(model, ids, C, [j])[0]) - want) < 1e-4
+    ids = [4, *ids[1:]]  # no BOS
+    assert abs(float(recompute_nll(model, ids, C, [j])[0]) - nll(ids[j - 1 - C : j])) < 1e-4

@@ -18,7 +18,7 @@ import torch
 
 from ..config import StreamConfig
 from ..sysinfo import current_rss_mb
-from .recompute import RECOMPUTE_BATCH_TOKENS
+from .recompute import RECOMPUTE_BATCH_TOKENS, window_prefix
 from .stream import Stream
 
 
@@ -153,12 +153,15 @@ def recompute_nll(
     cache_size: int,
     targets: Sequence[int],
     on_batch: Callable[[int], None] | None = None,
-    prefix: Sequence[int] = (),
+    prefix: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """NLL (len(targets),) of the tokens at stream indices ``targets`` (each >= 1) under sliding window with
     re-computation, the ``recompute`` method: token j is predicted from the ``cache_size + 1`` tokens before it
     (what token j - 1 sees when it is processed), rebuilt from scratch. For sampling a long stream.
-    ``prefix`` (a BOS token, say) starts every full window in place of its oldest tokens."""
+    ``prefix`` starts every full window in place of its oldest tokens; by default the stream's BOS, when it starts
+    with one (``recompute.window_prefix``), as ``--method recompute`` does."""
+    if prefix is None:
+        prefix = window_prefix(model, ids)
     out: dict[int, torch.Tensor] = {}
     full = [j for j in targets if j - 1 >= cache_size]
     for j in (j for j in targets if j - 1 < cache_size):  # the stream's start: shorter windows, one by one

@@ -3,6 +3,11 @@
 Token t is predicted from the ``cache_size`` tokens before it, rebuilt from scratch through the model, so its
 keys and values depend on where each window starts (unlike every cached policy). Windows are independent, so many
 run as one batch. It stands where a ``KVCache`` stands in a ``Stream``: it keeps the recent tokens instead.
+
+A stream that starts with the model's BOS token (as streams of BOS-trained models do, Gemma and the Llama 3
+family) has every rebuilt window start with it too, in place of the window's oldest token: each window is a new
+sequence to the model, and such a model leans on BOS as its attention sink. Without it, recompute is not the
+reference it is meant to be (Gemma-3-270m: 35.8 against sink's 18.9 at a cache of 128).
 """
 
 from __future__ import annotations
@@ -13,10 +18,18 @@ import torch
 RECOMPUTE_BATCH_TOKENS = 4096
 
 
+def window_prefix(model, ids) -> list[int]:
+    """``[BOS]`` when the stream ``ids`` starts with the model's BOS token, else ``[]``: what starts every
+    rebuilt window."""
+    bos = getattr(model.config, "bos_token_id", None)
+    return [bos] if isinstance(bos, int) and len(ids) > 0 and int(ids[0]) == bos else []
+
+
 class Recompute:
     def __init__(self, model, cache_size: int):
         self.model, self.cache_size = model, cache_size
         self.recent: list[int] = []  # the last cache_size tokens
+        self.prefix: list[int] = []  # starts every full window (``window_prefix`` of the stream)
         self.seen = 0
 
     def cache_length(self) -> int:
@@ -27,16 +40,23 @@ class Recompute:
         return 0
 
     def state_dict(self) -> dict:
-        return {"recent": torch.tensor(self.recent, dtype=torch.int32)}
+        return {
+            "recent": torch.tensor(self.recent, dtype=torch.int32),
+            "prefix": torch.tensor(self.prefix, dtype=torch.int32),
+        }
 
     def load_state_dict(self, state: dict, seen: int) -> None:
         self.recent = [int(t) for t in state["recent"].tolist()]
+        self.prefix = [int(t) for t in state["prefix"].tolist()] if "prefix" in state else []
         self.seen = seen
 
     @torch.no_grad()
     def forward(self, chunk: list[int], keep_all: bool) -> torch.Tensor:
         """Logits (T, V) of the new tokens (or only the last row), each from its own rebuilt window."""
         C = self.cache_size
+        if self.seen == 0:
+            self.prefix = window_prefix(self.model, chunk)
+        P = len(self.prefix)
         context = self.recent + chunk
         first = len(self.recent)  # index in context of the first new token
         wanted = range(first, len(context)) if keep_all else range(len(context) - 1, len(context))
@@ -51,7 +71,7 @@ class Recompute:
         per_batch = max(1, RECOMPUTE_BATCH_TOKENS // (C + 1))
         for b in range(0, len(full), per_batch):
             group = full[b : b + per_batch]
-            windows = torch.tensor([context[i - C : i + 1] for i in group])  # (b, C+1)
+            windows = torch.tensor([self.prefix + context[i - C + P : i + 1] for i in group])  # (b, C+1)
             logits = self.model(input_ids=windows, use_cache=False, logits_to_keep=1).logits[:, -1]  # (b, V)
             rows.update(dict(zip(group, logits, strict=True)))
         self.recent = context[-C:]

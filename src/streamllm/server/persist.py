@@ -84,8 +84,8 @@ def stream_tensors(stream: Stream) -> tuple[dict[str, torch.Tensor], list[dict],
     the stream's memory (a rollback) and in its file, up to what the last ``Memory.persist`` wrote."""
     tensors: dict[str, torch.Tensor] = {}
     layers: list[dict] = []
-    if isinstance(stream.cache, Recompute):  # recompute keeps only its recent tokens
-        tensors["recompute.recent"] = stream.cache.state_dict()["recent"]
+    if isinstance(stream.cache, Recompute):  # recompute keeps only its recent tokens (and its windows' BOS)
+        tensors |= {f"recompute.{name}": t for name, t in stream.cache.state_dict().items()}
         return tensors, layers, None
     state = stream.cache.state_dict()
     for i, layer in enumerate(state["layers"]):
@@ -112,7 +112,12 @@ def restore_stream(
     kept = stream.memory  # its blocks: what a rollback truncates
     stream.reset()
     if isinstance(stream.cache, Recompute):
-        stream.cache.load_state_dict({"recent": tensors["recompute.recent"]}, tokens_seen)
+        saved = {
+            name: tensors[f"recompute.{name}"]
+            for name in ("recent", "prefix")
+            if f"recompute.{name}" in tensors
+        }
+        stream.cache.load_state_dict(saved, tokens_seen)
         return
     device = next(stream.model.parameters()).device
     states = []
