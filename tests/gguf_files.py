@@ -33,6 +33,14 @@ def _pack_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return np.concatenate([low, mid, high], axis=1)
 
 
+def _nibbles(q: np.ndarray, width: int) -> np.ndarray:
+    """4-bit values q (n, 256) packed two to a byte as the K-quants lay them out: in each run of 2 * ``width``
+    values, the first ``width`` go to the low nibbles of ``width`` bytes and the next ``width`` to their high
+    nibbles. -> (n, 128) uint8"""
+    q = q.reshape(q.shape[0], -1, 2, width)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(q.shape[0], 128)
+
+
 def _affine_k(x: np.ndarray, levels: int):
     """Q4_K and Q5_K: blocks x (n, 256) as 8 groups of 32 on grids ``d*sc*q - dmin*m``. Like llama.cpp, each
     group's step is searched between its span / (levels - 1) and its span / (levels + 1) for the least squared
@@ -59,17 +67,13 @@ def _affine_k(x: np.ndarray, levels: int):
 
 def _q4_k(x: np.ndarray) -> np.ndarray:
     d, dmin, sc, m, q = _affine_k(x, 15)
-    n = x.shape[0]
-    q = q.reshape(n, 4, 2, 32)
-    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, 128)
+    qs = _nibbles(q, 32)
     return np.concatenate([d.view(np.uint8), dmin.view(np.uint8), _pack_scales(sc, m), qs], axis=1)
 
 
 def _q5_k(x: np.ndarray) -> np.ndarray:
     d, dmin, sc, m, q = _affine_k(x, 31)
-    n = x.shape[0]
-    low = (q & 0xF).reshape(n, 4, 2, 32)
-    qs = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(n, 128)
+    qs = _nibbles(q & 0xF, 32)
     bits = (q >> 4).astype(np.uint8)  # (n, 8, 32): the fifth bit of group j goes to bit j of qh
     qh = np.bitwise_or.reduce(bits << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)  # (n, 32)
     return np.concatenate([d.view(np.uint8), dmin.view(np.uint8), _pack_scales(sc, m), qh, qs], axis=1)
@@ -85,8 +89,7 @@ def _q6_k(x: np.ndarray) -> np.ndarray:
     step = (d32 * sc)[..., None]
     q = np.clip(np.round(g / np.where(step > 0, step, 1)), -32, 31).astype(np.int16) + 32  # (n, 16, 16)
     q = q.astype(np.uint8).reshape(n, 256)
-    low = (q & 0xF).reshape(n, 2, 2, 64)
-    ql = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(n, 128)
+    ql = _nibbles(q & 0xF, 64)
     high = (q >> 4).reshape(n, 2, 4, 32)
     qh = np.bitwise_or.reduce(high << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None], axis=2)
     return np.concatenate(

@@ -1,8 +1,8 @@
 """What a GGUF file holds, checked before transformers reads it, so that a file that cannot load is named with
 the reason in one line: not a GGUF file, cut short, or a quantization the ``gguf`` package cannot dequantize.
 
-transformers dequantizes every tensor of a GGUF file (through that package) into the dtype asked for; which
-quantizations a file mixes is then only a question of reading them, and ``summary`` says which ones it did.
+transformers dequantizes every tensor of a GGUF file (through that package) into the dtype asked for, so any
+mix of types the package reads loads; ``summary`` also says which types the file mixes.
 """
 
 from __future__ import annotations

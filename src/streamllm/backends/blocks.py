@@ -24,7 +24,7 @@ class Norm:
         weight = module.weight.detach()  # (N,)
         self.gemma = form == "gemma"
         self.weight = 1 + weight.float() if self.gemma else weight  # (N,)
-        self.eps = getattr(module, "variance_epsilon", None) or module.eps
+        self.eps = _eps(module)
         self.shape = tuple(weight.shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,10 +38,15 @@ class Norm:
         return self.weight * normed.to(x.dtype)
 
 
+def _eps(module: nn.Module) -> float | None:
+    """An RMSNorm's epsilon, under either of the names transformers gives it."""
+    return getattr(module, "variance_epsilon", None) or getattr(module, "eps", None)
+
+
 def norm_form(module: nn.Module) -> str | None:
     """Which RMSNorm ``module`` computes, found by running it: "llama", "gemma", or None for anything else."""
     weight = module.weight.detach()
-    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None)
+    eps = _eps(module)
     if eps is None:
         return None
     x = torch.linspace(-2, 3, weight.numel())  # (N,) float32

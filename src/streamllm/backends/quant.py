@@ -59,7 +59,7 @@ class Int4MatVec:
         w = weight.detach().float().view(N, K // self.GROUP, self.GROUP)  # (N, K/32, 32)
         fitted = [self._fit(w[r : r + self.ROWS]) for r in range(0, N, self.ROWS)]
         q, step, low = (torch.cat(parts) for parts in zip(*fitted, strict=True))
-        self.error = float((q * step[..., None] + low[..., None] - w).norm() / w.norm().clamp(min=1e-12))
+        self.error = self._error(w, q, step, low)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).view(N, K), 1)
         zero = low + 8 * step  # the kernel computes (q - 8) * scale + zero
         self.scale_zero = (
@@ -71,7 +71,11 @@ class Int4MatVec:
         """The fit's relative error on ``rows`` rows spread over ``weight``: a quick look before fitting it all."""
         pick = torch.linspace(0, weight.shape[0] - 1, min(rows, weight.shape[0])).long()
         w = weight[pick].detach().float().view(len(pick), -1, cls.GROUP)  # (rows, K/32, 32)
-        q, step, low = cls._fit(w)
+        return cls._error(w, *cls._fit(w))
+
+    @staticmethod
+    def _error(w: torch.Tensor, q: torch.Tensor, step: torch.Tensor, low: torch.Tensor) -> float:
+        """Relative Frobenius error of the grid ``low + q * step`` against the groups ``w`` (n, G, 32)."""
         return float((q * step[..., None] + low[..., None] - w).norm() / w.norm().clamp(min=1e-12))
 
     @staticmethod
