@@ -7,12 +7,17 @@ window this is the paper's layout, positions 0..n in cache order. Eviction is a 
 paper's rule or by a ``keep(position, seen)`` rule given for another policy. Nothing here shares code with the
 engine's storage, plans or attention; only ``rotate`` (itself checked against the model's own rotary) and the
 rotary frequencies read off the model are reused.
+
+Families whose attention is written in their own modules (BLOOM, MPT, Falcon) never reach the attention
+registry; ``cache_oracle_logits`` runs the same algorithm through a transformers ``Cache`` handed to the model's
+own code instead.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from streamllm.backends.arch import layer_inv_freqs, position_limit, rotary_order
 from streamllm.core.rotary import rotate
@@ -188,3 +193,79 @@ def oracle_logits(
         return torch.stack(rows)
     finally:
         model.set_attn_implementation(previous)
+
+
+class _TrimCache(Cache):
+    """The paper's algorithm for families whose attention is written in their own modules (BLOOM, MPT, Falcon),
+    run by that very code: each layer keeps a list of keys before rotary and their values; ``update`` appends the
+    new token's and returns them all rotated at their in-cache positions 0..n, and ``trim`` keeps the first
+    ``num_sinks`` and the last ``window`` after each token. An ALiBi model builds its bias over the n + 1 keys it
+    is handed, so it sees in-cache distances; a rotary model is handed the query at position n."""
+
+    def __init__(self, model, num_sinks: int, window: int):
+        self.inv_freqs = layer_inv_freqs(model)
+        self.num_sinks, self.window = num_sinks, window
+        self.keys: list[list[torch.Tensor]] = [[] for _ in self.inv_freqs]  # (B, Hkv, 1, D) each
+        self.values: list[list[torch.Tensor]] = [[] for _ in self.inv_freqs]
+        super().__init__(layers=[_ListLayer(self, i) for i in range(len(self.inv_freqs))])
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        n = len(self.keys[layer_idx])
+        inv_freq = self.inv_freqs[layer_idx]
+        self.keys[layer_idx].append(rotate(key_states.double(), torch.tensor([-n]), inv_freq))
+        self.values[layer_idx].append(value_states)
+        keys = torch.cat(self.keys[layer_idx], dim=2)  # (B, Hkv, n + 1, D)
+        return rotate(keys, torch.arange(n + 1), inv_freq).to(key_states.dtype), torch.cat(
+            self.values[layer_idx], dim=2
+        )
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return len(self.keys[layer_idx])
+
+    def trim(self) -> None:
+        S, W = self.num_sinks, self.window
+        for entries in (*self.keys, *self.values):
+            if len(entries) > S + W:
+                del entries[S : len(entries) - W]
+
+
+class _ListLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, owner: _TrimCache, idx: int):
+        super().__init__()
+        self.owner, self.idx = owner, idx
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.owner.update(key_states, value_states, self.idx)
+
+    def get_seq_length(self) -> int:
+        return self.owner.get_seq_length(self.idx)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+@torch.no_grad()
+def cache_oracle_logits(model, ids: list[int], num_sinks: int, window: int) -> torch.Tensor:
+    """Logits (N, V) of streaming ``ids`` token by token through the model's own attention code, with the
+    paper's cache (``_TrimCache``). The model must not be prepared (or its streamllm forwards stand aside, as
+    they do for a cache that is not streamllm's)."""
+    cache = _TrimCache(model, num_sinks, window)
+    rows = []
+    for tok in ids:
+        n = cache.get_seq_length()
+        out = model(
+            input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[n]]), cache=cache, use_cache=True
+        )
+        rows.append(out.logits[0, -1].float())
+        cache.trim()
+    return torch.stack(rows)

@@ -135,7 +135,14 @@ def test_a_cache_made_for_another_model_is_refused():
     ("config", "reason"),
     [
         (tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50), "learned absolute positions"),
-        (tf.BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=50), "ALiBi"),
+        (
+            tf.OPTConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=50),
+            "recompute",
+        ),
+        (
+            tf.GPTJConfig(n_layer=1, n_embd=32, n_head=2, vocab_size=50, rotary_dim=8),
+            "'gptj' is not supported",
+        ),
     ],
 )
 def test_unsupported_architectures_name_the_reason(config, reason):

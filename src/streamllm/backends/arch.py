@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import inline as _inline
+
 
 class UnsupportedModelError(ValueError):
     """The model cannot stream exactly with attention sinks."""
@@ -29,11 +31,14 @@ class Arch:
     rotary_pairs: bool = False
     # config -> which layers apply no rotary at all (SmolLM3, Cohere2's global layers): their keys never turn
     no_rope: Callable | None = None
+    # attention written out in the family's own modules, not through the registry (``inline.py``)
+    inline: _inline.Inline | None = None
 
 
 _ROPE = "RoPE decoder with transformers' rotate-half rotary"
 _LEARNED = "learned absolute positions: positions cannot be reassigned inside the cache, only recomputed (use --method recompute)"
-_ALIBI = "ALiBi attention bias is not supported yet"
+_ALIBI = "ALiBi bias from in-cache distances (nothing rotates)"
+_FALCON = "Falcon: rotary, or ALiBi from in-cache distances (alibi=True)"
 
 _PAIRS = "RoPE decoder with rotary on neighbouring dims (reordered to the halves form)"
 
@@ -80,8 +85,9 @@ ARCHITECTURES: dict[str, Arch] = {
     "gpt2": Arch("GPT-2", False, _LEARNED),
     "gpt_neo": Arch("GPT-Neo", False, _LEARNED),
     "opt": Arch("OPT", False, _LEARNED),
-    "bloom": Arch("BLOOM", False, _ALIBI),
-    "mpt": Arch("MPT", False, _ALIBI),
+    "bloom": Arch("BLOOM (ALiBi)", True, _ALIBI, inline=_inline.BLOOM),
+    "mpt": Arch("MPT (ALiBi)", True, _ALIBI, inline=_inline.MPT),
+    "falcon": Arch("Falcon (rotary or ALiBi)", True, _FALCON, inline=_inline.FALCON),
 }
 
 # Rope types with fixed frequencies: a shift is a pure rotation. The factor yarn and longrope apply to cos and sin
@@ -132,12 +138,22 @@ def _rope_parameter_sets(config) -> list[dict]:
     return [params]
 
 
+def alibi_slopes(config) -> torch.Tensor | None:
+    """An ALiBi model's slopes (H,): the bias per position of distance; None for every other model."""
+    arch = ARCHITECTURES.get(getattr(config, "model_type", None))
+    return None if arch is None or arch.inline is None else arch.inline.slopes(config)
+
+
 def layer_inv_freqs(model: nn.Module) -> list[torch.Tensor]:
-    """The rotary ``inv_freq`` of every decoder layer, read from the model's own rotary module."""
+    """The rotary ``inv_freq`` of every decoder layer, read from the model's own rotary module (zeros for an
+    ALiBi model: its keys never turn)."""
+    config = model.config
+    if alibi_slopes(config) is not None:
+        half = config.hidden_size // config.num_attention_heads // 2
+        return [torch.zeros(half, dtype=torch.float64) for _ in range(config.num_hidden_layers)]
     rotary = next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
     if rotary is None:
         raise UnsupportedModelError("the model has no rotary embedding module")
-    config = model.config
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     freqs = []
     arch = ARCHITECTURES.get(getattr(config, "model_type", None))

@@ -9,7 +9,11 @@ Both score blocks share one softmax, and the plan's ``visible`` mask makes a chu
 token-by-token streaming gives (``docs/design.md``). On the CPU the window block goes through torch's fused
 attention kernel, and the anchored keys join its softmax through the kernel's log-sum-exp: for a chunk over the
 stored and new keys together, for a single token over the stored keys in place (its own key joins like the
-anchored ones), so decoding copies no keys. Elsewhere, or with a soft cap, scores are explicit.
+anchored ones), so decoding copies no keys. Elsewhere, or with a soft cap, learned sinks or an ALiBi bias, scores
+are explicit, in float32.
+
+ALiBi models (``inline.py``) have no rotary: nothing turns, and each score gets ``-m_h * d``, with ``d`` the
+in-cache distance: from the query's text position to a window key's, from its anchor to an anchored key's.
 
 Letters: B batch, H heads, Hkv kv heads, G = H / Hkv, T new tokens, C stored slots, K = C + T keys, D head dim.
 """
@@ -20,8 +24,11 @@ from typing import NamedTuple
 
 import torch
 
+from ..core.cache import KVCache, NotPreparedError
 from ..core.plan import Plan
 from ..core.rotary import rotate
+
+TAG = "streamllm"  # the attribute a cache's ``update`` sets on the keys it returns: the stream(s) they belong to
 
 # Fused attention that also returns each row's log-sum-exp, so the anchored block can join the same softmax.
 FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -37,31 +44,59 @@ def attend(
     softcap: float | None = None,
     recalled: tuple[torch.Tensor, torch.Tensor] | None = None,
     sinks: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``query`` (B, H, T, D) over the ``stored`` keys and values (B, Hkv, C, D) (None before the
     first commit), the ``new`` ones (B, Hkv, T, D) and the ``recalled`` ones (B, Hkv, M, D) (from memory,
     rotated at in-cache positions, seen by every query from its anchor), as ``plan`` says. ``sinks``: a model's
-    learned sink logits (H,) (gpt-oss), one more softmax column per head with no value. -> (B, H, T, D)"""
+    learned sink logits (H,) (gpt-oss), one more softmax column per head with no value. ``alibi``: ALiBi slopes
+    (H,), the bias per position of in-cache distance (added to the scaled scores). -> (B, H, T, D)"""
     k_new, v_new = new
     B, H, T, D = query.shape
     G = H // k_new.shape[1]
     q_win = query.reshape(B, -1, G * T, D)  # (B, Hkv, G*T, D), query rows grouped per kv head: (g, t)
     q_anchor = None
-    if plan.turns or recalled is not None:
+    if alibi is None and (plan.turns or recalled is not None):
         q_anchor = rotate(query, plan.anchor_shift, inv_freq).reshape(B, -1, G * T, D)  # (B, Hkv, G*T, D)
-    fused = softcap is None and sinks is None and FLASH_CPU is not None and query.device.type == "cpu"
+    fused = (
+        softcap is None
+        and sinks is None
+        and alibi is None
+        and FLASH_CPU is not None
+        and query.device.type == "cpu"
+    )
     if fused and T > 1:
         out = _fused(plan, stored, k_new, v_new, q_win, q_anchor, scaling, recalled)
     elif fused and stored is not None:
         out = _fused_one(plan, stored, k_new, v_new, q_win, q_anchor, scaling, recalled)
     else:
-        out = _scores(plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap, recalled, sinks)
+        bias = None if alibi is None else _alibi_bias(plan, alibi, G, stored is not None)
+        out = _scores(plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap, recalled, sinks, bias)
     return out.reshape(B, H, T, D)
 
 
-def _scores(plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap, recalled=None, sinks=None):
-    """Explicit scores: stored, new and recalled key blocks (and learned sinks) share one float32 softmax.
-    Copies no keys."""
+def _alibi_bias(plan: Plan, slopes: torch.Tensor, G: int, with_stored: bool) -> torch.Tensor:
+    """The ALiBi bias of every query row (g, t) and key, -m_h * (in-cache distance), built once per plan for the
+    layers that share it. -> (Hkv, G*T, K) float32"""
+    key = ("alibi", id(slopes), G, with_stored)
+    if key not in plan.memo:
+        C = plan.key_pos.numel() - plan.text_pos.numel()
+        keys = plan.key_pos if with_stored else plan.key_pos[C:]  # (K,)
+        anchored = plan.anchored if with_stored else plan.anchored[C:]  # (K,)
+        anchor = plan.model_pos + plan.anchor_shift  # (T,) each query's in-cache position
+        dist = torch.where(
+            anchored[None, :], anchor[:, None] - keys[None, :], plan.text_pos[:, None] - keys[None, :]
+        )  # (T, K)
+        bias = -slopes.float()[:, None, None] * dist.float()  # (H, T, K), head h = kv head * G + g
+        plan.memo[key] = bias.reshape(-1, G * dist.shape[0], dist.shape[1])  # (Hkv, G*T, K)
+    return plan.memo[key]
+
+
+def _scores(
+    plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap, recalled=None, sinks=None, bias=None
+):
+    """Explicit scores: stored, new and recalled key blocks (and learned sinks) share one float32 softmax, with
+    an additive ``bias`` (Hkv, G*T, K) where given. Copies no keys."""
     T = plan.text_pos.numel()
     G = q_win.shape[2] // T
     C = plan.key_pos.numel() - T
@@ -73,6 +108,8 @@ def _scores(plan, stored, k_new, v_new, q_win, q_anchor, scaling, softcap, recal
     blocks.append(_block_scores(q_win, q_anchor, k_new, plan.anchored[C:]))  # (B, Hkv, G*T, T)
     values.append(v_new)
     scores = torch.cat(blocks, dim=-1).float() * scaling  # (B, Hkv, G*T, K)
+    if bias is not None:
+        scores = scores + bias
     if recalled is not None:
         scores = torch.cat([scores, (q_anchor @ recalled[0].transpose(-1, -2)).float() * scaling], dim=-1)
         values.append(recalled[1])
@@ -219,3 +256,60 @@ def _masks(plan: Plan, with_stored: bool, G: int, dtype: torch.dtype) -> _Masks:
         m = _Masks(bias(visible), None, None, None, None)
     plan.memo[key] = m
     return m
+
+
+def attend_layer(
+    cache: KVCache, layer_idx: int, query, key, value, scaling: float, softcap=None, sinks=None, alibi=None
+) -> torch.Tensor:
+    """One layer of one stream: attend as its plan says, then commit. query (B, H, T, D) -> (B, T, H, D)"""
+    if layer_idx >= len(cache.layers):
+        raise NotPreparedError(f"the cache was made for a model with {len(cache.layers)} layers")
+    if cache.plans is None:
+        raise NotPreparedError("the cache has no planned tokens; pass it through streamllm's forward")
+    store = cache.layers[layer_idx]
+    if store.keys is not None and store.keys.shape[1::2] != key.shape[1::2]:
+        raise NotPreparedError(
+            f"the cache was made for another model: keys of shape {tuple(store.keys.shape[1::2])} "
+            f"(kv heads, head dim), this model's are {tuple(key.shape[1::2])}"
+        )
+    stored = None if store.keys is None else (store.keys, store.values)
+    recalled = cache.recall(layer_idx, query)
+    out = attend(
+        cache.plans[layer_idx],
+        query,
+        stored,
+        (key, value),
+        store.inv_freq,
+        scaling,
+        softcap,
+        recalled,
+        sinks,
+        alibi,
+    )
+    cache.commit(layer_idx, key, value)
+    return out.transpose(1, 2).contiguous()
+
+
+def attend_tagged(
+    target, layer_idx: int, query, key, value, scaling: float, softcap=None, sinks=None, alibi=None
+):
+    """``attend_layer`` for one cache, or row by row for a sequence of caches (several streams, one row each,
+    ``batched.py``). query (R, H, T, D) -> (R, T, H, D)"""
+    if isinstance(target, KVCache):
+        return attend_layer(target, layer_idx, query, key, value, scaling, softcap, sinks, alibi)
+    return torch.cat(
+        [
+            attend_layer(
+                cache,
+                layer_idx,
+                query[r : r + 1],
+                key[r : r + 1],
+                value[r : r + 1],
+                scaling,
+                softcap,
+                sinks,
+                alibi,
+            )
+            for r, cache in enumerate(target)
+        ]
+    )

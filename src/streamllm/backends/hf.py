@@ -7,6 +7,9 @@ How the cache reaches the attention function, explicitly (no global state):
 - ``model.generate`` cannot be given extra arguments, so ``SinkCache.update``, which transformers calls in every
   layer just before attending, returns the new keys tagged with the cache (``key.streamllm``), and the attention
   function reads the tag off the ``key`` it is handed.
+- Families whose attention modules are written out in their own code (BLOOM, MPT, Falcon: ``inline.py``) take
+  the cache as an argument instead; ``forward`` hands them a ``Carrier``, whose ``update`` tags the keys as
+  ``SinkCache.update`` does.
 Either way the attention function looks up the layer's ``Plan``, attends (``attention.attend``) and commits. A
 forward pass that ends with a layer that did not attend through the cache (a model not prepared) is refused with
 ``NotPreparedError``.
@@ -31,17 +34,19 @@ from ..core.cache import Evicted, KVCache, NotPreparedError
 from ..core.memory import Memory
 from ..core.policy import Policy, SinkPolicy
 from .arch import (
+    ARCHITECTURES,
     UnsupportedModelError,
+    alibi_slopes,
     attention_modules,
     layer_inv_freqs,
     lookup,
     position_limit,
     rotary_order,
 )
-from .attention import attend
+from .attention import TAG, attend_tagged
+from .inline import install
 
 ATTENTION_NAME = "streamllm"
-TAG = "streamllm"  # the attribute ``SinkCache.update`` sets on the keys it returns
 ORDER = "streamllm_rotary_order"  # the attention module attribute ``prepare`` sets for ``arch.rotary_order``
 
 
@@ -55,7 +60,10 @@ def prepare(model: nn.Module) -> nn.Module:
     """Make ``model`` attend through streamllm caches. Idempotent; returns the model.
 
     Raises ``UnsupportedModelError`` naming the reason for architectures that cannot stream exactly."""
-    lookup(model.config)
+    arch = lookup(model.config)
+    if arch.inline is not None:  # no registry to go through: the modules' forwards take the cache
+        install(model, arch.inline, attention_modules(model))
+        return model
     register()
     if model.config._attn_implementation != ATTENTION_NAME:
         model.set_attn_implementation(ATTENTION_NAME)
@@ -63,6 +71,12 @@ def prepare(model: nn.Module) -> nn.Module:
     for module in attention_modules(model):
         setattr(module, ORDER, order)
     return model
+
+
+def _takes_cache(model: nn.Module) -> bool:
+    """Whether the model's attention modules take the cache as an argument (``inline.py``)."""
+    arch = ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    return arch is not None and arch.inline is not None
 
 
 def cache_for(
@@ -88,6 +102,10 @@ def cache_for(
     if config.memory is not None:
         if not isinstance(base, SinkPolicy) or base.text_positions:
             raise ValueError("memory needs the sink policy at in-cache positions")
+        if alibi_slopes(model.config) is not None:
+            raise UnsupportedModelError(
+                "memory places recalled tokens by rotary, and an ALiBi model has none: stream it without memory"
+            )
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -130,25 +148,7 @@ def streamllm_attention(module, query, key, value, attention_mask, scaling=None,
     order = getattr(module, ORDER, None)
     if order is not None:  # rotary on neighbouring dims: the same reordering of queries and keys keeps q . k
         query, key = query[..., order], key[..., order]
-    if isinstance(target, KVCache):
-        out = attend_layer(target, module.layer_idx, query, key, value, scaling, softcap, sinks)
-    else:  # several streams, one row each (``batched.py``)
-        out = torch.cat(
-            [
-                attend_layer(
-                    cache,
-                    module.layer_idx,
-                    query[r : r + 1],
-                    key[r : r + 1],
-                    value[r : r + 1],
-                    scaling,
-                    softcap,
-                    sinks,
-                )
-                for r, cache in enumerate(target)
-            ]
-        )
-    return out, None
+    return attend_tagged(target, module.layer_idx, query, key, value, scaling, softcap, sinks), None
 
 
 def _plain_explicit(query, key, value, mask, scaling: float, softcap, sinks) -> torch.Tensor:
@@ -173,29 +173,6 @@ def _plain_explicit(query, key, value, mask, scaling: float, softcap, sinks) -> 
     return (probs @ value).transpose(1, 2)
 
 
-def attend_layer(
-    cache: KVCache, layer_idx: int, query, key, value, scaling: float, softcap=None, sinks=None
-) -> torch.Tensor:
-    """One layer of one stream: attend as its plan says, then commit. query (B, H, T, D) -> (B, T, H, D)"""
-    if layer_idx >= len(cache.layers):
-        raise NotPreparedError(f"the cache was made for a model with {len(cache.layers)} layers")
-    if cache.plans is None:
-        raise NotPreparedError("the cache has no planned tokens; pass it through streamllm's forward")
-    store = cache.layers[layer_idx]
-    if store.keys is not None and store.keys.shape[1::2] != key.shape[1::2]:
-        raise NotPreparedError(
-            f"the cache was made for another model: keys of shape {tuple(store.keys.shape[1::2])} "
-            f"(kv heads, head dim), this model's are {tuple(key.shape[1::2])}"
-        )
-    stored = None if store.keys is None else (store.keys, store.values)
-    recalled = cache.recall(layer_idx, query)
-    out = attend(
-        cache.plans[layer_idx], query, stored, (key, value), store.inv_freq, scaling, softcap, recalled, sinks
-    )
-    cache.commit(layer_idx, key, value)
-    return out.transpose(1, 2).contiguous()
-
-
 @torch.no_grad()
 def forward(
     model: nn.Module, target: KVCache | Sequence[KVCache], ids: torch.Tensor, keep_all: bool = True
@@ -218,13 +195,16 @@ def _forward(model, target, ids, keep_all):
     caches = [target] if isinstance(target, KVCache) else list(target)
     for cache in caches:
         cache.plan(ids.shape[1])
+    route = (
+        {"cache": Carrier(target, len(caches[0].layers))} if _takes_cache(model) else {ATTENTION_NAME: target}
+    )
     try:
         out = model(
             input_ids=ids,
             position_ids=torch.cat([cache.position_ids() for cache in caches]),  # (R, T)
             use_cache=False,
             logits_to_keep=0 if keep_all else 1,
-            **{ATTENTION_NAME: target},
+            **route,
         )
     except BaseException:
         for cache in caches:
@@ -271,6 +251,51 @@ class _LayerView(CacheLayerMixin):
         pass
 
 
+class _NoPast(CacheLayerMixin):
+    """A layer of a ``Carrier``: no past tokens, so the model builds masks and biases for the new ones only."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        pass
+
+
+class Carrier(Cache):
+    """Carries the cache (or the caches, one per row) of one ``forward`` to attention modules that take the cache
+    as an argument (``inline.py``): ``update`` tags the keys with it. Whatever the model builds from the lengths
+    it reports (masks, ALiBi biases) covers the new tokens only, and streamllm's attention does not read it."""
+
+    tags_keys = True
+
+    def __init__(self, target: KVCache | Sequence[KVCache], num_layers: int):
+        self.target = target
+        super().__init__(layers=[_NoPast() for _ in range(num_layers)])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        setattr(key_states, TAG, self.target)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
 class SinkCache(Cache):
     """Drop-in attention-sink cache for ``model.generate`` in transformers 5, made for one (prepared) model::
 
@@ -279,6 +304,8 @@ class SinkCache(Cache):
 
     Reports the number of tokens seen as its sequence length, so ``generate`` hands the model text positions
     (this cache therefore never rebases). The stream's state is ``self.kv``."""
+
+    tags_keys = True  # families whose modules take the cache attend through it (``inline.py``)
 
     def __init__(
         self,
@@ -315,4 +342,13 @@ class SinkCache(Cache):
         return self.kv.cache_length()
 
 
-__all__ = ["Evicted", "NotPreparedError", "SinkCache", "cache_for", "forward", "prepare", "register"]
+__all__ = [
+    "Carrier",
+    "Evicted",
+    "NotPreparedError",
+    "SinkCache",
+    "cache_for",
+    "forward",
+    "prepare",
+    "register",
+]

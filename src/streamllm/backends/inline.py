@@ -1,0 +1,203 @@
+"""Families whose attention is written out in their own module code instead of going through transformers'
+attention registry: BLOOM, MPT and Falcon (its rotary configs and its ALiBi ones).
+
+``install`` gives each attention module of such a model a forward of the same signature that projects queries,
+keys and values with the module's own weights (and turns them with the model's own rotary cos and sin, where it
+has one), hands them to the streamllm cache the model was called with, and projects the result with the module's
+own output weights. Called with any other cache, or none, it runs the module's original forward, so a plain call
+is still the model's own. This is the one place streamllm replaces a forward: the registry offers no other way
+in for these families. ``uninstall`` puts the originals back.
+
+ALiBi (all of BLOOM and MPT, and Falcon with ``alibi=True``) adds ``-m_h * d`` to the score of a query and a key
+``d`` positions before it, with a fixed slope ``m_h`` per head and no rotary at all. Each family writes it as a
+bias on the key's absolute position, which the softmax makes the same thing. Under streaming, ``d`` is the
+in-cache distance, as the paper does for MPT (``docs/design.md``): the text distance to a window key, the distance
+from the query's anchor to an anchored one.
+
+Letters: B batch, H heads, Hkv kv heads, T new tokens, D head dim, E hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import MethodType
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..core.rotary import rotate_half
+from .attention import TAG, attend_tagged
+
+ORIGINAL = "streamllm_original_forward"  # the module attribute that keeps the forward ``install`` replaced
+SLOPES = "streamllm_alibi"  # the module attribute holding the ALiBi slopes (H,), or None
+
+
+@dataclass(frozen=True)
+class Inline:
+    forward: Callable  # the replacement forward, with the module's own signature
+    slopes: Callable[
+        [object], torch.Tensor | None
+    ]  # config -> per-head bias per position of distance, or None
+
+
+def streams(cache) -> bool:
+    """Whether ``cache`` is one streamllm hands these modules (``hf.Carrier``, ``hf.SinkCache``)."""
+    return getattr(cache, "tags_keys", False)
+
+
+def install(model: nn.Module, inline: Inline, modules: list[nn.Module]) -> None:
+    """Give each attention module in ``modules`` the family's forward (idempotent)."""
+    slopes = inline.slopes(model.config)
+    for module in modules:
+        if not hasattr(module, ORIGINAL):
+            setattr(module, ORIGINAL, module.forward)
+        module.forward = MethodType(inline.forward, module)
+        setattr(module, SLOPES, slopes)
+
+
+def uninstall(modules: list[nn.Module]) -> None:
+    """Put back the forwards ``install`` replaced."""
+    for module in modules:
+        if hasattr(module, ORIGINAL):
+            del module.forward  # the instance attribute: the class's forward shows again
+            delattr(module, ORIGINAL)
+            delattr(module, SLOPES)
+
+
+def _attend(module, cache, query, key, value, scaling: float) -> torch.Tensor:
+    """query (B, H, T, D), key and value (B, Hkv, T, D) -> (B, T, H*D) through the cache's plan."""
+    B, _, T, _ = query.shape
+    key, value = cache.update(key, value, module.layer_idx)  # plans at the first layer, tags the keys
+    target = getattr(key, TAG)
+    out = attend_tagged(target, module.layer_idx, query, key, value, scaling, alibi=getattr(module, SLOPES))
+    return out.reshape(B, T, -1)  # (B, T, H*D)
+
+
+# -- ALiBi slopes -------------------------------------------------------------------------------------------------
+def _geometric(n: int) -> torch.Tensor:
+    """ALiBi's slopes for n heads (Press et al., 2022): 2^(-8 i / n) for i = 1..n when n is a power of two;
+    otherwise those of the power of two below n, then every other slope of the one above. -> (n,) float32"""
+    p = 2 ** math.floor(math.log2(n))
+    slopes = [2 ** (-8 * i / p) for i in range(1, p + 1)]
+    slopes += [2 ** (-8 * (2 * i - 1) / (2 * p)) for i in range(1, n - p + 1)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def _bloom_slopes(config) -> torch.Tensor:
+    return _geometric(config.num_attention_heads)
+
+
+def _mpt_slopes(config) -> torch.Tensor:
+    """MPT's variant: the power of two at or above n heads, ``alibi_bias_max`` in place of 8, the odd slopes first."""
+    n = config.num_attention_heads
+    p = 2 ** math.ceil(math.log2(n))
+    bias_max = config.attn_config.alibi_bias_max
+    slopes = torch.tensor([2 ** (-i * bias_max / p) for i in range(1, p + 1)], dtype=torch.float32)  # (p,)
+    if p != n:
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:n]  # (n,)
+    return slopes
+
+
+def _falcon_slopes(config) -> torch.Tensor | None:
+    """Falcon rounds BLOOM's slopes to bfloat16 and adds the bias to the scaled scores, divided by sqrt(D)."""
+    if not config.alibi:
+        return None
+    D = config.hidden_size // config.num_attention_heads
+    return _geometric(config.num_attention_heads).bfloat16().float() / math.sqrt(D)
+
+
+# -- the families' forwards ---------------------------------------------------------------------------------------
+def _bloom_forward(
+    self,
+    hidden_states,
+    residual,
+    alibi,
+    attention_mask,
+    layer_past=None,
+    use_cache=False,
+    output_attentions=False,
+    **kwargs,
+):
+    if not streams(layer_past):
+        original = getattr(self, ORIGINAL)
+        return original(
+            hidden_states,
+            residual,
+            alibi,
+            attention_mask,
+            layer_past=layer_past,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            **kwargs,
+        )
+    B, T, _ = hidden_states.shape
+    qkv = self.query_key_value(hidden_states).view(B, T, self.num_heads, 3, self.head_dim)  # (B, T, H, 3, D)
+    q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, T, D) each
+    out = self.dense(_attend(self, layer_past, q, k, v, self.inv_norm_factor))  # (B, T, E)
+    return residual + F.dropout(out, p=self.hidden_dropout, training=self.training), None
+
+
+def _mpt_forward(self, hidden_states, position_bias, cache=None, attention_mask=None, **kwargs):
+    if not streams(cache):
+        original = getattr(self, ORIGINAL)
+        return original(hidden_states, position_bias, cache=cache, attention_mask=attention_mask, **kwargs)
+    B, T, _ = hidden_states.shape
+    qkv = self.Wqkv(hidden_states)  # (B, T, 3E)
+    if self.clip_qkv:
+        qkv = qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
+    q, k, v = (x.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2) for x in qkv.chunk(3, dim=2))
+    return self.out_proj(_attend(self, cache, q, k, v, self.softmax_scale)), None  # (B, T, E)
+
+
+def _falcon_forward(
+    self,
+    hidden_states,
+    alibi,
+    attention_mask,
+    position_ids=None,
+    layer_past=None,
+    use_cache=False,
+    output_attentions=False,
+    position_embeddings=None,
+    **kwargs,
+):
+    if not streams(layer_past):
+        original = getattr(self, ORIGINAL)
+        return original(
+            hidden_states,
+            alibi,
+            attention_mask,
+            position_ids=position_ids,
+            layer_past=layer_past,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+    B, T, _ = hidden_states.shape
+    H, D = self.num_heads, self.head_dim
+    qkv = self.query_key_value(hidden_states)  # (B, T, (H + 2 Hkv) D)
+    if self.new_decoder_architecture:  # per kv head: its G queries, then its key and its value
+        qkv = qkv.view(B, T, self.num_kv_heads, -1, D)  # (B, T, Hkv, G + 2, D)
+        q, k, v = qkv[:, :, :, :-2].reshape(B, T, H, D), qkv[:, :, :, -2], qkv[:, :, :, -1]
+    elif self.multi_query:  # H queries, then one key and one value
+        qkv = qkv.view(B, T, H + 2, D)
+        q, k, v = qkv[:, :, :H], qkv[:, :, H:-1], qkv[:, :, -1:]
+    else:
+        qkv = qkv.view(B, T, H, 3, D)
+        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D) twice
+    if (
+        getattr(self, SLOPES) is None
+    ):  # rotary: the model's own cos and sin at the positions streamllm handed it
+        cos, sin = (x.unsqueeze(1) for x in position_embeddings)  # (B, 1, T, D)
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return self.dense(_attend(self, layer_past, q, k, v, self.inv_norm_factor)), None  # (B, T, E)
+
+
+BLOOM = Inline(_bloom_forward, _bloom_slopes)
+MPT = Inline(_mpt_forward, _mpt_slopes)
+FALCON = Inline(_falcon_forward, _falcon_slopes)
