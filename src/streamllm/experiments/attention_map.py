@@ -39,7 +39,7 @@ def attention_map(ctx: Context) -> Report:
         rows.append(
             (layer, float(q[..., 0].mean()), float(q[..., :4].sum(-1).mean()), float(q[..., -1:].mean()))
         )
-    shown = sorted({0, 1, 2, len(probs) // 2, len(probs) - 1})
+    shown = sorted({0, 1, 2, len(probs) // 2, len(probs) - 1} & set(range(len(probs))))
     fig, axes = figure(1, len(shown) + 1, size=(3.2 * (len(shown) + 1), 3.4))
     for ax, layer in zip(axes[0], shown, strict=False):
         ax.imshow(maps[layer].clamp(min=1e-3).log10(), cmap="viridis", vmin=-3, vmax=0)

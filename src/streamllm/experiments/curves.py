@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import torch
 
+from ..backends.arch import alibi_slopes
 from ..config import MemoryConfig, StreamConfig
 from ..runtime.perplexity import iter_nll, recompute_nll, streaming_nll
 from ..sysinfo import current_rss_mb
@@ -73,8 +74,10 @@ def methods(ctx: Context) -> Report:
     curves, nlls = {}, {}
     for method in ("dense", "window", "sink"):
         nlls[method] = nll_curve(ctx, ids, StreamConfig(num_sinks=4, window=window, method=method), method)
-    memory = ctx.memory_or(MemoryConfig(block_size=16) if ctx.quick else MemoryConfig())
-    nlls["sink + memory"] = nll_curve(ctx, ids, replace(sink, memory=memory), "sink + memory")
+    rotary = alibi_slopes(ctx.model.config) is None  # memory places what it recalls by rotary
+    if rotary:
+        memory = ctx.memory_or(MemoryConfig(block_size=16) if ctx.quick else MemoryConfig())
+        nlls["sink + memory"] = nll_curve(ctx, ids, replace(sink, memory=memory), "sink + memory")
     # Recompute costs a forward of cache_size + 1 tokens per token: it is scored on every stride-th token.
     sample = list(range(stride, len(ids), stride))
     with ctx.progress(len(sample), "recompute") as bar:
@@ -106,6 +109,10 @@ def methods(ctx: Context) -> Report:
         csv_rows,
     )
     report.sections.append(table(header, rows))
+    if not rotary:
+        report.sections.append(
+            "No sink + memory row: memory places recalled tokens by rotary, and ALiBi has none."
+        )
     report.sections.append(
         f"Recompute rebuilds a {sink.cache_size + 1}-token window for every token it scores, so it is scored on "
         f"every {stride}th token; the third column scores every method on those same tokens."
