@@ -100,7 +100,8 @@ def methods(ctx: Context) -> Report:
     rec_past = rec[torch.tensor(sample) > limit] if limit else rec[:0]
     rows.append(("recompute", "-", ppl(rec), ppl(rec_past) if rec_past.numel() else "-"))
     csv_rows = [(m, a, b, f"{y:.5f}") for m, c in curves.items() for a, b, y in c]
-    header = ("method", "perplexity, all tokens", f"on every {stride}th token", f"past token {limit}")
+    past = f"past token {limit}" if limit else "past its context (none known)"
+    header = ("method", "perplexity, all tokens", f"on every {stride}th token", past)
     report = Report(
         "methods",
         f"Methods: dense, window, recompute, sink ({len(ids)} tokens, cache {sink.cache_size})",
