@@ -42,6 +42,8 @@ class BuiltinModel:
     sha256: str  # of the joined (or assembled) GGUF, checked before conversion
     license: str
     size: str  # parameters and the download
+    weights: str  # the published file's quantization
+    decode: str  # the default decode path: the faster of int4 and fast, measured (``defaults.py``)
 
 
 BUILTINS: dict[str, BuiltinModel] = {
@@ -55,6 +57,8 @@ BUILTINS: dict[str, BuiltinModel] = {
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             "Apache-2.0",
             "135M parameters, 93 MB download",
+            "Q4_1",
+            "int4",
         ),
         BuiltinModel(
             "qwen2.5-coder-0.5b",
@@ -64,6 +68,8 @@ BUILTINS: dict[str, BuiltinModel] = {
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             "Apache-2.0",
             "0.49B parameters, 478 MB download",
+            "QWEN_WEIGHTS",
+            "QWEN_DECODE",
         ),
         BuiltinModel(
             "gemma3-270m",
@@ -73,6 +79,8 @@ BUILTINS: dict[str, BuiltinModel] = {
             "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             "Gemma terms of use",
             "270M parameters, 245 MB download",
+            "Q4_K_M",
+            "fast",
         ),
     )
 }

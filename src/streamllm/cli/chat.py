@@ -19,6 +19,8 @@ from .common import (
     InputError,
     load,
     memory_line,
+    path_choice,
+    path_line,
     read_text,
     sampling,
     sampling_args,
@@ -154,7 +156,7 @@ class StopOnInterrupt:
         signal.signal(signal.SIGINT, self._previous)
 
 
-def _stats(session, config) -> str:
+def _stats(session, config, choice) -> str:
     s = session.sampling
     shape = (
         "greedy" if s.temperature == 0 else f"temperature {s.temperature}, top-p {s.top_p}, top-k {s.top_k}"
@@ -162,7 +164,8 @@ def _stats(session, config) -> str:
     return (
         f"[turns {session.turns}, streamed {session.stream.tokens_seen} tokens, cache "
         f"{session.stream.cache_length}/{config.cache_size}, sampling {shape}, repetition penalty "
-        f"{s.repetition_penalty}, RSS {current_rss_mb():.0f} MB{memory_line(session.stream)}]"
+        f"{s.repetition_penalty}, RSS {current_rss_mb():.0f} MB, {path_line(session.stream, choice)}"
+        f"{memory_line(session.stream)}]"
     )
 
 
@@ -219,7 +222,7 @@ def run(args) -> int:
                 print("[conversation reset]")
                 continue
             if command == "/stats":
-                print(_stats(session, config))
+                print(_stats(session, config, path_choice(args)))
                 continue
             if command.startswith("/") and " " not in command:
                 print(f"unknown command {command}; /help lists them")

@@ -19,6 +19,7 @@ from ..config import (
 )
 from ..core.memory import MemoryFileError
 from ..data import DataError
+from ..defaults import Choice, choose
 from ..models import BUILTINS, DEFAULT_MODEL, DTYPES, ModelError, is_pulled, pull
 
 
@@ -53,9 +54,17 @@ def int_at_least(minimum: int):
 positive, non_negative = int_at_least(1), int_at_least(0)
 
 
-def model_args(p: argparse.ArgumentParser) -> None:
+def model_args(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="built-in name, HF folder, .gguf file or hub id")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument(
+        "--dtype",
+        choices=["auto", *sorted(DTYPES)],
+        default=dtype,
+        help=f"weights and activations (default {dtype}; auto: bfloat16 where this CPU has it natively)",
+    )
+    p.add_argument(
+        "--exact", action="store_true", help="float32 and the exact fast path: the reference for comparisons"
+    )
     p.add_argument("--threads", type=positive, default=None, help="torch CPU threads")
 
 
@@ -73,9 +82,10 @@ def stream_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--decode",
-        choices=DECODE_MODES,
-        default="fast",
-        help="single tokens: fast path (exact), fast path on 4-bit weights, or transformers' forward",
+        choices=["auto", *DECODE_MODES],
+        default="auto",
+        help="single tokens: fast path (exact), fast path on 4-bit weights, or transformers' forward (default "
+        "auto: int4 where the published weights are 4-bit and it measured faster, else fast)",
     )
     p.add_argument(
         "--no-bos",
@@ -154,6 +164,17 @@ def memory_config(args) -> MemoryConfig | None:
     return MemoryConfig(**given)
 
 
+def path_choice(args) -> Choice:
+    """The dtype and decode path the options ask for, "auto" resolved for this model and CPU (``defaults.py``);
+    worked out once per command."""
+    if getattr(args, "choice", None) is None:
+        decode = getattr(args, "decode", "auto")
+        if args.exact and (args.dtype not in ("auto", "float32") or decode not in ("auto", "fast")):
+            raise InputError("--exact means float32 and the fast path; leave out --dtype and --decode")
+        args.choice = choose(args.model, args.dtype, decode, args.exact)
+    return args.choice
+
+
 def stream_config(args) -> StreamConfig:
     return StreamConfig(
         num_sinks=args.num_sinks,
@@ -161,9 +182,19 @@ def stream_config(args) -> StreamConfig:
         method=args.method,
         chunk_size=args.chunk_size,
         positions=args.positions,
-        decode=args.decode,
+        decode=path_choice(args).decode,
         memory=memory_config(args),
     )
+
+
+def path_info(stream, choice: Choice) -> dict:
+    """What produced a figure: the dtype, the decode path the stream really takes, and why they were chosen."""
+    return {"dtype": choice.dtype, "decode": stream.decode_path, "why": choice.why}
+
+
+def path_line(stream, choice: Choice) -> str:
+    """``path_info`` for a one-line summary."""
+    return f"{choice.dtype}, {stream.decode_path} decode ({choice.why})"
 
 
 def memory_stats(stream) -> dict | None:
@@ -196,7 +227,7 @@ def load(args):
         hf_logging.disable_progress_bar()
     if args.model in BUILTINS and not is_pulled(args.model):
         pull(args.model, progress=lambda msg: print(f"[streamllm] {msg}", file=sys.stderr))
-    return load_model(args.model, args.dtype)
+    return load_model(args.model, path_choice(args).dtype)
 
 
 def read_text(path: Path) -> str:

@@ -9,7 +9,7 @@ import time
 from ..runtime.chat import ChatSession
 from ..runtime.generate import Sampling
 from ..sysinfo import current_rss_mb
-from .common import load, positive, stream_args, stream_config
+from .common import load, path_choice, path_line, positive, stream_args, stream_config
 
 PROMPTS = [
     "Tell me a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -40,7 +40,8 @@ def run(args) -> int:
     cap = config.cache_size
     print(
         f"[demo] {config.method} cache {config.num_sinks}+{config.window} = {cap} tokens; streaming "
-        f"{args.tokens} tokens (about {args.tokens / cap:.0f}x the cache) through an endless chat\n",
+        f"{args.tokens} tokens (about {args.tokens / cap:.0f}x the cache) through an endless chat; "
+        f"{path_line(session.stream, path_choice(args))}\n",
         file=sys.stderr,
     )
     rows = []

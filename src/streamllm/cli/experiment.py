@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
         action="store_false",
         help="do not start streams with BOS (by default they do when the tokenizer adds one)",
     )
-    model_args(e)
+    model_args(e, dtype="float32")  # published figures reproduce on any CPU
     memory_args(e)
     e.set_defaults(run=run)
 

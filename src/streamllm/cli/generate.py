@@ -5,7 +5,17 @@ from __future__ import annotations
 import sys
 
 from ..sysinfo import peak_rss_mb
-from .common import InputError, load, memory_line, sampling, sampling_args, stream_args, stream_config
+from .common import (
+    InputError,
+    load,
+    memory_line,
+    path_choice,
+    path_line,
+    sampling,
+    sampling_args,
+    stream_args,
+    stream_config,
+)
 
 
 def add_parser(sub) -> None:
@@ -40,8 +50,8 @@ def run(args) -> int:
     if args.stats and last:
         print(
             f"[{last.generated} tokens, {last.tok_per_s:.1f} tok/s, cache {last.cache_length}/{config.cache_size}, "
-            f"{last.tokens_seen} streamed, finish={last.finish_reason}, peak RSS {peak_rss_mb():.0f} MB"
-            f"{memory_line(stream)}]",
+            f"{last.tokens_seen} streamed, finish={last.finish_reason}, peak RSS {peak_rss_mb():.0f} MB, "
+            f"{path_line(stream, path_choice(args))}{memory_line(stream)}]",
             file=sys.stderr,
         )
     return 0

@@ -13,6 +13,9 @@ from .common import (
     memory_line,
     memory_stats,
     output_file,
+    path_choice,
+    path_info,
+    path_line,
     positive,
     read_text,
     stream_args,
@@ -66,12 +69,14 @@ def run(args) -> int:
         "tok_per_s": round(result.tok_per_s, 2),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "memory": memory_stats(stream),
+        "path": path_info(stream, path_choice(args)),
     }
     if args.json:
         print(json.dumps(summary))
     else:
         print(
             f"perplexity {result.ppl:.3f} over {len(ids)} tokens ({config.method}, {config.num_sinks}+{config.window}), "
-            f"{result.tok_per_s:.1f} tok/s, peak RSS {summary['peak_rss_mb']} MB{memory_line(stream)}"
+            f"{result.tok_per_s:.1f} tok/s, peak RSS {summary['peak_rss_mb']} MB, "
+            f"{path_line(stream, path_choice(args))}{memory_line(stream)}"
         )
     return 0

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from .common import (
     InputError,
     int_at_least,
     load,
+    path_choice,
     positive,
     read_text,
     stream_args,
@@ -70,6 +72,7 @@ def _api_keys(args) -> tuple[str, ...]:
 
 
 def run(args) -> int:
+    from ..backends.arch import lookup
     from ..server import ServerConfig, serve
 
     config = ServerConfig(
@@ -95,5 +98,8 @@ def run(args) -> int:
             "listening on %s without --api-key: anyone who can reach it can use it", args.host
         )
     model, tokenizer = load(args)
+    choice = path_choice(args)
+    taken = choice.decode if lookup(model.config).fast_decode else "transformers"  # as ``Stream`` does
+    config = replace(config, path=choice.as_dict() | {"decode": taken})
     serve(model, tokenizer, config, args.host, args.port, log_level="debug" if args.verbose else "info")
     return 0

@@ -55,6 +55,12 @@ class Stream:
             )
 
     @property
+    def decode_path(self) -> str:
+        """The path single tokens really take: ``config.decode``, or transformers' forward where the model has no
+        fast step (or the method rebuilds every window)."""
+        return self.config.decode if self.decoder is not None else "transformers"
+
+    @property
     def tokens_seen(self) -> int:
         return self.cache.seen
 

@@ -41,6 +41,7 @@ class ServerConfig:
     request_timeout_s: float = 600.0
     batch_decode: int = 1
     bos: bool = True  # a session's first text starts with BOS when the tokenizer adds one
+    path: dict | None = None  # the dtype and decode path chosen for the model, and why (``defaults.Choice``)
 
     def __post_init__(self) -> None:
         if not self.model_id:

@@ -85,7 +85,7 @@ class Api:
 
     # -- simple endpoints ------------------------------------------------------------------------------------------
     async def health(self) -> dict:
-        return {"status": "ok", "model": self.config.model_id}
+        return {"status": "ok", "model": self.config.model_id, "path": self.config.path}
 
     def _model_card(self) -> dict:
         return {
@@ -93,6 +93,7 @@ class Api:
             "object": "model",
             "created": self.created,
             "owned_by": "streamllm",
+            "path": self.config.path,
         }
 
     async def models(self) -> dict:
