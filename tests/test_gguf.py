@@ -137,3 +137,17 @@ def test_bad_gguf_files_are_named(written, tmp_path):
         with pytest.raises(ModelError, match=needle):
             load_model(str(path))
     assert_one_line_error(run("generate", "--prompt", "hi", "--model", str(truncated)), "is truncated")
+
+
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_default_decode_follows_the_files_four_bit_share(written, mix):
+    """``--decode auto`` on a GGUF file: int4 where most of its matrix weights are in a 4-bit type."""
+    from streamllm.defaults import FOUR_BIT, INT4_SHARE, choose, four_bit_share
+
+    path, types = written[1][mix]
+    sizes = {t.name: int(np.prod(t.shape)) for t in gguf.GGUFReader(path).tensors if len(t.shape) == 2}
+    four = sum(n for name, n in sizes.items() if types[name].name in FOUR_BIT)
+    share = four_bit_share(path)
+    assert share == pytest.approx(four / sum(sizes.values()))
+    assert (share > 0) == (mix == "Q4_K_M")
+    assert choose(str(path), flags=set()).decode == ("int4" if share >= INT4_SHARE else "fast")

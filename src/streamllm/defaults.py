@@ -5,7 +5,8 @@ CPU. The rule comes from the side-by-side measurements in ``docs/performance.md`
 - **dtype**: bfloat16 where the CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX on x86, the BF16
   extension on Arm); float32 elsewhere, where bfloat16 would be converted in software and run slower.
 - **decode**: ``int4`` where the published weights are 4-bit and the 4-bit step measured faster: the built-ins
-  say so each (``BuiltinModel.decode``), and a GGUF file qualifies when at least ``INT4_SHARE`` of its matrix
+  say so each, per dtype (``BuiltinModel.decode``: Gemma-3-270m, whose file keeps only some matrices in 4 bits,
+  decodes faster on its exact step in bfloat16 and on the 4-bit one in float32), and a GGUF file qualifies when at least ``INT4_SHARE`` of its matrix
   weights are in a 4-bit type the step keeps as they are. Then the step multiplies by the published weights
   themselves, not an approximation of them. ``fast`` otherwise: exact, on the model's own weights.
 - ``--exact`` asks for float32 and the fast path: the reference, exact against transformers' float32 forward.
@@ -90,17 +91,17 @@ def choose(
         dtype = "bfloat16" if flag else "float32"
         why.append(f"auto: {flag} on this CPU" if flag else "auto: no native bfloat16 on this CPU")
     if decode in (None, "auto"):
-        decode, reason = _decode_for(model, BUILTINS)
+        decode, reason = _decode_for(model, BUILTINS, dtype)
         why.append(f"auto: {reason}")
     return Choice(dtype, decode, "; ".join(why) or "as asked")
 
 
-def _decode_for(model: str, builtins: dict) -> tuple[str, str]:
+def _decode_for(model: str, builtins: dict, dtype: str) -> tuple[str, str]:
     if model in builtins:
         entry = builtins[model]
-        if entry.decode == "int4":
-            return "int4", f"published in {entry.weights}, 4-bit step measured faster"
-        return entry.decode, f"published in {entry.weights}, exact step measured faster"
+        decode = entry.decode.get(dtype, "fast")
+        faster = "4-bit step" if decode == "int4" else "exact step"
+        return decode, f"published in {entry.weights}, its {faster} measured faster in {dtype}"
     path = Path(model).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         try:

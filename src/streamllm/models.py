@@ -43,7 +43,9 @@ class BuiltinModel:
     license: str
     size: str  # parameters and the download
     weights: str  # the published file's quantization
-    decode: str  # the default decode path: the faster of int4 and fast, measured (``defaults.py``)
+    decode: dict[
+        str, str
+    ]  # per dtype, the faster of "int4" and "fast" as measured: the default (``defaults.py``)
 
 
 BUILTINS: dict[str, BuiltinModel] = {
@@ -58,7 +60,7 @@ BUILTINS: dict[str, BuiltinModel] = {
             "Apache-2.0",
             "135M parameters, 93 MB download",
             "Q4_1",
-            "int4",
+            {"bfloat16": "int4", "float32": "int4"},
         ),
         BuiltinModel(
             "qwen2.5-coder-0.5b",
@@ -68,8 +70,8 @@ BUILTINS: dict[str, BuiltinModel] = {
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             "Apache-2.0",
             "0.49B parameters, 478 MB download",
-            "QWEN_WEIGHTS",
-            "QWEN_DECODE",
+            "Q4_K_M",
+            {"bfloat16": "int4", "float32": "int4"},
         ),
         BuiltinModel(
             "gemma3-270m",
@@ -80,7 +82,10 @@ BUILTINS: dict[str, BuiltinModel] = {
             "Gemma terms of use",
             "270M parameters, 245 MB download",
             "Q4_K_M",
-            "fast",
+            {
+                "bfloat16": "fast",
+                "float32": "int4",
+            },  # only its output and half its down projections are 4-bit
         ),
     )
 }
