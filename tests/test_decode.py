@@ -1,7 +1,11 @@
 """The fast decode path (``decode.Decoder``) against transformers' forward on the same cache, and against the oracle."""
 
 import dataclasses
+import os
+import platform
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -229,3 +233,29 @@ def test_native_matrix_products(kernels, dtype, shape):
         assert got.shape == (rows, shape[0]) and got.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         assert (got.float() - want).abs().max() <= tol * want.abs().max()
+
+
+OTHER_CPUS = {  # flags after -march=native -> the code paths such a CPU compiles
+    "avx512-without-bf16": ("-mno-avx512bf16", "portable,avx512f"),
+    "avx2-only": ("-march=x86-64-v3", "portable"),
+}
+
+
+@pytest.mark.parametrize("cpu", list(OTHER_CPUS))
+def test_native_step_as_other_cpus_build_it(kernels, cpu, tmp_path):
+    """The native step built as a CPU without AVX-512 BF16, and as one without AVX-512 at all (its portable loops,
+    which Arm compiles too), passes the native tests against the Python step. Each build takes about a minute."""
+    if platform.machine() != "x86_64" or "avx512f" not in kernels.compiled_for():
+        pytest.skip("these variants are built on an x86 CPU with AVX-512")
+    flags, paths = OTHER_CPUS[cpu]
+    env = dict(os.environ, STREAMLLM_NATIVE_FLAGS=flags)
+    probe = "from streamllm.backends import native; print(native.kernels().compiled_for())"
+    built = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert built.returncode == 0 and built.stdout.split() == [paths], built.stderr[-2000:]
+    tests = "native and not other_cpus"
+    run = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests]
+    result = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]

@@ -414,7 +414,20 @@ class Step {
 
 }  // namespace
 
+// The code paths this build compiled: the portable loops always, the AVX-512 ones where the target CPU has them.
+std::string compiled_for() {
+  std::string paths = "portable";
+#if defined(__AVX512F__)
+  paths += ",avx512f";
+#endif
+#if defined(__AVX512BF16__)
+  paths += ",avx512bf16";
+#endif
+  return paths;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("compiled_for", &compiled_for, "the code paths this build compiled, comma-separated");
   m.def("matmul", [](const at::Tensor& W, const at::Tensor& x) { return Matrix{0, W, at::Tensor()}(x); },
         "x W^T for rows x (R, K), as the native step computes it with the model's own weights");
   pybind11::class_<Step>(m, "Step")

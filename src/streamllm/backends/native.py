@@ -3,6 +3,11 @@
 The build takes about a minute once per machine and source version; it is kept under ``$STREAMLLM_HOME/build``.
 Without a C++ compiler, or with ``STREAMLLM_NATIVE=0``, ``kernels()`` is None and decoding uses the Python step,
 which computes the same thing more slowly.
+
+It is built for this CPU (``-march=native``). ``STREAMLLM_NATIVE_FLAGS`` adds compiler flags after that one, so
+that the kernels can be built as another CPU would build them: ``-march=x86-64-v3`` (AVX2, no AVX-512),
+``-mno-avx512bf16`` (AVX-512 without BF16). Each set of flags gets its own build folder. The AVX-512 code paths
+are chosen at compile time; every one has a portable loop beside it, which is what AVX2-only x86 and Arm compile.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ def kernels():
     try:
         from torch.utils import cpp_extension
 
-        build = home() / "build" / f"kernels-{_cpu_key()}"
+        extra = os.environ.get("STREAMLLM_NATIVE_FLAGS", "").split()
+        build = home() / "build" / f"kernels-{_cpu_key()}{_flags_key(extra)}"
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob("*.so")):
             log.warning("building the native decode kernels for this machine (once; about a minute)")
@@ -42,7 +48,7 @@ def kernels():
             name="streamllm_decode_kernels",
             sources=[str(SOURCE)],
             build_directory=str(build),
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_cflags=["-O3", "-march=native", *extra, "-fopenmp"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -50,6 +56,10 @@ def kernels():
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         log.warning("native decode kernels unavailable, decoding in Python (slower): %s", first)
         return None
+
+
+def _flags_key(extra: list[str]) -> str:
+    return "-" + hashlib.sha256(" ".join(extra).encode()).hexdigest()[:8] if extra else ""
 
 
 def _cpu_key() -> str:
