@@ -80,21 +80,39 @@ class Int4MatVec:
 
     @staticmethod
     def _fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The 4-bit grid of each group of ``w`` (n, G, 32) -> (q (n, G, 32), step (n, G), low (n, G))."""
+        """The 4-bit grid of each group of ``w`` (n, G, 32) -> (q (n, G, 32), step (n, G), low (n, G)).
+
+        Groups that sit on the full 15-step grid (all of Q4_0 and Q4_1, most of Q4_K) are settled by the first
+        try; only the others search the coarser grids."""
         low = w.amin(-1)  # (n, G)
         span = w.amax(-1) - low  # (n, G)
+        levels = torch.full_like(low, 15.0)  # (n, G)
+        err, step = Int4MatVec._grid_error(w, low, span, 15)  # (n, G) twice
+        rest = (err > 0.1 * step).nonzero(as_tuple=True)  # groups off the full grid (beyond dtype rounding)
+        if rest[0].numel():
+            levels[rest] = Int4MatVec._search(w[rest], low[rest], span[rest])
+        step = (span / levels).clamp(min=1e-12)  # (n, G)
+        q = torch.round((w - low[..., None]) / step[..., None]).clamp(0, 15)  # (n, G, 32)
+        return q, step, low
+
+    @staticmethod
+    def _grid_error(w, low, span, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The largest distance of each group's weights (..., 32) from the grid of ``levels`` steps, and its step."""
+        step = (span / levels).clamp(min=1e-12)  # (...)
+        q = torch.round((w - low[..., None]) / step[..., None]).clamp(0, levels)  # (..., 32)
+        return (q * step[..., None] + low[..., None] - w).abs().amax(-1), step
+
+    @staticmethod
+    def _search(w, low, span) -> torch.Tensor:
+        """For groups ``w`` (m, 32): the count of steps, 15 down to 1, whose grid fits best. -> (m,)"""
         best_err = torch.full_like(low, float("inf"))
         best_levels = torch.full_like(low, 15.0)
         for levels in range(15, 0, -1):
-            step = (span / levels).clamp(min=1e-12)  # (n, G)
-            q = torch.round((w - low[..., None]) / step[..., None]).clamp(0, levels)  # (n, G, 32)
-            err = (q * step[..., None] + low[..., None] - w).abs().amax(-1)  # (n, G)
+            err, _ = Int4MatVec._grid_error(w, low, span, levels)  # (m,)
             better = err < 0.5 * best_err  # a finer grid that fits as well is kept
             best_err = torch.where(better, err, best_err)
             best_levels = torch.where(better, float(levels), best_levels)
-        step = (span / best_levels).clamp(min=1e-12)  # (n, G)
-        q = torch.round((w - low[..., None]) / step[..., None]).clamp(0, 15)  # (n, G, 32)
-        return q, step, low
+        return best_levels
 
     @property
     def nbytes(self) -> int:
