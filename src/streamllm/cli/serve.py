@@ -48,9 +48,9 @@ def add_parser(sub) -> None:
     s.add_argument(
         "--batch-decode",
         type=positive,
-        default=1,
-        help="let up to N sessions share each decode forward pass (faster under load; 1: replies never depend "
-        "on other traffic)",
+        default=16,
+        help="let up to N sessions share each decode forward pass (default 16: faster under load, same results "
+        "as measured; 1: replies never depend on other traffic, even in rare near-ties)",
     )
     s.set_defaults(run=run)
 

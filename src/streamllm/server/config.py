@@ -25,8 +25,8 @@ class ServerConfig:
     ``max_tokens_limit`` is the largest ``max_tokens`` a request may ask for, and what a request that gives none
     gets (it stops earlier at the end of its turn). ``max_message_chars`` bounds one message; a message longer than the cache is
     fine (it is fed in chunks). ``request_timeout_s`` covers everything from arrival to the last token.
-    ``batch_decode`` > 1 lets that many sessions' decode steps share one forward pass (more tokens/s, but a
-    greedy reply may then differ in rare near-ties depending on what else is running). ``bos``: a session starts
+    ``batch_decode`` > 1 lets that many sessions' decode steps share one forward pass (more tokens/s; 1 makes a
+    session's replies independent of other traffic even in rare near-ties; ``scheduler.py``). ``bos``: a session starts
     the way the model was trained to (see ``runtime.tokens``); prompts given as token ids are fed as given.
     """
 
@@ -39,7 +39,7 @@ class ServerConfig:
     max_tokens_limit: int = 4096
     max_message_chars: int = 1_000_000
     request_timeout_s: float = 600.0
-    batch_decode: int = 1
+    batch_decode: int = 16
     bos: bool = True  # a session's first text starts with BOS when the tokenizer adds one
     path: dict | None = None  # the dtype and decode path chosen for the model, and why (``defaults.Choice``)
 
