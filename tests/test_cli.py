@@ -6,6 +6,7 @@ import pytest
 from cli_helpers import assert_one_line_error, run, run_here
 
 from streamllm.data import shakespeare_dir
+from streamllm.defaults import choose
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,9 @@ def test_perplexity_json(tmp_path):
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"ppl", "tokens", "method", "num_sinks", "window", "tok_per_s", "peak_rss_mb"} <= summary.keys()
     assert summary["tokens"] == 600 and summary["method"] == "sink" and 1 < summary["ppl"] < 200
+    auto = choose("smollm2-135m")  # the default path on this CPU, and the one the summary names
+    assert summary["path"]["dtype"] == auto.dtype and summary["path"]["decode"] == auto.decode
+    assert summary["path"]["why"] == auto.why
 
 
 def test_perplexity_csv_rows_and_overwrite(tmp_path, capsys):
@@ -138,6 +142,8 @@ def test_generate_runs_past_the_cache():
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.split()) > 20
     assert "cache 32/32" in result.stderr and "120 tokens" in result.stderr
+    auto = choose("smollm2-135m")
+    assert f"{auto.dtype}, {auto.decode} decode ({auto.why})]" in result.stderr
 
 
 def test_chat_script_and_transcript(tmp_path):

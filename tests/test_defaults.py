@@ -5,7 +5,7 @@ path produced it. CPUs other than this one are given as their /proc/cpuinfo flag
 import json
 
 import pytest
-from cli_helpers import assert_one_line_error, run, run_here
+from cli_helpers import assert_one_line_error, run_here
 
 from streamllm.defaults import choose, cpu_flags, native_bf16
 from streamllm.models import BUILTINS
@@ -64,13 +64,10 @@ def test_exact_refuses_a_contradiction(capsys):
         assert_one_line_error(result, "--exact means float32")
 
 
-def test_summaries_name_the_path(tmp_path):
-    """The real CLI: ``--stats`` and ``--json`` say which dtype and decode path produced their figures."""
+def test_exact_is_the_float32_reference_in_the_summary(capsys, tmp_path):
+    """``--exact`` in a ``--json`` summary (the default path's summaries: ``test_cli.py``)."""
     text = tmp_path / "t.txt"
     text.write_text("The sea was calm and the ship sailed on through the night. " * 6)
-    out = run("perplexity", "--text", str(text), "--window", "28", "--json", "--exact")
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_here(capsys, "perplexity", "--text", str(text), "--window", "28", "--json", "--exact")
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["path"] == {"dtype": "float32", "decode": "fast", "why": "--exact"}
-    out = run("generate", "--prompt", "The sea", "--max-new-tokens", "8", "--window", "28", "--stats")
-    auto = choose("smollm2-135m")
-    assert f"{auto.dtype}, {auto.decode} decode (auto: " in out.stderr.strip().splitlines()[-1]

@@ -1,7 +1,7 @@
 """``streamllm serve`` refuses bad settings with one line on stderr and exit status 2, before loading a model."""
 
 import pytest
-from cli_helpers import assert_one_line_error, run
+from cli_helpers import assert_one_line_error, run_here
 
 
 @pytest.mark.parametrize(
@@ -14,5 +14,5 @@ from cli_helpers import assert_one_line_error, run
         (["--state-dir", "/proc/version/sessions"], "--state-dir"),
     ],
 )
-def test_bad_serve_settings_get_one_line_errors(args, needle):
-    assert_one_line_error(run("serve", *args, timeout=120), needle)
+def test_bad_serve_settings_get_one_line_errors(args, needle, capsys):
+    assert_one_line_error(run_here(capsys, "serve", *args), needle)
