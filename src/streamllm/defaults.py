@@ -11,8 +11,8 @@ CPU. The rule comes from the side-by-side measurements in ``docs/performance.md`
   themselves, not an approximation of them. ``fast`` otherwise: exact, on the model's own weights.
 - ``--exact`` asks for float32 and the fast path: the reference, exact against transformers' float32 forward.
 
-Any explicit ``--dtype`` or ``--decode`` wins over the rule. ``Choice.describe`` says what was chosen and why,
-for ``--stats``, ``--json`` and the server's ``/stats``, so that every figure says what produced it.
+Any explicit ``--dtype`` or ``--decode`` wins over the rule. The ``Choice`` says what was chosen and why; the
+commands print it with their figures (``--stats``, ``--json``, chat's ``/stats``, the server's ``/health``).
 """
 
 from __future__ import annotations
@@ -30,9 +30,6 @@ class Choice:
     dtype: str  # "float32" or "bfloat16"
     decode: str  # "fast", "int4" or "transformers"
     why: str  # how each was chosen, in a few words
-
-    def describe(self) -> str:
-        return f"{self.dtype}, {self.decode} decode ({self.why})"
 
     def as_dict(self) -> dict:
         return {"dtype": self.dtype, "decode": self.decode, "why": self.why}
