@@ -37,6 +37,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
             yield
         finally:
             scheduler.stop()
+            store.close()
 
     app = FastAPI(
         title="streamllm",

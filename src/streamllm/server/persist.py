@@ -13,11 +13,19 @@ each record's checksum are checked when it is read.
 
 Session ids are checked against ``SESSION_ID`` before they become paths, so no request reaches a file outside
 the state folder.
+
+Several server processes may share one state folder. A process serves a session only while it holds the
+session's lease: an exclusive ``flock`` on the folder's ``lease`` file, taken when the session's cache comes into
+memory and given back when it leaves (the operating system gives it back too when the process dies, even by
+SIGKILL). Only the holder writes or deletes a session's files, so no turn is forked, lost or half-applied; a
+process that wants a session another one holds answers 409, and takes it over from its latest saved turn once
+it is free.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -241,6 +249,18 @@ def check_meta(meta: object, model_id: str, config: StreamConfig) -> dict:
     return meta
 
 
+class Lease:
+    """This process's exclusive hold on one session's files (an ``flock`` on its ``lease`` file)."""
+
+    def __init__(self, fd: int):
+        self.fd: int | None = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor drops the lock
+            self.fd = None
+
+
 class StateDir:
     """The ``sessions/`` folder of ``--state-dir``."""
 
@@ -256,6 +276,18 @@ class StateDir:
 
     def memory_file(self, session_id: str) -> Path:
         return self.folder(session_id) / MEMORY_FILE
+
+    def lease(self, session_id: str) -> Lease | None:
+        """Take the session's lease, or None when another process holds it. Never waits."""
+        folder = self.folder(session_id)
+        folder.mkdir(exist_ok=True)
+        fd = os.open(folder / "lease", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return Lease(fd)
 
     def ids(self) -> list[str]:
         """Saved sessions: folders with a ``meta.json`` (a session whose first turn never committed has none)."""
@@ -313,15 +345,23 @@ class StateDir:
 
     def sweep(self) -> None:
         """Remove temporary files a crash may have left behind, and the memory files of sessions whose first
-        turn never committed."""
-        for tmp in self.root.glob("*/.*.tmp"):
-            tmp.unlink(missing_ok=True)
-        for memory in self.root.glob(f"*/{MEMORY_FILE}"):
-            folder = memory.parent
-            if SESSION_ID.fullmatch(folder.name) and not (folder / "meta.json").exists():
-                memory.unlink(missing_ok=True)
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
+        turn never committed; only in sessions no other process holds (it may be writing them now)."""
+        for folder in self.root.iterdir():
+            if not (folder.is_dir() and SESSION_ID.fullmatch(folder.name)):
+                continue
+            lease = self.lease(folder.name)
+            if lease is None:
+                continue
+            try:
+                for tmp in folder.glob(".*.tmp"):
+                    tmp.unlink(missing_ok=True)
+                if not (folder / "meta.json").exists():
+                    (folder / MEMORY_FILE).unlink(missing_ok=True)
+                    (folder / "lease").unlink(missing_ok=True)
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
+            finally:
+                lease.release()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -8,6 +8,11 @@ up (their state is on disk after every turn) when another needs room.
 
 All methods run on the event loop thread; only loading and saving go to worker threads, each touching only its
 own session, which the caller holds locked.
+
+With ``--state-dir``, a session's cache comes into memory only under the session's lease (``persist.Lease``), so
+several processes can share the folder: one that wants a session another holds answers 409, and one that takes a
+session over reads its latest saved turn. Sessions that other processes create are found on disk when a request
+names them, or when a resent history matches none that is known.
 """
 
 from __future__ import annotations
@@ -21,10 +26,11 @@ from collections import OrderedDict, defaultdict
 from ..config import StreamConfig
 from ..runtime.stream import Stream
 from .config import ServerConfig
-from .errors import NOT_FOUND, SERVER_ERROR, APIError
+from .errors import INVALID_REQUEST, NOT_FOUND, SERVER_ERROR, APIError
 from .persist import (
     SESSION_ID,
     Conversation,
+    Lease,
     StateDir,
     StateError,
     decode_state,
@@ -52,6 +58,7 @@ class Session:
         self.updated = time.time()  # of the last turn (or creation): the order of the session list
         self.saved_tokens_seen: int | None = None  # tokens_seen of the state on disk
         self.saved_memory: dict | None = None  # the memory of the state on disk: blocks per layer, file bytes
+        self.lease: Lease | None = None  # held while the cache is in memory (with ``--state-dir``)
 
     @property
     def loaded(self) -> bool:
@@ -109,25 +116,37 @@ class SessionStore:
             return
         self.disk.sweep()
         for session_id in self.disk.ids():
-            session = Session(session_id, owner="")
-            try:
-                meta = self.disk.read_meta(session_id)
-            except StateError as exc:
-                log.warning("session %s cannot be restored: %s", session_id, exc)
-                session.error = str(exc)
-                self.sessions[session_id] = session  # known, so its owner gets a clear error, not a 404
-                continue
-            session.owner, session.turns, session.generation = (
-                meta["owner"],
-                meta["turns"],
-                meta["generation"],
-            )
-            session.text_bytes, session.text_sha256 = meta["text_bytes"], meta["text_sha256"]
-            session.saved_tokens_seen = meta["tokens_seen"]
-            session.saved_memory = saved_memory(meta, self.config.stream)
-            session.updated = self.disk.saved_at(session_id)
-            self._add(session)
+            self._index_saved(session_id)
         log.info("%d saved sessions indexed from %s", len(self.sessions), self.disk.root)
+
+    def _index_saved(self, session_id: str) -> Session:
+        """Index one session saved on disk from its ``meta.json`` (one that cannot be read is known, with its
+        error, so that its owner gets a clear one rather than a 404)."""
+        session = Session(session_id, owner="")
+        try:
+            meta = self.disk.read_meta(session_id)
+        except StateError as exc:
+            log.warning("session %s cannot be restored: %s", session_id, exc)
+            session.error = str(exc)
+            self.sessions[session_id] = session
+            return session
+        self._apply_meta(session, meta)
+        self._add(session)
+        return session
+
+    def _apply_meta(self, session: Session, meta: dict) -> None:
+        session.owner, session.turns, session.generation = meta["owner"], meta["turns"], meta["generation"]
+        session.text_bytes, session.text_sha256 = meta["text_bytes"], meta["text_sha256"]
+        session.saved_tokens_seen = meta["tokens_seen"]
+        session.saved_memory = saved_memory(meta, self.config.stream)
+        session.updated = self.disk.saved_at(session.id)
+
+    def _discover(self) -> None:
+        """Index the sessions other processes saved since this one last looked."""
+        if self.disk is not None:
+            for session_id in self.disk.ids():
+                if session_id not in self.sessions:
+                    self._index_saved(session_id)
 
     def _add(self, session: Session) -> None:
         self.sessions[session.id] = session
@@ -157,6 +176,13 @@ class SessionStore:
 
         A busy session stays a candidate: a client that retries a request whose first try is still running (or
         being cancelled) should continue the same session once it is free, not fork a new one."""
+        found = self._candidates(owner, text)
+        if not found and self.disk is not None:  # perhaps a session another process started
+            self._discover()
+            found = self._candidates(owner, text)
+        return found
+
+    def _candidates(self, owner: str, text: str) -> list[Session]:
         data = text.encode("utf-8")
         by_length = self._index.get(owner, {})
         found: list[Session] = []
@@ -175,6 +201,7 @@ class SessionStore:
 
     def owned_by(self, owner: str) -> list[Session]:
         """The sessions of ``owner``, most recently used first."""
+        self._discover()
         mine = [s for s in self.sessions.values() if s.owner == owner]
         return sorted(mine, key=lambda s: -s.updated)
 
@@ -187,6 +214,9 @@ class SessionStore:
     def get(self, session_id: str, owner: str) -> Session:
         """The session with this id if ``owner`` may use it; else 404 (whether it exists or not)."""
         session = self.sessions.get(session_id) if SESSION_ID.fullmatch(session_id) else None
+        if session is None and SESSION_ID.fullmatch(session_id) and self.disk is not None:
+            if session_id in self.disk.ids():  # saved by another process sharing the state folder
+                session = self._index_saved(session_id)
         if session is None or (session.owner != owner and session.error is None):
             raise APIError(
                 404, f"unknown session {session_id!r}", NOT_FOUND, "X-Session-Id", "session_not_found"
@@ -207,13 +237,43 @@ class SessionStore:
             headers={"x-should-retry": "false"},
         )
 
+    @staticmethod
+    def elsewhere(session: Session) -> APIError:
+        return APIError(
+            409,
+            f"session {session.id} is being served by another server process sharing this state folder; send the "
+            "request there, or retry once that process lets the session go (it does when the session leaves its "
+            "memory, or when the process stops)",
+            INVALID_REQUEST,
+            "X-Session-Id",
+            "session_elsewhere",
+        )
+
     def forget(self, session: Session) -> None:
+        """Drop the session everywhere, its files included; 409 while another process holds it."""
+        if self.disk is not None and session.generation and session.lease is None:
+            session.lease = self.disk.lease(session.id)
+            if session.lease is None:
+                raise self.elsewhere(session)
         self._remove_from_index(session)
         self.sessions.pop(session.id, None)
         self._memory.pop(session.id, None)
         session.stream = session.convo = None
         if self.disk is not None and session.generation:
             self.disk.delete(session.id)
+        self._release_lease(session)
+
+    def close(self) -> None:
+        """The server stops: let every session go, so that another process (or this one, serving again) can take
+        them over."""
+        for session in self.sessions.values():
+            self._release_lease(session)
+
+    @staticmethod
+    def _release_lease(session: Session) -> None:
+        if session.lease is not None:
+            session.lease.release()
+            session.lease = None
 
     # -- memory --------------------------------------------------------------------------------------------------
     async def load(self, session: Session, deadline: float) -> None:
@@ -222,11 +282,19 @@ class SessionStore:
             self._memory.move_to_end(session.id)
             session.last_used = time.monotonic()
             return
-        await self._make_room(session, deadline)
+        if self.disk is not None and session.lease is None:
+            session.lease = self.disk.lease(session.id)
+            if session.lease is None:
+                raise self.elsewhere(session)
+        try:
+            await self._make_room(session, deadline)
+        except BaseException:
+            self._release_lease(session)
+            raise
         self._memory[session.id] = None  # the room is taken now, before anything else can take it
         memory_file = self.disk.memory_file(session.id) if self.disk is not None else None
         stream = Stream(self.model, self.config.stream, memory_file=memory_file)
-        if session.convo is None:  # saved on disk
+        if session.convo is None:  # saved on disk: its latest turn, whichever process saved it
             try:
                 meta, blob = await asyncio.to_thread(self.disk.read, session.id)
                 if meta["owner"] != session.owner:
@@ -237,10 +305,15 @@ class SessionStore:
                 session.error = str(exc)
                 self._remove_from_index(session)
                 self._memory.pop(session.id, None)
+                self._release_lease(session)
                 raise self.broken(session) from None
             except BaseException:
                 self._memory.pop(session.id, None)
+                self._release_lease(session)
                 raise
+            self._remove_from_index(session)
+            self._apply_meta(session, meta)
+            self._add(session)
         session.stream = stream
         session.last_used = time.monotonic()
 
@@ -250,6 +323,7 @@ class SessionStore:
         self._memory.pop(session.id, None)
         if self.disk is not None and session.generation > 0 and not session.dirty:
             session.stream = session.convo = None
+            self._release_lease(session)  # another process may take it over now
             return
         if session.turns:
             log.info("session %s forgotten to make room (nothing keeps it on disk)", session.id)

@@ -104,7 +104,7 @@ class Turns:
             try:
                 session = await self._locked(candidate, deadline)
             except APIError as exc:
-                if exc.status == 504:
+                if exc.status in (409, 504):  # held by another process: a new session here would fork it
                     raise
                 continue  # gone, or its saved state is unusable: never mind, another session will do
             have = session.convo.text
