@@ -241,19 +241,35 @@ OTHER_CPUS = {  # flags after -march=native -> the code paths such a CPU compile
 }
 
 
-@pytest.mark.parametrize("cpu", list(OTHER_CPUS))
-def test_native_step_as_other_cpus_build_it(kernels, cpu, tmp_path):
-    """The native step built as a CPU without AVX-512 BF16, and as one without AVX-512 at all (its portable loops,
-    which Arm compiles too), passes the native tests against the Python step. Each build takes about a minute."""
-    if platform.machine() != "x86_64" or "avx512f" not in kernels.compiled_for():
-        pytest.skip("these variants are built on an x86 CPU with AVX-512")
-    flags, paths = OTHER_CPUS[cpu]
-    env = dict(os.environ, STREAMLLM_NATIVE_FLAGS=flags)
+@pytest.fixture(scope="module")
+def other_builds():
+    """The native step built as each of ``OTHER_CPUS`` would build it, the builds side by side (each compiler
+    uses one core; about a minute): {cpu: (its environment, the paths it compiled, its build log)}."""
+    module = native.kernels() if shutil.which("c++") and native.enabled() else None
+    if platform.machine() != "x86_64" or module is None or "avx512f" not in module.compiled_for():
+        pytest.skip("these variants are built on an x86 CPU with AVX-512 and a C++ compiler")
     probe = "from streamllm.backends import native; print(native.kernels().compiled_for())"
-    built = subprocess.run(
-        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert built.returncode == 0 and built.stdout.split() == [paths], built.stderr[-2000:]
+    started = {}
+    for cpu, (flags, _) in OTHER_CPUS.items():
+        env = dict(os.environ, STREAMLLM_NATIVE_FLAGS=flags)
+        cmd = [sys.executable, "-c", probe]
+        started[cpu] = (
+            env,
+            subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        )
+    built = {}
+    for cpu, (env, proc) in started.items():
+        out, err = proc.communicate(timeout=900)
+        built[cpu] = (env, out.split() if proc.returncode == 0 else None, err[-2000:])
+    return built
+
+
+@pytest.mark.parametrize("cpu", list(OTHER_CPUS))
+def test_native_step_as_other_cpus_build_it(other_builds, cpu, tmp_path):
+    """The native step built as a CPU without AVX-512 BF16, and as one without AVX-512 at all (its portable loops,
+    which Arm compiles too), passes the native tests against the Python step."""
+    env, paths, log = other_builds[cpu]
+    assert paths == [OTHER_CPUS[cpu][1]], log
     tests = "native and not other_cpus"
     run = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests]
     result = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
