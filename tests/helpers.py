@@ -30,3 +30,19 @@ def assert_memory_matches_oracle(model, ids, num_sinks: int, window: int, chunk:
     ref = oracle_logits(model, ids, num_sinks, window, memory=memory)
     got, _ = engine_logits(model, ids, StreamConfig(num_sinks=num_sinks, window=window, memory=memory), chunk)
     assert (got - ref).abs().max() < 1e-4
+
+
+@torch.no_grad()
+def greedy_generate(model, prompt: list[int], cache, new: int) -> tuple[list[int], torch.Tensor]:
+    """``model.generate`` with ``cache`` for exactly ``new`` greedy tokens: (the whole sequence, logits (new, V))."""
+    out = model.generate(
+        torch.tensor([prompt]),
+        cache=cache,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    return out.sequences[0].tolist(), torch.stack(out.logits)[:, 0]

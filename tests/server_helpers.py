@@ -21,6 +21,14 @@ import uvicorn
 
 MODEL = "smollm2-135m"
 KEY_A, KEY_B = "test-key-a", "test-key-b"
+LIGHTHOUSE = [  # a conversation of greedy turns, for the tests that compare servers turn by turn
+    "Let's talk about lighthouses. What does a lighthouse do?",
+    "Who works in one?",
+    "What happens in a storm?",
+    "How tall are they?",
+    "Name a famous one.",
+    "Thank you. Summarise our chat in one line.",
+]
 
 
 def free_port() -> int:
@@ -130,3 +138,17 @@ def chat(
         headers["X-Session-Id"] = session
     body = {"model": params.pop("model", MODEL), "messages": messages, "temperature": 0, **params}
     return httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=300)
+
+
+def ask(url: str, history: list[dict], session: str | None = None):
+    """One greedy turn of 12 tokens through the openai client, history resent (and ``session`` named, if given).
+    -> (reply, usage, the session id the server answered with)"""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY_A, max_retries=0, timeout=300)
+    headers = {"X-Session-Id": session} if session else None
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=history, temperature=0, max_tokens=12, extra_headers=headers
+    )
+    reply = raw.parse()
+    return reply.choices[0].message.content, reply.usage, raw.headers["x-session-id"]

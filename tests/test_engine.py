@@ -3,7 +3,7 @@
 import pytest
 import torch
 import transformers as tf
-from helpers import engine_logits
+from helpers import engine_logits, greedy_generate
 from oracle import oracle_logits
 from tiny import ARCHS, tiny_model
 
@@ -95,20 +95,9 @@ def test_generate_drop_in_matches_oracle(model):
     prompt = _ids(n=6, seed=7)
     new = 3 * (S + W)
     cache = SinkCache(model, num_sinks=S, window=W)
-    out = model.generate(
-        torch.tensor([prompt]),
-        cache=cache,
-        max_new_tokens=new,
-        min_new_tokens=new,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        pad_token_id=0,
-    )
-    seq = out.sequences[0].tolist()
+    seq, gen_logits = greedy_generate(model, prompt, cache, new)
     assert len(seq) == len(prompt) + new
     ref = oracle_logits(model, seq[:-1], S, W)
-    gen_logits = torch.stack(out.logits)[:, 0]  # (new, V)
     assert (gen_logits - ref[len(prompt) - 1 :]).abs().max() < 1e-4
     assert all(layer.keys.shape[2] <= S + W for layer in cache.kv.layers)
 

@@ -5,7 +5,7 @@ algorithm run by the model's own attention code over a trimmed cache (``oracle.c
 import pytest
 import torch
 import transformers as tf
-from helpers import engine_logits
+from helpers import engine_logits, greedy_generate
 from oracle import cache_oracle_logits
 from transformers.cache_utils import DynamicCache
 
@@ -118,19 +118,9 @@ def test_batched_rows_and_generate_drop_in():
         assert (together[r] - alone[r]).abs().max() < 1e-4
 
     prompt, new = ids[0][:6], 2 * (S + W)
-    out = model.generate(
-        torch.tensor([prompt]),
-        cache=SinkCache(model, num_sinks=S, window=W),
-        max_new_tokens=new,
-        min_new_tokens=new,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        pad_token_id=0,
-    )
-    seq = out.sequences[0].tolist()
+    seq, logits = greedy_generate(model, prompt, SinkCache(model, num_sinks=S, window=W), new)
     ref, _ = engine_logits(model, seq[:-1], config, 1)
-    assert (torch.stack(out.logits)[:, 0] - ref[len(prompt) - 1 :]).abs().max() < 1e-4
+    assert (logits - ref[len(prompt) - 1 :]).abs().max() < 1e-4
 
 
 def test_memory_is_refused_for_alibi_with_the_reason():

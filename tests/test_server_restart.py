@@ -4,31 +4,14 @@ turns are token for token what an uninterrupted server says."""
 import json
 
 import httpx
-import openai
 import pytest
 from conftest import SERVER_ARGS
-from server_helpers import KEY_A, MODEL, ServerProcess
+from server_helpers import KEY_A, LIGHTHOUSE, MODEL, ServerProcess, ask
 
 pytestmark = pytest.mark.real
 
-QUESTIONS = [
-    "Let's talk about lighthouses. What does a lighthouse do?",
-    "Who works in one?",
-    "What happens in a storm?",
-    "How tall are they?",
-    "Name a famous one.",
-    "Thank you. Summarise our chat in one line.",
-]
+QUESTIONS = LIGHTHOUSE
 KILLED_AT = 4  # turns done before the kill; the fifth is cut off mid-stream
-
-
-def _turn(url: str, messages: list[dict]) -> tuple[str, dict, str]:
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY_A, max_retries=0, timeout=300)
-    raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=messages, temperature=0, max_tokens=12
-    )
-    reply = raw.parse()
-    return reply.choices[0].message.content, reply.usage, raw.headers["x-session-id"]
 
 
 def _conversation(url: str, turns: int, history: list[dict] | None = None) -> tuple[list[str], list[dict]]:
@@ -36,7 +19,7 @@ def _conversation(url: str, turns: int, history: list[dict] | None = None) -> tu
     replies = []
     for question in QUESTIONS[len(history) // 2 : turns]:
         history.append({"role": "user", "content": question})
-        text, _, _ = _turn(url, history)
+        text, _, _ = ask(url, history)
         replies.append(text)
         history.append({"role": "assistant", "content": text})
     return replies, history
@@ -73,7 +56,7 @@ def test_sigkill_mid_conversation_then_restart_continues_exactly(server, tmp_pat
     second = ServerProcess(args, tmp_path / "second.log")
     try:
         history.append({"role": "user", "content": QUESTIONS[KILLED_AT]})
-        text, usage, resumed = _turn(second.url, history)
+        text, usage, resumed = ask(second.url, history)
         assert resumed == session  # the saved session, found by its history
         # Restored, not re-fed: everything said in the first four turns (more than the cache holds) is reused.
         assert usage.prompt_tokens_details.cached_tokens == meta["tokens_seen"] > 64

@@ -9,39 +9,23 @@ import httpx
 import openai
 import pytest
 from conftest import SERVER_ARGS
-from server_helpers import KEY_A, MODEL, ServerProcess
+from server_helpers import KEY_A, LIGHTHOUSE, ServerProcess, ask
 
 pytestmark = pytest.mark.real
 
-QUESTIONS = [
-    "Let's talk about lighthouses. What does a lighthouse do?",
-    "Who works in one?",
-    "What happens in a storm?",
-    "How tall are they?",
-]
-
-
-def _ask(url: str, history: list[dict], session: str | None = None):
-    """One turn, history resent; -> (reply, usage, session id)."""
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY_A, max_retries=0, timeout=300)
-    headers = {"X-Session-Id": session} if session else None
-    raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=history, temperature=0, max_tokens=12, extra_headers=headers
-    )
-    reply = raw.parse()
-    return reply.choices[0].message.content, reply.usage, raw.headers["x-session-id"]
+QUESTIONS = LIGHTHOUSE[:4]
 
 
 def _turn(url: str, history: list[dict], question: str, session: str | None = None):
     history.append({"role": "user", "content": question})
-    text, usage, session = _ask(url, history, session)
+    text, usage, session = ask(url, history, session)
     history.append({"role": "assistant", "content": text})
     return text, usage, session
 
 
 def _refused(url: str, history: list[dict], question: str, session: str) -> None:
     with pytest.raises(openai.APIStatusError) as caught:
-        _ask(url, [*history, {"role": "user", "content": question}], session)
+        ask(url, [*history, {"role": "user", "content": question}], session)
     assert caught.value.status_code == 409
     assert caught.value.body["code"] == "session_elsewhere", caught.value.body
 

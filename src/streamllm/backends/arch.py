@@ -138,10 +138,16 @@ def _rope_parameter_sets(config) -> list[dict]:
     return [params]
 
 
+def inline_of(config) -> _inline.Inline | None:
+    """The table's ``inline`` entry for a model whose attention modules take the cache (``inline.py``), or None."""
+    arch = ARCHITECTURES.get(getattr(config, "model_type", None))
+    return None if arch is None else arch.inline
+
+
 def alibi_slopes(config) -> torch.Tensor | None:
     """An ALiBi model's slopes (H,): the bias per position of distance; None for every other model."""
-    arch = ARCHITECTURES.get(getattr(config, "model_type", None))
-    return None if arch is None or arch.inline is None else arch.inline.slopes(config)
+    inline = inline_of(config)
+    return None if inline is None else inline.slopes(config)
 
 
 def layer_inv_freqs(model: nn.Module) -> list[torch.Tensor]:

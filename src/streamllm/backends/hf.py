@@ -34,10 +34,10 @@ from ..core.cache import Evicted, KVCache, NotPreparedError
 from ..core.memory import Memory
 from ..core.policy import Policy, SinkPolicy
 from .arch import (
-    ARCHITECTURES,
     UnsupportedModelError,
     alibi_slopes,
     attention_modules,
+    inline_of,
     layer_inv_freqs,
     lookup,
     position_limit,
@@ -71,12 +71,6 @@ def prepare(model: nn.Module) -> nn.Module:
     for module in attention_modules(model):
         setattr(module, ORDER, order)
     return model
-
-
-def _takes_cache(model: nn.Module) -> bool:
-    """Whether the model's attention modules take the cache as an argument (``inline.py``)."""
-    arch = ARCHITECTURES.get(getattr(model.config, "model_type", None))
-    return arch is not None and arch.inline is not None
 
 
 def cache_for(
@@ -196,7 +190,9 @@ def _forward(model, target, ids, keep_all):
     for cache in caches:
         cache.plan(ids.shape[1])
     route = (
-        {"cache": Carrier(target, len(caches[0].layers))} if _takes_cache(model) else {ATTENTION_NAME: target}
+        {"cache": Carrier(target, len(caches[0].layers))}
+        if inline_of(model.config)
+        else {ATTENTION_NAME: target}
     )
     try:
         out = model(
