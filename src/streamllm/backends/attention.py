@@ -272,13 +272,14 @@ def attend_layer(
             f"the cache was made for another model: keys of shape {tuple(store.keys.shape[1::2])} "
             f"(kv heads, head dim), this model's are {tuple(key.shape[1::2])}"
         )
-    stored = None if store.keys is None else (store.keys, store.values)
     recalled = cache.recall(layer_idx, query)
     out = attend(
         cache.plans[layer_idx],
         query,
-        stored,
-        (key, value),
+        store.stored(),
+        store.as_stored(
+            key, value
+        ),  # an 8-bit cache: new tokens see each other as stored, so a chunk is exact
         store.inv_freq,
         scaling,
         softcap,

@@ -224,9 +224,13 @@ class Decoder:
             cos[:, 0],  # (R, Dr)
             sin[:, 0],  # (R, Dr)
             torch.stack([self._turn(plan) for plan in plans]) if turns else torch.empty(0),  # (R, D, D)
-            torch.stack([native_mask(plan, S, room) for plan in plans]),  # (R, C + 1 + S + M_max)
-            [[cache.layers[i].full_keys for cache in caches] for i in range(len(self.layers))],
-            [[cache.layers[i].full_values for cache in caches] for i in range(len(self.layers))],
+            torch.stack(
+                [
+                    native_mask(plan, S, room, cache.layers[0].quantized)
+                    for plan, cache in zip(plans, caches, strict=True)
+                ]
+            ),  # (R, C + 1 + S + M_max)
+            *_buffers(caches, len(self.layers)),
             slots,
             C,
             S,
@@ -236,7 +240,7 @@ class Decoder:
                 if slot >= 0:  # stored already
                     cache.commit(i, None, None, written=True)
                 else:  # from scratch slot C, where the step left it
-                    cache.commit(i, store.full_keys[:, :, C : C + 1], store.full_values[:, :, C : C + 1])
+                    cache.commit(i, *store.read(slice(C, C + 1)))
         return logits
 
     def _turn(self, plan: Plan) -> torch.Tensor:
@@ -280,8 +284,8 @@ class Decoder:
         out = attend(
             plan,
             q,
-            (store.keys, store.values),
-            (k, v),
+            store.stored(),
+            store.as_stored(k, v),  # an 8-bit cache: the token sees its own key as the native step does
             store.inv_freq,
             layer.scaling,
             softcap=self.softcap,
@@ -291,16 +295,36 @@ class Decoder:
         return out.view(H * D)
 
 
-def native_mask(plan: Plan, S: int, room: int = 0) -> torch.Tensor:
+def _buffers(caches: Sequence[KVCache], L: int) -> list[list[list[torch.Tensor]]]:
+    """The native step's view of the caches: keys, values, key scales, value scales, each per layer and per
+    stream (the scales empty where a cache is not 8-bit)."""
+    none = torch.empty(0)
+    names = ("full_keys", "full_values", "full_key_scales", "full_value_scales")
+    return [
+        [
+            [
+                getattr(cache.layers[i], name) if getattr(cache.layers[i], name) is not None else none
+                for cache in caches
+            ]
+            for i in range(L)
+        ]
+        for name in names
+    ]
+
+
+def native_mask(plan: Plan, S: int, room: int = 0, in_place: bool = False) -> torch.Tensor:
     """What the token sees in the native step's key layout -> (C + 1 + S + room,) bool: the stored slots the plan
     shows it (the anchored ones through their turned copies instead), itself in scratch slot C, the copies of the
     anchored keys in scratch slots C+1..C+S, and the ``plan.recalled`` keys recalled from memory after them (of
-    ``room`` scratch slots)."""
+    ``room`` scratch slots). ``in_place``: the anchored keys are seen where they are stored and have no copies
+    (an 8-bit cache's)."""
     visible = plan.visible[0]  # (C + 1,)
     C = visible.numel() - 1
     anchored = plan.anchored[:C]  # (C,): slots 0..S-1 when held
     seen = visible[:C]
     recalled = torch.arange(room) < plan.recalled  # (room,)
+    if in_place:
+        return torch.cat([seen, visible[C:], torch.zeros(S, dtype=torch.bool), recalled])
     return torch.cat([seen & ~anchored, visible[C:], (seen & anchored)[:S], recalled])
 
 

@@ -17,6 +17,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -42,13 +43,16 @@ inline __m512 load16(const at::BFloat16* p) {  // bfloat16 is the top half of a 
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
+inline __m512 load16(const int8_t* p) {  // an 8-bit cache row, still to be multiplied by its scale
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 #endif
 
 // sum_i a[i] * b[i] in float32.
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
 #if defined(__AVX512F__)
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16> || std::is_same_v<T, int8_t>) {
     if (n % 16 == 0) {  // head dims: 64, 128
       __m512 acc = _mm512_setzero_ps();
       for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
@@ -144,12 +148,64 @@ void rotate(const T* x, const T* cos, const T* sin, T* out, int64_t D, int64_t D
   for (int64_t j = Dr; j < D; ++j) out[j] = x[j];
 }
 
+// One row's cache buffer of one layer: Hkv heads of N slots of D numbers, of the model's dtype (KT = T, no scales)
+// or 8-bit (KT = int8_t) with a float32 scale per head and slot: x = q * scale, scale = max|x| / 127, as
+// core/store.py's quantize (float32 products rounded half to even).
+template <typename KT>
+struct Buffer {
+  KT* data;
+  float* scales;  // (Hkv, N), null unless 8-bit
+  int64_t N, D;
+
+  static constexpr bool QUANTIZED = std::is_same_v<KT, int8_t>;
+  const KT* row(int64_t h, int64_t n) const { return data + (h * N + n) * D; }
+  float scale(int64_t h, int64_t n) const {
+    if constexpr (QUANTIZED) return scales[h * N + n];
+    return 1.0f;
+  }
+  // Stores x (D numbers of the model's dtype, or float32) at head h, slot n, quantizing where 8-bit.
+  template <typename X>
+  void put(int64_t h, int64_t n, const X* x) const {
+    KT* dst = data + (h * N + n) * D;
+    if constexpr (QUANTIZED) {
+      float top = 0;
+      for (int64_t d = 0; d < D; ++d) top = std::max(top, std::abs(to_float(x[d])));
+      const float s = top / 127.0f;
+      const float inverse = s > 0 ? 1.0f / s : 0.0f;
+      for (int64_t d = 0; d < D; ++d) {
+        dst[d] = static_cast<int8_t>(std::clamp(std::nearbyint(to_float(x[d]) * inverse), -127.0f, 127.0f));
+      }
+      scales[h * N + n] = s;
+    } else {
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<KT>(to_float(x[d]));
+    }
+  }
+  // The numbers at head h, slot n as float32.
+  void get(int64_t h, int64_t n, float* out) const {
+    const KT* src = row(h, n);
+    const float s = scale(h, n);
+    for (int64_t d = 0; d < D; ++d) out[d] = to_float(src[d]) * s;
+  }
+  // Slot ``from`` of head h copied to slot ``to``, as stored.
+  void copy(int64_t h, int64_t from, int64_t to) const {
+    std::copy(row(h, from), row(h, from) + D, data + (h * N + to) * D);
+    if constexpr (QUANTIZED) scales[h * N + to] = scales[h * N + from];
+  }
+};
+
+template <typename KT>
+Buffer<KT> buffer(const at::Tensor& t, const at::Tensor& scales, int64_t N, int64_t D) {
+  return Buffer<KT>{t.data_ptr<KT>(), scales.numel() ? scales.data_ptr<float>() : nullptr, N, D};
+}
+
 // The G query heads of each kv head against the visible keys, split into blocks of keys so that every thread has
 // work; each block keeps its own running maximum, sum and weighted values, merged at the end. Keys from slot
-// ``split`` on (recalled from memory) are scored with the turned query ``qa`` instead of ``q``.
-template <typename T>
-void attend(const float* q, const float* qa, int64_t split, const T* keys, const T* values, const bool* visible,
-            int64_t H, int64_t Hkv, int64_t N, int64_t D, float scale, T* out) {
+// ``split`` on (recalled from memory), and the first ``anchored`` ones (the sinks in place, where they are not
+// moved), are scored with the turned query ``qa`` instead of ``q``.
+template <typename KT, typename T>
+void attend(const float* q, const float* qa, int64_t split, int64_t anchored, const Buffer<KT>& keys,
+            const Buffer<KT>& values, const bool* visible, int64_t H, int64_t Hkv, int64_t N, int64_t D, float scale,
+            T* out) {
   const int64_t G = H / Hkv;
   const int64_t blocks = (N + BLOCK - 1) / BLOCK;
   const float NEG = -std::numeric_limits<float>::infinity();
@@ -158,8 +214,6 @@ void attend(const float* q, const float* qa, int64_t split, const T* keys, const
     std::vector<float> scores(G * BLOCK), vrow(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task / blocks, n0 = (task % blocks) * BLOCK, n1 = std::min(N, n0 + BLOCK);
-      const T* K = keys + h * N * D;
-      const T* V = values + h * N * D;
       const float* Q = q + h * G * D;
       const float* QA = qa + h * G * D;
       float* m = maxes.data() + task * G;
@@ -167,16 +221,16 @@ void attend(const float* q, const float* qa, int64_t split, const T* keys, const
       float* a = acc.data() + task * G * D;
       for (int64_t n = n0; n < n1; ++n) {
         if (!visible[n]) continue;
-        const float* Qn = n < split ? Q : QA;
+        const float* Qn = n >= anchored && n < split ? Q : QA;
         for (int64_t g = 0; g < G; ++g) {
-          const float s = dot(Qn + g * D, K + n * D, D) * scale;
+          const float s = dot(Qn + g * D, keys.row(h, n), D) * keys.scale(h, n) * scale;
           scores[g * BLOCK + n - n0] = s;
           m[g] = std::max(m[g], s);
         }
       }
       for (int64_t n = n0; n < n1; ++n) {
         if (!visible[n]) continue;
-        for (int64_t d = 0; d < D; ++d) vrow[d] = to_float(V[n * D + d]);
+        values.get(h, n, vrow.data());
         for (int64_t g = 0; g < G; ++g) {
           const float p = std::exp(scores[g * BLOCK + n - n0] - m[g]);
           l[g] += p;
@@ -262,16 +316,21 @@ class Step {
   // the rotated dims of a head; turn: the
   // sinks' rotations (R, D, D) float32, empty without sinks or recalled keys; visible: (R, N) bool, from the
   // cache's plan (slots past C + S are keys recalled from memory, seen by the query turned the other way); keys,
-  // values: per layer, per row (1, Hkv, N, D); slots: (R,) the slot the plan gives each new token, or -1. Every
+  // values: per layer, per row (1, Hkv, N, D), of the model's dtype or int8; key_scales, value_scales: per layer,
+  // per row, the scales (1, Hkv, N) float32 of an int8 buffer, empty for the others; slots: (R,) the slot the plan
+  // gives each new token, or -1. Every
   // stream has the same C and S. Each layer's new key and value are left in scratch slot C, and stored at the
   // row's slot after attending when it is not -1 (the cache's commit then only records it). Returns the logits
   // (R, V), float32.
   at::Tensor operator()(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& turn,
                         const at::Tensor& visible, const std::vector<std::vector<at::Tensor>>& keys,
-                        const std::vector<std::vector<at::Tensor>>& values, const std::vector<int64_t>& slots,
+                        const std::vector<std::vector<at::Tensor>>& values,
+                        const std::vector<std::vector<at::Tensor>>& key_scales,
+                        const std::vector<std::vector<at::Tensor>>& value_scales, const std::vector<int64_t>& slots,
                         int64_t C, int64_t S) {
     const int64_t R = x.size(0);
     TORCH_CHECK(keys.size() == layers_.size() && values.size() == layers_.size(), "one cache buffer per layer");
+    TORCH_CHECK(key_scales.size() == layers_.size() && value_scales.size() == layers_.size(), "scales per layer");
     TORCH_CHECK(static_cast<int64_t>(slots.size()) == R, "one slot per row");
     TORCH_CHECK(visible.scalar_type() == at::kBool && visible.is_contiguous(), "visible: contiguous bool");
     TORCH_CHECK(turn.numel() == 0 || (turn.scalar_type() == at::kFloat && turn.is_contiguous()),
@@ -279,7 +338,8 @@ class Step {
     TORCH_CHECK((S == 0 && visible.size(1) == C + 1) || turn.size(0) == x.size(0), "turn: one per row");
     at::Tensor out;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "streamllm_decode_step", [&] {
-      out = run<scalar_t>(x, cos.contiguous(), sin.contiguous(), turn, visible, keys, values, slots, C, S);
+      out = run<scalar_t>(x, cos.contiguous(), sin.contiguous(), turn, visible, keys, values, key_scales,
+                          value_scales, slots, C, S);
     });
     return out;
   }
@@ -288,7 +348,9 @@ class Step {
   template <typename T>
   at::Tensor run(const at::Tensor& embeddings, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& turn,
                  const at::Tensor& visible, const std::vector<std::vector<at::Tensor>>& keys,
-                 const std::vector<std::vector<at::Tensor>>& values, const std::vector<int64_t>& slots, int64_t C,
+                 const std::vector<std::vector<at::Tensor>>& values,
+                 const std::vector<std::vector<at::Tensor>>& key_scales,
+                 const std::vector<std::vector<at::Tensor>>& value_scales, const std::vector<int64_t>& slots, int64_t C,
                  int64_t S) {
     const int64_t H = H_, Hkv = Hkv_, D = D_, R = embeddings.size(0), E = embeddings.size(1);
     const int64_t N = visible.size(1);
@@ -315,9 +377,9 @@ class Step {
       for (int64_t row = 0; row < R; ++row) {
         const at::Tensor& kt = keys[i][row];
         const at::Tensor& vt = values[i][row];
+        const at::Tensor& ks = key_scales[i][row];
+        const at::Tensor& vs = value_scales[i][row];
         TORCH_CHECK(kt.is_contiguous() && vt.is_contiguous() && kt.size(2) == N, "cache buffers: contiguous, N slots");
-        T* K = kt.data_ptr<T>();
-        T* V = vt.data_ptr<T>();
         T* raw = qkv.data_ptr<T>() + row * width;
         if (L.q_norm.defined()) {  // Qwen3: each head of q and k normalised
           for (int64_t j = 0; j < H + Hkv; ++j) {
@@ -329,22 +391,22 @@ class Step {
         const T* c = cos.data_ptr<T>() + row * Dr;
         const T* s = sin.data_ptr<T>() + row * Dr;
         for (int64_t j = 0; j < H + Hkv; ++j) rotate(raw + j * D, c, s, r + j * D, D, Dr);
-        const T* v = raw + (H + Hkv) * D;
-        for (int64_t k = 0; k < Hkv; ++k) {  // the token sees itself through scratch slot C
-          std::copy(r + (H + k) * D, r + (H + k + 1) * D, K + (k * N + C) * D);
-          std::copy(v + k * D, v + (k + 1) * D, V + (k * N + C) * D);
-        }
-        if (S) move_sinks(K, V, turn.data_ptr<float>() + row * D * D, Hkv, N, C, S, D);
         float* qf = q.data_ptr<float>();
         for (int64_t j = 0; j < H * D; ++j) qf[j] = to_float(r[j]);
         float* qt = qa.data_ptr<float>();
-        if (split < N) turn_query(qf, turn.data_ptr<float>() + row * D * D, qt, H, D);
-        attend(qf, qt, split, K, V, visible.data_ptr<bool>() + row * N, H, Hkv, N, D, static_cast<float>(scale_),
-               attended.data_ptr<T>() + row * H * D);
-        const int64_t slot = slots[row];
-        for (int64_t k = 0; slot >= 0 && k < Hkv; ++k) {  // then into the slot the plan gave it
-          std::copy(r + (H + k) * D, r + (H + k + 1) * D, K + (k * N + slot) * D);
-          std::copy(v + k * D, v + (k + 1) * D, V + (k * N + slot) * D);
+        const bool in_place = kt.scalar_type() == at::kChar && S;  // 8-bit sinks are read where they are
+        const float* tr = S || split < N ? turn.data_ptr<float>() + row * D * D : nullptr;
+        if (split < N || in_place) turn_query(qf, tr, qt, H, D);
+        T* o = attended.data_ptr<T>() + row * H * D;
+        const bool* seen = visible.data_ptr<bool>() + row * N;
+        if (kt.scalar_type() == at::kChar) {
+          TORCH_CHECK(ks.numel() == kt.numel() / D && vs.numel() == ks.numel(), "int8 buffers: one scale per row");
+          attend_row(buffer<int8_t>(kt, ks, N, D), buffer<int8_t>(vt, vs, N, D), r, raw + (H + Hkv) * D, qf, qt,
+                     split, tr, seen, C, S, slots[row], o);
+        } else {
+          TORCH_CHECK(kt.scalar_type() == x.scalar_type(), "cache buffers: int8 or the model's dtype");
+          attend_row(buffer<T>(kt, ks, N, D), buffer<T>(vt, vs, N, D), r, raw + (H + Hkv) * D, qf, qt, split, tr,
+                     seen, C, S, slots[row], o);
         }
       }
       x.add_(L.o(attended));
@@ -365,23 +427,45 @@ class Step {
     return lm_head_(h).to(at::kFloat);
   }
 
+  // One row's attention in one layer, on its cache buffers: the token's key and value (r's last Hkv heads, v) go
+  // into scratch slot C, the sinks are moved, the query attends, and the key and value go into the plan's slot
+  // (when it is not -1). An 8-bit buffer quantizes what it is given, the token's own key too; its sinks are not
+  // moved (that would quantize them again) but scored in place with the turned query, as recalled keys are, and
+  // the visible mask shows slots 0..S-1 instead of the copies (decode.py's native_mask).
+  template <typename KT, typename T>
+  void attend_row(const Buffer<KT>& K, const Buffer<KT>& V, const T* r, const T* v, const float* q, const float* qa,
+                  int64_t split, const float* turn, const bool* visible, int64_t C, int64_t S, int64_t slot,
+                  T* out) const {
+    const int64_t H = H_, Hkv = Hkv_, D = D_;
+    for (int64_t k = 0; k < Hkv; ++k) {  // the token sees itself through scratch slot C
+      K.put(k, C, r + (H + k) * D);
+      V.put(k, C, v + k * D);
+    }
+    if (S && !Buffer<KT>::QUANTIZED) move_sinks(K, V, turn, Hkv, C, S, D);
+    const int64_t anchored = Buffer<KT>::QUANTIZED ? S : 0;
+    attend(q, qa, split, anchored, K, V, visible, H, Hkv, K.N, D, static_cast<float>(scale_), out);
+    for (int64_t k = 0; slot >= 0 && k < Hkv; ++k) {  // then into the slot the plan gave it
+      K.copy(k, C, slot);
+      V.copy(k, C, slot);
+    }
+  }
+
   // The sinks' keys, rotated at 0..S-1, moved to where the token sees them (x @ turn in float32), and their values,
   // into the scratch slots C+1..C+S.
-  template <typename T>
-  static void move_sinks(T* K, T* V, const float* turn, int64_t Hkv, int64_t N, int64_t C, int64_t S, int64_t D) {
+  template <typename KT>
+  static void move_sinks(const Buffer<KT>& K, const Buffer<KT>& V, const float* turn, int64_t Hkv, int64_t C,
+                         int64_t S, int64_t D) {
     std::vector<float> row(D), moved(D);
     for (int64_t k = 0; k < Hkv; ++k) {
       for (int64_t i = 0; i < S; ++i) {
-        const T* src = K + (k * N + i) * D;
-        for (int64_t d = 0; d < D; ++d) row[d] = to_float(src[d]);
+        K.get(k, i, row.data());
         std::fill(moved.begin(), moved.end(), 0.0f);
         for (int64_t d = 0; d < D; ++d) {
           const float* t = turn + d * D;
           for (int64_t e = 0; e < D; ++e) moved[e] += row[d] * t[e];
         }
-        T* dst = K + (k * N + C + 1 + i) * D;
-        for (int64_t e = 0; e < D; ++e) dst[e] = static_cast<T>(moved[e]);
-        std::copy(V + (k * N + i) * D, V + (k * N + i + 1) * D, V + (k * N + C + 1 + i) * D);
+        K.put(k, C + 1 + i, moved.data());
+        V.copy(k, i, C + 1 + i);
       }
     }
   }

@@ -124,7 +124,9 @@ def cache_for(
             f"cache of {capacity} tokens does not fit inside it, so choose a smaller one"
         )
     rebase_every = config.rebase_every if rebase else None
-    return KVCache(policies, freqs, rebase_every, on_evict, memory, position_limit=limit)
+    return KVCache(
+        policies, freqs, rebase_every, on_evict, memory, position_limit=limit, kv_dtype=config.kv_dtype
+    )
 
 
 def streamllm_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -100,6 +100,6 @@ def run(args) -> int:
     model, tokenizer = load(args)
     choice = path_choice(args)
     taken = choice.decode if lookup(model.config).fast_decode else "transformers"  # as ``Stream`` does
-    config = replace(config, path=choice.as_dict() | {"decode": taken})
+    config = replace(config, path=choice.as_dict() | {"decode": taken, "kv_dtype": config.stream.kv_dtype})
     serve(model, tokenizer, config, args.host, args.port, log_level="debug" if args.verbose else "info")
     return 0

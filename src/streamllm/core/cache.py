@@ -6,12 +6,15 @@ layer's storage: the tokens that leave are handed to ``on_evict`` (where a polic
 the new tokens that stay are written into their slots. Once every layer has committed, the stream has seen the
 T tokens.
 
-Storage per layer: keys and values of ``capacity`` slots (an unbounded policy grows them), followed by 1 + S
-scratch slots that the decode step uses for the token being decoded and the sinks turned to where it sees them.
+Storage per layer (``store.py``, in the model's dtype or as 8-bit integers with a scale per token and kv head):
+keys and values of ``capacity`` slots (an unbounded policy grows them), followed by 1 + S scratch slots that the
+decode step uses for the token being decoded and the sinks turned to where it sees them.
 Window keys are stored rotated at their *model* position (text position minus ``offset``) and never touched
 again; anchored keys (the sinks) at 0..S-1 (``docs/design.md``: the distance from a query to a window key is the
 same in the cache as in the text). Every ``rebase_every`` tokens past the capacity, the window keys are turned
-back and ``offset`` grows, so the positions handed to the model stay small and float32 rotary stays exact.
+back and ``offset`` grows, so the positions handed to the model stay small and float32 rotary stays exact. An
+8-bit store turns them back as numbers in the model's dtype and quantizes them again; with the default
+``rebase_every`` (4096) above the window, a key is turned at most once while it is held.
 
 Letters: B batch, Hkv kv heads, T new tokens, C slots, D head dim.
 """
@@ -28,6 +31,7 @@ from .memory import Memory
 from .plan import Plan, make_plan
 from .policy import Policy
 from .rotary import rotate
+from .store import KV_DTYPES, LayerStore
 
 log = logging.getLogger(__name__)
 
@@ -48,48 +52,15 @@ class Evicted:
     offset: int
 
 
-class LayerStore:
-    """One layer's storage and the policy and rotary frequencies it was made with."""
-
-    def __init__(self, policy: Policy, inv_freq: torch.Tensor, recall_slots: int = 0):
-        self.policy, self.inv_freq = policy, inv_freq
-        self.recall_slots = recall_slots  # M_max: scratch slots for keys recalled from memory
-        # (B, Hkv, C + 1 + S + M_max, D): C slots, then the scratch ones
-        self.full_keys = self.full_values = None
-        self.keys = self.values = None  # (B, Hkv, C, D) views without the scratch slots
-        self.slot_pos = torch.empty(
-            0, dtype=torch.long
-        )  # (C,) text position held by each slot, -1 when empty
-
-    @property
-    def length(self) -> int:
-        """Tokens held now."""
-        return int((self.slot_pos >= 0).sum())
-
-    def allocate(self, like: torch.Tensor, size: int) -> None:
-        """Make ``size`` slots (keeping what is held), shaped and typed like ``like`` (B, Hkv, T, D)."""
-        have = self.slot_pos.numel()
-        if size <= have and self.keys is not None:
-            return
-        B, Hkv, _, D = like.shape
-        spare = 1 + self.policy.num_sinks + self.recall_slots
-        full_keys = like.new_zeros(B, Hkv, size + spare, D)  # (B, Hkv, C + 1 + S + M_max, D)
-        full_values = like.new_zeros(B, Hkv, size + spare, D)
-        slot_pos = torch.full((size,), -1, dtype=torch.long)  # (C,)
-        if self.keys is not None:
-            full_keys[:, :, :have], full_values[:, :, :have] = self.keys, self.values
-        slot_pos[:have] = self.slot_pos
-        self.full_keys, self.full_values, self.slot_pos = full_keys, full_values, slot_pos
-        self.keys, self.values = full_keys[:, :, :size], full_values[:, :, :size]  # (B, Hkv, C, D)
-
-
 class KVCache:
     """A stream's cache: one ``LayerStore`` per layer, the count of tokens seen and the rebasing offset.
 
     ``policies`` and ``inv_freqs`` give each layer's policy and rotary frequencies (``for_model`` reads them off a
     model). ``on_evict`` receives an ``Evicted`` for every layer and batch of tokens that leave.
     ``position_limit``: model positions must stay below it (a rotary whose frequencies change past the model's
-    original context); rebasing comes early enough, and a piece too long to fit is refused."""
+    original context); rebasing comes early enough, and a piece too long to fit is refused. ``kv_dtype``: "model"
+    keeps keys and values in the model's dtype, "int8" as 8-bit integers with a scale per token and kv head
+    (``store.py``)."""
 
     def __init__(
         self,
@@ -99,13 +70,20 @@ class KVCache:
         on_evict: Callable[[Evicted], None] | None = None,
         memory: Memory | None = None,
         position_limit: int | None = None,
+        kv_dtype: str = "model",
     ):
         if len(policies) != len(inv_freqs):
             raise ValueError(f"{len(policies)} policies for {len(inv_freqs)} layers")
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"unknown kv dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
         recall = [
             memory.config.recalled if memory and i in memory.layers else 0 for i in range(len(policies))
         ]
-        self.layers = [LayerStore(*args) for args in zip(policies, inv_freqs, recall, strict=True)]
+        self.kv_dtype = kv_dtype
+        self.layers = [
+            LayerStore(policy, freq, slots, kv_dtype)
+            for policy, freq, slots in zip(policies, inv_freqs, recall, strict=True)
+        ]
         distinct = list(dict.fromkeys(policies))  # layers of one policy share one plan
         self.groups = [[i for i, p in enumerate(policies) if p == policy] for policy in distinct]
         self._group_of = [distinct.index(p) for p in policies]
@@ -132,11 +110,7 @@ class KVCache:
         return max((self.layers[group[0]].length for group in self.groups), default=0)
 
     def memory_bytes(self) -> int:
-        return sum(
-            layer.full_keys.nbytes + layer.full_values.nbytes
-            for layer in self.layers
-            if layer.full_keys is not None
-        )
+        return sum(layer.nbytes for layer in self.layers)
 
     def position_ids(self) -> torch.Tensor:
         """The positions to hand the model for the planned tokens. (1, T)"""
@@ -206,13 +180,11 @@ class KVCache:
         if plan.last_slot >= 0 and not written:
             if store.keys is None or plan.last_slot >= store.keys.shape[2]:
                 store.allocate(k_new, self._size_for(store.policy, plan.last_slot + 1, store))
-            slots, stays = plan.stay_slots, plan.stays  # plans live on the CPU; the storage may not
-            if not k_new.is_cpu:
-                slots, stays = slots.to(k_new.device), stays.to(k_new.device)
+            stays = plan.stays  # plans live on the CPU; the storage may not
             if not plan.all_stay:
+                stays = stays if k_new.is_cpu else stays.to(k_new.device)
                 k_new, v_new = k_new[:, :, stays], v_new[:, :, stays]
-            store.keys.index_copy_(2, slots, k_new)
-            store.values.index_copy_(2, slots, v_new)
+            store.write(plan.stay_slots, k_new, v_new)
         self.uncommitted -= 1
         if self.uncommitted == 0:
             self._finish()
@@ -236,9 +208,8 @@ class KVCache:
         start = store.slot_pos.numel() + 1 + store.policy.num_sinks
         end = start + self.memory.recalled_len
         if keys is not None:
-            store.full_keys[:, :, start:end] = keys
-            store.full_values[:, :, start:end] = values
-        return store.full_keys[:, :, start:end], store.full_values[:, :, start:end]
+            store.write(slice(start, end), keys, values)
+        return store.read(slice(start, end))
 
     def split_points(self, start: int, T: int) -> list[int]:
         """Where tokens ``start .. start + T - 1`` must be split so that no piece spans a memory selection point
@@ -285,8 +256,7 @@ class KVCache:
         leaving, gone, pos = self._departures(plan, store)
         parts = []
         if leaving is not None:
-            on = leaving if store.keys.is_cpu else leaving.to(store.keys.device)
-            parts.append((store.keys.index_select(2, on), store.values.index_select(2, on)))
+            parts.append(store.read(leaving))
         if gone is not None:
             on = gone if k_new.is_cpu else gone.to(k_new.device)
             parts.append((k_new.index_select(2, on), v_new.index_select(2, on)))
@@ -345,10 +315,10 @@ class KVCache:
         log.debug("rebasing window keys by %d positions", shift)
         for store in self.layers:
             if store.keys is not None:
-                S = store.policy.num_sinks
-                ring = store.keys[:, :, S:]  # (B, Hkv, C - S, D): anchored keys live in slots 0..S-1
-                delta = torch.full((ring.shape[2],), -shift, dtype=torch.long)
-                ring.copy_(rotate(ring, delta, store.inv_freq))
+                ring = slice(store.policy.num_sinks, store.slot_pos.numel())  # anchored keys: slots 0..S-1
+                keys, _ = store.read(ring)  # (B, Hkv, C - S, D)
+                delta = torch.full((keys.shape[2],), -shift, dtype=torch.long)
+                store.write(ring, rotate(keys, delta, store.inv_freq))
         self.offset += shift
 
     # -- saving and restoring ------------------------------------------------------------------------------------
@@ -360,11 +330,14 @@ class KVCache:
             written = (store.slot_pos >= 0).nonzero()
             used = int(written.max()) + 1 if written.numel() else 0
             policy = store.policy
+            raw = (
+                {"keys": None, "values": None} if store.keys is None else store.raw(used)
+            )  # (B, Hkv, used, D)
             layers.append(
-                {
-                    "keys": None if store.keys is None else store.keys[:, :, :used],  # (B, Hkv, used, D)
-                    "values": None if store.values is None else store.values[:, :, :used],
+                raw
+                | {
                     "slot_pos": None if store.keys is None else store.slot_pos[:used],  # (used,)
+                    "dtype": None if store.dtype is None else str(store.dtype).removeprefix("torch."),
                     "seen": self.seen,
                     "offset": self.offset,
                     "num_sinks": policy.num_sinks,
@@ -397,9 +370,9 @@ class KVCache:
             if keys is None:
                 continue
             used = keys.shape[2]
-            store.allocate(keys, self._size_for(policy, max(used, 1), store))
-            store.keys[:, :, :used] = keys
-            store.values[:, :, :used] = saved["values"]
+            dtype = getattr(torch, saved["dtype"]) if saved.get("dtype") else keys.dtype
+            store.allocate(keys, self._size_for(policy, max(used, 1), store), dtype)
+            store.load_raw(saved, used)
             store.slot_pos[:used] = saved["slot_pos"]
         if self.memory is not None and "memory" in state:
             self.memory.load_state_dict(*state["memory"])

@@ -86,6 +86,10 @@ def text_digest(text: str) -> str:
 
 
 # -- a stream <-> tensors ---------------------------------------------------------------------------------------
+COUNTERS = ("seen", "offset", "num_sinks", "window", "text_positions", "dtype")  # per layer, in meta.json
+LAYER_TENSORS = ("keys", "values", "slot_pos", "key_scales", "value_scales")  # the scales: an 8-bit cache's
+
+
 def stream_tensors(stream: Stream) -> tuple[dict[str, torch.Tensor], list[dict], dict | None]:
     """The stream's state as named tensors, per-layer counters and the memory's counters (both JSON-able; the
     memory's are None without one). Tensors are copies on CPU. The memory's blocks are not in it: they stay in
@@ -97,10 +101,11 @@ def stream_tensors(stream: Stream) -> tuple[dict[str, torch.Tensor], list[dict],
         return tensors, layers, None
     state = stream.cache.state_dict()
     for i, layer in enumerate(state["layers"]):
-        layers.append({k: layer[k] for k in ("seen", "offset", "num_sinks", "window", "text_positions")})
+        layers.append({k: layer[k] for k in COUNTERS})
         if layer["keys"] is not None:
-            for name in ("keys", "values", "slot_pos"):
-                tensors[f"layers.{i}.{name}"] = layer[name].detach().to("cpu", copy=True).contiguous()
+            for name in LAYER_TENSORS:
+                if name in layer:  # the scales only where the cache is 8-bit
+                    tensors[f"layers.{i}.{name}"] = layer[name].detach().to("cpu", copy=True).contiguous()
     memory = None
     if "memory" in state:
         memory, pending = state["memory"]
@@ -131,9 +136,10 @@ def restore_stream(
     states = []
     for i, counters in enumerate(layers):
         state = dict(counters)
-        for name in ("keys", "values", "slot_pos"):
+        for name in LAYER_TENSORS:
             tensor = tensors.get(f"layers.{i}.{name}")
-            state[name] = None if tensor is None else tensor.to(device if name != "slot_pos" else "cpu")
+            if tensor is not None or name in ("keys", "values", "slot_pos"):
+                state[name] = None if tensor is None else tensor.to(device if name != "slot_pos" else "cpu")
         states.append(state)
     state = {"layers": states}
     if (memory is None) != (stream.memory is None):
