@@ -9,8 +9,8 @@ from pathlib import Path
 
 from ..backends.arch import UnsupportedModelError
 from ..config import (
-    KV_DTYPES,
     DECODE_MODES,
+    KV_DTYPES,
     METHODS,
     POSITIONS,
     RECALL_POSITIONS,
