@@ -17,6 +17,7 @@ Writes kv_cache.csv, kv_cache.md and kv_cache.png into --out.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 
@@ -41,6 +42,16 @@ def perplexity(model, ids: list[int]) -> dict[str, float]:
     }
 
 
+def settled_rss_mb() -> float:
+    """RSS once freed memory has gone back to the system (glibc keeps freed blocks until trimmed)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the reading may include freed blocks
+        pass
+    return current_rss_mb()
+
+
 def per_session(model, ids: list[int], sessions: int, decode: str) -> dict[str, dict]:
     """Cache bytes of one full 4+1020 stream and the RSS each of ``sessions`` more adds, per kv dtype."""
     out = {}
@@ -49,15 +60,13 @@ def per_session(model, ids: list[int], sessions: int, decode: str) -> dict[str, 
         source = Stream(model, config)
         source.feed(ids[:1024])
         state = source.cache.state_dict()
-        gc.collect()
-        before = current_rss_mb()
+        before = settled_rss_mb()
         kept = []
         for _ in range(sessions):
             stream = Stream(model, config)
             stream.cache.load_state_dict(state)
             kept.append(stream)
-        gc.collect()
-        rss = (current_rss_mb() - before) / sessions
+        rss = (settled_rss_mb() - before) / sessions
         out[kv] = {"cache_mb": source.cache_bytes() / 2**20, "rss_mb": rss}
         del kept, source, state
         gc.collect()
@@ -85,7 +94,7 @@ def main() -> None:
     p.add_argument("--ppl-tokens", type=int, default=8192)
     p.add_argument("--sizes", default="1024,2048,4096,8192")
     p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--sessions", type=int, default=16)
+    p.add_argument("--sessions", type=int, default=64)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]

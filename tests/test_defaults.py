@@ -70,4 +70,4 @@ def test_exact_is_the_float32_reference_in_the_summary(capsys, tmp_path):
     text.write_text("The sea was calm and the ship sailed on through the night. " * 6)
     result = run_here(capsys, "perplexity", "--text", str(text), "--window", "28", "--json", "--exact")
     summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["path"] == {"dtype": "float32", "decode": "fast", "why": "--exact"}
+    assert summary["path"] == {"dtype": "float32", "decode": "fast", "why": "--exact", "kv_dtype": "model"}

@@ -3,10 +3,12 @@ against single tokens, its size, saving and restoring, and its cost on real text
 
 import copy
 import dataclasses
+import json
 import shutil
 
 import pytest
 import torch
+from cli_helpers import assert_one_line_error, run_here
 from test_decode import NATIVE, _decode_rows, _ids
 from tiny import tiny_model
 
@@ -169,3 +171,19 @@ def test_8bit_cache_on_real_text(real):
         ppl[kv] = float(nll.mean().exp())
     assert abs(ppl["int8"] / ppl["model"] - 1) < 0.01, ppl
     assert ppl["int8"] != ppl["model"]
+
+
+def test_the_commands_take_kv_dtype(capsys, tmp_path):
+    """``--kv-dtype int8`` reaches the stream, and the ``--json`` summary names it."""
+    text = tmp_path / "t.txt"
+    text.write_text("The sea was calm and the ship sailed on through the night. " * 6)
+    ppl = {}
+    for kv in ("model", "int8"):
+        args = ("perplexity", "--text", str(text), "--window", "28", "--json", "--exact", "--kv-dtype", kv)
+        result = run_here(capsys, *args)
+        summary = json.loads(result.stdout.strip().splitlines()[-1])
+        assert summary["path"]["kv_dtype"] == kv
+        ppl[kv] = summary["ppl"]
+    assert ppl["int8"] != ppl["model"] and abs(ppl["int8"] / ppl["model"] - 1) < 0.02
+    bad = run_here(capsys, "generate", "--prompt", "hi", "--kv-dtype", "int4")
+    assert_one_line_error(bad, "--kv-dtype")

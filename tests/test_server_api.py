@@ -168,7 +168,13 @@ def test_sessions_belong_to_their_key(server):
     assert session not in {s["id"] for s in theirs} and other.headers["x-session-id"] in {
         s["id"] for s in theirs
     }
-    assert mine[0]["cache"] == {"method": "sink", "num_sinks": 4, "window": 60, "size": CACHE}
+    assert mine[0]["cache"] == {
+        "method": "sink",
+        "num_sinks": 4,
+        "window": 60,
+        "size": CACHE,
+        "kv_dtype": "model",
+    }
     assert mine[0]["evicted"] == mine[0]["tokens_seen"] - mine[0]["cache_length"]
     assert httpx.get(f"{server.url}/v1/sessions").status_code == 401
 

@@ -72,8 +72,9 @@ def _idle_state(url, session):
         StreamConfig(num_sinks=4, window=200),  # not full yet: only the written slots are saved
         StreamConfig(method="dense"),
         StreamConfig(num_sinks=2, window=10, method="recompute"),
+        StreamConfig(num_sinks=4, window=20, rebase_every=8, kv_dtype="int8"),
     ],
-    ids=["sink", "young", "dense", "recompute"],
+    ids=["sink", "young", "dense", "recompute", "int8"],
 )
 def test_saved_state_continues_bit_for_bit(tiny, config):
     model, _ = tiny
@@ -340,3 +341,26 @@ def test_a_session_memory_is_saved_undone_restored_and_deleted(tiny, tmp_path):
         )
         gone = httpx.delete(f"{server.url}/v1/sessions/{session}", headers=AUTH)
         assert gone.status_code == 200 and not memory_file.parent.exists()
+
+
+def test_an_8bit_session_is_saved_in_8_bits_and_restarts_either_way(tiny, tmp_path):
+    """With --kv-dtype int8 the state file holds int8 keys and their scales; a server restarted with the same
+    setting continues the session as if never stopped, and one restarted with the model-dtype cache takes it over
+    (converted) too."""
+    from safetensors.torch import load_file
+
+    eight = dataclasses.replace(STREAM, kv_dtype="int8")
+    with _serve(tiny, stream=eight) as server:  # uninterrupted, nothing on disk
+        _, reference = _turns(server.url, None, QUESTIONS)
+    with _serve(tiny, stream=eight, state_dir=tmp_path) as server:
+        session, replies = _turns(server.url, None, QUESTIONS[:3])
+        assert replies == reference[:3]
+        assert _state(server.url, session)["cache"]["kv_dtype"] == "int8"
+    state = load_file(next((tmp_path / "sessions" / session).glob("state-*.safetensors")))
+    assert state["layers.0.keys"].dtype == torch.int8 and state["layers.0.key_scales"].dtype == torch.float32
+    with _serve(tiny, stream=eight, state_dir=tmp_path) as server:
+        _, rest = _turns(server.url, session, QUESTIONS[3:])
+        assert rest == reference[3:]
+    with _serve(tiny, stream=STREAM, state_dir=tmp_path) as server:
+        _, more = _turns(server.url, session, ["and once more"])
+        assert _state(server.url, session)["turns"] == len(QUESTIONS) + 1

@@ -84,6 +84,7 @@ class Session:
                 "num_sinks": config.num_sinks,
                 "window": config.window,
                 "size": config.cache_size,
+                "kv_dtype": config.kv_dtype,
             },
             "text_bytes": self.text_bytes,
             "memory": self._memory_stats(config),
