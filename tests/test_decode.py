@@ -275,3 +275,33 @@ def test_native_step_as_other_cpus_build_it(other_builds, cpu, tmp_path):
     result = subprocess.run(run, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
+
+
+@pytest.mark.parametrize("D", [64, 128, 48])  # 16-lane paths for 64 and 128, the portable loop for 48
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+def test_native_attention_kernel(kernels, D, kind):
+    """The step's attention alone against softmax attention in float64 over the same (dequantized) keys: a
+    ragged number of keys, a mask with holes and whole blocks hidden, grouped query heads."""
+    from streamllm.core.store import dequantize, quantize
+
+    g = torch.Generator().manual_seed(D)
+    H, Hkv, N = 6, 2, 300  # G = 3; 300 keys: two whole blocks of 128 and a ragged one
+    q = torch.randn(H, D, generator=g)
+    keys, values = torch.randn(Hkv, N, D, generator=g) * 2, torch.randn(Hkv, N, D, generator=g)
+    visible = torch.rand(N, generator=g) > 0.3
+    visible[130:256] = False  # a block with nothing to see
+    none = torch.empty(0)
+    if kind == "int8":
+        (kq, ks), (vq, vs) = quantize(keys), quantize(values)
+        args = (kq, vq, ks, vs)
+        keys, values = dequantize(kq, ks, torch.float32), dequantize(vq, vs, torch.float32)
+    else:
+        dtype = getattr(torch, kind)
+        args = (keys.to(dtype), values.to(dtype), none, none)
+        keys, values = args[0].float(), args[1].float()
+    got = kernels.attend(q, *args, visible, D**-0.5)
+    k, v = keys.double().repeat_interleave(H // Hkv, 0), values.double().repeat_interleave(H // Hkv, 0)
+    scores = (q.double()[:, None] @ k.transpose(1, 2))[:, 0] * D**-0.5  # (H, N)
+    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), -1)
+    want = (weights[:, None] @ v)[:, 0]  # (H, D)
+    assert (got.double() - want).abs().max() < 1e-5

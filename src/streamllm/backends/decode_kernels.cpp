@@ -1,6 +1,9 @@
 // The decode step of decode.py's Decoder in C++: one call per token instead of some fifty small torch operations per
 // layer, each with its Python and dispatch overhead, and an attention kernel that splits the keys into blocks so
 // that both cores work on every layer (torch's fused kernel parallelises over kv heads only: 3 for 2 threads).
+// Within a block it scores 16 keys at a time against each query row held in registers, takes the exponentials 16
+// at a time, and sums the weighted values with the sums in registers; it reads the cache as the model's dtype or as
+// 8-bit rows with their scales (core/store.py), in place either way.
 // One call can also take one token for each of several streams (the server's batched decoding): the matrix
 // products then serve all of them from one read of the weights, and each attends over its own cache in place.
 //
@@ -198,10 +201,204 @@ Buffer<KT> buffer(const at::Tensor& t, const at::Tensor& scales, int64_t N, int6
   return Buffer<KT>{t.data_ptr<KT>(), scales.numel() ? scales.data_ptr<float>() : nullptr, N, D};
 }
 
+// The largest of n floats (n >= 1; -inf counts as a number).
+inline float max_of(const float* x, int64_t n) {
+  int64_t i = 0;
+  float top = -std::numeric_limits<float>::infinity();
+#if defined(__AVX512F__)
+  __m512 tops = _mm512_set1_ps(top);
+  for (; i + 16 <= n; i += 16) tops = _mm512_max_ps(tops, _mm512_loadu_ps(x + i));
+  top = _mm512_reduce_max_ps(tops);
+#endif
+  for (; i < n; ++i) top = std::max(top, x[i]);
+  return top;
+}
+
+// The sum of n floats, in 16 lanes where the CPU has AVX-512.
+inline float sum_of(const float* x, int64_t n) {
+  int64_t i = 0;
+  float total = 0;
+#if defined(__AVX512F__)
+  __m512 sums = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) sums = _mm512_add_ps(sums, _mm512_loadu_ps(x + i));
+  total = _mm512_reduce_add_ps(sums);
+#endif
+  for (; i < n; ++i) total += x[i];
+  return total;
+}
+
+// x = e^(x - top) over n floats in place, for x <= top or -inf (scores less their maximum); e^-inf is 0. With
+// AVX-512: 16 at a time, 2^k * p(r) with k = round(x / ln 2), r = x - k ln 2 in two parts, and p Cephes' degree-7
+// polynomial for expf (float32 precision); the portable loop calls std::exp.
+inline void exp_less(float* x, int64_t n, float top) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 lowest = _mm512_set1_ps(-127.0f);  // e^-127 rounds to 0 in float32, as e^-inf is
+  const __m512 shift = _mm512_set1_ps(top);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 v = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), shift), lowest);
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);
+    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    _mm512_storeu_ps(x + i, _mm512_scalef_ps(p, k));
+  }
+#endif
+  for (; i < n; ++i) x[i] = std::exp(x[i] - top);
+}
+
+#if defined(__AVX512F__)
+// r[i] = the sum of the 16 lanes of v[i], for 16 vectors: pairs, then quadruples within each 128-bit lane, then
+// across the lanes (45 instructions for 16 sums, against 8 or so each one by one).
+inline __m512 reduce16(const __m512* v) {
+  __m512 pairs[8];
+  for (int k = 0; k < 8; ++k) {
+    pairs[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+  }
+  __m512 quads[4];  // each 128-bit lane: the lane's sums of keys 4j .. 4j+3
+  for (int j = 0; j < 4; ++j) {
+    const __m512d c = _mm512_castps_pd(pairs[2 * j]), d = _mm512_castps_pd(pairs[2 * j + 1]);
+    quads[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)), _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
+  }
+  constexpr int EVEN = _MM_SHUFFLE(2, 0, 2, 0), ODD = _MM_SHUFFLE(3, 1, 3, 1);
+  const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], EVEN),
+                                 _mm512_shuffle_f32x4(quads[0], quads[1], ODD));
+  const __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], EVEN),
+                                 _mm512_shuffle_f32x4(quads[2], quads[3], ODD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u, w, EVEN), _mm512_shuffle_f32x4(u, w, ODD));
+}
+
+// score_keys for head dims of C * 16 (C known at compile time): each query row held in registers, 16 keys at a
+// time, their 16 dot products summed together by reduce16.
+template <int C, typename KT>
+void score_keys_c(const float* q, const Buffer<KT>& keys, int64_t h, int64_t from, int64_t to, int64_t n0,
+                  int64_t G, float scale, float* scores) {
+  constexpr int64_t D = C * 16;
+  const KT* rows = keys.row(h, 0);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 qv[C];
+    for (int j = 0; j < C; ++j) qv[j] = _mm512_loadu_ps(q + g * D + 16 * j);
+    float* out = scores + g * BLOCK - n0;
+    int64_t n = from;
+    for (; n + 16 <= to; n += 16) {
+      __m512 part[16];
+      for (int i = 0; i < 16; ++i) {
+        const KT* k = rows + (n + i) * D;
+        __m512 acc = _mm512_mul_ps(qv[0], load16(k));
+        for (int j = 1; j < C; ++j) acc = _mm512_fmadd_ps(qv[j], load16(k + 16 * j), acc);
+        part[i] = acc;
+      }
+      __m512 r = _mm512_mul_ps(reduce16(part), _mm512_set1_ps(scale));
+      if constexpr (Buffer<KT>::QUANTIZED) r = _mm512_mul_ps(r, _mm512_loadu_ps(keys.scales + h * keys.N + n));
+      _mm512_storeu_ps(out + n, r);
+    }
+    for (; n < to; ++n) out[n] = dot(q + g * D, rows + n * D, D) * keys.scale(h, n) * scale;
+  }
+}
+
+// add_values for G query rows known at compile time: 16 dims at a time, the G sums in registers over the block's
+// keys, each value row read and converted once per 16 dims.
+template <int G, typename KT>
+void add_values_g(const Buffer<KT>& values, int64_t h, int64_t n0, int64_t n1, const bool* visible, const float* p,
+                  int64_t D, float* acc) {
+  const KT* rows = values.row(h, 0);
+  const float* scales = Buffer<KT>::QUANTIZED ? values.scales + h * values.N : nullptr;
+  auto row = [&](int64_t n, int64_t j) {
+    const __m512 v = load16(rows + n * D + j);
+    if constexpr (Buffer<KT>::QUANTIZED) return _mm512_mul_ps(v, _mm512_set1_ps(scales[n]));
+    return v;
+  };
+  for (int64_t j = 0; j < D; j += 16) {
+    __m512 even[G], odd[G];  // two sets of sums, so that consecutive keys do not wait on each other's products
+    for (int g = 0; g < G; ++g) {
+      even[g] = _mm512_loadu_ps(acc + g * D + j);
+      odd[g] = _mm512_setzero_ps();
+    }
+    int64_t n = n0;
+    for (; n + 1 < n1; n += 2) {
+      if (visible[n]) {
+        const __m512 v = row(n, j);
+        for (int g = 0; g < G; ++g) even[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * BLOCK + n - n0]), v, even[g]);
+      }
+      if (visible[n + 1]) {
+        const __m512 v = row(n + 1, j);
+        for (int g = 0; g < G; ++g) odd[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * BLOCK + n + 1 - n0]), v, odd[g]);
+      }
+    }
+    if (n < n1 && visible[n]) {
+      const __m512 v = row(n, j);
+      for (int g = 0; g < G; ++g) even[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * BLOCK + n - n0]), v, even[g]);
+    }
+    for (int g = 0; g < G; ++g) _mm512_storeu_ps(acc + g * D + j, _mm512_add_ps(even[g], odd[g]));
+  }
+}
+#endif
+
+// The scores of keys from..to (of kv head h; a block starting at n0) against G query rows q (G, D), times
+// ``scale``: scores[g * BLOCK + n - n0].
+template <typename KT>
+void score_keys(const float* q, const Buffer<KT>& keys, int64_t h, int64_t from, int64_t to, int64_t n0, int64_t G,
+                int64_t D, float scale, float* scores) {
+#if defined(__AVX512F__)
+  constexpr bool loads = std::is_same_v<KT, float> || std::is_same_v<KT, at::BFloat16> || std::is_same_v<KT, int8_t>;
+  if constexpr (loads) {
+    if (D == 64) return score_keys_c<4>(q, keys, h, from, to, n0, G, scale, scores);
+    if (D == 128) return score_keys_c<8>(q, keys, h, from, to, n0, G, scale, scores);
+  }
+#endif
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t n = from; n < to; ++n) {
+      scores[g * BLOCK + n - n0] = dot(q + g * D, keys.row(h, n), D) * keys.scale(h, n) * scale;
+    }
+  }
+}
+
+// acc[g] += sum over the visible keys n0..n1 of p[g][n - n0] * value[n], for the G query rows of kv head h
+// (p: G rows of BLOCK weights; acc: G rows of D sums; vrow: D floats of scratch).
+template <typename KT>
+void add_values(const Buffer<KT>& values, int64_t h, int64_t n0, int64_t n1, const bool* visible, const float* p,
+                int64_t G, int64_t D, float* acc, float* vrow) {
+#if defined(__AVX512F__)
+  constexpr bool loads = std::is_same_v<KT, float> || std::is_same_v<KT, at::BFloat16> || std::is_same_v<KT, int8_t>;
+  if constexpr (loads) {
+    if (D % 16 == 0) {
+      switch (G) {  // the group sizes of common models: 1 (multi-head), 2-8 (grouped-query)
+        case 1: return add_values_g<1>(values, h, n0, n1, visible, p, D, acc);
+        case 2: return add_values_g<2>(values, h, n0, n1, visible, p, D, acc);
+        case 3: return add_values_g<3>(values, h, n0, n1, visible, p, D, acc);
+        case 4: return add_values_g<4>(values, h, n0, n1, visible, p, D, acc);
+        case 5: return add_values_g<5>(values, h, n0, n1, visible, p, D, acc);
+        case 6: return add_values_g<6>(values, h, n0, n1, visible, p, D, acc);
+        case 7: return add_values_g<7>(values, h, n0, n1, visible, p, D, acc);
+        case 8: return add_values_g<8>(values, h, n0, n1, visible, p, D, acc);
+        default: break;
+      }
+    }
+  }
+#endif
+  for (int64_t n = n0; n < n1; ++n) {
+    if (!visible[n]) continue;
+    values.get(h, n, vrow);
+    for (int64_t g = 0; g < G; ++g) {
+      const float w = p[g * BLOCK + n - n0];
+      float* ag = acc + g * D;
+      for (int64_t d = 0; d < D; ++d) ag[d] += w * vrow[d];
+    }
+  }
+}
+
 // The G query heads of each kv head against the visible keys, split into blocks of keys so that every thread has
-// work; each block keeps its own running maximum, sum and weighted values, merged at the end. Keys from slot
-// ``split`` on (recalled from memory), and the first ``anchored`` ones (the sinks in place, where they are not
-// moved), are scored with the turned query ``qa`` instead of ``q``.
+// work. Each block scores its keys (an invisible one scores -inf), takes the exponentials of the scores less the
+// block's maximum in one pass, and sums the weighted values; the blocks' maxima, sums and weighted values are
+// merged at the end. Keys from slot ``split`` on (recalled from memory), and the first ``anchored`` ones (the
+// sinks in place, where they are not moved), are scored with the turned query ``qa`` instead of ``q``.
 template <typename KT, typename T>
 void attend(const float* q, const float* qa, int64_t split, int64_t anchored, const Buffer<KT>& keys,
             const Buffer<KT>& values, const bool* visible, int64_t H, int64_t Hkv, int64_t N, int64_t D, float scale,
@@ -214,30 +411,32 @@ void attend(const float* q, const float* qa, int64_t split, int64_t anchored, co
     std::vector<float> scores(G * BLOCK), vrow(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task / blocks, n0 = (task % blocks) * BLOCK, n1 = std::min(N, n0 + BLOCK);
+      const int64_t count = n1 - n0;
       const float* Q = q + h * G * D;
       const float* QA = qa + h * G * D;
       float* m = maxes.data() + task * G;
       float* l = sums.data() + task * G;
       float* a = acc.data() + task * G * D;
+      bool any = false;
+      for (int64_t n = n0; n < n1 && !any; ++n) any = visible[n];
+      if (!any) continue;
+      // keys before ``anchored`` and from ``split`` on see the turned query
+      const int64_t mid0 = std::clamp(anchored, n0, n1), mid1 = std::clamp(split, mid0, n1);
+      score_keys(QA, keys, h, n0, mid0, n0, G, D, scale, scores.data());
+      score_keys(Q, keys, h, mid0, mid1, n0, G, D, scale, scores.data());
+      score_keys(QA, keys, h, mid1, n1, n0, G, D, scale, scores.data());
       for (int64_t n = n0; n < n1; ++n) {
-        if (!visible[n]) continue;
-        const float* Qn = n >= anchored && n < split ? Q : QA;
-        for (int64_t g = 0; g < G; ++g) {
-          const float s = dot(Qn + g * D, keys.row(h, n), D) * keys.scale(h, n) * scale;
-          scores[g * BLOCK + n - n0] = s;
-          m[g] = std::max(m[g], s);
-        }
+        if (visible[n]) continue;
+        for (int64_t g = 0; g < G; ++g) scores[g * BLOCK + n - n0] = NEG;
       }
-      for (int64_t n = n0; n < n1; ++n) {
-        if (!visible[n]) continue;
-        values.get(h, n, vrow.data());
-        for (int64_t g = 0; g < G; ++g) {
-          const float p = std::exp(scores[g * BLOCK + n - n0] - m[g]);
-          l[g] += p;
-          float* ag = a + g * D;
-          for (int64_t d = 0; d < D; ++d) ag[d] += p * vrow[d];
-        }
+      for (int64_t g = 0; g < G; ++g) {
+        float* sg = scores.data() + g * BLOCK;
+        const float top = max_of(sg, count);
+        exp_less(sg, count, top);
+        m[g] = top;
+        l[g] = sum_of(sg, count);
       }
+      add_values(values, h, n0, n1, visible, scores.data(), G, D, a, vrow.data());
     }
   });
   for (int64_t h = 0; h < Hkv; ++h) {
@@ -498,6 +697,31 @@ class Step {
 
 }  // namespace
 
+at::Tensor attend_heads(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                        const at::Tensor& key_scales, const at::Tensor& value_scales, const at::Tensor& visible,
+                        double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 2, "q: contiguous (H, D) float32");
+  TORCH_CHECK(keys.dim() == 3 && keys.is_contiguous() && values.is_contiguous(), "keys, values: contiguous (Hkv, N, D)");
+  TORCH_CHECK(visible.scalar_type() == at::kBool && visible.numel() == keys.size(1), "visible: (N,) bool");
+  const int64_t H = q.size(0), D = q.size(1), Hkv = keys.size(0), N = keys.size(1);
+  at::Tensor out = at::empty({H, D}, q.options());
+  const float* qf = q.data_ptr<float>();
+  const bool* seen = visible.data_ptr<bool>();
+  const float s = static_cast<float>(scale);
+  if (keys.scalar_type() == at::kChar) {
+    attend(qf, qf, N, 0, buffer<int8_t>(keys, key_scales, N, D), buffer<int8_t>(values, value_scales, N, D), seen, H,
+           Hkv, N, D, s, out.data_ptr<float>());
+  } else if (keys.scalar_type() == at::kBFloat16) {
+    attend(qf, qf, N, 0, buffer<at::BFloat16>(keys, key_scales, N, D), buffer<at::BFloat16>(values, value_scales, N, D),
+           seen, H, Hkv, N, D, s, out.data_ptr<float>());
+  } else {
+    TORCH_CHECK(keys.scalar_type() == at::kFloat, "keys: int8, bfloat16 or float32");
+    attend(qf, qf, N, 0, buffer<float>(keys, key_scales, N, D), buffer<float>(values, value_scales, N, D), seen, H,
+           Hkv, N, D, s, out.data_ptr<float>());
+  }
+  return out;
+}
+
 // The code paths this build compiled: the portable loops always, the AVX-512 ones where the target CPU has them.
 std::string compiled_for() {
   std::string paths = "portable";
@@ -514,6 +738,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiled_for", &compiled_for, "the code paths this build compiled, comma-separated");
   m.def("matmul", [](const at::Tensor& W, const at::Tensor& x) { return Matrix{0, W, at::Tensor()}(x); },
         "x W^T for rows x (R, K), as the native step computes it with the model's own weights");
+  m.def("attend", &attend_heads, "the step's attention of one token's heads q (H, D) float32 over one layer's cache "
+        "buffers keys, values (Hkv, N, D) (int8 with their scales (Hkv, N), or float32/bfloat16 with empty ones) "
+        "where visible (N,) bool, scores times scale; -> (H, D) float32");
   pybind11::class_<Step>(m, "Step")
       .def(pybind11::init<const std::vector<std::vector<at::Tensor>>&, const std::vector<std::vector<int64_t>>&,
                           const std::vector<at::Tensor>&, int64_t, int64_t, int64_t, int64_t, double, double>())
