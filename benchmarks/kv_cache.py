@@ -120,7 +120,7 @@ def main() -> None:
         sessions = per_session(model, ids, args.sessions, decode)
         for kv, s in sessions.items():
             print(
-                f"{dtype} {decode}, kv {kv}: cache {s['cache_mb']:.1f} MB, RSS {s['rss_mb']:.1f} MB/session",
+                f"{dtype} {decode}, kv {kv}: cache {s['cache_mb']:.1f} MiB, RSS {s['rss_mb']:.1f} MiB/session",
                 flush=True,
             )
         for size in sizes:
@@ -146,8 +146,8 @@ def _write(rows, ppl, cost, args, paths) -> None:
         "kv dtype",
         "cache size",
         "decode tok/s",
-        "cache MB (4+1020)",
-        "RSS MB per session",
+        "cache MiB (4+1020)",
+        "RSS MiB per session",
         "float32 perplexity",
     )
     report = Report("kv_cache", f"8-bit key/value cache ({args.model})", command(), header, rows)
@@ -162,8 +162,8 @@ def _write(rows, ppl, cost, args, paths) -> None:
         first = sorted({r[3] for r in mine})
         per_gb = {kv: 1024 / by[(kv, first[0])][6] for kv in KV}
         summary.append(
-            f"- {dtype}, {decode} decode: {by[('model', first[0])][5]:.1f} MB -> {by[('int8', first[0])][5]:.1f} MB "
-            f"of cache per 4+1020 session; by RSS {per_gb['model']:.0f} -> {per_gb['int8']:.0f} sessions per GB "
+            f"- {dtype}, {decode} decode: {by[('model', first[0])][5]:.1f} MiB -> {by[('int8', first[0])][5]:.1f} MiB "
+            f"of cache per 4+1020 session; by RSS {per_gb['model']:.0f} -> {per_gb['int8']:.0f} sessions per GiB "
             f"({per_gb['int8'] / per_gb['model']:.1f}x). Decode int8/model: "
             + ", ".join(f"{s}: {by[('int8', s)][4] / by[('model', s)][4]:.2f}x" for s in first)
         )
