@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import snapshot
 from .memory import Memory
 from .plan import Plan, make_plan
 from .policy import Policy
@@ -99,6 +100,8 @@ class KVCache:
         self.plans: list[Plan] | None = None  # the pending plan of every layer, until all have committed
         self._departing: tuple | None = None  # (plan, what leaves under it), for the layers that share it
         self.uncommitted = 0
+        # per policy group, the slots written since the last ``mark_saved`` (None: all of them may differ)
+        self.changed: list[torch.Tensor | None] = [None] * len(self.groups)
 
     # -- the stream's view ---------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -179,7 +182,7 @@ class KVCache:
             self._evict(layer_idx, plan, k_new, v_new)
         if plan.last_slot >= 0 and not written:
             if store.keys is None or plan.last_slot >= store.keys.shape[2]:
-                store.allocate(k_new, self._size_for(store.policy, plan.last_slot + 1, store))
+                store.allocate(k_new, self.size_for(store.policy, plan.last_slot + 1, store))
             stays = plan.stays  # plans live on the CPU; the storage may not
             if not plan.all_stay:
                 stays = stays if k_new.is_cpu else stays.to(k_new.device)
@@ -198,10 +201,10 @@ class KVCache:
         if plan.select:  # into the scratch slots, where the C++ decode step reads them too
             pos = int(plan.model_pos[0])
             keys, values = self.memory.select(layer_idx, query[:, :, 0], pos, pos + int(plan.anchor_shift[0]))
-            return self._recall_slots(layer_idx, keys, values)
-        return self._recall_slots(layer_idx)
+            return self.recall_into(layer_idx, keys, values)
+        return self.recall_into(layer_idx)
 
-    def _recall_slots(self, i: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+    def recall_into(self, i: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
         """Layer ``i``'s recall scratch slots (after the sinks' anchored copy), filled with ``keys`` and ``values``
         when given: -> the M slots in use."""
         store = self.layers[i]
@@ -247,6 +250,16 @@ class KVCache:
             slot_pos[plan.stay_slots] = plan.text_pos[plan.stays]
             for i in group:
                 self.layers[i].slot_pos = slot_pos
+            g = self._group_of[group[0]]
+            if self.changed[g] is not None:
+                if self.changed[g].numel() < slot_pos.numel():  # the storage grew
+                    self.changed[g] = torch.cat(
+                        [
+                            self.changed[g],
+                            torch.ones(slot_pos.numel() - self.changed[g].numel(), dtype=torch.bool),
+                        ]
+                    )
+                self.changed[g][plan.stay_slots] = True
         self.seen = self.plans[0].seen
         self.plans = None
         self._departing = None
@@ -286,7 +299,7 @@ class KVCache:
         self._departing = (plan, out)
         return out
 
-    def _size_for(self, policy: Policy, need: int, store: LayerStore) -> int:
+    def size_for(self, policy: Policy, need: int, store: LayerStore) -> int:
         if policy.capacity is not None:
             return max(policy.capacity, need)
         return max(need, 2 * store.slot_pos.numel(), 256)  # an unbounded cache grows by doubling
@@ -295,7 +308,7 @@ class KVCache:
         for i in group:
             store = self.layers[i]
             if need > store.slot_pos.numel():
-                store.allocate(store.keys, self._size_for(store.policy, need, store))
+                store.allocate(store.keys, self.size_for(store.policy, need, store))
 
     # -- rebasing ------------------------------------------------------------------------------------------------
     def _maybe_rebase(self, T: int) -> None:
@@ -320,62 +333,30 @@ class KVCache:
                 delta = torch.full((keys.shape[2],), -shift, dtype=torch.long)
                 store.write(ring, rotate(keys, delta, store.inv_freq))
         self.offset += shift
+        self.changed = [None] * len(self.groups)  # every window key turned
 
-    # -- saving and restoring ------------------------------------------------------------------------------------
+    # -- saving and restoring (``snapshot.py``) -------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to continue this stream later, per layer. Only slots that were ever written are
-        kept (a young stream holds fewer than ``capacity`` tokens). Tensors are the live ones, not copies."""
-        layers = []
-        for store in self.layers:
-            written = (store.slot_pos >= 0).nonzero()
-            used = int(written.max()) + 1 if written.numel() else 0
-            policy = store.policy
-            raw = (
-                {"keys": None, "values": None} if store.keys is None else store.raw(used)
-            )  # (B, Hkv, used, D)
-            layers.append(
-                raw
-                | {
-                    "slot_pos": None if store.keys is None else store.slot_pos[:used],  # (used,)
-                    "dtype": None if store.dtype is None else str(store.dtype).removeprefix("torch."),
-                    "seen": self.seen,
-                    "offset": self.offset,
-                    "num_sinks": policy.num_sinks,
-                    "window": getattr(policy, "window", None),
-                    "text_positions": bool(getattr(policy, "text_positions", False)),
-                }
-            )
-        state = {"layers": layers}
-        if self.memory is not None:
-            state["memory"] = self.memory.state_dict()  # (counters, tensors); the blocks stay where they are
-        return state
+        """Everything needed to continue this stream later, per layer (``snapshot.state_dict``)."""
+        return snapshot.state_dict(self)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned into this (fresh) cache; the policies must be the same."""
-        layers = state["layers"]
-        if layers and len(layers) != len(self.layers):
-            raise ValueError(f"the state has {len(layers)} layers, the model {len(self.layers)}")
-        for idx, (store, saved) in enumerate(zip(self.layers, layers, strict=False)):
-            policy = store.policy
-            mine = (
-                policy.num_sinks,
-                getattr(policy, "window", None),
-                bool(getattr(policy, "text_positions", 0)),
-            )
-            theirs = (saved["num_sinks"], saved["window"], bool(saved.get("text_positions", False)))
-            if saved["num_sinks"] is not None and mine != theirs:
-                raise ValueError(f"layer {idx}: saved under another policy {theirs}, this cache has {mine}")
-            self.seen, self.offset = int(saved["seen"]), int(saved["offset"])
-            keys = saved["keys"]
-            if keys is None:
-                continue
-            used = keys.shape[2]
-            dtype = getattr(torch, saved["dtype"]) if saved.get("dtype") else keys.dtype
-            store.allocate(keys, self._size_for(policy, max(used, 1), store), dtype)
-            store.load_raw(saved, used)
-            store.slot_pos[:used] = saved["slot_pos"]
-        if self.memory is not None and "memory" in state:
-            self.memory.load_state_dict(*state["memory"])
-            if self.memory.recalled_len:  # the recalled blocks, as the last selection placed them
-                for i in self.memory.layers:
-                    self._recall_slots(i, *self.memory.recalled(i))
+        snapshot.load_state_dict(self, state)
+        self.changed = [None] * len(self.groups)
+
+    def changes(self) -> dict | None:
+        """What changed since ``mark_saved`` (``snapshot.changes``), or None where everything may have."""
+        if any(c is None for c in self.changed):
+            return None
+        return snapshot.changes(self, [self.changed[g] for g in self._group_of])
+
+    def load_changes(self, state: dict) -> None:
+        """Apply what ``changes`` returned to the cache it was taken from, as it was when last saved."""
+        snapshot.load_changes(self, state)
+
+    def mark_saved(self) -> None:
+        """The cache as it is now is saved: ``changes`` counts from here."""
+        self.changed = [
+            torch.zeros(self.layers[g[0]].slot_pos.numel(), dtype=torch.bool) for g in self.groups
+        ]

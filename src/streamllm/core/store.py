@@ -133,29 +133,23 @@ class LayerStore:
             self._put(full, at, q)
             self._put(scales, at, s)
 
-    def raw(self, used: int) -> dict[str, torch.Tensor]:
-        """The first ``used`` slots as stored (views): keys and values, and their scales where 8-bit."""
-        out = {"keys": self.keys[:, :, :used], "values": self.values[:, :, :used]}
-        if self.quantized:
-            out |= {
-                "key_scales": self.key_scales[:, :, :used],
-                "value_scales": self.value_scales[:, :, :used],
-            }
-        return out
+    def raw(self, at: slice | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Slots ``at`` as stored: keys and values, and their scales where 8-bit."""
+        names = ("keys", "values", "key_scales", "value_scales") if self.quantized else ("keys", "values")
+        return {name: self._pick(getattr(self, f"full_{name}"), at) for name in names}
 
-    def load_raw(self, saved: dict, used: int) -> None:
-        """Put the first ``used`` slots of a saved layer (``raw``'s names) back, converting between 8-bit and
-        the model's dtype when the saved layer was stored the other way."""
+    def load_raw(self, saved: dict, at: slice | torch.Tensor) -> None:
+        """Put slots ``at`` of a saved layer (``raw``'s names) back, converting between 8-bit and the model's
+        dtype when the saved layer was stored the other way."""
         if self.quantized and "key_scales" in saved:
-            self.keys[:, :, :used], self.values[:, :, :used] = saved["keys"], saved["values"]
-            self.key_scales[:, :, :used] = saved["key_scales"]
-            self.value_scales[:, :, :used] = saved["value_scales"]
+            for name in ("keys", "values", "key_scales", "value_scales"):
+                self._put(getattr(self, f"full_{name}"), at, saved[name])
             return
         keys, values = saved["keys"], saved["values"]
         if "key_scales" in saved:  # saved 8-bit, kept in the model's dtype here
             keys = dequantize(keys, saved["key_scales"], self.dtype)
             values = dequantize(values, saved["value_scales"], self.dtype)
-        self.write(slice(0, used), keys.to(self.dtype), values.to(self.dtype))
+        self.write(at, keys.to(self.dtype), values.to(self.dtype))
 
     @staticmethod
     def _pick(t: torch.Tensor, at: slice | torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,118 @@
+"""Saving and restoring a ``KVCache``: the whole state, or only what changed since it was last saved.
+
+``state_dict`` holds, per layer, the slots ever written (as stored: the model's dtype, or int8 with scales), every
+slot's text position, the counters and the policy's shape; ``load_state_dict`` puts it into a fresh cache of the
+same policies, converting between 8-bit and the model's dtype where the two caches differ.
+
+``changes`` holds, per layer, only the slots written since ``KVCache.mark_saved`` (``slots``, their tensors as
+stored), with every slot's position and the counters; ``load_changes`` applies it on top of the state it was
+taken after. A decoded token writes one slot per layer, so a turn's changes are a few dozen of a thousand slots.
+Rebasing turns every window key, so after one (and after a state is loaded, or before anything is saved) the
+cache reports no changes but "everything", and the caller saves the whole state instead.
+
+The memory's state (``Memory.state_dict``: counters and the tokens of its unfinished block) is small and goes
+whole into both.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .cache import KVCache
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def state_dict(cache: KVCache) -> dict:
+    """Everything needed to continue the stream later, per layer. Only slots that were ever written are kept (a
+    young stream holds fewer than ``capacity`` tokens). Tensors are the live ones, not copies."""
+    layers = []
+    for store in cache.layers:
+        written = (store.slot_pos >= 0).nonzero()
+        used = int(written.max()) + 1 if written.numel() else 0
+        policy = store.policy
+        raw = {"keys": None, "values": None} if store.keys is None else store.raw(slice(0, used))
+        layers.append(
+            raw
+            | {
+                "slot_pos": None if store.keys is None else store.slot_pos[:used],  # (used,)
+                "dtype": _dtype_name(store.dtype),
+                "seen": cache.seen,
+                "offset": cache.offset,
+                "num_sinks": policy.num_sinks,
+                "window": getattr(policy, "window", None),
+                "text_positions": bool(getattr(policy, "text_positions", False)),
+            }
+        )
+    state = {"layers": layers}
+    if cache.memory is not None:
+        state["memory"] = cache.memory.state_dict()  # (counters, tensors); the blocks stay where they are
+    return state
+
+
+def load_state_dict(cache: KVCache, state: dict) -> None:
+    """Restore what ``state_dict`` returned into a fresh cache; the policies must be the same."""
+    layers = state["layers"]
+    if layers and len(layers) != len(cache.layers):
+        raise ValueError(f"the state has {len(layers)} layers, the model {len(cache.layers)}")
+    for idx, (store, saved) in enumerate(zip(cache.layers, layers, strict=False)):
+        policy = store.policy
+        mine = (policy.num_sinks, getattr(policy, "window", None), bool(getattr(policy, "text_positions", 0)))
+        theirs = (saved["num_sinks"], saved["window"], bool(saved.get("text_positions", False)))
+        if saved["num_sinks"] is not None and mine != theirs:
+            raise ValueError(f"layer {idx}: saved under another policy {theirs}, this cache has {mine}")
+        cache.seen, cache.offset = int(saved["seen"]), int(saved["offset"])
+        keys = saved["keys"]
+        if keys is None:
+            continue
+        used = keys.shape[2]
+        dtype = getattr(torch, saved["dtype"]) if saved.get("dtype") else keys.dtype
+        store.allocate(keys, cache.size_for(policy, max(used, 1), store), dtype)
+        store.load_raw(saved, slice(0, used))
+        store.slot_pos[:used] = saved["slot_pos"]
+    _load_memory(cache, state)
+
+
+def changes(cache: KVCache, changed: list[torch.Tensor]) -> dict:
+    """The slots ``changed`` (per layer, (C,) bool) and what ``load_changes`` needs besides."""
+    layers = []
+    for store, mask in zip(cache.layers, changed, strict=True):
+        slots = mask.nonzero().flatten()  # (n,)
+        layer = {"slots": slots, "slot_pos": store.slot_pos, "dtype": _dtype_name(store.dtype)}
+        layer |= {"seen": cache.seen, "offset": cache.offset}
+        layers.append(layer | (store.raw(slots) if store.keys is not None else {}))
+    state = {"layers": layers}
+    if cache.memory is not None:
+        state["memory"] = cache.memory.state_dict()
+    return state
+
+
+def load_changes(cache: KVCache, state: dict) -> None:
+    """Apply ``changes`` to the cache as it was when they were counted from."""
+    if len(state["layers"]) != len(cache.layers):
+        raise ValueError(f"the changes have {len(state['layers'])} layers, the model {len(cache.layers)}")
+    for store, saved in zip(cache.layers, state["layers"], strict=True):
+        cache.seen, cache.offset = int(saved["seen"]), int(saved["offset"])
+        if "keys" not in saved:
+            continue
+        C = saved["slot_pos"].numel()
+        dtype = getattr(torch, saved["dtype"]) if saved.get("dtype") else None
+        store.allocate(saved["keys"], cache.size_for(store.policy, max(C, 1), store), dtype)
+        if store.slot_pos.numel() < C:
+            raise ValueError(f"the changes hold {C} slots, the cache {store.slot_pos.numel()}")
+        store.load_raw(saved, saved["slots"])
+        store.slot_pos[:C] = saved["slot_pos"]
+    _load_memory(cache, state)
+
+
+def _load_memory(cache: KVCache, state: dict) -> None:
+    if cache.memory is not None and "memory" in state:
+        cache.memory.load_state_dict(*state["memory"])
+        if cache.memory.recalled_len:  # the recalled blocks, as the last selection placed them
+            for i in cache.memory.layers:
+                cache.recall_into(i, *cache.memory.recalled(i))

@@ -1,0 +1,59 @@
+"""Saving a cache whole, or only what changed since it was last saved (``core/snapshot.py``)."""
+
+import copy
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from streamllm import StreamConfig
+from streamllm.runtime.stream import Stream
+
+CONFIGS = {
+    "sink": StreamConfig(num_sinks=2, window=9, rebase_every=400),
+    "sink-int8": StreamConfig(num_sinks=2, window=9, rebase_every=400, kv_dtype="int8"),
+    "dense": StreamConfig(method="dense"),  # its storage grows between saves
+}  # a memory's changes go through its file: the server's tests save and restore one
+
+
+def _ids(n, seed=0):
+    return torch.randint(0, 101, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_saved_state_and_its_changes_continue_exactly(name):
+    """A whole state, then two sets of changes, restored into a fresh cache: it continues bit for bit. Each set
+    holds only the slots written since the save before it."""
+    model = tiny_model("llama")
+    config = CONFIGS[name]
+    ids = _ids(80)
+    live = Stream(model, config)
+    assert live.cache.changes() is None  # nothing saved yet: everything
+    live.feed(ids[:30])
+    saved = [copy.deepcopy(live.cache.state_dict())]
+    live.cache.mark_saved()
+    for piece in (ids[30:37], ids[37:42]):
+        live.feed(piece)
+        changes = live.cache.changes()
+        assert changes is not None
+        assert all(layer["slots"].numel() == len(piece) for layer in changes["layers"])
+        saved.append(copy.deepcopy(changes))
+        live.cache.mark_saved()
+    back = Stream(model, config)
+    back.cache.load_state_dict(saved[0])
+    for changes in saved[1:]:
+        back.cache.load_changes(changes)
+    assert back.tokens_seen == live.tokens_seen == 42
+    for token in ids[42:60]:
+        assert torch.equal(live.feed([token]), back.feed([token]))
+
+
+def test_a_rebase_means_everything_changed():
+    model = tiny_model("llama")
+    stream = Stream(model, StreamConfig(num_sinks=2, window=9, rebase_every=5))
+    stream.feed(_ids(12))
+    stream.cache.mark_saved()
+    stream.feed(_ids(2, seed=1))
+    assert stream.cache.changes() is not None
+    stream.feed(_ids(6, seed=2))  # past capacity + rebase_every: the window keys turn
+    assert stream.cache.offset > 0 and stream.cache.changes() is None
