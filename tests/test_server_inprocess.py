@@ -14,6 +14,7 @@ from streamllm import StreamConfig
 from streamllm.config import MemoryConfig
 from streamllm.runtime.stream import Stream
 from streamllm.server import ServerConfig, create_app
+from streamllm.server.journal import metadata
 from streamllm.server.persist import Conversation, StateDir, decode_state, encode_state
 
 KEY = "inprocess-key"
@@ -364,3 +365,53 @@ def test_an_8bit_session_is_saved_in_8_bits_and_restarts_either_way(tiny, tmp_pa
     with _serve(tiny, stream=STREAM, state_dir=tmp_path) as server:
         _, more = _turns(server.url, session, ["and once more"])
         assert _state(server.url, session)["turns"] == len(QUESTIONS) + 1
+
+
+@pytest.mark.parametrize("memory", [False, True], ids=["sink", "memory"])
+def test_turns_append_to_a_journal_that_survives_a_torn_tail(tiny, tmp_path, memory):
+    """After the first save a turn appends only what it changed; a restart replays the journal exactly (with a
+    memory too, whose blocks file grew since the whole state); a tail a crash left uncommitted is ignored and cut
+    off; a damaged committed record breaks only its session."""
+    roomy = dataclasses.replace(STREAM, window=400)  # a turn changes a small share of the cache
+    if memory:  # the long first turn and each later one evict tokens into new blocks
+        roomy = dataclasses.replace(MEMORY_STREAM, window=60)
+    questions = ["tell me about rivers, " * 25, *QUESTIONS[1:]]  # a long first turn, then short ones
+    with _serve(tiny, stream=roomy) as server:  # uninterrupted, nothing on disk
+        _, reference = _turns(server.url, None, questions)
+    with _serve(tiny, stream=roomy, state_dir=tmp_path) as server:
+        session, replies = _turns(server.url, None, questions[:3])
+        assert replies == reference[:3]
+    folder = tmp_path / "sessions" / session
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["generation"] == 3 and meta["state_file"] == "state-00000001.safetensors"  # one whole state,
+    assert 0 < meta["journal"]["bytes"] < meta["state_bytes"]  # then two turns' records, smaller than it
+    if memory:  # blocks were kept after the whole state was written
+        own = json.loads(metadata((folder / meta["state_file"]).read_bytes())["state"])
+        assert _blocks(meta["memory"]) > _blocks(own["memory"]) > 0
+    journal_file = folder / meta["journal"]["file"]
+    with open(journal_file, "ab") as f:
+        f.write(b"\x07" * 100)  # a record torn by a crash before meta.json committed it
+    with _serve(tiny, stream=roomy, state_dir=tmp_path) as server:
+        _, rest = _turns(server.url, session, questions[3:4])
+        assert rest == reference[3:4]
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta["journal"]["file"] == journal_file.name:  # appended after the torn tail was cut off
+        assert journal_file.stat().st_size == meta["journal"]["bytes"]
+    else:  # the journal had grown to the state's size: a whole state replaced both
+        assert memory and not journal_file.exists()
+        journal_file = folder / meta["journal"]["file"]
+        with _serve(tiny, stream=roomy, state_dir=tmp_path) as server:
+            _turns(server.url, session, questions[4:])
+        meta = json.loads((folder / "meta.json").read_text())
+        assert meta["journal"]["bytes"] > 0
+    data = bytearray(journal_file.read_bytes())
+    data[-5] ^= 0xFF
+    journal_file.write_bytes(bytes(data))
+    with _serve(tiny, stream=roomy, state_dir=tmp_path) as server:
+        broken = _chat(server.url, [{"role": "user", "content": "next"}], session=session)
+        assert broken.status_code == 500 and broken.json()["error"]["code"] == "session_state_unusable"
+        assert "journal record is corrupted" in broken.json()["error"]["message"]
+
+
+def _blocks(memory: dict) -> int:
+    return sum(int(layer["count"]) for layer in memory["layers"].values())

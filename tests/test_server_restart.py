@@ -8,6 +8,8 @@ import pytest
 from conftest import SERVER_ARGS
 from server_helpers import KEY_A, LIGHTHOUSE, MODEL, ServerProcess, ask
 
+from streamllm.server.persist import VERSION
+
 pytestmark = pytest.mark.real
 
 QUESTIONS = LIGHTHOUSE
@@ -51,7 +53,7 @@ def test_sigkill_mid_conversation_then_restart_continues_exactly(server, tmp_pat
         first.stop()
 
     meta = json.loads((state / "sessions" / session / "meta.json").read_text())
-    assert meta["turns"] == KILLED_AT and meta["version"] == 1
+    assert meta["turns"] == KILLED_AT and meta["version"] == VERSION
 
     second = ServerProcess(args, tmp_path / "second.log")
     try:

@@ -50,6 +50,13 @@ class Recompute:
         self.prefix = [int(t) for t in state["prefix"].tolist()] if "prefix" in state else []
         self.seen = seen
 
+    def changes(self) -> None:
+        """No slots to save piecewise: a save is always the whole (small) state."""
+        return None
+
+    def mark_saved(self) -> None:
+        pass
+
     @torch.no_grad()
     def forward(self, chunk: list[int], keep_all: bool) -> torch.Tensor:
         """Logits (T, V) of the new tokens (or only the last row), each from its own rebuilt window."""

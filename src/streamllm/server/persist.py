@@ -1,10 +1,12 @@
 """Sessions on disk: one folder per session under ``<state-dir>/sessions/``, written atomically after every turn.
 
-A folder holds ``meta.json`` (format name and version, model and cache settings, counters, digests) and
+A folder holds ``meta.json`` (format name and version, model and cache settings, counters, digests),
 ``state-<generation>.safetensors`` (the cache tensors of every layer plus the token log and the conversation
-text). ``meta.json`` is the commit point: a new state file is written under a new name first, then ``meta.json``
-is replaced by a rename. A crash at any moment leaves the previous turn's pair intact; the state file's sha256 in
-``meta.json`` catches a corrupted or truncated file.
+text, with its own counters in its metadata) and ``journal-<generation>.bin``, the turns saved since that state
+file as records of what each changed (``journal.py``). ``meta.json`` is the commit point: a new state file is
+written under a new name first, or a record appended to the journal, then ``meta.json`` is replaced by a rename.
+A crash at any moment leaves the previous turn's state intact; the state file's sha256 in ``meta.json`` and each
+record's own sha256 catch a corrupted or truncated file, and a journal tail past the committed length is ignored.
 
 A session with a memory (``--memory``) also has ``memory.bin``, its evicted blocks, only ever appended to: each
 save appends the blocks kept since the last one and syncs the file before ``meta.json`` commits its length. A
@@ -47,11 +49,14 @@ from ..config import StreamConfig
 from ..core.memory import MemoryFileError
 from ..runtime.recompute import Recompute
 from ..runtime.stream import Stream
+from . import journal
+from .journal import JournalError, journal_name
 
 log = logging.getLogger(__name__)
 
 FORMAT = "streamllm-session"
-VERSION = 1
+VERSION = 2  # 2: a journal of turns after the state file (``journal.py``)
+READABLE = (1, 2)
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")
 MEMORY_FILE = "memory.bin"
 
@@ -167,6 +172,11 @@ def encode_state(
     tensors, layers, memory = stream_tensors(stream)
     tensors["log.tokens"] = torch.from_numpy(np.frombuffer(convo.tokens.tobytes(), dtype=np.int32).copy())
     tensors["log.text"] = torch.from_numpy(np.frombuffer(convo.text.encode("utf-8"), dtype=np.uint8).copy())
+    own = {
+        "layers": layers,
+        "memory": memory,
+        "tokens_seen": stream.tokens_seen,
+    }  # the journal moves meta's on
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -182,22 +192,55 @@ def encode_state(
         "layers": layers,
         "memory": memory,
     }
-    return meta, save_tensors(tensors)
+    return meta, save_tensors(tensors, metadata={"state": json.dumps(own)})
 
 
-def decode_state(meta: dict, blob: bytes, stream: Stream) -> Conversation:
-    """Restore ``stream`` from a saved state and return the conversation; raises ``StateError``."""
+def advance_meta(saved: dict, convo: Conversation, stream: Stream, record_header: dict) -> dict:
+    """The meta of a save that appends a journal record to the one ``saved`` describes."""
+    layers = [dict(old, **new) for old, new in zip(saved["layers"], record_header["layers"], strict=True)]
+    return dict(
+        saved,
+        turns=convo.turns,
+        tokens_seen=stream.tokens_seen,
+        close=convo.close,
+        text_bytes=len(convo.text.encode("utf-8")),
+        text_sha256=text_digest(convo.text),
+        layers=layers,
+        memory=record_header["memory"],
+    )
+
+
+def decode_state(meta: dict, blob: bytes, stream: Stream, records: bytes = b"") -> Conversation:
+    """Restore ``stream`` from a saved state and the journal ``records`` after it, and return the conversation;
+    raises ``StateError``."""
     try:
         tensors = load_tensors(blob)
+        own = json.loads(journal.metadata(blob).get("state", "null")) or meta  # version 1: meta's counters
     except (SafetensorError, ValueError) as exc:
         raise StateError(f"the state file is not valid safetensors ({exc})") from None
     try:
         tokens = array("i", tensors["log.tokens"].to(torch.int32).numpy().tobytes())
-        text = bytes(tensors["log.text"].numpy().tobytes()).decode("utf-8")
+        text = bytearray(tensors["log.text"].numpy().tobytes())
+        parsed = journal.parse(records)
+        memory = own.get("memory")
+        if (last := journal.last_memory(parsed)) is not None:  # the memory as the last turn left it
+            memory = last[0]
+            tensors = {k: t for k, t in tensors.items() if not k.startswith("memory.")} | last[1]
+        restore_stream(stream, tensors, own["layers"], int(own["tokens_seen"]), memory)
+        journal.replay(parsed, tokens, text, stream)
+        text = text.decode("utf-8")
         if text_digest(text) != meta["text_sha256"]:
             raise StateError("the conversation text does not match its digest")
-        restore_stream(stream, tensors, meta["layers"], int(meta["tokens_seen"]), meta.get("memory"))
+        if stream.tokens_seen != meta["tokens_seen"] or len(tokens) != meta["tokens_seen"]:
+            raise StateError(
+                f"the saved state holds {stream.tokens_seen} tokens, meta.json {meta['tokens_seen']}"
+            )
+        stream.cache.mark_saved()
+    except JournalError as exc:
+        stream.reset()
+        raise StateError(str(exc)) from None
     except StateError:
+        stream.reset()
         raise
     except MemoryFileError as exc:
         stream.reset()
@@ -234,9 +277,10 @@ def check_meta(meta: object, model_id: str, config: StreamConfig) -> dict:
     """Validate a parsed ``meta.json``; raises ``StateError`` saying what does not fit."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise StateError("meta.json is not a streamllm session")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in READABLE:
         raise StateError(
-            f"saved in format version {meta.get('version')!r}; this server reads version {VERSION}"
+            f"saved in format version {meta.get('version')!r}; this server reads versions "
+            f"{', '.join(map(str, READABLE))}"
         )
     if meta.get("model") != model_id or meta.get("config") != _config_dict(config):
         raise StateError(
@@ -252,6 +296,15 @@ def check_meta(meta: object, model_id: str, config: StreamConfig) -> dict:
         raise StateError("meta.json lacks a valid 'memory'")
     if not re.fullmatch(r"state-\d{8}\.safetensors", meta["state_file"]):
         raise StateError("meta.json names an unexpected state file")
+    record = meta.get("journal")
+    if record is not None and not (
+        isinstance(record, dict)
+        and isinstance(record.get("file"), str)
+        and re.fullmatch(r"journal-\d{8}\.bin", record["file"])
+        and isinstance(record.get("bytes"), int)
+        and record["bytes"] >= 0
+    ):
+        raise StateError("meta.json lacks a valid 'journal'")
     return meta
 
 
@@ -320,31 +373,55 @@ class StateDir:
         """When the session's last turn was committed (unix time)."""
         return (self.folder(session_id) / "meta.json").stat().st_mtime
 
-    def read(self, session_id: str) -> tuple[dict, bytes]:
-        """(meta, state bytes), both checked; raises ``StateError``."""
+    def read(self, session_id: str) -> tuple[dict, bytes, bytes]:
+        """(meta, state bytes, committed journal bytes), the first two checked (the journal's records are
+        checked as they are replayed); raises ``StateError``."""
         meta = self.read_meta(session_id)
+        folder = self.folder(session_id)
         try:
-            blob = (self.folder(session_id) / meta["state_file"]).read_bytes()
+            blob = (folder / meta["state_file"]).read_bytes()
         except OSError as exc:
             raise StateError(f"the state file is unreadable ({exc.strerror})") from None
         if hashlib.sha256(blob).hexdigest() != meta["state_sha256"]:
             raise StateError("the state file is corrupted (its sha256 does not match meta.json)")
-        return meta, blob
+        record = meta.get("journal") or {"file": "", "bytes": 0}
+        try:
+            records = journal.read(folder / record["file"], record["bytes"])
+        except JournalError as exc:
+            raise StateError(str(exc)) from None
+        return meta, blob, records
 
-    def write(self, session_id: str, meta: dict, blob: bytes, generation: int) -> None:
-        """Commit a new state atomically: new state file, then ``meta.json`` by rename, then old files go."""
+    def append(self, session_id: str, meta: dict, record: bytes, generation: int) -> dict:
+        """Commit a turn as a journal record after the state ``meta`` describes: the record is appended and
+        synced, then ``meta.json`` (advanced to it) is replaced by a rename. -> the committed meta"""
+        folder = self.folder(session_id)
+        at = meta["journal"]
+        length = journal.append(folder / at["file"], at["bytes"], record)
+        meta = dict(meta, journal={"file": at["file"], "bytes": length}, generation=generation)
+        _write_atomic(folder / "meta.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
+        return meta
+
+    def write(self, session_id: str, meta: dict, blob: bytes, generation: int) -> dict:
+        """Commit a whole new state atomically: new state file, then ``meta.json`` by rename (with an empty
+        journal after it), then old state files and journals go. -> the committed meta"""
         folder = self.folder(session_id)
         folder.mkdir(exist_ok=True)
         name = f"state-{generation:08d}.safetensors"
         meta = dict(
-            meta, state_file=name, state_sha256=hashlib.sha256(blob).hexdigest(), generation=generation
+            meta,
+            state_file=name,
+            state_sha256=hashlib.sha256(blob).hexdigest(),
+            state_bytes=len(blob),
+            journal={"file": journal_name(generation), "bytes": 0},
+            generation=generation,
         )
         _write_atomic(folder / name, blob)
         _write_atomic(folder / "meta.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
         _fsync_dir(folder)
-        for old in folder.glob("state-*.safetensors"):
-            if old.name != name:
+        for old in [*folder.glob("state-*.safetensors"), *folder.glob("journal-*.bin")]:
+            if old.name not in (name, meta["journal"]["file"]):
                 old.unlink(missing_ok=True)
+        return meta
 
     def delete(self, session_id: str) -> None:
         shutil.rmtree(self.folder(session_id), ignore_errors=True)

@@ -27,12 +27,14 @@ from ..config import StreamConfig
 from ..runtime.stream import Stream
 from .config import ServerConfig
 from .errors import INVALID_REQUEST, NOT_FOUND, SERVER_ERROR, APIError
+from .journal import encode_record
 from .persist import (
     SESSION_ID,
     Conversation,
     Lease,
     StateDir,
     StateError,
+    advance_meta,
     decode_state,
     encode_state,
     new_session_id,
@@ -58,6 +60,7 @@ class Session:
         self.updated = time.time()  # of the last turn (or creation): the order of the session list
         self.saved_tokens_seen: int | None = None  # tokens_seen of the state on disk
         self.saved_memory: dict | None = None  # the memory of the state on disk: blocks per layer, file bytes
+        self.saved_meta: dict | None = None  # the meta.json of the state on disk, as last read or written
         self.lease: Lease | None = None  # held while the cache is in memory (with ``--state-dir``)
 
     @property
@@ -140,6 +143,7 @@ class SessionStore:
         session.text_bytes, session.text_sha256 = meta["text_bytes"], meta["text_sha256"]
         session.saved_tokens_seen = meta["tokens_seen"]
         session.saved_memory = saved_memory(meta, self.config.stream)
+        session.saved_meta = meta
         session.updated = self.disk.saved_at(session.id)
 
     def _discover(self) -> None:
@@ -297,10 +301,10 @@ class SessionStore:
         stream = Stream(self.model, self.config.stream, memory_file=memory_file)
         if session.convo is None:  # saved on disk: its latest turn, whichever process saved it
             try:
-                meta, blob = await asyncio.to_thread(self.disk.read, session.id)
+                meta, blob, records = await asyncio.to_thread(self.disk.read, session.id)
                 if meta["owner"] != session.owner:
                     raise StateError("meta.json names another owner")
-                session.convo = await asyncio.to_thread(decode_state, meta, blob, stream)
+                session.convo = await asyncio.to_thread(decode_state, meta, blob, stream, records)
             except StateError as exc:
                 log.warning("session %s cannot be restored: %s", session.id, exc)
                 session.error = str(exc)
@@ -358,21 +362,39 @@ class SessionStore:
 
     # -- saving --------------------------------------------------------------------------------------------------
     async def save(self, session: Session) -> None:
-        """Write the (locked) session's state atomically; a no-op without ``--state-dir``."""
+        """Commit the (locked) session's turn: a journal record of what changed since the last save, or a whole
+        state where one is due (``journal.py``); a no-op without ``--state-dir``."""
         if self.disk is None:
             return
         session.dirty = True
-        meta, blob = await asyncio.to_thread(
-            encode_state,
-            session.id,
-            session.owner,
-            self.config.model_id,
-            self.config.stream,
-            session.convo,
-            session.stream,
-        )
-        await asyncio.to_thread(self.disk.write, session.id, meta, blob, session.generation + 1)
+        start = time.perf_counter()
+        convo, stream, saved = session.convo, session.stream, session.saved_meta
+        record = None
+        if saved is not None and session.generation == saved.get("generation"):
+            record = await asyncio.to_thread(encode_record, saved, convo.text, convo.tokens, stream)
+        if record is not None and saved["journal"]["bytes"] + len(record[0]) <= saved.get("state_bytes", 0):
+            meta = advance_meta(saved, convo, stream, record[1])
+            meta = await asyncio.to_thread(
+                self.disk.append, session.id, meta, record[0], session.generation + 1
+            )
+            kind, written = "a journal record", len(record[0])
+        else:  # a whole state: the first save, after a rebase or a restore, or once the journal is as big
+            meta, blob = await asyncio.to_thread(
+                encode_state,
+                session.id,
+                session.owner,
+                self.config.model_id,
+                self.config.stream,
+                convo,
+                stream,
+            )
+            meta = await asyncio.to_thread(self.disk.write, session.id, meta, blob, session.generation + 1)
+            kind, written = "a whole state", len(blob)
+        seconds = time.perf_counter() - start
+        log.debug("session %s saved: %s, %d bytes in %.1f ms", session.id, kind, written, 1000 * seconds)
+        stream.cache.mark_saved()
         session.generation += 1
+        session.saved_meta = meta
         session.saved_memory = saved_memory(meta, self.config.stream)
         session.dirty = False
 
