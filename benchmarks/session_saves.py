@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/session_saves.py [--turns 1000] [--max-tokens 8] [--server-args "..."]
 
-Starts a real ``streamllm serve --state-dir TMP --verbose`` (the default path for this CPU, cache 4+1020) and holds
+Starts a real ``streamllm --verbose serve --state-dir TMP`` (the default path for this CPU, cache 4+1020) and holds
 one conversation with it through the ``openai`` client: each turn sends one short user message (cycling through a
 few questions) under the session's id and takes a greedy reply of at most ``--max-tokens`` tokens. After each
 turn it reads, from the server's own log line, how the turn was saved (a journal record or a whole state), its
@@ -62,8 +62,18 @@ def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="session-saves-"))
     port = free_port()
     log_path = state / "server.log"
-    serve = [sys.executable, "-m", "streamllm", "serve", "--model", args.model, "--port", str(port)]
-    serve += ["--state-dir", str(state), "--verbose", "--threads", str(args.threads)]
+    serve = [
+        sys.executable,
+        "-m",
+        "streamllm",
+        "--verbose",
+        "serve",
+        "--model",
+        args.model,
+        "--port",
+        str(port),
+    ]
+    serve += ["--state-dir", str(state), "--threads", str(args.threads)]
     serve += shlex.split(args.server_args)
     with open(log_path, "w") as log:
         server = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())

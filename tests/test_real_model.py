@@ -159,3 +159,21 @@ def test_native_step_on_real_model(real, hamlet_ids, monkeypatch):
         if weights == "fast":
             assert (rows["native"] - rows["python"]).abs().max() < 1e-3
         assert abs(nll["native"] - nll["python"]) < 0.01 * nll["python"], weights
+
+
+def test_a_history_fed_by_its_window_continues_close_to_the_whole(real, hamlet_ids):
+    """The server's ``--history window``: a stream fed only the sinks and the last window of a long history
+    predicts what follows almost as well as one that streamed all of it."""
+    from streamllm.server.turns import bounded
+
+    model, _ = real
+    config = StreamConfig(num_sinks=4, window=124, chunk_size=256)
+    history, after = hamlet_ids[:1500], hamlet_ids[1500:1700]
+    ppl = {}
+    for name, fed in (("exact", history), ("window", bounded(history, config))):
+        stream = Stream(model, config)
+        first = stream.feed(fed)  # predicts after[0]
+        logits = torch.cat([first[None], *stream.chunks(after[:-1])])
+        ppl[name] = float(torch.nn.functional.cross_entropy(logits, torch.tensor(after)).exp())
+    assert len(bounded(history, config)) == 128
+    assert abs(ppl["window"] / ppl["exact"] - 1) < 0.05, ppl

@@ -415,3 +415,30 @@ def test_turns_append_to_a_journal_that_survives_a_torn_tail(tiny, tmp_path, mem
 
 def _blocks(memory: dict) -> int:
     return sum(int(layer["count"]) for layer in memory["layers"].values())
+
+
+@pytest.mark.parametrize("history", ["window", "exact"])
+def test_an_unmatched_long_history_enters_bounded_or_whole(tiny, history):
+    """A history longer than the cache that matches no session: ``window`` feeds its first num_sinks and last
+    window tokens, ``exact`` all of it; either way the session then continues it like any other."""
+    with _serve(tiny) as server:  # where the conversation happened
+        session, _ = _turns(server.url, None, QUESTIONS[:3])
+        messages = []
+        for question in QUESTIONS[:3]:
+            messages.append({"role": "user", "content": question})
+            reply = _chat(server.url, messages, max_tokens=4)
+            messages.append(reply.json()["choices"][0]["message"])
+        full = _state(server.url, reply.headers["x-session-id"])["tokens_seen"]
+    assert full > STREAM.cache_size
+    with _serve(tiny, history=history) as server:  # a fresh server: nothing matches
+        first = _chat(server.url, [*messages, {"role": "user", "content": QUESTIONS[3]}], max_tokens=4)
+        assert first.status_code == 200
+        state = _state(server.url, first.headers["x-session-id"])
+        fed = state["tokens_seen"] - first.json()["usage"]["completion_tokens"]
+        if history == "window":  # the sinks and the last window of it
+            assert fed == STREAM.cache_size == first.json()["usage"]["prompt_tokens"]
+        else:
+            assert fed == first.json()["usage"]["prompt_tokens"] > full
+        resent = [*messages, {"role": "user", "content": QUESTIONS[3]}, first.json()["choices"][0]["message"]]
+        second = _chat(server.url, [*resent, {"role": "user", "content": QUESTIONS[4]}], max_tokens=4)
+        assert second.headers["x-session-id"] == first.headers["x-session-id"]  # matched by its whole text

@@ -15,6 +15,8 @@ DECODE_MODES = ("fast", "int4", "transformers")
 
 
 RECALL_POSITIONS = ("cache", "fixed")
+# How the server starts a session from a history that matches none and is longer than the cache.
+HISTORY = ("window", "exact")
 
 
 class ConfigError(ValueError):

@@ -7,6 +7,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from ..config import HISTORY
 from .common import (
     InputError,
     int_at_least,
@@ -52,6 +53,13 @@ def add_parser(sub) -> None:
         help="let up to N sessions share each decode forward pass (default 16: faster under load, same results "
         "as measured; 1: replies never depend on other traffic, even in rare near-ties)",
     )
+    s.add_argument(
+        "--history",
+        choices=HISTORY,
+        default="window",
+        help="a resent history that matches no session and is longer than the cache: feed its first --num-sinks "
+        "and last --window tokens (window, the default: bounded time), or all of it (exact)",
+    )
     s.set_defaults(run=run)
 
 
@@ -87,6 +95,7 @@ def run(args) -> int:
         request_timeout_s=float(args.request_timeout),
         batch_decode=args.batch_decode,
         bos=args.bos,
+        history=args.history,
     )
     if args.state_dir is not None:
         try:

@@ -6,7 +6,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, StreamConfig
+from ..config import HISTORY, ConfigError, StreamConfig
 
 
 def owner_of(api_key: str | None) -> str:
@@ -28,6 +28,9 @@ class ServerConfig:
     ``batch_decode`` > 1 lets that many sessions' decode steps share one forward pass (more tokens/s; 1 makes a
     session's replies independent of other traffic even in rare near-ties; ``scheduler.py``). ``bos``: a session starts
     the way the model was trained to (see ``runtime.tokens``); prompts given as token ids are fed as given.
+    ``history``: how a history that matches no session enters a new one when it is longer than the cache:
+    "window" feeds its first ``num_sinks`` tokens and its last ``window`` (a bounded cost, ``turns.bounded``),
+    "exact" feeds all of it, as if the session had streamed it from the start.
     """
 
     model_id: str
@@ -41,6 +44,7 @@ class ServerConfig:
     request_timeout_s: float = 600.0
     batch_decode: int = 16
     bos: bool = True  # a session's first text starts with BOS when the tokenizer adds one
+    history: str = "window"
     path: dict | None = None  # the dtype and decode path chosen for the model, and why (``defaults.Choice``)
 
     def __post_init__(self) -> None:
@@ -56,6 +60,8 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.history not in HISTORY:
+            raise ConfigError(f"unknown history mode {self.history!r}; choose one of {', '.join(HISTORY)}")
         if not self.request_timeout_s > 0:
             raise ConfigError(f"request_timeout_s must be > 0, got {self.request_timeout_s!r}")
         if any(not key or key != key.strip() for key in self.api_keys):

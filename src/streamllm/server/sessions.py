@@ -391,7 +391,7 @@ class SessionStore:
             meta = await asyncio.to_thread(self.disk.write, session.id, meta, blob, session.generation + 1)
             kind, written = "a whole state", len(blob)
         seconds = time.perf_counter() - start
-        log.debug("session %s saved: %s, %d bytes in %.1f ms", session.id, kind, written, 1000 * seconds)
+        log.info("session %s saved: %s, %d bytes in %.1f ms", session.id, kind, written, 1000 * seconds)
         stream.cache.mark_saved()
         session.generation += 1
         session.saved_meta = meta

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+from ..config import StreamConfig
 from ..runtime.generate import Event, Sampling, eos_ids
 from .config import ServerConfig
 from .errors import NOT_FOUND, TIMEOUT, APIError, internal_error
@@ -142,6 +143,16 @@ class Turns:
         except BaseException:
             self._release(session)
             raise
+        if not session.convo.tokens and self.config.history == "window":
+            fed = bounded(ids, self.config.stream)
+            if len(fed) < len(ids):
+                log.info(
+                    "session %s starts from a history of %d tokens; %d of them fed (--history window)",
+                    session.id,
+                    len(ids),
+                    len(fed),
+                )
+            ids = fed
         return self._turn(session, ids, text, kind)
 
     def _turn(self, session: Session, ids: list[int], text: str, kind: str) -> Turn:
@@ -242,3 +253,15 @@ class Turns:
             self.store.forget(session)
         finally:
             self._release(session)
+
+
+def bounded(ids: list[int], config: StreamConfig) -> list[int]:
+    """The tokens of a history that a new session feeds under ``--history window``: all of them when they fit in
+    the cache, else the last ``num_sinks + window`` for the window method, and for the others the first
+    ``num_sinks`` (the attention sinks, where the text starts) and the last ``window``: what the cache would hold
+    after streaming all of it. A dense cache, which has no bound, takes all of them."""
+    size = config.cache_size
+    if config.method == "dense" or len(ids) <= size:
+        return ids
+    S = 0 if config.method == "window" else config.num_sinks
+    return ids[:S] + ids[len(ids) - (size - S) :]
