@@ -118,31 +118,6 @@ def test_saved_state_continues_exactly_and_converts():
     assert (got - want).abs().max() < 1e-2 * want.abs().max()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_several_8bit_streams_in_one_native_step(dtype):
-    _native_or_skip()
-    model = tiny_model("qwen2").to(dtype)
-    lengths = [1, 12, 40]
-    ids = _ids(80, seed=9)
-    alone = [Stream(model, SINK) for _ in lengths]
-    together = [Stream(model, SINK) for _ in lengths]
-    for a, b, n in zip(alone, together, lengths, strict=True):
-        a.feed(ids[:n])
-        b.feed(ids[:n])
-    decoder = together[0].decoder
-    for step in range(12):
-        tokens = [ids[n + step] for n in lengths]
-        want = torch.stack([s.feed([t]) for s, t in zip(alone, tokens, strict=True)])
-        got = decoder.step_many([s.cache for s in together], tokens)
-        tol = 1e-5 if dtype == torch.float32 else 1e-2
-        assert (got - want).abs().max() <= tol * max(1.0, float(want.abs().max()))
-    for a, b in zip(alone, together, strict=True):
-        layer_a, layer_b = a.cache.layers[0], b.cache.layers[0]
-        assert torch.equal(layer_a.slot_pos, layer_b.slot_pos)
-        assert (layer_a.keys.int() - layer_b.keys.int()).abs().max() <= 1  # a rounding tie at most
-        assert torch.allclose(layer_a.key_scales, layer_b.key_scales, rtol=1e-2)
-
-
 def test_memory_recalls_through_the_8bit_cache(monkeypatch):
     """Recalled blocks go into the 8-bit scratch slots; the C++ and Python steps read them alike."""
     _native_or_skip()
