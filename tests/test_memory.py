@@ -184,9 +184,14 @@ def _convo(ids):
     """A session's conversation that has fed ``ids``."""
     from streamllm.server.persist import Conversation
 
-    convo = Conversation(text="t", turns=1)
-    convo.tokens.extend(ids)
-    return convo
+    return Conversation.of(b"t", ids, turns=1)
+
+
+def _log(ids):
+    """That conversation's whole text and token log, as a whole state saves them."""
+    from array import array
+
+    return b"t", array("i", ids)
 
 
 def _saved(model, config, ids, path, budget=None):
@@ -197,7 +202,7 @@ def _saved(model, config, ids, path, budget=None):
     if budget is not None:
         stream.memory.budget = budget
     stream.feed(ids)
-    meta, blob = encode_state("s" * 32, "owner", "tiny", config, _convo(ids), stream)
+    meta, blob = encode_state("s" * 32, "owner", "tiny", config, _convo(ids), stream, _log(ids))
     return stream, meta, blob
 
 
@@ -251,7 +256,7 @@ def test_each_save_appends_only_the_new_blocks(tmp_path):
     first = path.read_bytes()
     blocks = meta["memory"]["layers"]["0"]["count"]
     stream.feed(ids[50:])
-    convo_meta, _ = encode_state("s" * 32, "owner", "tiny", config, _convo(ids), stream)
+    convo_meta, _ = encode_state("s" * 32, "owner", "tiny", config, _convo(ids), stream, _log(ids))
     now = path.read_bytes()
     assert now[: len(first)] == first  # nothing rewritten
     added = convo_meta["memory"]["layers"]["0"]["count"] - blocks

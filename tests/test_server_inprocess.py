@@ -4,6 +4,7 @@ model that speaks the real tokenizer, served by uvicorn on a loopback port in a 
 import dataclasses
 import json
 import threading
+from array import array
 
 import httpx
 import pytest
@@ -82,12 +83,13 @@ def test_saved_state_continues_bit_for_bit(tiny, config):
     ids = torch.randint(0, 1000, (70,), generator=torch.Generator().manual_seed(0)).tolist()
     live = Stream(model, config)
     live.feed(ids[:60])
-    convo = Conversation(text="héllo", turns=1)
-    convo.tokens.extend(ids[:60])
-    meta, blob = encode_state("x" * 32, "owner", "tiny", config, convo, live)
+    text = "héllo".encode()
+    convo = Conversation.of(text, ids[:60], turns=1)
+    meta, blob = encode_state("x" * 32, "owner", "tiny", config, convo, live, (text, array("i", ids[:60])))
     restored = Stream(model, config)
     back = decode_state(meta, blob, restored)
-    assert back.text == "héllo" and list(back.tokens) == ids[:60] and back.turns == 1
+    assert (back.text_bytes, back.sha256, back.token_count, back.turns) == (6, convo.sha256, 60, 1)
+    assert not back.unsaved_text and not back.unsaved_tokens  # all of it is on disk
     assert restored.tokens_seen == live.tokens_seen and restored.cache_length == live.cache_length
     for token in ids[60:]:
         assert torch.equal(live.feed([token]), restored.feed([token]))
@@ -375,10 +377,13 @@ def test_turns_append_to_a_journal_that_survives_a_torn_tail(tiny, tmp_path, mem
     roomy = dataclasses.replace(STREAM, window=400)  # a turn changes a small share of the cache
     if memory:  # the long first turn and each later one evict tokens into new blocks
         roomy = dataclasses.replace(MEMORY_STREAM, window=60)
-    questions = ["tell me about rivers, " * 25, *QUESTIONS[1:]]  # a long first turn, then short ones
-    with _serve(tiny, stream=roomy) as server:  # uninterrupted, nothing on disk
+    questions = [
+        "tell me about rivers, " * 25,
+        *QUESTIONS[1:],
+    ]  # a long first turn (all fed), then short ones
+    with _serve(tiny, history="exact", stream=roomy) as server:  # uninterrupted, nothing on disk
         _, reference = _turns(server.url, None, questions)
-    with _serve(tiny, stream=roomy, state_dir=tmp_path) as server:
+    with _serve(tiny, history="exact", stream=roomy, state_dir=tmp_path) as server:
         session, replies = _turns(server.url, None, questions[:3])
         assert replies == reference[:3]
     folder = tmp_path / "sessions" / session
@@ -391,7 +396,7 @@ def test_turns_append_to_a_journal_that_survives_a_torn_tail(tiny, tmp_path, mem
     journal_file = folder / meta["journal"]["file"]
     with open(journal_file, "ab") as f:
         f.write(b"\x07" * 100)  # a record torn by a crash before meta.json committed it
-    with _serve(tiny, stream=roomy, state_dir=tmp_path) as server:
+    with _serve(tiny, history="exact", stream=roomy, state_dir=tmp_path) as server:
         _, rest = _turns(server.url, session, questions[3:4])
         assert rest == reference[3:4]
     meta = json.loads((folder / "meta.json").read_text())
@@ -400,14 +405,14 @@ def test_turns_append_to_a_journal_that_survives_a_torn_tail(tiny, tmp_path, mem
     else:  # the journal had grown to the state's size: a whole state replaced both
         assert memory and not journal_file.exists()
         journal_file = folder / meta["journal"]["file"]
-        with _serve(tiny, stream=roomy, state_dir=tmp_path) as server:
+        with _serve(tiny, history="exact", stream=roomy, state_dir=tmp_path) as server:
             _turns(server.url, session, questions[4:])
         meta = json.loads((folder / "meta.json").read_text())
         assert meta["journal"]["bytes"] > 0
     data = bytearray(journal_file.read_bytes())
     data[-5] ^= 0xFF
     journal_file.write_bytes(bytes(data))
-    with _serve(tiny, stream=roomy, state_dir=tmp_path) as server:
+    with _serve(tiny, history="exact", stream=roomy, state_dir=tmp_path) as server:
         broken = _chat(server.url, [{"role": "user", "content": "next"}], session=session)
         assert broken.status_code == 500 and broken.json()["error"]["code"] == "session_state_unusable"
         assert "journal record is corrupted" in broken.json()["error"]["message"]
@@ -442,3 +447,20 @@ def test_an_unmatched_long_history_enters_bounded_or_whole(tiny, history):
         resent = [*messages, {"role": "user", "content": QUESTIONS[3]}, first.json()["choices"][0]["message"]]
         second = _chat(server.url, [*resent, {"role": "user", "content": QUESTIONS[4]}], max_tokens=4)
         assert second.headers["x-session-id"] == first.headers["x-session-id"]  # matched by its whole text
+
+
+def test_a_conversation_keeps_digests_not_text():
+    """A session matches resent histories by the length and running sha256 of its text: a history that goes on
+    from it gives what it adds, anything else gives None; the text itself is kept only until it is saved."""
+    convo = Conversation.of("héllo ".encode(), [1, 2], turns=1)
+    convo.extend(b"world", [3])
+    assert convo.continued_by("héllo world, again") == ", again"
+    assert convo.continued_by("héllo world") is None  # nothing added
+    assert convo.continued_by("hello world, again") is None  # another history of the same length
+    assert convo.continued_by("héllo") is None
+    copy = convo.copy()
+    convo.saved()
+    assert not convo.unsaved_text and bytes(copy.unsaved_text) == "héllo world".encode()
+    copy.extend(b"!", [4])
+    assert convo.sha256 != copy.sha256 and convo.token_count == 3 and copy.token_count == 4
+    assert not hasattr(convo, "text")

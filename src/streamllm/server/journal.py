@@ -50,13 +50,16 @@ def journal_name(generation: int) -> str:
     return f"journal-{generation:08d}.bin"
 
 
-def encode_record(saved: dict, text: str, tokens: array, stream: Stream) -> tuple[bytes, dict] | None:
-    """(the record, its header) of what changed since the save ``saved`` (its meta) described, or None where a
-    whole state must be written instead. A memory's new blocks are appended to its file first
-    (``Memory.persist``)."""
-    encoded = text.encode("utf-8")
+def encode_record(saved: dict, convo, stream: Stream) -> tuple[bytes, dict] | None:
+    """(the record, its header) of what changed since the save ``saved`` (its meta) described: the
+    conversation's unsaved text and tokens, and the cache's changes; or None where a whole state must be written
+    instead. A memory's new blocks are appended to its file first (``Memory.persist``)."""
     text_from, tokens_from = int(saved["text_bytes"]), int(saved["tokens_seen"])
-    if "journal" not in saved or len(encoded) < text_from or len(tokens) < tokens_from:
+    follows = (
+        text_from + len(convo.unsaved_text) == convo.text_bytes
+        and tokens_from + len(convo.unsaved_tokens) == convo.token_count
+    )
+    if "journal" not in saved or not follows:
         return None
     if stream.memory is not None:  # first: the memory's state names the file's length after it
         stream.memory.persist()
@@ -64,8 +67,8 @@ def encode_record(saved: dict, text: str, tokens: array, stream: Stream) -> tupl
     if changes is None:
         return None
     tensors = {
-        "log.tokens": torch.from_numpy(np.frombuffer(tokens[tokens_from:].tobytes(), dtype=np.int32).copy()),
-        "log.text": torch.from_numpy(np.frombuffer(encoded[text_from:], dtype=np.uint8).copy()),
+        "log.tokens": torch.from_numpy(np.frombuffer(convo.unsaved_tokens.tobytes(), dtype=np.int32).copy()),
+        "log.text": torch.from_numpy(np.frombuffer(bytes(convo.unsaved_text), dtype=np.uint8).copy()),
     }
     layers = []
     for i, layer in enumerate(changes["layers"]):

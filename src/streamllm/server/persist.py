@@ -36,12 +36,11 @@ import re
 import secrets
 import shutil
 from array import array
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
@@ -69,25 +68,64 @@ def new_session_id() -> str:
     return secrets.token_urlsafe(24)  # 32 characters, 192 random bits
 
 
-@dataclass
 class Conversation:
-    """What a session has said so far: the rendered text its cache has seen, and the tokens it was fed."""
+    """What a session has said so far, as much of it as matching a resent history and saving need: the length
+    and the running sha256 of the rendered text the cache has seen (not the text), the count of tokens fed, the
+    template text that ends the last reply (not fed yet), and the text and tokens not on disk yet. The whole text
+    and token log live on disk (``--state-dir``) or nowhere."""
 
-    text: str = ""
-    close: str = ""  # template text that ends the last reply, not fed yet
-    tokens: array | None = None  # every token fed, in order ("i": 4 bytes each)
-    turns: int = 0
+    def __init__(self, close: str = "", turns: int = 0):
+        self.close, self.turns = close, turns
+        self.text_bytes = self.token_count = 0
+        self._digest = hashlib.sha256()
+        self.unsaved_text, self.unsaved_tokens = bytearray(), array("i")
 
-    def __post_init__(self) -> None:
-        if self.tokens is None:
-            self.tokens = array("i")
+    @classmethod
+    def of(cls, text: bytes, tokens, close: str = "", turns: int = 0) -> Conversation:
+        convo = cls(close, turns)
+        convo.extend(text, tokens)
+        return convo
+
+    def extend(self, text: bytes, tokens) -> None:
+        """The conversation goes on by ``text`` (UTF-8) and ``tokens``."""
+        self._digest.update(text)
+        self.text_bytes += len(text)
+        self.token_count += len(tokens)
+        self.unsaved_text += text
+        self.unsaved_tokens.extend(tokens)
+
+    def saved(self) -> None:
+        """Everything said so far is on disk (or will never be: a server without ``--state-dir``)."""
+        self.unsaved_text, self.unsaved_tokens = bytearray(), array("i")
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+    def continued_by(self, prompt: str) -> str | None:
+        """What ``prompt`` adds when it starts with this conversation's text and goes on, else None."""
+        encoded = prompt.encode("utf-8")
+        if len(encoded) <= self.text_bytes:
+            return None
+        if hashlib.sha256(encoded[: self.text_bytes]).hexdigest() != self.sha256:
+            return None
+        try:
+            return encoded[self.text_bytes :].decode("utf-8")
+        except UnicodeDecodeError:  # not on a character boundary: it cannot be this text's continuation
+            return None
 
     def copy(self) -> Conversation:
-        return Conversation(self.text, self.close, array("i", self.tokens), self.turns)
-
-
-def text_digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        other = Conversation(self.close, self.turns)
+        other.text_bytes, other.token_count, other._digest = (
+            self.text_bytes,
+            self.token_count,
+            self._digest.copy(),
+        )
+        other.unsaved_text, other.unsaved_tokens = (
+            bytearray(self.unsaved_text),
+            array("i", self.unsaved_tokens),
+        )
+        return other
 
 
 # -- a stream <-> tensors ---------------------------------------------------------------------------------------
@@ -163,15 +201,25 @@ def restore_stream(
 
 
 def encode_state(
-    session_id: str, owner: str, model_id: str, config: StreamConfig, convo: Conversation, stream: Stream
+    session_id: str,
+    owner: str,
+    model_id: str,
+    config: StreamConfig,
+    convo: Conversation,
+    stream: Stream,
+    log: tuple[bytes, array],
 ) -> tuple[dict, bytes]:
-    """(meta, safetensors bytes) of a session; meta still lacks the state file's name and digest. A memory's new
-    blocks are appended to its file first (``Memory.persist``; raises ``MemoryFileError``)."""
+    """(meta, safetensors bytes) of a session whose whole text and token log are ``log`` (the saved ones and the
+    conversation's unsaved ones: ``StateDir.read_log``); meta still lacks the state file's name and digest. A
+    memory's new blocks are appended to its file first (``Memory.persist``; raises ``MemoryFileError``)."""
+    text, tokens = log
+    if len(text) != convo.text_bytes or hashlib.sha256(text).hexdigest() != convo.sha256:
+        raise StateError("the saved conversation and this one differ; the session cannot be saved whole")
     if stream.memory is not None:
         stream.memory.persist()
     tensors, layers, memory = stream_tensors(stream)
-    tensors["log.tokens"] = torch.from_numpy(np.frombuffer(convo.tokens.tobytes(), dtype=np.int32).copy())
-    tensors["log.text"] = torch.from_numpy(np.frombuffer(convo.text.encode("utf-8"), dtype=np.uint8).copy())
+    tensors["log.tokens"] = torch.from_numpy(np.frombuffer(tokens.tobytes(), dtype=np.int32).copy())
+    tensors["log.text"] = torch.from_numpy(np.frombuffer(bytes(text), dtype=np.uint8).copy())
     own = {
         "layers": layers,
         "memory": memory,
@@ -187,8 +235,8 @@ def encode_state(
         "turns": convo.turns,
         "tokens_seen": stream.tokens_seen,
         "close": convo.close,
-        "text_bytes": len(convo.text.encode("utf-8")),
-        "text_sha256": text_digest(convo.text),
+        "text_bytes": convo.text_bytes,
+        "text_sha256": convo.sha256,
         "layers": layers,
         "memory": memory,
     }
@@ -203,8 +251,8 @@ def advance_meta(saved: dict, convo: Conversation, stream: Stream, record_header
         turns=convo.turns,
         tokens_seen=stream.tokens_seen,
         close=convo.close,
-        text_bytes=len(convo.text.encode("utf-8")),
-        text_sha256=text_digest(convo.text),
+        text_bytes=convo.text_bytes,
+        text_sha256=convo.sha256,
         layers=layers,
         memory=record_header["memory"],
     )
@@ -228,8 +276,7 @@ def decode_state(meta: dict, blob: bytes, stream: Stream, records: bytes = b"") 
             tensors = {k: t for k, t in tensors.items() if not k.startswith("memory.")} | last[1]
         restore_stream(stream, tensors, own["layers"], int(own["tokens_seen"]), memory)
         journal.replay(parsed, tokens, text, stream)
-        text = text.decode("utf-8")
-        if text_digest(text) != meta["text_sha256"]:
+        if hashlib.sha256(text).hexdigest() != meta["text_sha256"]:
             raise StateError("the conversation text does not match its digest")
         if stream.tokens_seen != meta["tokens_seen"] or len(tokens) != meta["tokens_seen"]:
             raise StateError(
@@ -248,7 +295,9 @@ def decode_state(meta: dict, blob: bytes, stream: Stream, records: bytes = b"") 
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
         stream.reset()
         raise StateError(f"the state file does not fit this model ({type(exc).__name__}: {exc})") from None
-    return Conversation(text=text, close=meta["close"], tokens=tokens, turns=int(meta["turns"]))
+    convo = Conversation.of(bytes(text), tokens, meta["close"], int(meta["turns"]))
+    convo.saved()
+    return convo
 
 
 def _config_dict(config: StreamConfig) -> dict:
@@ -390,6 +439,22 @@ class StateDir:
         except JournalError as exc:
             raise StateError(str(exc)) from None
         return meta, blob, records
+
+    def read_log(self, session_id: str, meta: dict) -> tuple[bytearray, array]:
+        """The whole text and token log of the state ``meta`` describes: the state file's, then the journal's
+        additions; raises ``StateError``."""
+        folder = self.folder(session_id)
+        try:
+            with safe_open(folder / meta["state_file"], framework="pt") as f:
+                text = bytearray(f.get_tensor("log.text").numpy().tobytes())
+                tokens = array("i", f.get_tensor("log.tokens").to(torch.int32).numpy().tobytes())
+            record = meta.get("journal") or {"file": "", "bytes": 0}
+            for _, tensors in journal.parse(journal.read(folder / record["file"], record["bytes"])):
+                text.extend(tensors["log.text"].numpy().tobytes())
+                tokens.extend(array("i", tensors["log.tokens"].to(torch.int32).numpy().tobytes()))
+        except (OSError, SafetensorError, JournalError) as exc:
+            raise StateError(f"the saved conversation is unreadable ({exc})") from None
+        return text, tokens
 
     def append(self, session_id: str, meta: dict, record: bytes, generation: int) -> dict:
         """Commit a turn as a journal record after the state ``meta`` describes: the record is appended and

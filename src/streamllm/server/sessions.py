@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from array import array
 from collections import OrderedDict, defaultdict
 
 from ..config import StreamConfig
@@ -170,8 +171,7 @@ class SessionStore:
     def reindex(self, session: Session) -> None:
         """Call after the session's conversation changed."""
         self._remove_from_index(session)
-        text = session.convo.text.encode("utf-8")
-        session.text_bytes, session.text_sha256 = len(text), hashlib.sha256(text).hexdigest()
+        session.text_bytes, session.text_sha256 = session.convo.text_bytes, session.convo.sha256
         session.turns = session.convo.turns
         session.updated = time.time()
         self._index[session.owner][session.text_bytes].setdefault(session.text_sha256, set()).add(session.id)
@@ -365,13 +365,14 @@ class SessionStore:
         """Commit the (locked) session's turn: a journal record of what changed since the last save, or a whole
         state where one is due (``journal.py``); a no-op without ``--state-dir``."""
         if self.disk is None:
+            session.convo.saved()  # nothing keeps the text: its digest is all a session needs
             return
         session.dirty = True
         start = time.perf_counter()
         convo, stream, saved = session.convo, session.stream, session.saved_meta
         record = None
         if saved is not None and session.generation == saved.get("generation"):
-            record = await asyncio.to_thread(encode_record, saved, convo.text, convo.tokens, stream)
+            record = await asyncio.to_thread(encode_record, saved, convo, stream)
         if record is not None and saved["journal"]["bytes"] + len(record[0]) <= saved.get("state_bytes", 0):
             meta = advance_meta(saved, convo, stream, record[1])
             meta = await asyncio.to_thread(
@@ -379,6 +380,11 @@ class SessionStore:
             )
             kind, written = "a journal record", len(record[0])
         else:  # a whole state: the first save, after a rebase or a restore, or once the journal is as big
+            text, tokens = bytearray(), array("i")
+            if saved is not None:  # the conversation as saved, then what was said since
+                text, tokens = await asyncio.to_thread(self.disk.read_log, session.id, saved)
+            text += convo.unsaved_text
+            tokens.extend(convo.unsaved_tokens)
             meta, blob = await asyncio.to_thread(
                 encode_state,
                 session.id,
@@ -387,12 +393,14 @@ class SessionStore:
                 self.config.stream,
                 convo,
                 stream,
+                (bytes(text), tokens),
             )
             meta = await asyncio.to_thread(self.disk.write, session.id, meta, blob, session.generation + 1)
             kind, written = "a whole state", len(blob)
         seconds = time.perf_counter() - start
         log.info("session %s saved: %s, %d bytes in %.1f ms", session.id, kind, written, 1000 * seconds)
         stream.cache.mark_saved()
+        convo.saved()
         session.generation += 1
         session.saved_meta = meta
         session.saved_memory = saved_memory(meta, self.config.stream)

@@ -42,7 +42,7 @@ class Turn:
 
     session: Session
     ids: list[int]
-    text: str  # the session's text once ``ids`` are fed
+    added: str  # the text this turn adds to the conversation before its reply
     cached: int  # tokens of the conversation already in the session (not fed again)
     kind: str  # "chat" or "text"
     snapshot: tuple | None = None  # the session before the turn, when nothing on disk has it
@@ -69,9 +69,9 @@ class Turns:
         prompt = await asyncio.to_thread(self.renderer.chat_prompt, messages)
         if session_id is not None:
             session = await self._locked(self.store.get(session_id, owner), deadline)
-            text = session.convo.text
-            if prompt.startswith(text) and len(prompt) > len(text):  # the whole history, resent
-                return await self._plan(session, prompt[len(text) :], prompt, "chat")
+            added = await asyncio.to_thread(session.convo.continued_by, prompt)
+            if added:  # the whole history, resent
+                return await self._plan(session, added, "chat")
             if not any(m.role == "assistant" for m in messages):  # only the new turn
                 try:
                     suffix = await asyncio.to_thread(
@@ -80,7 +80,7 @@ class Turns:
                 except BaseException:
                     self._release(session)
                     raise
-                return await self._plan(session, suffix, text + suffix, "chat")
+                return await self._plan(session, suffix, "chat")
             log.info("history does not match session %s: starting a new session", session.id)
             self._release(session)
         return await self._match_or_create(owner, prompt, deadline, "chat")
@@ -88,10 +88,8 @@ class Turns:
     async def begin_text(self, prompt: str, owner: str, session_id: str | None, deadline: float) -> Turn:
         if session_id is not None:
             session = await self._locked(self.store.get(session_id, owner), deadline)
-            text = session.convo.text
-            if prompt.startswith(text) and len(prompt) > len(text):
-                return await self._plan(session, prompt[len(text) :], prompt, "text")
-            return await self._plan(session, prompt, text + prompt, "text")  # new text appended
+            added = await asyncio.to_thread(session.convo.continued_by, prompt)
+            return await self._plan(session, added or prompt, "text")  # the rest of it, or new text appended
         return await self._match_or_create(owner, prompt, deadline, "text")
 
     async def begin_ids(self, ids: list[int], owner: str, deadline: float) -> Turn:
@@ -108,12 +106,12 @@ class Turns:
                 if exc.status in (409, 504):  # held by another process: a new session here would fork it
                     raise
                 continue  # gone, or its saved state is unusable: never mind, another session will do
-            have = session.convo.text
-            if text.startswith(have) and len(text) > len(have):
-                return await self._plan(session, text[len(have) :], text, kind)
+            added = await asyncio.to_thread(session.convo.continued_by, text)
+            if added:
+                return await self._plan(session, added, kind)
             self._release(session)  # it moved on while we waited for it
         session = await self._locked(self.store.create(owner), deadline)
-        return await self._plan(session, text, text, kind)
+        return await self._plan(session, text, kind)
 
     async def _locked(self, session: Session, deadline: float) -> Session:
         """Lock the session and load its cache; raises 504 past the deadline, 500 for unusable saved state."""
@@ -137,13 +135,14 @@ class Turns:
             raise
         return session
 
-    async def _plan(self, session: Session, suffix: str, text: str, kind: str) -> Turn:
+    async def _plan(self, session: Session, added: str, kind: str) -> Turn:
+        """The turn that feeds ``added``, the text this request adds to the session's conversation."""
         try:
-            ids = await asyncio.to_thread(self.renderer.encode, suffix, not session.convo.tokens)
+            ids = await asyncio.to_thread(self.renderer.encode, added, not session.convo.token_count)
         except BaseException:
             self._release(session)
             raise
-        if not session.convo.tokens and self.config.history == "window":
+        if not session.convo.token_count and self.config.history == "window":
             fed = bounded(ids, self.config.stream)
             if len(fed) < len(ids):
                 log.info(
@@ -153,13 +152,13 @@ class Turns:
                     len(fed),
                 )
             ids = fed
-        return self._turn(session, ids, text, kind)
+        return self._turn(session, ids, added, kind)
 
-    def _turn(self, session: Session, ids: list[int], text: str, kind: str) -> Turn:
+    def _turn(self, session: Session, ids: list[int], added: str, kind: str) -> Turn:
         snapshot = None
         if session.convo.turns and (self.store.disk is None or session.dirty):
             snapshot = (stream_tensors(session.stream), session.stream.tokens_seen, session.convo.copy())
-        return Turn(session, ids, text, len(session.convo.tokens), kind, snapshot)
+        return Turn(session, ids, added, session.convo.token_count, kind, snapshot)
 
     def _release(self, session: Session) -> None:
         if session.lock.locked():
@@ -206,9 +205,7 @@ class Turns:
             eos = ""
             if last is not None and last.finish_reason == "stop" and last.token in self.eos_ids:
                 eos = await asyncio.to_thread(self.renderer.decode, [last.token])
-            convo.tokens.extend(turn.ids)
-            convo.tokens.extend(turn.generated)
-            convo.text = turn.text + reply + eos
+            convo.extend((turn.added + reply + eos).encode("utf-8"), [*turn.ids, *turn.generated])
             convo.close = self.renderer.reply_close(eos) if turn.kind == "chat" else ""
             convo.turns += 1
             self.store.reindex(session)
