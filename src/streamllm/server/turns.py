@@ -69,7 +69,7 @@ class Turns:
         prompt = await asyncio.to_thread(self.renderer.chat_prompt, messages)
         if session_id is not None:
             session = await self._locked(self.store.get(session_id, owner), deadline)
-            added = await asyncio.to_thread(session.convo.continued_by, prompt)
+            added = await self._continued(session, prompt)
             if added:  # the whole history, resent
                 return await self._plan(session, added, "chat")
             if not any(m.role == "assistant" for m in messages):  # only the new turn
@@ -88,7 +88,7 @@ class Turns:
     async def begin_text(self, prompt: str, owner: str, session_id: str | None, deadline: float) -> Turn:
         if session_id is not None:
             session = await self._locked(self.store.get(session_id, owner), deadline)
-            added = await asyncio.to_thread(session.convo.continued_by, prompt)
+            added = await self._continued(session, prompt)
             return await self._plan(session, added or prompt, "text")  # the rest of it, or new text appended
         return await self._match_or_create(owner, prompt, deadline, "text")
 
@@ -106,12 +106,21 @@ class Turns:
                 if exc.status in (409, 504):  # held by another process: a new session here would fork it
                     raise
                 continue  # gone, or its saved state is unusable: never mind, another session will do
-            added = await asyncio.to_thread(session.convo.continued_by, text)
+            added = await self._continued(session, text)
             if added:
                 return await self._plan(session, added, kind)
             self._release(session)  # it moved on while we waited for it
         session = await self._locked(self.store.create(owner), deadline)
         return await self._plan(session, text, kind)
+
+    async def _continued(self, session: Session, text: str) -> str | None:
+        """What ``text`` adds to the (locked) session's conversation, if it goes on from it (``continued_by``,
+        a hash of up to the whole history, off the event loop); the session is let go if this is cancelled."""
+        try:
+            return await asyncio.to_thread(session.convo.continued_by, text)
+        except BaseException:
+            self._release(session)
+            raise
 
     async def _locked(self, session: Session, deadline: float) -> Session:
         """Lock the session and load its cache; raises 504 past the deadline, 500 for unusable saved state."""
