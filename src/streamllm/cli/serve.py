@@ -57,7 +57,7 @@ def add_parser(sub) -> None:
         "--history",
         choices=HISTORY,
         default="window",
-        help="a resent history that matches no session and is longer than the cache: feed its first --num-sinks "
+        help="a resent conversation that matches no session and is longer than the cache: feed its first --num-sinks "
         "and last --window tokens (window, the default: bounded time), or all of it (exact)",
     )
     s.set_defaults(run=run)

@@ -28,7 +28,8 @@ class ServerConfig:
     ``batch_decode`` > 1 lets that many sessions' decode steps share one forward pass (more tokens/s; 1 makes a
     session's replies independent of other traffic even in rare near-ties; ``scheduler.py``). ``bos``: a session starts
     the way the model was trained to (see ``runtime.tokens``); prompts given as token ids are fed as given.
-    ``history``: how a history that matches no session enters a new one when it is longer than the cache:
+    ``history``: how a resent conversation (replies included) that matches no session enters a new one when it
+    is longer than the cache:
     "window" feeds its first ``num_sinks`` tokens and its last ``window`` (a bounded cost, ``turns.bounded``),
     "exact" feeds all of it, as if the session had streamed it from the start.
     """

@@ -83,7 +83,8 @@ class Turns:
                 return await self._plan(session, suffix, "chat")
             log.info("history does not match session %s: starting a new session", session.id)
             self._release(session)
-        return await self._match_or_create(owner, prompt, deadline, "chat")
+        history = any(m.role == "assistant" for m in messages)  # a conversation had elsewhere, resent
+        return await self._match_or_create(owner, prompt, deadline, "chat", history)
 
     async def begin_text(self, prompt: str, owner: str, session_id: str | None, deadline: float) -> Turn:
         if session_id is not None:
@@ -98,7 +99,11 @@ class Turns:
         text = await asyncio.to_thread(self.renderer.decode, ids)
         return self._turn(session, ids, text, "text")
 
-    async def _match_or_create(self, owner: str, text: str, deadline: float, kind: str) -> Turn:
+    async def _match_or_create(
+        self, owner: str, text: str, deadline: float, kind: str, history: bool = False
+    ) -> Turn:
+        """The session whose conversation ``text`` goes on from, or a new one. ``history``: ``text`` holds an
+        earlier conversation (replies included), which ``--history window`` may enter by its window."""
         for candidate in self.store.candidates(owner, text):
             try:
                 session = await self._locked(candidate, deadline)
@@ -111,7 +116,7 @@ class Turns:
                 return await self._plan(session, added, kind)
             self._release(session)  # it moved on while we waited for it
         session = await self._locked(self.store.create(owner), deadline)
-        return await self._plan(session, text, kind)
+        return await self._plan(session, text, kind, history)
 
     async def _continued(self, session: Session, text: str) -> str | None:
         """What ``text`` adds to the (locked) session's conversation, if it goes on from it (``continued_by``,
@@ -144,14 +149,15 @@ class Turns:
             raise
         return session
 
-    async def _plan(self, session: Session, added: str, kind: str) -> Turn:
-        """The turn that feeds ``added``, the text this request adds to the session's conversation."""
+    async def _plan(self, session: Session, added: str, kind: str, history: bool = False) -> Turn:
+        """The turn that feeds ``added``, the text this request adds to the session's conversation; for a new
+        session started from an earlier conversation (``history``), only its window under ``--history window``."""
         try:
             ids = await asyncio.to_thread(self.renderer.encode, added, not session.convo.token_count)
         except BaseException:
             self._release(session)
             raise
-        if not session.convo.token_count and self.config.history == "window":
+        if history and not session.convo.token_count and self.config.history == "window":
             fed = bounded(ids, self.config.stream)
             if len(fed) < len(ids):
                 log.info(
