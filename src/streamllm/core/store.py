@@ -55,9 +55,8 @@ class LayerStore:
         self.full_key_scales = self.full_value_scales = None
         self.keys = self.values = None
         self.key_scales = self.value_scales = None
-        self.slot_pos = torch.empty(
-            0, dtype=torch.long
-        )  # (C,) text position held by each slot, -1 when empty
+        # (C,) the text position held by each slot, -1 when empty
+        self.slot_pos = torch.empty(0, dtype=torch.long)
 
     @property
     def length(self) -> int:
