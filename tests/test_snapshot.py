@@ -11,6 +11,9 @@ from streamllm.runtime.stream import Stream
 
 CONFIGS = {
     "sink": StreamConfig(num_sinks=2, window=9, rebase_every=400),
+    "two-policies": StreamConfig(
+        num_sinks=2, window=20, rebase_every=400
+    ),  # gemma3: sliding and global layers
     "sink-int8": StreamConfig(num_sinks=2, window=9, rebase_every=400, kv_dtype="int8"),
     "dense": StreamConfig(method="dense"),  # its storage grows between saves
 }  # a memory's changes go through its file: the server's tests save and restore one
@@ -24,7 +27,7 @@ def _ids(n, seed=0):
 def test_a_saved_state_and_its_changes_continue_exactly(name):
     """A whole state, then two sets of changes, restored into a fresh cache: it continues bit for bit. Each set
     holds only the slots written since the save before it."""
-    model = tiny_model("llama")
+    model = tiny_model("gemma3_text" if name == "two-policies" else "llama")
     config = CONFIGS[name]
     ids = _ids(80)
     live = Stream(model, config)
@@ -36,7 +39,10 @@ def test_a_saved_state_and_its_changes_continue_exactly(name):
         live.feed(piece)
         changes = live.cache.changes()
         assert changes is not None
-        assert all(layer["slots"].numel() == len(piece) for layer in changes["layers"])
+        owners = [i for i, layer in enumerate(changes["layers"]) if "slots" in layer]  # one per policy
+        assert owners == ([0, 1] if name == "two-policies" else [0])
+        assert all(changes["layers"][i]["slots"].numel() == len(piece) for i in owners)
+        assert all(layer.get("positions_of", i) in owners for i, layer in enumerate(changes["layers"]))
         saved.append(copy.deepcopy(changes))
         live.cache.mark_saved()
     back = Stream(model, config)

@@ -349,7 +349,7 @@ class KVCache:
         """What changed since ``mark_saved`` (``snapshot.changes``), or None where everything may have."""
         if any(c is None for c in self.changed):
             return None
-        return snapshot.changes(self, [self.changed[g] for g in self._group_of])
+        return snapshot.changes(self, [self.changed[g] for g in self._group_of], self._group_of)
 
     def load_changes(self, state: dict) -> None:
         """Apply what ``changes`` returned to the cache it was taken from, as it was when last saved."""

@@ -78,14 +78,19 @@ def load_state_dict(cache: KVCache, state: dict) -> None:
     _load_memory(cache, state)
 
 
-def changes(cache: KVCache, changed: list[torch.Tensor]) -> dict:
-    """The slots ``changed`` (per layer, (C,) bool) and what ``load_changes`` needs besides."""
-    layers = []
-    for store, mask in zip(cache.layers, changed, strict=True):
-        slots = mask.nonzero().flatten()  # (n,)
-        layer = {"slots": slots, "slot_pos": store.slot_pos, "dtype": _dtype_name(store.dtype)}
-        layer |= {"seen": cache.seen, "offset": cache.offset}
-        layers.append(layer | (store.raw(slots) if store.keys is not None else {}))
+def changes(cache: KVCache, changed: list[torch.Tensor], groups: list[int]) -> dict:
+    """The slots ``changed`` (per layer, (C,) bool; layers of one policy ``group`` share the mask and the slot
+    positions) and what ``load_changes`` needs besides. The first layer of each group carries the changed slots
+    and every slot's position; the others name it (``positions_of``)."""
+    layers, first = [], {}
+    for i, (store, mask, group) in enumerate(zip(cache.layers, changed, groups, strict=True)):
+        if group not in first:
+            first[group] = (i, mask.nonzero().flatten())  # (n,)
+            layer = {"slots": first[group][1], "slot_pos": store.slot_pos}
+        else:
+            layer = {"positions_of": first[group][0]}
+        layer |= {"dtype": _dtype_name(store.dtype), "seen": cache.seen, "offset": cache.offset}
+        layers.append(layer | (store.raw(first[group][1]) if store.keys is not None else {}))
     state = {"layers": layers}
     if cache.memory is not None:
         state["memory"] = cache.memory.state_dict()
@@ -94,19 +99,22 @@ def changes(cache: KVCache, changed: list[torch.Tensor]) -> dict:
 
 def load_changes(cache: KVCache, state: dict) -> None:
     """Apply ``changes`` to the cache as it was when they were counted from."""
-    if len(state["layers"]) != len(cache.layers):
-        raise ValueError(f"the changes have {len(state['layers'])} layers, the model {len(cache.layers)}")
-    for store, saved in zip(cache.layers, state["layers"], strict=True):
+    layers = state["layers"]
+    if len(layers) != len(cache.layers):
+        raise ValueError(f"the changes have {len(layers)} layers, the model {len(cache.layers)}")
+    for store, saved in zip(cache.layers, layers, strict=True):
         cache.seen, cache.offset = int(saved["seen"]), int(saved["offset"])
         if "keys" not in saved:
             continue
-        C = saved["slot_pos"].numel()
+        owner = layers[int(saved["positions_of"])] if "positions_of" in saved else saved
+        slots, slot_pos = owner["slots"], owner["slot_pos"]
+        C = slot_pos.numel()
         dtype = getattr(torch, saved["dtype"]) if saved.get("dtype") else None
         store.allocate(saved["keys"], cache.size_for(store.policy, max(C, 1), store), dtype)
         if store.slot_pos.numel() < C:
             raise ValueError(f"the changes hold {C} slots, the cache {store.slot_pos.numel()}")
-        store.load_raw(saved, saved["slots"])
-        store.slot_pos[:C] = saved["slot_pos"]
+        store.load_raw(saved, slots)
+        store.slot_pos[:C] = slot_pos
     _load_memory(cache, state)
 
 

@@ -72,7 +72,7 @@ def encode_record(saved: dict, convo, stream: Stream) -> tuple[bytes, dict] | No
     }
     layers = []
     for i, layer in enumerate(changes["layers"]):
-        layers.append({k: layer[k] for k in ("seen", "offset", "dtype")})
+        layers.append({k: layer[k] for k in ("seen", "offset", "dtype", "positions_of") if k in layer})
         for name in LAYER_TENSORS:
             if name in layer:
                 tensors[f"layers.{i}.{name}"] = layer[name].detach().to("cpu", copy=True).contiguous()
@@ -122,7 +122,35 @@ def replay(records: list[tuple[dict, dict]], tokens: array, text: bytearray, str
         stream.cache.load_changes({"layers": layers})
 
 
+def logs(data: bytes):
+    """The text (bytes) and tokens each record adds, in order, each record checked against its digest but its
+    cache tensors left unread; raises ``JournalError``."""
+    for payload in _payloads(data):
+        try:
+            (size,) = struct.unpack_from("<Q", payload, 0)
+            entries = json.loads(payload[8 : 8 + size])
+            text, tokens = (entries[name]["data_offsets"] for name in ("log.text", "log.tokens"))
+        except (struct.error, ValueError, KeyError, TypeError) as exc:
+            raise JournalError(f"a journal record is unreadable ({exc})") from None
+        base = 8 + size
+        yield (
+            payload[base + text[0] : base + text[1]],
+            array("i", payload[base + tokens[0] : base + tokens[1]]),
+        )
+
+
 def _records(data: bytes):
+    for payload in _payloads(data):
+        try:
+            header = json.loads(metadata(payload)["record"])
+            tensors = load_tensors(payload)
+        except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+            raise JournalError(f"a journal record is unreadable ({exc})") from None
+        yield header, tensors
+
+
+def _payloads(data: bytes):
+    """Each record's payload, checked against its length and digest."""
     at = 0
     while at < len(data):
         if at + RECORD_HEAD.size > len(data):
@@ -133,12 +161,7 @@ def _records(data: bytes):
             raise JournalError("the journal ends inside a record")
         if hashlib.sha256(payload).digest() != digest:
             raise JournalError("a journal record is corrupted (its sha256 does not match)")
-        try:
-            header = json.loads(metadata(payload)["record"])
-            tensors = load_tensors(payload)
-        except (SafetensorError, ValueError, KeyError, TypeError) as exc:
-            raise JournalError(f"a journal record is unreadable ({exc})") from None
-        yield header, tensors
+        yield payload
         at += RECORD_HEAD.size + size
 
 

@@ -449,9 +449,9 @@ class StateDir:
                 text = bytearray(f.get_tensor("log.text").numpy().tobytes())
                 tokens = array("i", f.get_tensor("log.tokens").to(torch.int32).numpy().tobytes())
             record = meta.get("journal") or {"file": "", "bytes": 0}
-            for _, tensors in journal.parse(journal.read(folder / record["file"], record["bytes"])):
-                text.extend(tensors["log.text"].numpy().tobytes())
-                tokens.extend(array("i", tensors["log.tokens"].to(torch.int32).numpy().tobytes()))
+            for added, fed in journal.logs(journal.read(folder / record["file"], record["bytes"])):
+                text.extend(added)
+                tokens.extend(fed)
         except (OSError, SafetensorError, JournalError) as exc:
             raise StateError(f"the saved conversation is unreadable ({exc})") from None
         return text, tokens
