@@ -16,7 +16,8 @@ from streamllm.config import MemoryConfig
 from streamllm.runtime.stream import Stream
 from streamllm.server import ServerConfig, create_app
 from streamllm.server.journal import metadata
-from streamllm.server.persist import Conversation, StateDir, decode_state, encode_state
+from streamllm.server.persist import Conversation, decode_state, encode_state
+from streamllm.server.statedir import StateDir
 
 KEY = "inprocess-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -9,7 +9,7 @@ up (their state is on disk after every turn) when another needs room.
 All methods run on the event loop thread; only loading and saving go to worker threads, each touching only its
 own session, which the caller holds locked.
 
-With ``--state-dir``, a session's cache comes into memory only under the session's lease (``persist.Lease``), so
+With ``--state-dir``, a session's cache comes into memory only under the session's lease (``statedir.Lease``), so
 several processes can share the folder: one that wants a session another holds answers 409, and one that takes a
 session over reads its latest saved turn. Sessions that other processes create are found on disk when a request
 names them, or when a resent history matches none that is known.
@@ -32,14 +32,13 @@ from .journal import encode_record
 from .persist import (
     SESSION_ID,
     Conversation,
-    Lease,
-    StateDir,
     StateError,
     advance_meta,
     decode_state,
     encode_state,
     new_session_id,
 )
+from .statedir import Lease, StateDir
 
 log = logging.getLogger(__name__)
 
