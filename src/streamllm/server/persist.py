@@ -235,7 +235,10 @@ def encode_state(
 
 def advance_meta(saved: dict, convo: Conversation, stream: Stream, record_header: dict) -> dict:
     """The meta of a save that appends a journal record to the one ``saved`` describes."""
-    layers = [dict(old, **new) for old, new in zip(saved["layers"], record_header["layers"], strict=True)]
+    layers = [
+        old | {k: v for k, v in new.items() if k in COUNTERS}  # not the record's own ``positions_of``
+        for old, new in zip(saved["layers"], record_header["layers"], strict=True)
+    ]
     return dict(
         saved,
         turns=convo.turns,
