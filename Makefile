@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo test lint clean
+.PHONY: setup browser redis demo test lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,7 +27,15 @@ browser:
 	  || echo "make browser: apt-get failed; the browser and terminal tests will be skipped"; \
 	else echo "make browser: cannot install chromium, chromium-driver and tmux here; their tests will be skipped"; fi
 
-test: setup browser
+# The shared session store's tests start a real redis-server (Debian's package) on a loopback port.
+redis:
+	@if command -v redis-server >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server \
+	  || echo "make redis: apt-get failed; the Redis store tests will be skipped"; \
+	else echo "make redis: cannot install redis-server here; the Redis store tests will be skipped"; fi
+
+test: setup browser redis
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q tests
 

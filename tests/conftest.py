@@ -45,3 +45,65 @@ def server(tmp_path_factory):
     proc.state_dir = state
     yield proc
     proc.stop()
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free loopback port, with a password (in its config file, not its command
+    line) and every write synced to its append-only file, so that a restart keeps what was committed."""
+
+    PASSWORD = "test-store-password-5f1c"
+
+    def __init__(self, folder):
+        import shutil
+
+        from server_helpers import free_port
+
+        if shutil.which("redis-server") is None:
+            pytest.skip("redis-server is not installed (`make redis` installs Debian's package)")
+        self.folder, self.port = folder, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        (folder / "redis.conf").write_text(
+            f"port {self.port}\nbind 127.0.0.1\nrequirepass {self.PASSWORD}\ndir {folder}\n"
+            'save ""\nappendonly yes\nappendfsync always\ndaemonize no\n'
+        )
+        self.proc = None
+        self.start()
+
+    def start(self) -> None:
+        import subprocess
+        import time
+
+        import redis
+
+        self.proc = subprocess.Popen(
+            ["redis-server", str(self.folder / "redis.conf")],
+            stdout=open(self.folder / "redis.log", "ab"),  # noqa: SIM115 - lives as long as the server
+            stderr=subprocess.STDOUT,
+        )
+        client = self.client()
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url, password=self.PASSWORD)
+
+
+@pytest.fixture
+def redis_server(tmp_path, monkeypatch):
+    """A fresh Redis for one test; servers started by the test find its password in STREAMLLM_STORE_PASSWORD."""
+    server = RedisServer(tmp_path)
+    monkeypatch.setenv("STREAMLLM_STORE_PASSWORD", server.PASSWORD)
+    yield server
+    server.stop()

@@ -1,15 +1,17 @@
-"""Two real server processes on one --state-dir: a session is served by one process at a time, under its lease.
-The other answers 409 while the lease is held, takes the session over from its latest saved turn once it is let
-go (the session leaves the holder's memory, or the holder is SIGKILLed), and no turn is forked or lost: the
-greedy replies are token for token an uninterrupted server's."""
+"""Two real server processes on one store (a --state-dir, or a real Redis): any of them serves any turn of a
+session, one turn at a time under the session's lease. While one process runs a turn, the other waits for it
+(--lease-wait) or answers 409; a process killed mid-turn loses only that turn, and no turn is forked or lost:
+the greedy replies are token for token an uninterrupted server's."""
 
+import fcntl
 import json
+import os
 
 import httpx
 import openai
 import pytest
 from conftest import SERVER_ARGS
-from server_helpers import KEY_A, LIGHTHOUSE, ServerProcess, ask
+from server_helpers import KEY_A, LIGHTHOUSE, MODEL, ServerProcess, ask
 
 pytestmark = pytest.mark.real
 
@@ -23,46 +25,79 @@ def _turn(url: str, history: list[dict], question: str, session: str | None = No
     return text, usage, session
 
 
-def _refused(url: str, history: list[dict], question: str, session: str) -> None:
-    with pytest.raises(openai.APIStatusError) as caught:
-        ask(url, [*history, {"role": "user", "content": question}], session)
-    assert caught.value.status_code == 409
-    assert caught.value.body["code"] == "session_elsewhere", caught.value.body
+class Holder:
+    """The test itself holding a session's lease, as a process in the middle of a turn would."""
+
+    def __init__(self, backend, store, session):
+        self.backend, self.store, self.session = backend, store, session
+
+    def __enter__(self):
+        if self.backend == "redis":
+            assert self.store.client().set(f"streamllm:s:{self.session}:lease", "test", nx=True, px=60_000)
+        else:
+            self.fd = os.open(self.store / "sessions" / self.session / "lease", os.O_RDWR)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return self
+
+    def __exit__(self, *exc):
+        if self.backend == "redis":
+            self.store.client().delete(f"streamllm:s:{self.session}:lease")
+        else:
+            os.close(self.fd)
 
 
-def test_two_processes_share_sessions_without_losing_a_turn(server, tmp_path):
+@pytest.mark.parametrize("backend", ["dir", "redis"])
+def test_two_processes_share_sessions_without_losing_a_turn(server, tmp_path, backend, request):
     reference, ref_history = [], []
     for question in QUESTIONS:  # the uninterrupted server
         reference.append(_turn(server.url, ref_history, question)[0])
 
-    state = tmp_path / "state"
-    args = [*SERVER_ARGS, "--api-key", KEY_A, "--state-dir", str(state), "--max-sessions", "1"]
-    a = ServerProcess(args, tmp_path / "a.log")
-    b = ServerProcess(args, tmp_path / "b.log")
+    if backend == "redis":
+        store = request.getfixturevalue("redis_server")
+        where = ["--store", store.url, "--lease-ttl", "3"]
+    else:
+        store = tmp_path / "state"
+        where = ["--state-dir", str(store)]
+    args = [*SERVER_ARGS, "--api-key", KEY_A, *where]
+    a = ServerProcess([*args, "--lease-wait", "30"], tmp_path / "a.log")
+    b = ServerProcess([*args, "--lease-wait", "0"], tmp_path / "b.log")
     try:
         history: list[dict] = []
         text, _, session = _turn(a.url, history, QUESTIONS[0])
         assert text == reference[0]
-        _refused(b.url, history, QUESTIONS[1], session)  # A holds it: B neither forks nor overwrites it
-
-        _turn(a.url, [], "Something else entirely.")  # A's only memory slot goes to another session
-        text, usage, resumed = _turn(b.url, history, QUESTIONS[1], session)  # so B takes it over
-        meta = json.loads((state / "sessions" / session / "meta.json").read_text())
+        text, usage, resumed = _turn(b.url, history, QUESTIONS[1], session)  # B takes it from the store
         assert resumed == session and text == reference[1]
         assert usage.prompt_tokens_details.cached_tokens > 0  # restored from A's save, not fed again
-        assert meta["turns"] == 2
 
-        _refused(a.url, history, QUESTIONS[2], session)  # now B holds it
-        gone = httpx.delete(f"{a.url}/v1/sessions/{session}", headers={"Authorization": f"Bearer {KEY_A}"})
-        assert gone.status_code == 409 and gone.json()["error"]["code"] == "session_elsewhere"
-        b.kill()  # a crash gives the lease back too
-        text, _, resumed = _turn(a.url, history, QUESTIONS[2], session)
+        with Holder(backend, store, session):  # a turn in progress elsewhere: B does not wait for it
+            with pytest.raises(openai.APIStatusError) as caught:
+                ask(b.url, [*history, {"role": "user", "content": QUESTIONS[2]}], session)
+            assert caught.value.status_code == 409 and caught.value.body["code"] == "session_elsewhere"
+            gone = httpx.delete(f"{b.url}/v1/sessions/{session}", headers={"Authorization": f"Bearer {KEY_A}"})
+            assert gone.status_code == 409 and gone.json()["error"]["code"] == "session_elsewhere"
+        text, _, resumed = _turn(a.url, history, QUESTIONS[2], session)  # A's copy is older: it reloads
         assert resumed == session and text == reference[2]
-        text, _, _ = _turn(a.url, history, QUESTIONS[3], session)
-        assert text == reference[3]
+
+        # B is killed in the middle of a turn: that turn is lost, nothing else. A waits for the lease
+        # (a dead process's flock goes at once; a Redis lease runs out after --lease-ttl) and goes on.
+        headers = {"Authorization": f"Bearer {KEY_A}", "X-Session-Id": session}
+        body = {
+            "model": MODEL,
+            "messages": [*history, {"role": "user", "content": QUESTIONS[3]}],
+            "max_tokens": 64,
+            "stream": True,
+        }
+        with httpx.stream("POST", f"{b.url}/v1/chat/completions", json=body, headers=headers) as streaming:
+            next(line for line in streaming.iter_lines() if line.startswith("data:"))
+            b.kill()
+        text, _, resumed = _turn(a.url, history, QUESTIONS[3], session)
+        assert resumed == session and text == reference[3]
     finally:
         b.stop()
         a.stop()
-    meta = json.loads((state / "sessions" / session / "meta.json").read_text())
+    if backend == "redis":
+        meta = json.loads(store.client().get(f"streamllm:s:{session}:meta"))
+    else:
+        meta = json.loads((store / "sessions" / session / "meta.json").read_text())
+        assert len(list((store / "sessions" / session).glob("state-*.safetensors"))) == 1
     assert meta["turns"] == len(QUESTIONS)
-    assert len(list((state / "sessions" / session).glob("state-*.safetensors"))) == 1

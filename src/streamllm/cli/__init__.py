@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from . import chat, demo, experiment, generate, models, perplexity, serve
+from . import chat, demo, experiment, generate, models, perplexity, serve, serve_ray
 from .common import USER_ERRORS, Parser
 
-COMMANDS = (generate, chat, perplexity, models, experiment, demo, serve)
+COMMANDS = (generate, chat, perplexity, models, experiment, demo, serve, serve_ray)
 
 
 def build_parser() -> Parser:
@@ -22,7 +22,9 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="[%(name)s] %(message)s"
     )

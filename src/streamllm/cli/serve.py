@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
-from ..config import HISTORY
+from ..config import HISTORY, ConfigError
 from .common import (
     InputError,
     int_at_least,
@@ -22,6 +23,12 @@ from .common import (
 
 def add_parser(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible chat server with endless, persistent sessions")
+    server_args(s)
+    s.set_defaults(run=run)
+
+
+def server_args(s) -> None:
+    """The options of ``serve``, which ``serve-ray`` shares (each replica is built from them)."""
     stream_args(s)
     # Smaller prompt chunks than the other commands: one chunk is what other sessions wait for at most.
     s.set_defaults(chunk_size=128)
@@ -33,6 +40,25 @@ def add_parser(sub) -> None:
     s.add_argument("--api-key-file", type=Path, help="file with one API key per line")
     s.add_argument(
         "--state-dir", type=Path, help="keep sessions here: saved after every turn, kept across restarts"
+    )
+    s.add_argument(
+        "--store",
+        metavar="URL",
+        help="keep sessions in Redis or Valkey (redis://HOST:PORT/DB), shared by any number of server processes; "
+        "the password comes from --store-password-file or STREAMLLM_STORE_PASSWORD, never the URL",
+    )
+    s.add_argument("--store-password-file", type=Path, help="file whose first line is the store's password")
+    s.add_argument(
+        "--lease-wait",
+        type=float,
+        default=30.0,
+        help="seconds a turn waits while another process runs a turn of the same session, then 409 (default 30)",
+    )
+    s.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=15.0,
+        help="with --store: seconds a session stays blocked after a process dies mid-turn (default 15)",
     )
     s.add_argument(
         "--max-sessions", type=positive, default=16, help="sessions whose cache stays in memory (LRU)"
@@ -60,7 +86,6 @@ def add_parser(sub) -> None:
         help="a resent conversation that matches no session and is longer than the cache: feed its first --num-sinks "
         "and last --window tokens (window, the default: bounded time), or all of it (exact)",
     )
-    s.set_defaults(run=run)
 
 
 def port_number(text: str) -> int:
@@ -79,15 +104,65 @@ def _api_keys(args) -> tuple[str, ...]:
     return tuple(key.strip() for key in keys)
 
 
-def run(args) -> int:
-    from ..backends.arch import lookup
-    from ..server import ServerConfig, serve
+def _store_password(args) -> str | None:
+    if args.store_password_file is not None:
+        lines = read_text(args.store_password_file).splitlines()
+        if not lines or not lines[0].strip():
+            raise InputError(f"{args.store_password_file}: the first line must hold the store's password")
+        return lines[0].strip()
+    return os.environ.get("STREAMLLM_STORE_PASSWORD") or None
 
+
+def _check_store(config) -> None:
+    """Fail at start-up, in one line, when the store cannot be reached or refuses the password."""
+    from ..server.redis_store import RedisStore
+    from ..server.store import StoreUnavailable
+
+    try:
+        store = RedisStore(config.store, config.store_password, config.model_id, config.stream)
+    except ConfigError as exc:
+        raise InputError(str(exc)) from None
+    try:
+        store.ping()
+    except StoreUnavailable as exc:
+        raise InputError(exc.message.split(";")[0]) from None
+    finally:
+        store.close()
+
+
+def run(args) -> int:
+    from ..server import serve
+
+    config = server_config(args)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
+        logging.getLogger("streamllm.server").warning(
+            "listening on %s without --api-key: anyone who can reach it can use it", args.host
+        )
+    model, tokenizer, config = load_server(args, config)
+    serve(model, tokenizer, config, args.host, args.port, log_level="debug" if args.verbose else "info")
+    return 0
+
+
+def server_config(args):
+    """The ``ServerConfig`` the options give, the state folder made and the store reached; raises
+    ``InputError``."""
+    from ..server import ServerConfig
+
+    if args.store is not None and args.state_dir is not None:
+        raise InputError("give --state-dir or --store, not both")
+    if not args.lease_wait >= 0:
+        raise InputError(f"--lease-wait must be >= 0, got {args.lease_wait}")
+    if not args.lease_ttl >= 1:
+        raise InputError(f"--lease-ttl must be >= 1, got {args.lease_ttl}")
     config = ServerConfig(
         model_id=args.model,
         stream=stream_config(args),
         api_keys=_api_keys(args),
         state_dir=args.state_dir,
+        store=args.store,
+        store_password=_store_password(args) if args.store is not None else None,
+        lease_wait_s=args.lease_wait,
+        lease_ttl_s=args.lease_ttl,
         max_sessions=args.max_sessions,
         max_body_bytes=args.max_body_bytes,
         max_tokens_limit=args.max_tokens,
@@ -102,13 +177,17 @@ def run(args) -> int:
             args.state_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(f"cannot use --state-dir {args.state_dir}: {exc.strerror}") from None
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
-        logging.getLogger("streamllm.server").warning(
-            "listening on %s without --api-key: anyone who can reach it can use it", args.host
-        )
+    if config.store is not None:
+        _check_store(config)
+    return config
+
+
+def load_server(args, config):
+    """(model, tokenizer, config with the path taken)."""
+    from ..backends.arch import lookup
+
     model, tokenizer = load(args)
     choice = path_choice(args)
     taken = choice.decode if lookup(model.config).fast_decode else "transformers"  # as ``Stream`` does
     config = replace(config, path=choice.as_dict() | {"decode": taken, "kv_dtype": config.stream.kv_dtype})
-    serve(model, tokenizer, config, args.host, args.port, log_level="debug" if args.verbose else "info")
-    return 0
+    return model, tokenizer, config

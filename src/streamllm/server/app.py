@@ -14,6 +14,7 @@ from .guards import AuthGuard, BodyLimit
 from .routes import Api
 from .scheduler import Scheduler
 from .sessions import SessionStore
+from .store import store_name
 from .turns import Turns
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,9 @@ def _version() -> str:
 
 
 def _describe(config: ServerConfig) -> str:
-    where = f"sessions saved in {config.state_dir}" if config.state_dir else "sessions in memory only"
+    where = "sessions in memory only"
+    if config.store or config.state_dir:
+        where = f"sessions saved in {store_name(config)}"
     keys = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no API key"
     m = config.stream.memory
     memory = (

@@ -32,12 +32,20 @@ class ServerConfig:
     is longer than the cache:
     "window" feeds its first ``num_sinks`` tokens and its last ``window`` (a bounded cost, ``turns.bounded``),
     "exact" feeds all of it, as if the session had streamed it from the start.
+    ``store``: a ``redis://`` URL of a store shared by several processes (``store.py``; ``store_password`` is
+    never shown), instead of ``state_dir``. ``lease_wait_s``: how long a turn waits while another process runs a
+    turn of the same session before answering 409; ``lease_ttl_s``: how long a lease in a shared store outlives a
+    process that died holding it.
     """
 
     model_id: str
     stream: StreamConfig = field(default_factory=StreamConfig)
     api_keys: tuple[str, ...] = ()
     state_dir: Path | None = None
+    store: str | None = None
+    store_password: str | None = field(default=None, repr=False)
+    lease_wait_s: float = 30.0
+    lease_ttl_s: float = 15.0
     max_sessions: int = 16
     max_body_bytes: int = 8 * 2**20
     max_tokens_limit: int = 4096
@@ -63,6 +71,12 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.history not in HISTORY:
             raise ConfigError(f"unknown history mode {self.history!r}; choose one of {', '.join(HISTORY)}")
+        if self.store is not None and self.state_dir is not None:
+            raise ConfigError("give either a state folder or a store URL, not both")
+        if not self.lease_wait_s >= 0:
+            raise ConfigError(f"lease_wait_s must be >= 0, got {self.lease_wait_s!r}")
+        if not self.lease_ttl_s >= 1:
+            raise ConfigError(f"lease_ttl_s must be >= 1, got {self.lease_ttl_s!r}")
         if not self.request_timeout_s > 0:
             raise ConfigError(f"request_timeout_s must be > 0, got {self.request_timeout_s!r}")
         if any(not key or key != key.strip() for key in self.api_keys):

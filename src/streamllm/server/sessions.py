@@ -9,10 +9,12 @@ up (their state is on disk after every turn) when another needs room.
 All methods run on the event loop thread; only loading and saving go to worker threads, each touching only its
 own session, which the caller holds locked.
 
-With ``--state-dir``, a session's cache comes into memory only under the session's lease (``statedir.Lease``), so
-several processes can share the folder: one that wants a session another holds answers 409, and one that takes a
-session over reads its latest saved turn. Sessions that other processes create are found on disk when a request
-names them, or when a resent history matches none that is known.
+With a store (``--state-dir`` or ``--store``, ``store.py``), several processes may serve the same sessions. A turn
+runs under the session's lease, taken when the turn locks the session (waiting up to ``lease_wait_s`` while
+another process runs a turn of it, then 409) and given back when the turn is over. A cache kept in memory between
+turns is reused only if the stored generation is still the one it holds; otherwise another process has moved the
+session on, and it is reloaded. Sessions that other processes create are found in the store when a request names
+them, or when a resent history matches none that is known.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .persist import (
     encode_state,
     new_session_id,
 )
-from .statedir import Lease, StateDir
+from .store import Lease, open_store
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class Session:
         self.saved_tokens_seen: int | None = None  # tokens_seen of the state on disk
         self.saved_memory: dict | None = None  # the memory of the state on disk: blocks per layer, file bytes
         self.saved_meta: dict | None = None  # the meta.json of the state on disk, as last read or written
-        self.lease: Lease | None = None  # held while the cache is in memory (with ``--state-dir``)
+        self.lease: Lease | None = None  # held during a turn (with a store)
 
     @property
     def loaded(self) -> bool:
@@ -106,7 +108,7 @@ class Session:
 class SessionStore:
     def __init__(self, model, config: ServerConfig):
         self.model, self.config = model, config
-        self.disk = StateDir(config.state_dir, config.model_id, config.stream) if config.state_dir else None
+        self.disk = open_store(config)
         self.sessions: dict[str, Session] = {}
         # owner -> text length in bytes -> text digest -> session ids
         self._index: dict[str, dict[int, dict[str, set[str]]]] = defaultdict(lambda: defaultdict(dict))
@@ -121,7 +123,7 @@ class SessionStore:
         self.disk.sweep()
         for session_id in self.disk.ids():
             self._index_saved(session_id)
-        log.info("%d saved sessions indexed from %s", len(self.sessions), self.disk.root)
+        log.info("%d saved sessions indexed from %s", len(self.sessions), self.disk.where)
 
     def _index_saved(self, session_id: str) -> Session:
         """Index one session saved on disk from its ``meta.json`` (one that cannot be read is known, with its
@@ -138,13 +140,13 @@ class SessionStore:
         self._add(session)
         return session
 
-    def _apply_meta(self, session: Session, meta: dict) -> None:
+    def _apply_meta(self, session: Session, meta: dict, updated: float | None = None) -> None:
         session.owner, session.turns, session.generation = meta["owner"], meta["turns"], meta["generation"]
         session.text_bytes, session.text_sha256 = meta["text_bytes"], meta["text_sha256"]
         session.saved_tokens_seen = meta["tokens_seen"]
         session.saved_memory = saved_memory(meta, self.config.stream)
         session.saved_meta = meta
-        session.updated = self.disk.saved_at(session.id)
+        session.updated = self.disk.saved_at(session.id) if updated is None else updated
 
     def _discover(self) -> None:
         """Index the sessions other processes saved since this one last looked."""
@@ -245,9 +247,8 @@ class SessionStore:
     def elsewhere(session: Session) -> APIError:
         return APIError(
             409,
-            f"session {session.id} is being served by another server process sharing this state folder; send the "
-            "request there, or retry once that process lets the session go (it does when the session leaves its "
-            "memory, or when the process stops)",
+            f"session {session.id} is in a turn on another server process sharing this store; retry once that "
+            "turn is over",
             INVALID_REQUEST,
             "X-Session-Id",
             "session_elsewhere",
@@ -265,35 +266,76 @@ class SessionStore:
         session.stream = session.convo = None
         if self.disk is not None and session.generation:
             self.disk.delete(session.id)
-        self._release_lease(session)
+        self.end_turn(session)
 
     def close(self) -> None:
-        """The server stops: let every session go, so that another process (or this one, serving again) can take
-        them over."""
+        """The server stops: give back the leases of turns still running, so that another process (or this one,
+        serving again) can go on with those sessions."""
         for session in self.sessions.values():
-            self._release_lease(session)
+            self.end_turn(session)
+        if self.disk is not None:
+            self.disk.close()
 
     @staticmethod
-    def _release_lease(session: Session) -> None:
+    def end_turn(session: Session) -> None:
+        """The turn of the (locked) session is over: give back its lease."""
         if session.lease is not None:
             session.lease.release()
             session.lease = None
 
+    async def _take_lease(self, session: Session, deadline: float) -> None:
+        """Take the session's lease, waiting while another process runs a turn of it: up to ``lease_wait_s`` (and
+        the request's deadline), then 409."""
+        give_up = min(deadline, time.monotonic() + self.config.lease_wait_s)
+        while (lease := await asyncio.to_thread(self.disk.lease, session.id)) is None:
+            if time.monotonic() >= give_up:
+                raise self.elsewhere(session)
+            await asyncio.sleep(0.05)
+        session.lease = lease
+
+    async def _check_current(self, session: Session) -> None:
+        """The (leased) session's cache in memory is reused only if the store still holds the state it came from:
+        another process may have moved it on (then it reloads) or deleted it (404)."""
+        stored = await asyncio.to_thread(self.disk.generation, session.id)
+        if stored == session.generation:
+            return
+        log.info(
+            "session %s was moved on elsewhere (generation %d, here %d): reloading it",
+            session.id,
+            stored,
+            session.generation,
+        )
+        self._memory.pop(session.id, None)
+        session.stream = session.convo = None
+        session.dirty = False
+        self.disk.discard(session.id)
+        if stored == 0:  # deleted by another process
+            self._remove_from_index(session)
+            self.sessions.pop(session.id, None)
+            raise APIError(
+                404, f"unknown session {session.id!r}", NOT_FOUND, "X-Session-Id", "session_not_found"
+            )
+
     # -- memory --------------------------------------------------------------------------------------------------
     async def load(self, session: Session, deadline: float) -> None:
-        """Make sure the (locked) session holds its cache in memory, making room if needed."""
+        """Take the (locked) session's lease for a turn and make sure it holds its cache in memory, as stored,
+        making room if needed."""
+        if self.disk is not None and session.lease is None:
+            await self._take_lease(session, deadline)
+            if session.loaded and session.generation:
+                try:
+                    await self._check_current(session)
+                except BaseException:
+                    self.end_turn(session)
+                    raise
         if session.loaded:
             self._memory.move_to_end(session.id)
             session.last_used = time.monotonic()
             return
-        if self.disk is not None and session.lease is None:
-            session.lease = self.disk.lease(session.id)
-            if session.lease is None:
-                raise self.elsewhere(session)
         try:
             await self._make_room(session, deadline)
         except BaseException:
-            self._release_lease(session)
+            self.end_turn(session)
             raise
         self._memory[session.id] = None  # the room is taken now, before anything else can take it
         memory_file = self.disk.memory_file(session.id) if self.disk is not None else None
@@ -309,11 +351,11 @@ class SessionStore:
                 session.error = str(exc)
                 self._remove_from_index(session)
                 self._memory.pop(session.id, None)
-                self._release_lease(session)
+                self.end_turn(session)
                 raise self.broken(session) from None
             except BaseException:
                 self._memory.pop(session.id, None)
-                self._release_lease(session)
+                self.end_turn(session)
                 raise
             self._remove_from_index(session)
             self._apply_meta(session, meta)
@@ -327,7 +369,7 @@ class SessionStore:
         self._memory.pop(session.id, None)
         if self.disk is not None and session.generation > 0 and not session.dirty:
             session.stream = session.convo = None
-            self._release_lease(session)  # another process may take it over now
+            self.disk.discard(session.id)
             return
         if session.turns:
             log.info("session %s forgotten to make room (nothing keeps it on disk)", session.id)
@@ -359,6 +401,20 @@ class SessionStore:
             if not waiter.done():
                 waiter.set_result(None)
 
+    def revert(self, session: Session) -> None:
+        """The store did not take the (locked) session's turn: forget the turn, so that the session goes on from
+        its stored state (reloaded on demand), or is gone if it never had one."""
+        self._memory.pop(session.id, None)
+        session.stream = session.convo = None
+        session.dirty = False
+        self.disk.discard(session.id)
+        self._remove_from_index(session)
+        if session.saved_meta is None:
+            self.sessions.pop(session.id, None)
+            return
+        self._apply_meta(session, session.saved_meta, session.updated)
+        self._add(session)
+
     # -- saving --------------------------------------------------------------------------------------------------
     async def save(self, session: Session) -> None:
         """Commit the (locked) session's turn: a journal record of what changed since the last save, or a whole
@@ -374,9 +430,7 @@ class SessionStore:
             record = await asyncio.to_thread(encode_record, saved, convo, stream)
         if record is not None and saved["journal"]["bytes"] + len(record[0]) <= saved.get("state_bytes", 0):
             meta = advance_meta(saved, convo, stream, record[1])
-            meta = await asyncio.to_thread(
-                self.disk.append, session.id, meta, record[0], session.generation + 1
-            )
+            meta = await asyncio.to_thread(self.disk.append, session.id, saved, meta, record[0])
             kind, written = "a journal record", len(record[0])
         else:  # a whole state: the first save, after a rebase or a restore, or once the journal is as big
             text, tokens = bytearray(), array("i")
@@ -394,7 +448,7 @@ class SessionStore:
                 stream,
                 (bytes(text), tokens),
             )
-            meta = await asyncio.to_thread(self.disk.write, session.id, meta, blob, session.generation + 1)
+            meta = await asyncio.to_thread(self.disk.write, session.id, saved, meta, blob)
             kind, written = "a whole state", len(blob)
         seconds = time.perf_counter() - start
         log.info("session %s saved: %s, %d bytes in %.1f ms", session.id, kind, written, 1000 * seconds)

@@ -1,12 +1,9 @@
-"""A session's folder under ``<state-dir>/sessions/``: reading and committing its state, and the lease that lets
-one process at a time serve it (the formats and their checks are ``persist.py``'s and ``journal.py``'s).
+"""The local store (``--state-dir``): a folder per session under ``<state-dir>/sessions/``, read and committed
+here (the formats and their checks are ``persist.py``'s and ``journal.py``'s; the contract is ``store.Store``'s).
 
-Several server processes may share one state folder. A process serves a session only while it holds the
-session's lease: an exclusive ``flock`` on the folder's ``lease`` file, taken when the session's cache comes into
-memory and given back when it leaves (the operating system gives it back too when the process dies, even by
-SIGKILL). Only the holder writes or deletes a session's files, so no turn is forked, lost or half-applied; a
-process that wants a session another one holds answers 409, and takes it over from its latest saved turn once
-it is free.
+Several server processes on one machine may share the folder. A session's lease is an exclusive ``flock`` on its
+folder's ``lease`` file, held for the length of a turn (the operating system gives it back when the process dies,
+even by SIGKILL). Only the holder writes or deletes a session's files.
 """
 
 from __future__ import annotations
@@ -28,9 +25,10 @@ from ..config import StreamConfig
 from . import journal
 from .journal import JournalError, journal_name
 from .persist import MEMORY_FILE, SESSION_ID, StateError, check_meta
+from .store import Lease, LeaseLost, Store
 
 
-class Lease:
+class FileLease(Lease):
     """This process's exclusive hold on one session's files (an ``flock`` on its ``lease`` file)."""
 
     def __init__(self, fd: int):
@@ -42,13 +40,14 @@ class Lease:
             self.fd = None
 
 
-class StateDir:
+class StateDir(Store):
     """The ``sessions/`` folder of ``--state-dir``."""
 
     def __init__(self, root: Path, model_id: str, config: StreamConfig):
         self.root = (Path(root).expanduser().resolve()) / "sessions"
         self.root.mkdir(parents=True, exist_ok=True)
         self.model_id, self.config = model_id, config
+        self.where = str(Path(root).expanduser().resolve())
 
     def folder(self, session_id: str) -> Path:
         if not SESSION_ID.fullmatch(session_id):
@@ -58,8 +57,7 @@ class StateDir:
     def memory_file(self, session_id: str) -> Path:
         return self.folder(session_id) / MEMORY_FILE
 
-    def lease(self, session_id: str) -> Lease | None:
-        """Take the session's lease, or None when another process holds it. Never waits."""
+    def lease(self, session_id: str) -> FileLease | None:
         folder = self.folder(session_id)
         folder.mkdir(exist_ok=True)
         fd = os.open(folder / "lease", os.O_RDWR | os.O_CREAT, 0o600)
@@ -68,10 +66,9 @@ class StateDir:
         except BlockingIOError:
             os.close(fd)
             return None
-        return Lease(fd)
+        return FileLease(fd)
 
     def ids(self) -> list[str]:
-        """Saved sessions: folders with a ``meta.json`` (a session whose first turn never committed has none)."""
         return sorted(
             p.name
             for p in self.root.iterdir()
@@ -91,13 +88,19 @@ class StateDir:
             raise StateError("meta.json belongs to another session")
         return meta
 
+    def generation(self, session_id: str) -> int:
+        try:
+            meta = json.loads((self.folder(session_id) / "meta.json").read_text(encoding="utf-8"))
+            return int(meta["generation"])
+        except FileNotFoundError:
+            return 0
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise StateError(f"meta.json is unreadable ({exc})") from None
+
     def saved_at(self, session_id: str) -> float:
-        """When the session's last turn was committed (unix time)."""
         return (self.folder(session_id) / "meta.json").stat().st_mtime
 
     def read(self, session_id: str) -> tuple[dict, bytes, bytes]:
-        """(meta, state bytes, committed journal bytes), the first two checked (the journal's records are
-        checked as they are replayed); raises ``StateError``."""
         meta = self.read_meta(session_id)
         folder = self.folder(session_id)
         try:
@@ -114,8 +117,7 @@ class StateDir:
         return meta, blob, records
 
     def read_log(self, session_id: str, meta: dict) -> tuple[bytearray, array]:
-        """The whole text and token log of the state ``meta`` describes: the state file's, then the journal's
-        additions; raises ``StateError``."""
+        """The state file's text and tokens, then the journal's additions."""
         folder = self.folder(session_id)
         try:
             with safe_open(folder / meta["state_file"], framework="pt") as f:
@@ -129,9 +131,10 @@ class StateDir:
             raise StateError(f"the saved conversation is unreadable ({exc})") from None
         return text, tokens
 
-    def append(self, session_id: str, meta: dict, record: bytes, generation: int) -> dict:
-        """Commit a turn as a journal record after the state ``meta`` describes: the record is appended and
-        synced, then ``meta.json`` (advanced to it) is replaced by a rename. -> the committed meta"""
+    def append(self, session_id: str, saved: dict, meta: dict, record: bytes) -> dict:
+        """The record is appended after the committed bytes and synced, then ``meta.json`` (advanced to it) is
+        replaced by a rename."""
+        generation = self._follows(session_id, saved)
         folder = self.folder(session_id)
         at = meta["journal"]
         length = journal.append(folder / at["file"], at["bytes"], record)
@@ -139,9 +142,10 @@ class StateDir:
         _write_atomic(folder / "meta.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))
         return meta
 
-    def write(self, session_id: str, meta: dict, blob: bytes, generation: int) -> dict:
-        """Commit a whole new state atomically: new state file, then ``meta.json`` by rename (with an empty
-        journal after it), then old state files and journals go. -> the committed meta"""
+    def write(self, session_id: str, saved: dict | None, meta: dict, blob: bytes) -> dict:
+        """New state file, then ``meta.json`` by rename (with an empty journal after it), then old state files
+        and journals go."""
+        generation = self._follows(session_id, saved)
         folder = self.folder(session_id)
         folder.mkdir(exist_ok=True)
         name = f"state-{generation:08d}.safetensors"
@@ -161,12 +165,23 @@ class StateDir:
                 old.unlink(missing_ok=True)
         return meta
 
+    def _follows(self, session_id: str, saved: dict | None) -> int:
+        """The generation a commit after ``saved`` gets; raises ``LeaseLost`` if ``saved`` is not the stored state."""
+        expected = 0 if saved is None else int(saved["generation"])
+        try:
+            stored = self.generation(session_id)
+        except StateError:
+            stored = -1
+        if stored != expected:
+            raise LeaseLost(f"the stored state is generation {stored}, this turn followed {expected}")
+        return expected + 1
+
     def delete(self, session_id: str) -> None:
         shutil.rmtree(self.folder(session_id), ignore_errors=True)
 
     def sweep(self) -> None:
-        """Remove temporary files a crash may have left behind, and the memory files of sessions whose first
-        turn never committed; only in sessions no other process holds (it may be writing them now)."""
+        """Temporary files a crash may have left behind, and the memory files of sessions whose first turn never
+        committed; only in sessions no other process holds (it may be writing them now)."""
         for folder in self.root.iterdir():
             if not (folder.is_dir() and SESSION_ID.fullmatch(folder.name)):
                 continue

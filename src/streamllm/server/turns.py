@@ -49,6 +49,7 @@ class Turn:
     job: Job | None = None
     state: str = "open"  # -> "committing" -> "closed"
     generated: list[int] = field(default_factory=list)
+    failure: APIError | None = None  # why the store did not take the turn (it was undone)
 
     @property
     def prompt_tokens(self) -> int:
@@ -177,6 +178,7 @@ class Turns:
 
     def _release(self, session: Session) -> None:
         if session.lock.locked():
+            self.store.end_turn(session)
             session.lock.release()
         self.store.notify()
 
@@ -210,6 +212,8 @@ class Turns:
             commit = asyncio.create_task(self._commit(turn, "".join(reply), last))
             # The save goes on even if this request is cancelled now; the task releases the session.
             await asyncio.shield(commit)
+            if turn.failure is not None:
+                raise turn.failure
         finally:
             self.abort(turn)
 
@@ -226,6 +230,10 @@ class Turns:
             self.store.reindex(session)
             try:
                 await self.store.save(session)
+            except APIError as exc:  # the store is down, or another process moved the session on
+                log.warning("session %s: the turn was not committed, so it is undone: %s", session.id, exc)
+                self.store.revert(session)
+                turn.failure = exc
             except Exception:
                 log.exception("session %s: could not save its state; it stays in memory", session.id)
         finally:

@@ -1,0 +1,81 @@
+"""``streamllm serve-ray``: N replicas of the chat server on Ray Serve, sharing one session store."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+from .common import InputError, positive
+from .serve import server_args, server_config
+
+# Options of this command only: the replicas are built from the others, as ``streamllm serve`` would be.
+OWN = {"--replicas", "--cpus-per-replica", "--ray-address", "--host", "--port"}
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser(
+        "serve-ray",
+        help="N replicas of the server on Ray Serve behind one router, sharing a session store (needs Ray: "
+        "pip install 'streamllm[ray]')",
+    )
+    server_args(s)
+    s.add_argument("--replicas", type=positive, default=2, help="replicas of the server (default 2)")
+    s.add_argument(
+        "--cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves for each replica (default 1)"
+    )
+    s.add_argument("--ray-address", help="join this Ray cluster (default: start one on this machine)")
+    s.set_defaults(run=run)
+
+
+def replica_argv(argv: list[str]) -> list[str]:
+    """The options after ``serve-ray`` that a replica is built from: all but this command's own."""
+    rest = argv[argv.index("serve-ray") + 1 :]
+    out, skip = [], False
+    for arg in rest:
+        if skip:
+            skip = False
+        elif arg in OWN:
+            skip = True
+        elif arg.split("=", 1)[0] not in OWN:
+            out.append(arg)
+    return out
+
+
+def run(args) -> int:
+    config = server_config(args)
+    if config.store is None and config.state_dir is None:
+        raise InputError(
+            "replicas share their sessions through a store: give --store redis://HOST:PORT/DB (or --state-dir "
+            "when every replica runs on this machine)"
+        )
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise InputError("serve-ray needs Ray: pip install 'streamllm[ray]'") from None
+    from ..server.ray_serve import application
+
+    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=args.verbose)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        app = application(
+            replica_argv(args.argv), args.replicas, args.cpus_per_replica, config.max_body_bytes
+        )
+        serve.run(app, name="streamllm", route_prefix="/")
+        logging.getLogger("streamllm.server").warning(
+            "%d replicas of %s at http://%s:%d (sessions in %s)",
+            args.replicas,
+            config.model_id,
+            args.host,
+            args.port,
+            config.store or config.state_dir,
+        )
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0

@@ -1,0 +1,248 @@
+"""Replicas of the server on Ray Serve (``streamllm serve-ray``), sharing one session store.
+
+Two deployments:
+
+- **Replica** (N of them): the whole single-process server (``create_app``: its sessions, scheduler, batching,
+  limits and keys), built from the same options as ``streamllm serve`` and driven through a small ASGI bridge.
+  Its sessions live in the shared store (``--store``, or ``--state-dir`` when every replica is on one machine),
+  so any replica can serve any turn (``sessions.py``: a turn runs under the session's lease, and a replica whose
+  copy in memory is older than the store's reloads it).
+- **Router** (the HTTP ingress): forwards each request to a replica and streams the answer back. It picks the
+  replica by **session affinity**: the request's key is its ``X-Session-Id``, or, for a request that names no
+  session (a resent history), a digest of its API key and its first message, which every turn of that
+  conversation repeats. ``SessionAffinity`` ranks the replicas by rendezvous hashing of the key (the highest
+  ``sha256(key, replica)`` first), so a session's turns go to one replica for as long as it lives, without any
+  shared table; when that replica dies or is busy, the next one in the ranking takes the turn, restoring the
+  session from the store. A session id first seen in an answer is routed like the request that created it.
+
+Affinity is only for speed: a turn sent to another replica is still correct, it pays for a reload (measured in
+``benchmarks/load.py``). Ray is imported here only: the single-process server does not need it.
+"""
+
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import socket
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import PendingRequest, RunningReplica
+
+from .errors import SERVER_ERROR, error_body
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
+REPLICA_HEADER = "x-streamllm-replica"  # which replica answered (id@host:pid): for operators and tests
+
+
+def affinity_key(method: str, path: str, headers: dict[str, str], body: bytes) -> str:
+    """The key a request is routed by: its session, or its conversation's first message; "" for neither."""
+    session = headers.get("x-session-id", "").strip()
+    if session:
+        return f"session:{session}"
+    if method != "POST" or not path.endswith("completions"):
+        return ""
+    try:
+        request = json.loads(body)
+        first = request["messages"][0]["content"] if "messages" in request else request["prompt"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return ""
+    digest = hashlib.sha256()
+    digest.update(headers.get("authorization", "").encode())
+    digest.update(b"\0" + json.dumps(first, sort_keys=True)[:4096].encode())
+    return f"conversation:{digest.hexdigest()}"
+
+
+def rank(key: str, replica_ids: list[str]) -> list[str]:
+    """Rendezvous hashing: the replicas in the order a key prefers them (stable as replicas come and go)."""
+    return sorted(replica_ids, key=lambda r: hashlib.sha256(f"{key}\0{r}".encode()).digest(), reverse=True)
+
+
+class SessionAffinity(PowerOfTwoChoicesRequestRouter):
+    """Ray Serve's router, except that a request with an affinity key (its first argument) goes to the replica
+    its key ranks first, then the next one while that one is full."""
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
+        key = pending_request.args[0] if pending_request is not None and pending_request.args else ""
+        if not key or not candidate_replicas:
+            return await super().choose_replicas(candidate_replicas, pending_request)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        return [[by_id[i]] for i in rank(key, list(by_id))]
+
+
+@serve.deployment(
+    request_router_config=RequestRouterConfig(request_router_class=SessionAffinity),
+    max_ongoing_requests=64,
+    health_check_period_s=5,
+)
+class Replica:
+    """One server process's app, built from ``streamllm serve`` options."""
+
+    def __init__(self, argv: list[str]):
+        from ..cli import build_parser
+        from ..cli.serve import load_server, server_config
+        from .app import create_app
+
+        args = build_parser().parse_args(["serve", *argv])
+        model, tokenizer, config = load_server(args, server_config(args))
+        self.app = create_app(model, tokenizer, config)
+        self.name = f"{serve.get_replica_context().replica_id.unique_id}@{socket.gethostname()}:{os.getpid()}"
+        self._lifespan = None
+        self._started = asyncio.Lock()
+
+    async def _start(self) -> None:
+        async with self._started:
+            if self._lifespan is None:
+                lifespan = self.app.router.lifespan_context(self.app)
+                await lifespan.__aenter__()
+                self._lifespan = lifespan
+
+    async def __call__(
+        self, key: str, method: str, path: str, query: bytes, headers: list[tuple[str, str]], body: bytes
+    ) -> AsyncIterator:
+        """Run one HTTP request through the app: yields (status, headers) first, then the body's chunks."""
+        await self._start()
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query,
+            "root_path": "",
+            "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+            "client": ("127.0.0.1", 0),
+            "server": ("127.0.0.1", 0),
+        }
+        messages: asyncio.Queue = asyncio.Queue()
+        gone = asyncio.Event()
+        delivered = False
+
+        async def receive():
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        task = asyncio.create_task(self.app(scope, receive, messages.put))
+        try:
+            while True:
+                get = asyncio.ensure_future(messages.get())
+                await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    task.result()  # the app ended without finishing its answer: raise what it raised
+                    raise RuntimeError("the app ended without an answer")
+                message = get.result()
+                if message["type"] == "http.response.start":
+                    sent = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])]
+                    yield message["status"], [*sent, (REPLICA_HEADER, self.name)]
+                elif message["type"] == "http.response.body":
+                    if message.get("body"):
+                        yield message["body"]
+                    if not message.get("more_body"):
+                        break
+        finally:
+            gone.set()  # the caller went away (or the answer is complete): the app sees a disconnect
+            await asyncio.gather(task, return_exceptions=True)
+
+    def __del__(self):
+        if self._lifespan is not None:  # stop the model worker, give back leases
+            try:
+                asyncio.get_event_loop().run_until_complete(self._lifespan.__aexit__(None, None, None))
+            except Exception:  # noqa: BLE001 - the replica is going away either way
+                pass
+
+
+ingress = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+@serve.ingress(ingress)
+class Router:
+    """The HTTP front: every request goes whole to one replica, chosen by ``affinity_key``."""
+
+    def __init__(self, replicas, max_body_bytes: int, retry_s: float = 60.0):
+        self.replicas = replicas.options(stream=True)
+        self.max_body_bytes, self.retry_s = max_body_bytes, retry_s
+        self.aliases: OrderedDict[str, str] = OrderedDict()  # session id -> the key that created it
+
+    @ingress.api_route("/{path:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD"])
+    async def forward(self, request: Request, path: str):
+        body = b""
+        async for part in request.stream():
+            body += part
+            if len(body) > self.max_body_bytes:  # the replica would refuse it too; do not hold it all here
+                return JSONResponse(
+                    error_body(f"request body over {self.max_body_bytes} bytes", "invalid_request_error"),
+                    status_code=413,
+                )
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        key = affinity_key(request.method, request.url.path, headers, body)
+        key = self.aliases.get(key.removeprefix("session:"), key) if key.startswith("session:") else key
+        call = (
+            key,
+            request.method,
+            request.url.path,
+            request.url.query.encode(),
+            list(headers.items()),
+            body,
+        )
+        answer, (status, sent) = await self._first(call)
+        named = dict(sent).get("x-session-id")
+        if named and not key.startswith("session:") and key:
+            self.aliases[named] = key  # its next turns, which name it, go where it was made
+            while len(self.aliases) > 100_000:
+                self.aliases.popitem(last=False)
+
+        async def rest():
+            async for chunk in answer:
+                yield chunk
+
+        kept = {k: v for k, v in sent if k.lower() not in HOP_BY_HOP}
+        return StreamingResponse(rest(), status_code=status, headers=kept)
+
+    async def _first(self, call):
+        """Send the request, retrying while its replica is gone (killed, restarting) and nothing was answered."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.retry_s
+        while True:
+            answer = self.replicas.remote(*call)
+            try:
+                return answer, await answer.__anext__()
+            except Exception as exc:  # noqa: BLE001 - Ray's errors for a dead replica vary by version
+                if loop.time() >= give_up:
+                    log.warning("no replica answered: %s", exc)
+                    return _failed(exc)
+                log.info("a replica failed before answering (%s); trying again", type(exc).__name__)
+                await asyncio.sleep(0.5)
+
+
+def _failed(exc: BaseException):
+    body = json.dumps(error_body(f"no replica could take the request ({type(exc).__name__})", SERVER_ERROR))
+
+    async def one():
+        yield body.encode()
+
+    return one(), (503, [("content-type", "application/json")])
+
+
+def application(argv: list[str], replicas: int, cpus_per_replica: float, max_body_bytes: int):
+    """The Ray Serve application: ``replicas`` replicas built from ``argv`` behind one router."""
+    replica = Replica.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica})
+    return Router.bind(replica.bind(argv), max_body_bytes)
