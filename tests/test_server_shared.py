@@ -73,7 +73,9 @@ def test_two_processes_share_sessions_without_losing_a_turn(server, tmp_path, ba
             with pytest.raises(openai.APIStatusError) as caught:
                 ask(b.url, [*history, {"role": "user", "content": QUESTIONS[2]}], session)
             assert caught.value.status_code == 409 and caught.value.body["code"] == "session_elsewhere"
-            gone = httpx.delete(f"{b.url}/v1/sessions/{session}", headers={"Authorization": f"Bearer {KEY_A}"})
+            gone = httpx.delete(
+                f"{b.url}/v1/sessions/{session}", headers={"Authorization": f"Bearer {KEY_A}"}
+            )
             assert gone.status_code == 409 and gone.json()["error"]["code"] == "session_elsewhere"
         text, _, resumed = _turn(a.url, history, QUESTIONS[2], session)  # A's copy is older: it reloads
         assert resumed == session and text == reference[2]

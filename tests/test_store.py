@@ -135,7 +135,7 @@ def test_redis_down_answers_503_and_applies_nothing(tiny, reference, redis_serve
     store = _store("redis", redis_server, tmp_path)
     history: list[dict] = []
     with _serve(tiny, **store) as server:
-        (_, first), = _conversation([server], history)
+        ((_, first),) = _conversation([server], history)
         session = first.headers["x-session-id"]
         redis_server.stop()
         history.append({"role": "user", "content": QUESTIONS[1]})
@@ -197,7 +197,16 @@ def test_a_wrong_store_password_is_a_one_line_error(redis_server, tmp_path):
     wrong = tmp_path / "password"
     wrong.write_text("not-the-password\n")
     run = subprocess.run(
-        [sys.executable, "-m", "streamllm", "serve", "--store", redis_server.url, "--store-password-file", wrong],
+        [
+            sys.executable,
+            "-m",
+            "streamllm",
+            "serve",
+            "--store",
+            redis_server.url,
+            "--store-password-file",
+            wrong,
+        ],
         capture_output=True,
         text=True,
         timeout=120,

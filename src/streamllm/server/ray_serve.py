@@ -19,7 +19,6 @@ Affinity is only for speed: a turn sent to another replica is still correct, it 
 ``benchmarks/load.py``). Ray is imported here only: the single-process server does not need it.
 """
 
-
 import asyncio
 import hashlib
 import json
