@@ -52,14 +52,15 @@ def wait_ready(url: str, alive, timeout: float = 180.0) -> None:
 
 
 class ServerProcess:
-    """``python -m streamllm serve ARGS`` on a free loopback port; its output goes to ``log``."""
+    """``python -m streamllm serve ARGS`` (or another serving ``command``) on a free loopback port; its output
+    goes to ``log``."""
 
-    def __init__(self, args: list[str], log: Path):
+    def __init__(self, args: list[str], log: Path, command: str = "serve"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        cmd = [sys.executable, "-m", "streamllm", "serve", "--port", str(self.port), *args]
+        cmd = [sys.executable, "-m", "streamllm", command, "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy())
         try:
             wait_ready(self.url, lambda: self.proc.poll() is None)

@@ -57,6 +57,9 @@ def run(args) -> int:
     from ..server.ray_serve import application
 
     ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=args.verbose)
+    stop = threading.Event()  # after ray.init, which installs handlers of its own
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         app = application(
@@ -71,9 +74,6 @@ def run(args) -> int:
             args.port,
             config.store or config.state_dir,
         )
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
         stop.wait()
     finally:
         serve.shutdown()

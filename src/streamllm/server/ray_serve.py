@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
@@ -68,7 +69,11 @@ def rank(key: str, replica_ids: list[str]) -> list[str]:
 
 class SessionAffinity(PowerOfTwoChoicesRequestRouter):
     """Ray Serve's router, except that a request with an affinity key (its first argument) goes to the replica
-    its key ranks first, then the next one while that one is full."""
+    its key ranks first. Ray asks again, with backoff, while the chosen replica does not confirm that it has
+    room (on a loaded machine its answer can take longer than Ray waits for it); only after ``STICKY_S`` of that
+    may the others, in the key's order, take the request. A dead replica leaves the candidates at once."""
+
+    STICKY_S = 5.0
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -77,7 +82,10 @@ class SessionAffinity(PowerOfTwoChoicesRequestRouter):
         if not key or not candidate_replicas:
             return await super().choose_replicas(candidate_replicas, pending_request)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        return [[by_id[i]] for i in rank(key, list(by_id))]
+        ranked = [[by_id[i]] for i in rank(key, list(by_id))]
+        if time.time() - pending_request.created_at < self.STICKY_S:
+            return ranked[:1]
+        return ranked
 
 
 @serve.deployment(

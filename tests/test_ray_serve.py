@@ -1,0 +1,83 @@
+"""``streamllm serve-ray``: two replicas of the real server on a local Ray cluster (one thread each), sharing a
+real Redis, behind the session-affinity router; driven through the real openai client.
+
+- Concurrent clients: every conversation gets the replies of an uninterrupted single server, and the store
+  holds each of its turns exactly once.
+- A session's turns stay on one replica. That replica is killed (SIGKILL) between turns: the next turn is served
+  by the other one, restored from the store, with the same greedy replies as the uninterrupted run.
+"""
+
+import json
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+from conftest import SERVER_ARGS
+from server_helpers import KEY_A, LIGHTHOUSE, MODEL, ServerProcess, ask
+
+pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'streamllm[ray]')")
+pytestmark = pytest.mark.real
+
+QUESTIONS = LIGHTHOUSE[:4]
+REPLICA = "x-streamllm-replica"
+
+
+def _conversation(url: str, questions, history=None, session=None):
+    """Greedy turns of 12 tokens, history resent and session named. -> [(reply, session, replica)]"""
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY_A, max_retries=0, timeout=300)
+    history = [] if history is None else history
+    out = []
+    for question in questions:
+        history.append({"role": "user", "content": question})
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL,
+            messages=history,
+            temperature=0,
+            max_tokens=12,
+            extra_headers={"X-Session-Id": session} if session else None,
+        )
+        reply = raw.parse().choices[0].message.content
+        session = raw.headers["x-session-id"]
+        history.append({"role": "assistant", "content": reply})
+        out.append((reply, session, raw.headers[REPLICA]))
+    return out
+
+
+def test_replicas_share_sessions_and_survive_a_killed_one(server, redis_server, tmp_path):
+    reference, history = [], []
+    for question in QUESTIONS:  # one uninterrupted server
+        history.append({"role": "user", "content": question})
+        reference.append(ask(server.url, history)[0])
+        history.append({"role": "assistant", "content": reference[-1]})
+
+    args = [*SERVER_ARGS, "--api-key", KEY_A, "--store", redis_server.url, "--lease-ttl", "3"]
+    args += ["--batch-decode", "1", "--replicas", "2"]  # replies independent of the other clients' traffic
+    ray = ServerProcess(args, tmp_path / "ray.log", command="serve-ray")
+    try:
+        with ThreadPoolExecutor(4) as pool:  # concurrent clients, each its own conversation
+            runs = list(pool.map(lambda _: _conversation(ray.url, QUESTIONS[:3]), range(4)))
+        sessions = {run[0][1] for run in runs}
+        assert len(sessions) == 4
+        client = redis_server.client()
+        for run in runs:
+            assert [reply for reply, _, _ in run] == reference[:3]
+            assert {s for _, s, _ in run} == {run[0][1]}  # never forked
+            assert len({r for _, _, r in run}) == 1  # every turn on one replica
+            meta = json.loads(client.get(f"streamllm:s:{run[0][1]}:meta"))
+            assert meta["turns"] == 3  # each turn stored once: none lost, none twice
+
+        history: list[dict] = []
+        first = _conversation(ray.url, QUESTIONS[:2], history)
+        session, holder = first[-1][1], first[-1][2]
+        assert [r for r, _, _ in first] == reference[:2] and first[0][2] == holder
+        os.kill(int(holder.rsplit(":", 1)[1]), signal.SIGKILL)  # the replica holding the session dies
+        rest = _conversation(ray.url, QUESTIONS[2:], history, session)
+        assert [r for r, _, _ in rest] == reference[2:]
+        assert all(s == session for _, s, _ in rest)
+        assert rest[0][2] != holder  # served by the other replica, from the store
+        meta = json.loads(client.get(f"streamllm:s:{session}:meta"))
+        assert meta["turns"] == len(QUESTIONS)
+    finally:
+        ray.stop()
