@@ -4,8 +4,16 @@ For each concurrency level it reports aggregate generated tokens/s, time to firs
 server's resident memory before and after. By default it starts its own server (and stops it at the end); with
 ``--url`` it measures a running one (memory then needs ``--pid``).
 
+``--targets`` measures several deployments one after the other, each on its own fresh store: ``serve`` (one
+process), ``ray1`` and ``ray2`` (``streamllm serve-ray`` with 1 or 2 replicas; Ray's processes are not counted in
+the RSS column). ``--store redis`` keeps the sessions in a real ``redis-server`` started here with a password.
+``--move`` measures what it costs to move a session between processes: two servers on one store take turns of a
+session whose cache is full, and the first token of a turn on the process that served the previous turn (cache in
+memory) is compared with one on the other process (which restores it from the store).
+
     python benchmarks/load.py                                # levels 1, 4, 16; 2 turns of 32 tokens each
     python benchmarks/load.py --levels 1,4,16 --json load.json --server-args "--window 1020 --threads 2"
+    python benchmarks/load.py --store redis --targets serve,ray1,ray2 --move --json docs/performance/scaling.json
 """
 
 from __future__ import annotations
@@ -89,14 +97,20 @@ async def level(url: str, key: str, model: str, n: int, turns: int, max_tokens: 
     }
 
 
-def start_server(server_args: list[str], key: str, state_dir: str) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "streamllm", "serve", "--port", str(port), "--api-key", key]
-    cmd += ["--state-dir", state_dir, *server_args]
+        return s.getsockname()[1]
+
+
+def start_server(
+    server_args: list[str], key: str, store: list[str], command: str = "serve"
+) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "streamllm", command, "--port", str(port), "--api-key", key]
+    cmd += [*store, *server_args]
     print("starting:", " ".join(shlex.quote(c) for c in cmd), file=sys.stderr)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(900):
         if proc.poll() is not None:
@@ -110,6 +124,113 @@ def start_server(server_args: list[str], key: str, state_dir: str) -> tuple[subp
     raise SystemExit("the server did not start")
 
 
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+class Redis:
+    """A ``redis-server`` on a free loopback port, its password in its config file (and handed to the servers
+    in STREAMLLM_STORE_PASSWORD), its data in a temporary folder."""
+
+    def __init__(self, folder: str):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        password = os.urandom(12).hex()
+        conf = Path(folder) / "redis.conf"
+        conf.write_text(
+            f'port {self.port}\nbind 127.0.0.1\nrequirepass {password}\ndir {folder}\nsave ""\n'
+            "appendonly yes\nappendfsync everysec\n"
+        )
+        os.environ["STREAMLLM_STORE_PASSWORD"] = password
+        self.proc = subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.DEVNULL)
+        for _ in range(100):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise SystemExit("redis-server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+TARGETS = {"serve": ("serve", []), "ray1": ("serve-ray", ["--replicas", "1"]), "ray2": ("serve-ray", [])}
+
+
+def run_levels(url: str, pid: int | None, args) -> list[dict]:
+    # One untimed turn first: the model's weights are mapped from disk and only count as resident memory once a
+    # forward pass has touched them.
+    asyncio.run(level(url, args.key, args.model, 1, 1, 2, offset=len(TOPICS) - 1))
+    rows, offset = [], 0
+    for n in (int(x) for x in args.levels.split(",")):
+        before = rss_mb(pid)
+        row = asyncio.run(level(url, args.key, args.model, n, args.turns, args.max_tokens, offset))
+        row |= {"rss_before_mb": before and round(before), "rss_after_mb": pid and round(rss_mb(pid))}
+        offset += n
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def move_cost(args, store: list[str], rounds: int = 4) -> dict:
+    """TTFT of a turn on the process that holds the session in memory against one on the other process, which
+    restores it from the store, for a session past its cache (a whole state plus journal records)."""
+    extra = shlex.split(args.server_args)
+    (a, url_a), (b, url_b) = (start_server(extra, args.key, store) for _ in range(2))
+    try:
+        client = openai.OpenAI(api_key=args.key, max_retries=0, timeout=600)
+        text = " ".join(
+            f"Sentence {i} of a long conversation about {TOPICS[i % len(TOPICS)]}." for i in range(400)
+        )
+        messages = [{"role": "user", "content": text}]
+        session, held, moved = None, [], []
+
+        def turn(url: str) -> float:
+            nonlocal session
+            start = time.perf_counter()
+            raw = client.with_options(base_url=f"{url}/v1").chat.completions.with_raw_response.create(
+                model=args.model,
+                messages=messages,
+                max_tokens=1,
+                temperature=0,
+                extra_headers={"X-Session-Id": session} if session else None,
+            )
+            seconds = time.perf_counter() - start
+            session = raw.headers["x-session-id"]
+            messages.extend(
+                [
+                    {"role": "assistant", "content": raw.parse().choices[0].message.content},
+                    {"role": "user", "content": "Go on."},
+                ]
+            )
+            return seconds
+
+        turn(url_a)  # the long first turn fills the cache
+        turn(url_a)
+        for _ in range(rounds):
+            moved.append(turn(url_b))  # A served the last turn: B restores the session from the store
+            held.append(turn(url_b))  # B served the last turn: in its memory
+            moved.append(turn(url_a))
+            held.append(turn(url_a))
+    finally:
+        stop(a)
+        stop(b)
+    row = {
+        "turns_each": len(held),
+        "ttft_in_memory_s": round(float(np.median(held)), 4),
+        "ttft_moved_s": round(float(np.median(moved)), 4),
+    }
+    row["move_cost_s"] = round(row["ttft_moved_s"] - row["ttft_in_memory_s"], 4)
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", help="measure a running server instead of starting one")
@@ -121,40 +242,57 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--server-args", default="--max-sessions 32", help="extra `streamllm serve` arguments")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--targets", default="serve", help="serve, ray1, ray2 (comma-separated; see above)")
+    p.add_argument("--ray-args", default="", help="extra `streamllm serve-ray` arguments")
+    p.add_argument("--store", choices=("dir", "redis"), default="dir", help="where the sessions are kept")
+    p.add_argument("--move", action="store_true", help="also measure the cost of moving a session")
     args = p.parse_args()
 
-    proc, pid, url = None, args.pid, args.url
-    with tempfile.TemporaryDirectory(prefix="streamllm-load-") as state_dir:
-        if url is None:
-            proc, url = start_server(shlex.split(args.server_args), args.key, state_dir)
-            pid = proc.pid
+    rows, moves = [], None
+    with tempfile.TemporaryDirectory(prefix="streamllm-load-") as folder:
+        redis = Redis(folder) if args.store == "redis" else None
         try:
-            # One untimed turn first: the model's weights are mapped from disk and only count as resident
-            # memory once a forward pass has touched them.
-            asyncio.run(level(url, args.key, args.model, 1, 1, 2, offset=len(TOPICS) - 1))
-            rows, offset = [], 0
-            for n in (int(x) for x in args.levels.split(",")):
-                before = rss_mb(pid)
-                row = asyncio.run(level(url, args.key, args.model, n, args.turns, args.max_tokens, offset))
-                row |= {"rss_before_mb": before and round(before), "rss_after_mb": pid and round(rss_mb(pid))}
-                offset += n
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+            for n, target in enumerate(args.targets.split(",")):
+                command, own = TARGETS[target]
+                if redis is not None:
+                    redis.proc.terminate()  # a fresh store for each target
+                    redis.proc.wait()
+                    redis = Redis(tempfile.mkdtemp(dir=folder))
+                store = ["--store", redis.url] if redis else ["--state-dir", f"{folder}/state-{n}"]
+                proc, pid, url = None, args.pid, args.url
+                if url is None:
+                    extra = shlex.split(args.server_args) + (
+                        shlex.split(args.ray_args) if command != "serve" else []
+                    )
+                    proc, url = start_server([*own, *extra], args.key, store, command)
+                    pid = proc.pid
+                try:
+                    rows += [{"target": target} | row for row in run_levels(url, pid, args)]
+                finally:
+                    if proc is not None:
+                        stop(proc)
+            if args.move:
+                store = ["--store", redis.url] if redis else ["--state-dir", f"{folder}/state-move"]
+                moves = move_cost(args, store)
         finally:
-            if proc is not None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=60)
+            if redis is not None:
+                redis.stop()
     print(
-        "\n| sessions | requests | tokens | wall s | tok/s | TTFT p50 s | TTFT p99 s | RSS before -> after MB |"
+        "\n| target | sessions | requests | tokens | wall s | tok/s | TTFT p50 s | TTFT p99 s | RSS before -> after MB |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['sessions']} | {r['requests']} | {r['tokens']} | {r['wall_s']} | {r['tok_per_s']} | "
+            f"| {r['target']} | {r['sessions']} | {r['requests']} | {r['tokens']} | {r['wall_s']} | {r['tok_per_s']} | "
             f"{r['ttft_p50_s']} | {r['ttft_p99_s']} | {r['rss_before_mb']} -> {r['rss_after_mb']} |"
         )
+    if moves:
+        print(
+            f"\nmoving a session: first token {moves['ttft_in_memory_s']} s in memory, {moves['ttft_moved_s']} s "
+            f"restored from the store ({moves['move_cost_s']} s more; medians of {moves['turns_each']} turns each)"
+        )
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"levels": rows, "move": moves}, indent=2))
     return 0
 
 

@@ -25,7 +25,7 @@ from streamllm.server.persist import new_session_id
 from streamllm.server.redis_store import RedisStore
 from streamllm.server.store import LeaseLost
 
-KEY = "store-key"
+KEY, OTHER_KEY = "store-key", "another-store-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 STREAM = StreamConfig(num_sinks=4, window=28, chunk_size=16)
 QUESTIONS = ["first question", "second question, a little longer", "third", "fourth and last"]
@@ -53,7 +53,7 @@ def reference(tiny):
 
 def _serve(tiny, **overrides) -> ThreadServer:
     model, tokenizer = tiny
-    settings = {"model_id": "tiny", "stream": STREAM, "api_keys": (KEY,)} | overrides
+    settings = {"model_id": "tiny", "stream": STREAM, "api_keys": (KEY, OTHER_KEY)} | overrides
     return ThreadServer(create_app(model, tokenizer, ServerConfig(**settings)))
 
 
@@ -103,8 +103,11 @@ def test_two_servers_alternate_turns_on_one_store(tiny, reference, backend, tmp_
     for _, response in turns[1:]:  # each server took the session from the store, not from the start
         assert response.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
     assert "was moved on elsewhere" in caplog.text  # A's copy was older than the store's
-    with _serve(tiny, **store) as c:  # a third server sees every turn
+    with _serve(tiny, **store) as c:  # a third server sees every turn, and only for the key that made them
         seen = httpx.get(f"{c.url}/v1/sessions/{session}", headers=AUTH).json()
+        other = {"Authorization": f"Bearer {OTHER_KEY}"}
+        assert httpx.get(f"{c.url}/v1/sessions/{session}", headers=other).status_code == 404
+        assert httpx.get(f"{c.url}/v1/sessions", headers=other).json()["data"] == []
     assert seen["turns"] == len(QUESTIONS)
     if redis_server is not None:
         assert redis_server.PASSWORD not in caplog.text

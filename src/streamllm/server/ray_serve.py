@@ -73,7 +73,7 @@ class SessionAffinity(PowerOfTwoChoicesRequestRouter):
     room (on a loaded machine its answer can take longer than Ray waits for it); only after ``STICKY_S`` of that
     may the others, in the key's order, take the request. A dead replica leaves the candidates at once."""
 
-    STICKY_S = 5.0
+    STICKY_S = 30.0
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
