@@ -6,7 +6,7 @@ server's resident memory before and after. By default it starts its own server (
 
 ``--targets`` measures several deployments one after the other, each on its own fresh store: ``serve`` (one
 process), ``ray1`` and ``ray2`` (``streamllm serve-ray`` with 1 or 2 replicas; Ray's processes are not counted in
-the RSS column). ``--store redis`` keeps the sessions in a real ``redis-server`` started here with a password.
+the RSS column; the replicas split the machine's cores between them). ``--store redis`` keeps the sessions in a real ``redis-server`` started here with a password.
 ``--move`` measures what it costs to move a session between processes: two servers on one store take turns of a
 session whose cache is full, and the first token of a turn on the process that served the previous turn (cache in
 memory) is compared with one on the other process (which restores it from the store).
@@ -160,13 +160,32 @@ class Redis:
         self.proc.wait(timeout=30)
 
 
-TARGETS = {"serve": ("serve", []), "ray1": ("serve-ray", ["--replicas", "1"]), "ray2": ("serve-ray", [])}
+def target(name: str) -> tuple[str, list[str]]:
+    """(command, its own arguments) of a target: ``serve``, or ``rayN``: N replicas, which split this machine's
+    cores between them (``--threads``, ``--cpus-per-replica``)."""
+    if name == "serve":
+        return "serve", []
+    if name.startswith("ray") and name[3:].isdigit() and int(name[3:]) > 0:
+        n = int(name[3:])
+        share = max(1, (os.cpu_count() or 1) // n)
+        return "serve-ray", ["--replicas", str(n), "--threads", str(share), "--cpus-per-replica", str(share)]
+    raise SystemExit(f"unknown target {name!r}: serve, ray1, ray2, ...")
+
+
+def wait_for_replicas(url: str, n: int, timeout: float = 600.0) -> None:
+    """Ray's router answers once one replica is up; wait until ``n`` have answered (by their header)."""
+    seen, end = set(), time.monotonic() + timeout
+    while len(seen) < n:
+        if time.monotonic() > end:
+            raise SystemExit(f"only {len(seen)} of {n} replicas came up")
+        seen.add(httpx.get(f"{url}/health", timeout=60).headers.get("x-streamllm-replica"))
+        time.sleep(0.1)
 
 
 def run_levels(url: str, pid: int | None, args) -> list[dict]:
-    # One untimed turn first: the model's weights are mapped from disk and only count as resident memory once a
-    # forward pass has touched them.
-    asyncio.run(level(url, args.key, args.model, 1, 1, 2, offset=len(TOPICS) - 1))
+    # Untimed turns first, enough to reach every replica: the model's weights are mapped from disk and only count
+    # as resident memory once a forward pass has touched them, and a replica's first turn pays for that.
+    asyncio.run(level(url, args.key, args.model, 8, 1, 2, offset=len(TOPICS) - 8))
     rows, offset = [], 0
     for n in (int(x) for x in args.levels.split(",")):
         before = rss_mb(pid)
@@ -252,8 +271,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="streamllm-load-") as folder:
         redis = Redis(folder) if args.store == "redis" else None
         try:
-            for n, target in enumerate(args.targets.split(",")):
-                command, own = TARGETS[target]
+            for n, name in enumerate(args.targets.split(",")):
+                command, own = target(name)
                 if redis is not None:
                     redis.proc.terminate()  # a fresh store for each target
                     redis.proc.wait()
@@ -264,10 +283,12 @@ def main() -> int:
                     extra = shlex.split(args.server_args) + (
                         shlex.split(args.ray_args) if command != "serve" else []
                     )
-                    proc, url = start_server([*own, *extra], args.key, store, command)
-                    pid = proc.pid
+                    proc, url = start_server([*extra, *own], args.key, store, command)
+                    pid = proc.pid if command == "serve" else None  # Ray's replicas are other processes
+                    if command != "serve":
+                        wait_for_replicas(url, int(own[1]))
                 try:
-                    rows += [{"target": target} | row for row in run_levels(url, pid, args)]
+                    rows += [{"target": name} | row for row in run_levels(url, pid, args)]
                 finally:
                     if proc is not None:
                         stop(proc)

@@ -10,8 +10,10 @@ real Redis, behind the session-affinity router; driven through the real openai c
 import json
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 from conftest import SERVER_ARGS
@@ -22,6 +24,16 @@ pytestmark = pytest.mark.real
 
 QUESTIONS = LIGHTHOUSE[:4]
 REPLICA = "x-streamllm-replica"
+
+
+def _wait_for_replicas(url: str, n: int, timeout: float = 300.0) -> None:
+    """Until ``n`` replicas have answered: the router answers as soon as one is up, and a session started before
+    the others were would move once they join (its key may rank a newcomer first)."""
+    seen, end = set(), time.monotonic() + timeout
+    while len(seen) < n:
+        assert time.monotonic() < end, f"only {len(seen)} of {n} replicas came up"
+        seen.add(httpx.get(f"{url}/health", timeout=30).headers[REPLICA])
+        time.sleep(0.1)
 
 
 def _conversation(url: str, questions, history=None, session=None):
@@ -56,6 +68,7 @@ def test_replicas_share_sessions_and_survive_a_killed_one(server, redis_server, 
     args += ["--batch-decode", "1", "--replicas", "2"]  # replies independent of the other clients' traffic
     ray = ServerProcess(args, tmp_path / "ray.log", command="serve-ray")
     try:
+        _wait_for_replicas(ray.url, 2)
         with ThreadPoolExecutor(4) as pool:  # concurrent clients, each its own conversation
             runs = list(pool.map(lambda _: _conversation(ray.url, QUESTIONS[:3]), range(4)))
         sessions = {run[0][1] for run in runs}

@@ -179,7 +179,15 @@ class Replica:
 ingress = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+# Ray asks a replica whether it has room before sending it a request and backs off when the answer takes longer
+# than this (0.1 s by default). A replica busy with a model step on a loaded machine often answers later, and
+# with session affinity there is no other replica to try, so the router waits longer for the answer.
+PROBE_DEADLINE = {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0"}
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": PROBE_DEADLINE}}, max_ongoing_requests=1000
+)
 @serve.ingress(ingress)
 class Router:
     """The HTTP front: every request goes whole to one replica, chosen by ``affinity_key``."""
