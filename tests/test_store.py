@@ -95,18 +95,27 @@ def test_two_servers_alternate_turns_on_one_store(tiny, reference, backend, tmp_
     caplog.set_level(logging.INFO, logger="streamllm")
     with _serve(tiny, **store) as a, _serve(tiny, **store) as b:
         turns = _conversation([a, b, a, b])
-    assert [reply for reply, _ in turns] == reference
-    session = turns[0][1].headers["x-session-id"]
-    assert {r.headers["x-session-id"] for _, r in turns} == {session}  # one session, never forked
-    for _, response in turns[1:]:  # each server took the session from the store, not from the start
-        assert response.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
-    assert "was moved on elsewhere" in caplog.text  # A's copy was older than the store's
-    with _serve(tiny, **store) as c:  # a third server sees every turn, and only for the key that made them
-        seen = httpx.get(f"{c.url}/v1/sessions/{session}", headers=AUTH).json()
-        other = {"Authorization": f"Bearer {OTHER_KEY}"}
-        assert httpx.get(f"{c.url}/v1/sessions/{session}", headers=other).status_code == 404
-        assert httpx.get(f"{c.url}/v1/sessions", headers=other).json()["data"] == []
-    assert seen["turns"] == len(QUESTIONS)
+        assert [reply for reply, _ in turns] == reference
+        session = turns[0][1].headers["x-session-id"]
+        assert {r.headers["x-session-id"] for _, r in turns} == {session}  # one session, never forked
+        for _, response in turns[1:]:  # each server took the session from the store, not from the start
+            assert response.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        assert "was moved on elsewhere" in caplog.text  # A's copy was older than the store's
+        with _serve(
+            tiny, **store
+        ) as c:  # a third server sees every turn, and only for the key that made them
+            seen = httpx.get(f"{c.url}/v1/sessions/{session}", headers=AUTH).json()
+            assert seen["turns"] == len(QUESTIONS) and not seen["in_memory"]
+            other = {"Authorization": f"Bearer {OTHER_KEY}"}
+            assert httpx.get(f"{c.url}/v1/sessions/{session}", headers=other).status_code == 404
+            assert httpx.get(f"{c.url}/v1/sessions", headers=other).json()["data"] == []
+            assert httpx.delete(f"{a.url}/v1/sessions/{session}", headers=AUTH).status_code == 200
+            for server in (
+                b,
+                c,
+            ):  # deleted by A: gone for B, which holds it in memory, and for C, which knew of it
+                gone = _chat(server.url, [{"role": "user", "content": "again"}], session)
+                assert gone.status_code == 404, gone.text
     if redis_server is not None:
         assert redis_server.PASSWORD not in caplog.text
         assert redis_server.PASSWORD not in repr(ServerConfig(model_id="x", **store))

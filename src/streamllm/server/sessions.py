@@ -294,22 +294,24 @@ class SessionStore:
         session.lease = lease
 
     async def _check_current(self, session: Session) -> None:
-        """The (leased) session's cache in memory is reused only if the store still holds the state it came from:
-        another process may have moved it on (then it reloads) or deleted it (404)."""
+        """The (leased) session goes on from what the store holds: a cache in memory is reused only if the store
+        still holds the state it came from (else another process moved the session on, and it is reloaded), and
+        a session deleted by another process is gone (404)."""
         stored = await asyncio.to_thread(self.disk.generation, session.id)
         if stored == session.generation:
             return
-        log.info(
-            "session %s was moved on elsewhere (generation %d, here %d): reloading it",
-            session.id,
-            stored,
-            session.generation,
-        )
-        self._memory.pop(session.id, None)
-        session.stream = session.convo = None
-        session.dirty = False
-        self.disk.discard(session.id)
-        if stored == 0:  # deleted by another process
+        if session.loaded:
+            log.info(
+                "session %s was moved on elsewhere (generation %d, here %d): reloading it",
+                session.id,
+                stored,
+                session.generation,
+            )
+            self._memory.pop(session.id, None)
+            session.stream = session.convo = None
+            session.dirty = False
+            self.disk.discard(session.id)
+        if stored == 0:
             self._remove_from_index(session)
             self.sessions.pop(session.id, None)
             raise APIError(
@@ -322,7 +324,7 @@ class SessionStore:
         making room if needed."""
         if self.disk is not None and session.lease is None:
             await self._take_lease(session, deadline)
-            if session.loaded and session.generation:
+            if session.generation:
                 try:
                     await self._check_current(session)
                 except BaseException:
