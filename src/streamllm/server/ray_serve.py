@@ -94,7 +94,9 @@ class SessionAffinity(PowerOfTwoChoicesRequestRouter):
     health_check_period_s=5,
 )
 class Replica:
-    """One server process's app, built from ``streamllm serve`` options."""
+    """One server process's app, built from ``streamllm serve`` options. Its lifespan (the model worker, the store)
+    starts with its first request and ends with the process: it holds no lease between turns, and a turn cut off
+    by the replica's end is never committed."""
 
     def __init__(self, argv: list[str]):
         from ..cli import build_parser
@@ -167,13 +169,6 @@ class Replica:
         finally:
             gone.set()  # the caller went away (or the answer is complete): the app sees a disconnect
             await asyncio.gather(task, return_exceptions=True)
-
-    def __del__(self):
-        if self._lifespan is not None:  # stop the model worker, give back leases
-            try:
-                asyncio.get_event_loop().run_until_complete(self._lifespan.__aexit__(None, None, None))
-            except Exception:  # noqa: BLE001 - the replica is going away either way
-                pass
 
 
 ingress = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
