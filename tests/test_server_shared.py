@@ -1,11 +1,11 @@
-"""Two real server processes on one store (a --state-dir, or a real Redis): any of them serves any turn of a
-session, one turn at a time under the session's lease. While one process runs a turn, the other waits for it
-(--lease-wait) or answers 409; a process killed mid-turn loses only that turn, and no turn is forked or lost:
-the greedy replies are token for token an uninterrupted server's."""
+"""Two real server processes on one store: any of them serves any turn of a session, one turn at a time under the
+session's lease. While one process runs a turn, the other waits for it (--lease-wait) or answers 409; a process
+killed mid-turn loses only that turn, and no turn is forked or lost: the greedy replies are token for token an
+uninterrupted server's. The store is a real Redis; a shared --state-dir keeps the same contract through the same
+code (``test_store.py`` runs both in one process; the lease of a killed process is its ``flock``, which the
+kernel lets go)."""
 
-import fcntl
 import json
-import os
 
 import httpx
 import openai
@@ -28,37 +28,23 @@ def _turn(url: str, history: list[dict], question: str, session: str | None = No
 class Holder:
     """The test itself holding a session's lease, as a process in the middle of a turn would."""
 
-    def __init__(self, backend, store, session):
-        self.backend, self.store, self.session = backend, store, session
+    def __init__(self, redis_server, session):
+        self.key, self.client = f"streamllm:s:{session}:lease", redis_server.client()
 
     def __enter__(self):
-        if self.backend == "redis":
-            assert self.store.client().set(f"streamllm:s:{self.session}:lease", "test", nx=True, px=60_000)
-        else:
-            self.fd = os.open(self.store / "sessions" / self.session / "lease", os.O_RDWR)
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert self.client.set(self.key, "test", nx=True, px=60_000)
         return self
 
     def __exit__(self, *exc):
-        if self.backend == "redis":
-            self.store.client().delete(f"streamllm:s:{self.session}:lease")
-        else:
-            os.close(self.fd)
+        self.client.delete(self.key)
 
 
-@pytest.mark.parametrize("backend", ["dir", "redis"])
-def test_two_processes_share_sessions_without_losing_a_turn(server, tmp_path, backend, request):
+def test_two_processes_share_sessions_without_losing_a_turn(server, tmp_path, redis_server):
     reference, ref_history = [], []
     for question in QUESTIONS:  # the uninterrupted server
         reference.append(_turn(server.url, ref_history, question)[0])
 
-    if backend == "redis":
-        store = request.getfixturevalue("redis_server")
-        where = ["--store", store.url, "--lease-ttl", "3"]
-    else:
-        store = tmp_path / "state"
-        where = ["--state-dir", str(store)]
-    args = [*SERVER_ARGS, "--api-key", KEY_A, *where]
+    args = [*SERVER_ARGS, "--api-key", KEY_A, "--store", redis_server.url, "--lease-ttl", "3"]
     a = ServerProcess([*args, "--lease-wait", "30"], tmp_path / "a.log")
     b = ServerProcess([*args, "--lease-wait", "0"], tmp_path / "b.log")
     try:
@@ -69,7 +55,7 @@ def test_two_processes_share_sessions_without_losing_a_turn(server, tmp_path, ba
         assert resumed == session and text == reference[1]
         assert usage.prompt_tokens_details.cached_tokens > 0  # restored from A's save, not fed again
 
-        with Holder(backend, store, session):  # a turn in progress elsewhere: B does not wait for it
+        with Holder(redis_server, session):  # a turn in progress elsewhere: B does not wait for it
             with pytest.raises(openai.APIStatusError) as caught:
                 ask(b.url, [*history, {"role": "user", "content": QUESTIONS[2]}], session)
             assert caught.value.status_code == 409 and caught.value.body["code"] == "session_elsewhere"
@@ -80,8 +66,8 @@ def test_two_processes_share_sessions_without_losing_a_turn(server, tmp_path, ba
         text, _, resumed = _turn(a.url, history, QUESTIONS[2], session)  # A's copy is older: it reloads
         assert resumed == session and text == reference[2]
 
-        # B is killed in the middle of a turn: that turn is lost, nothing else. A waits for the lease
-        # (a dead process's flock goes at once; a Redis lease runs out after --lease-ttl) and goes on.
+        # B is killed in the middle of a turn: that turn is lost, nothing else. A waits for the lease (it runs out
+        # after --lease-ttl) and goes on.
         headers = {"Authorization": f"Bearer {KEY_A}", "X-Session-Id": session}
         body = {
             "model": MODEL,
@@ -97,9 +83,5 @@ def test_two_processes_share_sessions_without_losing_a_turn(server, tmp_path, ba
     finally:
         b.stop()
         a.stop()
-    if backend == "redis":
-        meta = json.loads(store.client().get(f"streamllm:s:{session}:meta"))
-    else:
-        meta = json.loads((store / "sessions" / session / "meta.json").read_text())
-        assert len(list((store / "sessions" / session).glob("state-*.safetensors"))) == 1
+    meta = json.loads(redis_server.client().get(f"streamllm:s:{session}:meta"))
     assert meta["turns"] == len(QUESTIONS)

@@ -141,6 +141,21 @@ def test_a_commit_after_an_older_state_or_without_the_lease_is_refused(redis_ser
         store.close()
 
 
+def test_the_folder_refuses_a_commit_after_an_older_state(tmp_path):
+    from streamllm.server.statedir import StateDir
+
+    store = StateDir(tmp_path, "tiny", STREAM)
+    session = new_session_id()
+    lease = store.lease(session)
+    assert lease is not None and store.lease(session) is None  # one holder at a time (its flock)
+    meta = store.write(session, None, {"id": session, "memory": None}, b"first state")
+    assert meta["generation"] == 1 and store.generation(session) == 1
+    with pytest.raises(LeaseLost, match="generation 1"):  # another first save: it would fork the session
+        store.write(session, None, {"id": session, "memory": None}, b"a rival first state")
+    lease.release()
+    assert store.lease(session) is not None  # given back: free to take
+
+
 def test_redis_down_answers_503_and_applies_nothing(tiny, reference, redis_server, tmp_path):
     store = _store("redis", redis_server, tmp_path)
     history: list[dict] = []
