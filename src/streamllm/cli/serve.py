@@ -122,6 +122,8 @@ def _check_store(config) -> None:
         store = RedisStore(config.store, config.store_password, config.model_id, config.stream)
     except ConfigError as exc:
         raise InputError(str(exc)) from None
+    except ImportError:
+        raise InputError("--store needs the redis package: pip install 'streamllm[redis]'") from None
     try:
         store.ping()
     except StoreUnavailable as exc:
