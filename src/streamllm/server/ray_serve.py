@@ -194,7 +194,7 @@ class Router:
 
     @ingress.api_route("/{path:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD"])
     async def forward(self, request: Request, path: str):
-        body = b""
+        body = bytearray()
         async for part in request.stream():
             body += part
             if len(body) > self.max_body_bytes:  # the replica would refuse it too; do not hold it all here
@@ -202,6 +202,7 @@ class Router:
                     error_body(f"request body over {self.max_body_bytes} bytes", "invalid_request_error"),
                     status_code=413,
                 )
+        body = bytes(body)
         headers = {k.lower(): v for k, v in request.headers.items()}
         key = affinity_key(request.method, request.url.path, headers, body)
         key = self.aliases.get(key.removeprefix("session:"), key) if key.startswith("session:") else key
