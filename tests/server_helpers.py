@@ -61,7 +61,9 @@ class ServerProcess:
         self.log_path = log
         self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
         cmd = [sys.executable, "-m", "streamllm", command, "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy())
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True
+        )
         try:
             wait_ready(self.url, lambda: self.proc.poll() is None)
         except BaseException:
@@ -81,10 +83,14 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
+        try:  # whatever it started and left (Ray's processes, when it did not stop them) goes too
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self._log.close()
 
 

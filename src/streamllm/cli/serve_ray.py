@@ -1,4 +1,10 @@
-"""``streamllm serve-ray``: N replicas of the chat server on Ray Serve, sharing one session store."""
+"""``streamllm serve-ray``: N replicas of the chat server on Ray Serve, sharing one session store.
+
+SIGINT or SIGTERM stops the application and the Ray cluster this command started. Known limit: once a replica
+has died and been replaced, Ray's core has put a SIGTERM handler of its own in place that ends this process at
+once and leaves the cluster's processes running; stop it by its process group then (``kill -- -PGID``, or a
+service manager that stops the whole group).
+"""
 
 from __future__ import annotations
 
