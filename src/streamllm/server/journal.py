@@ -127,16 +127,23 @@ def logs(data: bytes):
     cache tensors left unread; raises ``JournalError``."""
     for payload in _payloads(data):
         try:
-            (size,) = struct.unpack_from("<Q", payload, 0)
-            entries = json.loads(payload[8 : 8 + size])
-            text, tokens = (entries[name]["data_offsets"] for name in ("log.text", "log.tokens"))
+            (_, text), (_, tokens) = raw_tensors(payload, ("log.text", "log.tokens"))
         except (struct.error, ValueError, KeyError, TypeError) as exc:
             raise JournalError(f"a journal record is unreadable ({exc})") from None
-        base = 8 + size
-        yield (
-            payload[base + text[0] : base + text[1]],
-            array("i", payload[base + tokens[0] : base + tokens[1]]),
-        )
+        yield text, array("i", tokens)
+
+
+def raw_tensors(blob: bytes, names) -> list[tuple[str, bytes]]:
+    """(safetensors dtype, raw bytes) of the tensors ``names`` of a safetensors blob, reading its header once and
+    none of its other tensors; raises ``struct.error``, ``ValueError``, ``KeyError`` or ``TypeError``."""
+    (size,) = struct.unpack_from("<Q", blob, 0)
+    entries = json.loads(blob[8 : 8 + size])
+    base = 8 + size
+    out = []
+    for name in names:
+        start, end = entries[name]["data_offsets"]
+        out.append((entries[name]["dtype"], blob[base + start : base + end]))
+    return out
 
 
 def _records(data: bytes):

@@ -211,6 +211,15 @@ class RedisStore(Store):
         return folder / MEMORY_FILE
 
     def read(self, session_id: str) -> tuple[dict, bytes, bytes]:
+        meta, blob, records = self._read_state(session_id)
+        memory = meta.get("memory") or {}
+        if int(memory.get("file_bytes") or 0):
+            self._fetch_memory(session_id, int(memory["file_bytes"]))
+        return meta, blob, records
+
+    def _read_state(self, session_id: str) -> tuple[dict, bytes, bytes]:
+        """(meta, state, committed journal) in one transaction, the first two checked; the memory's blocks not."""
+
         def get(pipe):
             for part in ("meta", "state", "journal"):
                 pipe.get(self._key(session_id, part))
@@ -224,9 +233,6 @@ class RedisStore(Store):
         records = records or b""
         if len(records) < committed:
             raise StateError(f"the journal is truncated ({len(records)} of {committed} committed bytes)")
-        memory = meta.get("memory") or {}
-        if int(memory.get("file_bytes") or 0):
-            self._fetch_memory(session_id, int(memory["file_bytes"]))
         return meta, blob, records[:committed]
 
     def _fetch_memory(self, session_id: str, size: int) -> None:
@@ -236,14 +242,18 @@ class RedisStore(Store):
         self.memory_file(session_id).write_bytes(data)
 
     def read_log(self, session_id: str, meta: dict) -> tuple[bytearray, array]:
-        _, blob, records = self.read(session_id)
+        """The stored state's text and tokens, then the journal's additions (the memory's blocks, which the
+        session's stream is using, are left alone)."""
+        _, blob, records = self._read_state(session_id)
         try:
-            text = bytearray(_tensor_bytes(blob, "log.text"))
-            tokens = array("i", _tensor_bytes(blob, "log.tokens"))
+            (text_dtype, text), (tokens_dtype, tokens) = journal.raw_tensors(blob, ("log.text", "log.tokens"))
+            if (text_dtype, tokens_dtype) != ("U8", "I32"):
+                raise ValueError(f"the log is {text_dtype} and {tokens_dtype}")
+            text, tokens = bytearray(text), array("i", tokens)
             for added, fed in journal.logs(records):
                 text.extend(added)
                 tokens.extend(fed)
-        except (ValueError, KeyError, struct.error, JournalError) as exc:
+        except (ValueError, KeyError, TypeError, struct.error, JournalError) as exc:
             raise StateError(f"the saved conversation is unreadable ({exc})") from None
         return text, tokens
 
@@ -322,16 +332,6 @@ class RedisStore(Store):
                 pass
         shutil.rmtree(self.scratch, ignore_errors=True)
         self.client.close()
-
-
-def _tensor_bytes(blob: bytes, name: str) -> bytes:
-    """The raw bytes of one tensor of a safetensors blob, without reading the others."""
-    (size,) = struct.unpack_from("<Q", blob, 0)
-    entry = json.loads(blob[8 : 8 + size])[name]
-    start, end = entry["data_offsets"]
-    if entry["dtype"] not in ("I32", "U8"):
-        raise ValueError(f"{name} is {entry['dtype']}")
-    return blob[8 + size + start : 8 + size + end]
 
 
 def _first_line(exc: BaseException) -> str:
