@@ -107,3 +107,22 @@ def redis_server(tmp_path, monkeypatch):
     monkeypatch.setenv("STREAMLLM_STORE_PASSWORD", server.PASSWORD)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (servers running in the test process), the count put back after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random Llama with the real tokenizer and chat template (``server_helpers.tiny_chat_model``)."""
+    from server_helpers import tiny_chat_model
+
+    return tiny_chat_model()

@@ -9,7 +9,7 @@ from array import array
 import httpx
 import pytest
 import torch
-from server_helpers import ThreadServer, tiny_chat_model
+from server_helpers import ThreadServer
 
 from streamllm import StreamConfig
 from streamllm.config import MemoryConfig
@@ -24,18 +24,8 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 STREAM = StreamConfig(num_sinks=4, window=28, chunk_size=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The servers here run in this process; one torch thread keeps them from fighting over the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_chat_model()
+# The servers here run in this process: one torch thread keeps them from fighting over the cores.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _serve(tiny, **overrides) -> ThreadServer:

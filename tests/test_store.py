@@ -14,8 +14,7 @@ import logging
 
 import httpx
 import pytest
-import torch
-from server_helpers import ThreadServer, tiny_chat_model
+from server_helpers import ThreadServer
 
 from streamllm.config import StreamConfig
 from streamllm.server import ServerConfig, create_app
@@ -29,17 +28,8 @@ STREAM = StreamConfig(num_sinks=4, window=28, chunk_size=16)
 QUESTIONS = ["first question", "second question, a little longer", "third", "fourth and last"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_chat_model()
+# The servers here run in this process: one torch thread keeps them from fighting over the cores.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
