@@ -112,13 +112,13 @@ def test_int4_matvec_recovers_q4_1_weights():
     g = torch.Generator().manual_seed(0)
     q = torch.randint(0, 16, (48, 4, 32), generator=g).float()
     q[..., 0], q[..., 1] = 0, 15  # every group spans the whole grid
-    scale = torch.rand(48, 4, 1, generator=g) * 0.02 + 0.005
-    low = torch.randn(48, 4, 1, generator=g) * 0.05
+    scale = (torch.rand(48, 4, 1, generator=g) * 0.02 + 0.005).half().float()  # Q4_1's scales are float16
+    low = (torch.randn(48, 4, 1, generator=g) * 0.05).half().float()
     weight = (q * scale + low).view(48, 128)  # (N, K)
     x = torch.randn(128, generator=g)
     got = Int4MatVec(weight)(x)
     want = weight @ x
-    assert (got - want).abs().max() < 0.02 * want.abs().max()  # bfloat16 inputs and scales
+    assert (got - want).abs().max() < 0.02 * want.abs().max()  # x in 8 (or bfloat16) bits
     assert Int4MatVec(weight).error < 1e-5
     assert isinstance(quantized(weight), Int4MatVec)
     rough = torch.randn(48, 128, generator=g)  # not on a 4-bit grid: kept in 8 bits
@@ -232,14 +232,91 @@ def test_native_matrix_products(kernels, dtype, shape):
     for rows in (1, 3):
         x = torch.randn(rows, shape[1], generator=g).to(dtype)
         want = x.float() @ W.float().t()
-        got = kernels.matmul(W, x)
+        got = kernels.matmul(0, W, torch.empty(0), x)
         assert got.shape == (rows, shape[0]) and got.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         assert (got.float() - want).abs().max() <= tol * want.abs().max()
 
 
+def _rows_in_8_bits(x):
+    """The native kernels' 8-bit copy of rows x (R, K), in torch: per group of 32 inputs (zeros past K), q (R, G,
+    32) as floats, scale = max|x| / 127 and the sum of x, each (R, G)."""
+    R, K = x.shape
+    padded = torch.zeros(R, -(-K // 32) * 32)
+    padded[:, :K] = x.float()
+    groups = padded.view(R, -1, 32)
+    scale = groups.abs().amax(-1) / 127
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    q = torch.round(groups * inverse[..., None]).clamp(-127, 127)
+    return q, scale, groups.sum(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_integer_products(kernels, dtype):
+    """The 4- and 8-bit tiles' products against the same integer arithmetic in float64 (x rounded to 8 bits per
+    group of 32), and against the float weights within that rounding; one row and several, ragged 8-bit shapes."""
+    g = torch.Generator().manual_seed(3)
+    N, K = 48, 128
+    q4 = torch.randint(0, 16, (N, K // 32, 32), generator=g).float()
+    q4[..., 0], q4[..., 1] = 0, 15  # every group spans the whole grid, so the fit finds q, step and low again
+    step = (torch.rand(N, K // 32, 1, generator=g) * 0.02 + 0.005).half().float()
+    low = (torch.randn(N, K // 32, 1, generator=g) * 0.05).half().float()
+    w4 = (q4 * step + low).view(N, K)
+    int4 = Int4MatVec(w4)
+    assert int4.kernels is not None and int4.packed.shape == (N // 16, K // 32, 256) and int4.error < 1e-5
+    for n, k in ((N, K), (37, 100), (5, 31)):
+        w8 = torch.randn(n, k, generator=g)
+        int8 = Int8MatVec(w8)
+        scale8 = w8.abs().amax(-1) / 127
+        q8 = torch.round(w8 / scale8[:, None]).clamp(-127, 127)
+        for rows in (1, 3):
+            x = (torch.randn(rows, k, generator=g) * torch.rand(k, generator=g) * 4).to(
+                dtype
+            )  # uneven groups
+            x[0, :32] = 0  # a group of zeros
+            xq, xs, xsum = (t.double() for t in _rows_in_8_bits(x))
+            got8 = int8.kernels.matmul(2, int8.q, int8.scale, x)
+            assert got8.shape == (rows, n) and got8.dtype == dtype
+            dots = (xq[:, None] * _groups(q8.double())[None]).sum(-1)  # (R, N, G)
+            want8 = (dots * xs[:, None]).sum(-1) * scale8.double()
+            _close(got8, want8, dtype)
+            _close(got8, x.double() @ w8.double().t(), dtype, slack=_x_rounding(w8, xs))
+            if k != K:
+                continue
+            got4 = int4.kernels.matmul(1, int4.packed, int4.scale_zero, x)
+            dots = (xq[:, None] * q4.double()[None]).sum(-1)  # (R, N, G)
+            want4 = (dots * step[..., 0].double() * xs[:, None] + low[..., 0].double() * xsum[:, None]).sum(
+                -1
+            )
+            _close(got4, want4, dtype)
+            _close(got4, x.double() @ w4.double().t(), dtype, slack=_x_rounding(w4, xs))
+            assert torch.equal(int4(x[0]), got4[0]) and torch.equal(
+                int8(x[0]), got8[0]
+            )  # the Python step's call
+
+
+def _groups(w):
+    """(N, K) -> (N, G, 32), zeros past K."""
+    N, K = w.shape
+    padded = torch.zeros(N, -(-K // 32) * 32, dtype=w.dtype)
+    padded[:, :K] = w
+    return padded.view(N, -1, 32)
+
+
+def _x_rounding(w, xs):
+    """How far rounding x to 8 bits can move x W^T: half an 8-bit step of each group times the group's |w|,
+    (R, N)."""
+    return (_groups(w.double().abs()).sum(-1)[None] * xs[:, None] / 2).sum(-1)
+
+
+def _close(got, want, dtype, slack=0.0):
+    """got within ``slack`` (R, N) of want, plus float32 summation (or the model dtype's rounding of y)."""
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((got.double() - want).abs() - slack).max() <= tol * want.abs().max()
+
+
 OTHER_CPUS = {  # flags after -march=native -> the code paths such a CPU compiles
-    "avx512-without-bf16": ("-mno-avx512bf16", "portable,avx512f"),
+    "avx512-without-bf16-or-vnni": ("-mno-avx512bf16 -mno-avx512vnni", "portable,avx512f"),  # Skylake-X
     "avx2-only": ("-march=x86-64-v3", "portable"),
 }
 
@@ -269,8 +346,9 @@ def other_builds():
 
 @pytest.mark.parametrize("cpu", list(OTHER_CPUS))
 def test_native_step_as_other_cpus_build_it(other_builds, cpu, tmp_path):
-    """The native step built as a CPU without AVX-512 BF16, and as one without AVX-512 at all (its portable loops,
-    which Arm compiles too), passes the native tests against the Python step."""
+    """The native step built as a CPU with AVX-512 but neither BF16 nor VNNI (the integer products' portable loops),
+    and as one without AVX-512 at all (its portable loops, which Arm compiles too), passes the native tests against
+    the Python step."""
     env, paths, log = other_builds[cpu]
     assert paths == [OTHER_CPUS[cpu][1]], log
     tests = "native and not other_cpus"

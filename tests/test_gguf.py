@@ -87,13 +87,14 @@ def test_k_quant_model_streams_exactly(written):
 def test_int4_decode_keeps_q4_k_matrices_in_4_bits(written):
     """Q4_K blocks do not always use the ends of their grid; every matrix made of them alone still comes back
     in 4 bits, nearly exactly, and the 6-bit ones go to 8 bits. Fused matrices follow their parts: layer 0's
-    q, k, v holds a 6-bit v."""
+    q, k, v holds a 6-bit v. (Nearly: a Q4_K step is a float16 times a 6-bit integer, up to 17 significant bits,
+    which the native tiles' float16 steps round to 11; torch's layout rounds them to bfloat16's 8.)"""
     _, files = written
     model, _ = load_model(str(files["Q4_K_M"][0]))
     decoder = decoder_for(model, "int4")
     first, second = decoder.layers
     for mat in (first.o, first.gate_up, second.qkv, second.o, second.gate_up, second.down):
-        assert isinstance(mat, Int4MatVec) and mat.error < 1e-5
+        assert isinstance(mat, Int4MatVec) and mat.error < 2e-3
     for mat in (first.qkv, first.down, decoder.lm_head):
         assert isinstance(mat, Int8MatVec)
     with torch.no_grad():

@@ -36,7 +36,12 @@ def test_models_and_health(server, client):
 
 
 def test_multi_turn_chat_far_past_the_cache_feeds_only_new_tokens(server, client):
-    messages = [{"role": "user", "content": "Hello! Please tell me about the sea."}]
+    opening = (
+        "Hello! I grew up by a grey northern coast, where the tide came in twice a day over wide flat sands, gulls "
+        "followed the fishing boats home every evening, and winter storms threw seaweed and driftwood far up the "
+        "beach. Please tell me about the sea."
+    )  # long enough that six short turns add up to more than three caches, however the replies come out
+    messages = [{"role": "user", "content": opening}]
     questions = ["Why is it salty?", "Name a fish.", "What about the sky?", "Is it blue?", "Thanks, bye."]
     sessions, fed, previous = set(), [], None
     for question in [None, *questions]:

@@ -9,9 +9,10 @@
 //
 // Built on first use by torch.utils.cpp_extension (native.py). The arithmetic follows decode.py's Python step,
 // which follows transformers: norms and rotary in the model dtype with transformers' roundings, attention scores and
-// softmax in float32, matrix products by torch's kernels except the one-row bfloat16 ones, which use AVX-512 BF16
-// instructions (float32 sums) where the CPU has them. Float32 results match the Python step to float32 rounding
-// (only summation orders differ).
+// softmax in float32. Products with the model's own weights go to torch's kernels, except the one-row bfloat16
+// ones, which use AVX-512 BF16 instructions (float32 sums) where the CPU has them; products with 4- and 8-bit
+// weights are this file's integer kernels (VNNI where the CPU has it), which the Python step calls too. Float32
+// results match the Python step to float32 rounding (only summation orders differ).
 //
 // Letters: R streams (rows), H heads, Hkv kv heads, G = H / Hkv, D head dim, N = C + 1 + S key slots (ring, the
 // token's own scratch slot, the moved sinks), E hidden size, F MLP width.
@@ -22,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -121,6 +123,181 @@ at::Tensor matvec16(const at::Tensor& W, const at::Tensor& x) {
     for (int64_t n = begin; n < end; ++n) out[n] = static_cast<T>(dot(xv, w + n * K, K));
   });
   return y;
+}
+
+// ---- 4- and 8-bit weights: integer products against an 8-bit copy of x ----
+//
+// Each row of x is cut into groups of 32 inputs and each group is rounded to 8-bit integers on its own scale,
+// max|x| / 127 (the layout of GGUF's Q8 blocks). A weight matrix is kept in tiles of 16 output rows whose bytes are
+// placed so that one AVX-512 VNNI instruction multiplies 16 rows by 4 inputs, 64 byte products summed into 16
+// 32-bit integers at once. Each group's integer sums are then scaled in float32. Reading a quarter (4-bit) or half
+// (8-bit) of the bytes of bfloat16 with a few instructions per 64 weights keeps these products bound by memory, not
+// by arithmetic. quant.py lays the tiles out and describes the formats.
+
+constexpr int64_t GROUP = 32;  // inputs per group: one 8-bit scale of x, one 4-bit grid of W
+constexpr int64_t TILE = 16;   // output rows multiplied together
+
+// Rows of x (R, K) as 8-bit integers, K padded with zeros to whole groups (Kp): per row and group, scale =
+// max|x| / 127 and q = round(x / scale) half to even (0 where the group is all zeros), with the group's sum of x
+// (float32, for the 4-bit grids' offsets) and of q (for the 8-bit weights' offset of 128).
+struct Quantized {
+  int64_t R = 0, Kp = 0, G = 0;
+  std::vector<int8_t> q;      // (R, Kp)
+  std::vector<float> scale;   // (R, G)
+  std::vector<float> sum;     // (R, G)
+  std::vector<int32_t> qsum;  // (R, G)
+};
+
+template <typename T>
+Quantized quantize_rows(const T* x, int64_t R, int64_t K) {
+  Quantized out;
+  out.R = R;
+  out.G = (K + GROUP - 1) / GROUP;
+  out.Kp = out.G * GROUP;
+  out.q.assign(R * out.Kp, 0);
+  out.scale.assign(R * out.G, 0.0f);
+  out.sum.assign(R * out.G, 0.0f);
+  out.qsum.assign(R * out.G, 0);
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t g = 0; g < out.G; ++g) {
+      const int64_t k0 = g * GROUP, k1 = std::min(K, k0 + GROUP);
+      float top = 0, total = 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        const float v = to_float(x[r * K + k]);
+        top = std::max(top, std::abs(v));
+        total += v;
+      }
+      const float s = top / 127.0f;
+      const float inverse = s > 0 ? 1.0f / s : 0.0f;
+      int32_t qs = 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        const float v = std::nearbyint(to_float(x[r * K + k]) * inverse);
+        const int8_t qv = static_cast<int8_t>(std::clamp(v, -127.0f, 127.0f));
+        out.q[r * out.Kp + k] = qv;
+        qs += qv;
+      }
+      out.scale[r * out.G + g] = s;
+      out.sum[r * out.G + g] = total;
+      out.qsum[r * out.G + g] = qs;
+    }
+  }
+  return out;
+}
+
+inline int32_t four_bytes(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// y (R, N) = x W^T for W in 4-bit tiles: packed (N/16, G, 256) bytes, scales (N/16, G, 2, 16) float16, each
+// group's 16 steps then its 16 lows, W[n, k] = low + q * step. Within a group, byte 64 c + 4 j + b holds row j's
+// q for input 8 c + b in its low half and for input 8 c + 4 + b in its high half. So
+// y[n] = sum over groups of step * xscale * (q . xq) + low * (sum of x).
+template <typename T>
+void int4_rows(const uint8_t* packed, const at::Half* scales, const Quantized& x, int64_t N, T* y) {
+  const int64_t G = x.G, tiles = N / TILE;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t r = 0; r < x.R; ++r) {
+        const int8_t* xq = x.q.data() + r * x.Kp;
+        const float* xs = x.scale.data() + r * G;
+        const float* xsum = x.sum.data() + r * G;
+        float out[TILE];
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+        const __m512i nibble = _mm512_set1_epi8(0x0F);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t g = 0; g < G; ++g) {
+          const uint8_t* p = packed + (t * G + g) * 256;
+          const int8_t* xg = xq + g * GROUP;
+          __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+          for (int c = 0; c < 4; ++c) {
+            const __m512i v = _mm512_loadu_si512(p + 64 * c);
+            lo = _mm512_dpbusd_epi32(lo, _mm512_and_si512(v, nibble), _mm512_set1_epi32(four_bytes(xg + 8 * c)));
+            hi = _mm512_dpbusd_epi32(hi, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble),
+                                     _mm512_set1_epi32(four_bytes(xg + 8 * c + 4)));
+          }
+          const at::Half* sc = scales + (t * G + g) * 2 * TILE;
+          const __m512 step = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+          const __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + TILE)));
+          const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
+          acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(step, _mm512_set1_ps(xs[g])), acc);
+          acc = _mm512_fmadd_ps(low, _mm512_set1_ps(xsum[g]), acc);
+        }
+        _mm512_storeu_ps(out, acc);
+#else
+        std::fill(out, out + TILE, 0.0f);
+        for (int64_t g = 0; g < G; ++g) {
+          const uint8_t* p = packed + (t * G + g) * 256;
+          const int8_t* xg = xq + g * GROUP;
+          const at::Half* sc = scales + (t * G + g) * 2 * TILE;
+          for (int64_t j = 0; j < TILE; ++j) {
+            int32_t dot = 0;
+            for (int64_t c = 0; c < 4; ++c) {
+              for (int64_t b = 0; b < 4; ++b) {
+                const uint8_t v = p[64 * c + 4 * j + b];
+                dot += (v & 0x0F) * xg[8 * c + b] + (v >> 4) * xg[8 * c + 4 + b];
+              }
+            }
+            out[j] += static_cast<float>(dot) * (static_cast<float>(sc[j]) * xs[g]);
+            out[j] += static_cast<float>(sc[TILE + j]) * xsum[g];
+          }
+        }
+#endif
+        for (int64_t j = 0; j < TILE; ++j) y[r * N + t * TILE + j] = static_cast<T>(out[j]);
+      }
+    }
+  });
+}
+
+// y (R, N) = x W^T for W in 8-bit tiles: packed (ceil(N/16), Kp/4, 64) bytes holding W + 128, row j's inputs
+// 4 c + b at byte 64 c + 4 j + b (rows and inputs past N and K are zeros, i.e. 128); scales (N,) float32 per row,
+// W[n, k] = (byte - 128) * scale[n]. The offset comes back out through each group's sum of xq.
+template <typename T>
+void int8_rows(const uint8_t* packed, const float* scales, const Quantized& x, int64_t N, T* y) {
+  const int64_t G = x.G, chunks = x.Kp / 4, tiles = (N + TILE - 1) / TILE;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const uint8_t* tile = packed + t * chunks * 64;
+      const int64_t rows = std::min(TILE, N - t * TILE);
+      for (int64_t r = 0; r < x.R; ++r) {
+        const int8_t* xq = x.q.data() + r * x.Kp;
+        const float* xs = x.scale.data() + r * G;
+        const int32_t* qsum = x.qsum.data() + r * G;
+        float out[TILE];
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t g = 0; g < G; ++g) {
+          const uint8_t* p = tile + g * (GROUP / 4) * 64;
+          const int8_t* xg = xq + g * GROUP;
+          __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+          for (int c = 0; c < GROUP / 4; c += 2) {
+            even = _mm512_dpbusd_epi32(even, _mm512_loadu_si512(p + 64 * c), _mm512_set1_epi32(four_bytes(xg + 4 * c)));
+            odd = _mm512_dpbusd_epi32(odd, _mm512_loadu_si512(p + 64 * (c + 1)),
+                                      _mm512_set1_epi32(four_bytes(xg + 4 * c + 4)));
+          }
+          const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(even, odd), _mm512_set1_epi32(128 * qsum[g]));
+          acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[g]), acc);
+        }
+        _mm512_storeu_ps(out, acc);
+#else
+        std::fill(out, out + TILE, 0.0f);
+        for (int64_t g = 0; g < G; ++g) {
+          const uint8_t* p = tile + g * (GROUP / 4) * 64;
+          const int8_t* xg = xq + g * GROUP;
+          for (int64_t j = 0; j < TILE; ++j) {
+            int32_t dot = 0;
+            for (int64_t c = 0; c < GROUP / 4; ++c) {
+              for (int64_t b = 0; b < 4; ++b) dot += p[64 * c + 4 * j + b] * xg[4 * c + b];
+            }
+            out[j] += static_cast<float>(dot - 128 * qsum[g]) * xs[g];
+          }
+        }
+#endif
+        for (int64_t j = 0; j < rows; ++j) y[r * N + t * TILE + j] = static_cast<T>(out[j] * scales[t * TILE + j]);
+      }
+    }
+  });
 }
 
 // transformers' RMSNorm: normalise in float32, round to the model dtype, then scale (a product in the model dtype).
@@ -458,8 +635,8 @@ void attend(const float* q, const float* qa, int64_t split, int64_t anchored, co
   }
 }
 
-// One weight matrix: the model's own (kind 0), 4-bit groups of 32 (kind 1) or 8-bit rows (kind 2); decode.py's
-// _MatVec, _Int4MatVec and _Int8MatVec.
+// One weight matrix: the model's own (kind 0), 4-bit tiles (kind 1) or 8-bit tiles (kind 2); quant.py's MatVec,
+// Int4MatVec and Int8MatVec.
 struct Matrix {
   int64_t kind;
   at::Tensor a, b;
@@ -475,9 +652,27 @@ struct Matrix {
       }
       return at::mv(a, x[0]).unsqueeze(0);
     }
-    const at::Tensor x16 = x.to(at::kBFloat16);
-    const at::Tensor y = kind == 1 ? at::_weight_int4pack_mm_for_cpu(x16, a, 32, b) : at::_weight_int8pack_mm(x16, a, b);
-    return y.to(x.scalar_type());
+    TORCH_CHECK(kind == 1 || kind == 2, "matrix kind: 0, 1 or 2");
+    TORCH_CHECK(a.scalar_type() == at::kByte && a.is_contiguous() && b.is_contiguous(), "tiles: contiguous bytes");
+    const int64_t R = x.size(0), K = x.size(1);
+    const int64_t N = kind == 1 ? a.size(0) * TILE : b.size(0);
+    const int64_t Kp = kind == 1 ? a.size(1) * GROUP : a.size(1) * 4;
+    TORCH_CHECK(Kp == (K + GROUP - 1) / GROUP * GROUP, "x: ", K, " inputs for tiles of ", Kp);
+    TORCH_CHECK(kind == 2 || (b.scalar_type() == at::kHalf && b.numel() == a.size(0) * a.size(1) * 2 * TILE),
+                "int4 tiles: float16 steps and lows");
+    TORCH_CHECK(kind == 1 || (b.scalar_type() == at::kFloat && a.size(0) == (N + TILE - 1) / TILE),
+                "int8 tiles: one float32 scale per row");
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = at::empty({R, N}, x.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "streamllm_int_matmul", [&] {
+      const Quantized xq = quantize_rows(xc.data_ptr<scalar_t>(), R, K);
+      if (kind == 1) {
+        int4_rows(a.data_ptr<uint8_t>(), b.data_ptr<at::Half>(), xq, N, y.data_ptr<scalar_t>());
+      } else {
+        int8_rows(a.data_ptr<uint8_t>(), b.data_ptr<float>(), xq, N, y.data_ptr<scalar_t>());
+      }
+    });
+    return y;
   }
 };
 
@@ -731,13 +926,18 @@ std::string compiled_for() {
 #if defined(__AVX512BF16__)
   paths += ",avx512bf16";
 #endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  paths += ",avx512vnni";
+#endif
   return paths;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiled_for", &compiled_for, "the code paths this build compiled, comma-separated");
-  m.def("matmul", [](const at::Tensor& W, const at::Tensor& x) { return Matrix{0, W, at::Tensor()}(x); },
-        "x W^T for rows x (R, K), as the native step computes it with the model's own weights");
+  m.def("matmul", [](int64_t kind, const at::Tensor& a, const at::Tensor& b, const at::Tensor& x) {
+          return Matrix{kind, a, b}(x);
+        }, "x W^T for rows x (R, K), as the native step computes it: W the model's own weights a (kind 0), or 4-bit "
+        "(kind 1) or 8-bit (kind 2) tiles a with their scales b (quant.py)");
   m.def("attend", &attend_heads, "the step's attention of one token's heads q (H, D) float32 over one layer's cache "
         "buffers keys, values (Hkv, N, D) (int8 with their scales (Hkv, N), or float32/bfloat16 with empty ones) "
         "where visible (N,) bool, scores times scale; -> (H, D) float32");

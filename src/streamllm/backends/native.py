@@ -6,7 +6,7 @@ which computes the same thing more slowly.
 
 It is built for this CPU (``-march=native``). ``STREAMLLM_NATIVE_FLAGS`` adds compiler flags after that one, so
 that the kernels can be built as another CPU would build them: ``-march=x86-64-v3`` (AVX2, no AVX-512),
-``-mno-avx512bf16`` (AVX-512 without BF16). Each set of flags gets its own build folder. The AVX-512 code paths
+``-mno-avx512bf16 -mno-avx512vnni`` (AVX-512 without BF16 or VNNI). Each set of flags gets its own build folder. The AVX-512 code paths
 are chosen at compile time; every one has a portable loop beside it, which is what AVX2-only x86 and Arm compile.
 """
 

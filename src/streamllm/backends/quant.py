@@ -3,12 +3,25 @@
 Each class holds one weight matrix W (N, K) in some form and computes y = W x; ``KIND`` tells the native step
 (``decode_kernels.cpp``) which product to run on the same ``tensors``.
 
-Letters: N outputs, K inputs.
+Where the native kernels build, the 4- and 8-bit copies are laid out in tiles for its integer kernels, which both
+the native and the Python step call: x is rounded to 8-bit integers per group of 32 inputs (scale max|x| / 127,
+as GGUF's Q8 blocks), each group's products are summed as integers (AVX-512 VNNI: 64 per instruction) and then
+scaled in float32. Tiles hold 16 output rows, with bytes placed so that one VNNI instruction multiplies the 16
+rows by 4 inputs:
+- 4-bit, per tile and group of 32 inputs: 256 bytes, byte 64 c + 4 j + b holding row j's q for input 8 c + b in
+  its low half and for input 8 c + 4 + b in its high half; then the group's 16 steps and 16 lows in float16;
+- 8-bit: W + 128 as bytes, row j's inputs 4 c + b at byte 64 c + 4 j + b of the tile's 64-byte chunk c; one
+  float32 scale per row. Rows and inputs are padded with zeros to whole tiles and groups.
+Without the native kernels the copies take torch's int4 and int8 layouts and kernels, which round x to bfloat16.
+
+Letters: N outputs, K inputs, T = N / 16 tiles, G = K / 32 groups.
 """
 
 from __future__ import annotations
 
 import torch
+
+from . import native
 
 
 class MatVec:
@@ -38,8 +51,8 @@ class Int4MatVec:
     in every one of them each group of 32 weights sits on a grid ``low + q * step`` with q in 0..15. A group need
     not use the whole grid (Q4_K fits its scales per block of 256), so the grid is found per group by trying
     every count of steps between its lowest and highest weight, 15 down to 1, and keeping the one that fits best:
-    such layers come back exactly up to the bfloat16 rounding of the scales. Reads a quarter of the bytes of
-    bfloat16; torch's CPU int4 kernel takes bfloat16 inputs."""
+    such layers come back exactly up to the rounding of the scales (float16 in the native tiles, bfloat16 in
+    torch's layout). Reads a quarter of the bytes of bfloat16."""
 
     GROUP = 32  # decode_kernels.cpp assumes it too
     KIND = 1
@@ -56,15 +69,34 @@ class Int4MatVec:
             raise ValueError(
                 f"int4 weights need outputs divisible by 16 and inputs by {self.GROUP}, got {N}x{K}"
             )
-        w = weight.detach().float().view(N, K // self.GROUP, self.GROUP)  # (N, K/32, 32)
+        w = weight.detach().float().view(N, K // self.GROUP, self.GROUP)  # (N, G, 32)
         fitted = [self._fit(w[r : r + self.ROWS]) for r in range(0, N, self.ROWS)]
-        q, step, low = (torch.cat(parts) for parts in zip(*fitted, strict=True))
+        q, step, low = (torch.cat(parts) for parts in zip(*fitted, strict=True))  # (N, G, 32), (N, G) twice
+        self.kernels = native.kernels()
+        if self.kernels is not None:
+            step, low = (
+                step.half(),
+                low.half(),
+            )  # as the tiles keep them (an overflow shows as an infinite error)
+            self.error = self._error(w, q, step.float(), low.float())
+            self.packed = self._pack(q.to(torch.uint8))  # (T, G, 256)
+            T, G = N // 16, K // self.GROUP
+            scales = torch.stack([step.view(T, 16, G), low.view(T, 16, G)], dim=1)  # (T, 2, 16, G)
+            self.scale_zero = scales.permute(0, 3, 1, 2).contiguous()  # (T, G, 2, 16)
+            return
         self.error = self._error(w, q, step, low)
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).view(N, K), 1)
         zero = low + 8 * step  # the kernel computes (q - 8) * scale + zero
         self.scale_zero = (
             torch.stack([step.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-        )  # (K/32, N, 2)
+        )  # (G, N, 2)
+
+    @staticmethod
+    def _pack(q: torch.Tensor) -> torch.Tensor:
+        """4-bit numbers q (N, G, 32) uint8 -> the tiles (T, G, 256) of the native kernel (module docstring)."""
+        N, G, _ = q.shape
+        parts = q.view(N // 16, 16, G, 4, 2, 4).permute(0, 2, 3, 1, 5, 4)  # (T, G, c, j, b, half)
+        return (parts[..., 0] | (parts[..., 1] << 4)).reshape(N // 16, G, 256).contiguous()
 
     @classmethod
     def sample_error(cls, weight: torch.Tensor, rows: int = 256) -> float:
@@ -123,6 +155,8 @@ class Int4MatVec:
         return self.packed, self.scale_zero
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.kernels.matmul(self.KIND, self.packed, self.scale_zero, x[None])[0]  # (N,)
         x16 = x.to(torch.bfloat16)[None]  # (1, K)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x16, self.packed, self.GROUP, self.scale_zero
@@ -131,15 +165,36 @@ class Int4MatVec:
 
 
 class Int8MatVec:
-    """y = W x with W held as 8-bit integers, one scale per output row (torch's CPU int8 kernel)."""
+    """y = W x with W held as 8-bit integers, one scale per output row: max|row| / 127."""
 
     KIND = 2
 
     def __init__(self, weight: torch.Tensor):
         w = weight.detach().float()  # (N, K)
         scale = (w.abs().amax(-1) / 127).clamp(min=1e-12)  # (N,)
-        self.q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (N, K)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127)  # (N, K)
+        self.kernels = native.kernels()
+        if self.kernels is not None:
+            self.q = self._pack(q)  # (T, Kp / 4, 64)
+            self.scale = scale  # (N,) float32
+            return
+        self.q = q.to(torch.int8)  # (N, K)
         self.scale = scale.to(torch.bfloat16)  # (N,)
+
+    @staticmethod
+    def _pack(q: torch.Tensor) -> torch.Tensor:
+        """8-bit numbers q (N, K) -> the tiles (T, Kp / 4, 64) of the native kernel, as bytes q + 128, padded to
+        whole tiles and groups of 32 with zeros (module docstring)."""
+        N, K = q.shape
+        Np, Kp = -(-N // 16) * 16, -(-K // 32) * 32
+        padded = torch.full((Np, Kp), 128, dtype=torch.uint8)
+        padded[:N, :K] = (q + 128).to(torch.uint8)
+        return (
+            padded.view(Np // 16, 16, Kp // 4, 4)
+            .permute(0, 2, 1, 3)
+            .reshape(Np // 16, Kp // 4, 64)
+            .contiguous()
+        )
 
     @property
     def nbytes(self) -> int:
@@ -150,6 +205,8 @@ class Int8MatVec:
         return self.q, self.scale
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.kernels.matmul(self.KIND, self.q, self.scale, x[None])[0]  # (N,)
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16)[None], self.q, self.scale)  # (1, N)
         return y[0].to(x.dtype)  # (N,)
 
