@@ -238,23 +238,26 @@ def test_native_matrix_products(kernels, dtype, shape):
         assert (got.float() - want).abs().max() <= tol * want.abs().max()
 
 
-def _rows_in_8_bits(x):
-    """The native kernels' 8-bit copy of rows x (R, K), in torch: per group of 32 inputs (zeros past K), q (R, G,
-    32) as floats, scale = max|x| / 127 and the sum of x, each (R, G)."""
+def _rows_in_two_bytes(x):
+    """The native kernels' copy of rows x (R, K) in torch: per group of 32 inputs (zeros past K), x = s (q + e / 254)
+    with q and e (R, G, 32) integers, and s = max|x| / 127 and the group's sum of x, each (R, G)."""
     R, K = x.shape
     padded = torch.zeros(R, -(-K // 32) * 32)
     padded[:, :K] = x.float()
     groups = padded.view(R, -1, 32)
-    scale = groups.abs().amax(-1) / 127
-    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    q = torch.round(groups * inverse[..., None]).clamp(-127, 127)
-    return q, scale, groups.sum(-1)
+    s = groups.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(s > 0, 1 / s, torch.zeros_like(s))
+    q = torch.round(groups * inverse).clamp(-127, 127)
+    rest = (groups.double() - s.double() * q.double()).float()  # rounded once, as the kernel's fma
+    e = torch.round(rest * inverse * 254).clamp(-127, 127)
+    return q, e, s[..., 0], groups.sum(-1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_integer_products(kernels, dtype):
-    """The 4- and 8-bit tiles' products against the same integer arithmetic in float64 (x rounded to 8 bits per
-    group of 32), and against the float weights within that rounding; one row and several, ragged 8-bit shapes."""
+    """The 4- and 8-bit tiles' products against the same integer arithmetic in float64 (x in two 8-bit parts per
+    group of 32), and against the float weights they hold within that rounding of x (s / 508 per input); one row and
+    several, ragged 8-bit shapes."""
     g = torch.Generator().manual_seed(3)
     N, K = 48, 128
     q4 = torch.randint(0, 16, (N, K // 32, 32), generator=g).float()
@@ -269,22 +272,23 @@ def test_native_integer_products(kernels, dtype):
         int8 = Int8MatVec(w8)
         scale8 = w8.abs().amax(-1) / 127
         q8 = torch.round(w8 / scale8[:, None]).clamp(-127, 127)
+        held8 = q8 * scale8[:, None]  # the weights the 8-bit copy holds
         for rows in (1, 3):
             x = (torch.randn(rows, k, generator=g) * torch.rand(k, generator=g) * 4).to(
                 dtype
             )  # uneven groups
             x[0, :32] = 0  # a group of zeros
-            xq, xs, xsum = (t.double() for t in _rows_in_8_bits(x))
+            xq, xe, xs, xsum = (t.double() for t in _rows_in_two_bytes(x))
+            parts = xq + xe / 254  # (R, G, 32)
             got8 = int8.kernels.matmul(2, int8.q, int8.scale, x)
             assert got8.shape == (rows, n) and got8.dtype == dtype
-            dots = (xq[:, None] * _groups(q8.double())[None]).sum(-1)  # (R, N, G)
-            want8 = (dots * xs[:, None]).sum(-1) * scale8.double()
-            _close(got8, want8, dtype)
-            _close(got8, x.double() @ w8.double().t(), dtype, slack=_x_rounding(w8, xs))
+            dots = (parts[:, None] * _groups(q8.double())[None]).sum(-1)  # (R, N, G)
+            _close(got8, (dots * xs[:, None]).sum(-1) * scale8.double(), dtype)
+            _close(got8, x.double() @ held8.double().t(), dtype, slack=_x_rounding(held8, xs))
             if k != K:
                 continue
             got4 = int4.kernels.matmul(1, int4.packed, int4.scale_zero, x)
-            dots = (xq[:, None] * q4.double()[None]).sum(-1)  # (R, N, G)
+            dots = (parts[:, None] * q4.double()[None]).sum(-1)  # (R, N, G)
             want4 = (dots * step[..., 0].double() * xs[:, None] + low[..., 0].double() * xsum[:, None]).sum(
                 -1
             )
@@ -304,9 +308,8 @@ def _groups(w):
 
 
 def _x_rounding(w, xs):
-    """How far rounding x to 8 bits can move x W^T: half an 8-bit step of each group times the group's |w|,
-    (R, N)."""
-    return (_groups(w.double().abs()).sum(-1)[None] * xs[:, None] / 2).sum(-1)
+    """How far the two-byte copy of x can move x W^T: s / 508 per input times the group's |w|, (R, N)."""
+    return (_groups(w.double().abs()).sum(-1)[None] * xs[:, None] / 508).sum(-1)
 
 
 def _close(got, want, dtype, slack=0.0):

@@ -10,7 +10,7 @@ positions each time. This runs the same arithmetic with far fewer operations:
 - the layer loop runs in C++ where the native kernels build (``native.py``, ``decode_kernels.cpp``): norms, rotary,
   the sink moves and attention as plain loops over the cache in place (attention split over blocks of keys so that
   every thread has work), bfloat16 matrix-vector products with AVX-512 BF16 instructions, and the 4- and 8-bit
-  ones (``quant.py``) as integer products against an 8-bit copy of x (AVX-512 VNNI). The token's own key and the turned sink keys go into scratch slots
+  ones (``quant.py``) as integer products against x in two 8-bit parts (AVX-512 VNNI). The token's own key and the turned sink keys go into scratch slots
   past the cache's slots (``LayerStore.full_keys``), so nothing is concatenated or copied;
 - ``_python_step`` is the same step in torch operations (attention through ``attention.attend``), used where no
   compiler is present.

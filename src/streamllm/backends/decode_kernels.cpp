@@ -125,27 +125,28 @@ at::Tensor matvec16(const at::Tensor& W, const at::Tensor& x) {
   return y;
 }
 
-// ---- 4- and 8-bit weights: integer products against an 8-bit copy of x ----
+// ---- 4- and 8-bit weights: integer products against x in two 8-bit parts ----
 //
-// Each row of x is cut into groups of 32 inputs and each group is rounded to 8-bit integers on its own scale,
-// max|x| / 127 (the layout of GGUF's Q8 blocks). A weight matrix is kept in tiles of 16 output rows whose bytes are
-// placed so that one AVX-512 VNNI instruction multiplies 16 rows by 4 inputs, 64 byte products summed into 16
-// 32-bit integers at once. Each group's integer sums are then scaled in float32. Reading a quarter (4-bit) or half
-// (8-bit) of the bytes of bfloat16 with a few instructions per 64 weights keeps these products bound by memory, not
-// by arithmetic. quant.py lays the tiles out and describes the formats.
+// Each row of x is cut into groups of 32 inputs, and each group is written as s * (q + e / 254) with q and e 8-bit
+// integers: s = max|x| / 127, q = round(x / s) (GGUF's Q8 blocks stop here) and e = round((x - s q) * 254 / s), the
+// rest of x to within s / 508, finer than bfloat16. A weight matrix is kept in tiles of 16 output rows whose bytes
+// are placed so that one AVX-512 VNNI instruction multiplies 16 rows by 4 inputs, 64 byte products summed into 16
+// 32-bit integers at once; each group's two integer sums are then scaled in float32. Reading a quarter (4-bit) or
+// half (8-bit) of the bytes of bfloat16 with a few instructions per 64 weights keeps these products bound by
+// memory, not by arithmetic. quant.py lays the tiles out and describes the formats.
 
-constexpr int64_t GROUP = 32;  // inputs per group: one 8-bit scale of x, one 4-bit grid of W
+constexpr int64_t GROUP = 32;  // inputs per group: one scale of x, one 4-bit grid of W
 constexpr int64_t TILE = 16;   // output rows multiplied together
+constexpr float FINE = 254.0f;  // e's steps per step of q
 
-// Rows of x (R, K) as 8-bit integers, K padded with zeros to whole groups (Kp): per row and group, scale =
-// max|x| / 127 and q = round(x / scale) half to even (0 where the group is all zeros), with the group's sum of x
-// (float32, for the 4-bit grids' offsets) and of q (for the 8-bit weights' offset of 128).
+// Rows of x (R, K) in two 8-bit parts, K padded with zeros to whole groups (Kp): per row and group, s = max|x| / 127,
+// q = round(x / s), e = round((x - s q) / s * 254), each half to even (all 0 where the group is all zeros), with
+// the group's sum of x (float32, for the 4-bit grids' offsets) and of q and e (for the 8-bit weights' offset 128).
 struct Quantized {
   int64_t R = 0, Kp = 0, G = 0;
-  std::vector<int8_t> q;      // (R, Kp)
-  std::vector<float> scale;   // (R, G)
-  std::vector<float> sum;     // (R, G)
-  std::vector<int32_t> qsum;  // (R, G)
+  std::vector<int8_t> q, e;         // (R, Kp)
+  std::vector<float> scale, sum;    // (R, G)
+  std::vector<int32_t> qsum, esum;  // (R, G)
 };
 
 template <typename T>
@@ -155,9 +156,12 @@ Quantized quantize_rows(const T* x, int64_t R, int64_t K) {
   out.G = (K + GROUP - 1) / GROUP;
   out.Kp = out.G * GROUP;
   out.q.assign(R * out.Kp, 0);
+  out.e.assign(R * out.Kp, 0);
   out.scale.assign(R * out.G, 0.0f);
   out.sum.assign(R * out.G, 0.0f);
   out.qsum.assign(R * out.G, 0);
+  out.esum.assign(R * out.G, 0);
+  auto byte = [](float v) { return static_cast<int8_t>(std::clamp(std::nearbyint(v), -127.0f, 127.0f)); };
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t g = 0; g < out.G; ++g) {
       const int64_t k0 = g * GROUP, k1 = std::min(K, k0 + GROUP);
@@ -169,16 +173,20 @@ Quantized quantize_rows(const T* x, int64_t R, int64_t K) {
       }
       const float s = top / 127.0f;
       const float inverse = s > 0 ? 1.0f / s : 0.0f;
-      int32_t qs = 0;
+      int32_t qs = 0, es = 0;
       for (int64_t k = k0; k < k1; ++k) {
-        const float v = std::nearbyint(to_float(x[r * K + k]) * inverse);
-        const int8_t qv = static_cast<int8_t>(std::clamp(v, -127.0f, 127.0f));
-        out.q[r * out.Kp + k] = qv;
-        qs += qv;
+        const float v = to_float(x[r * K + k]);
+        const int8_t q = byte(v * inverse);
+        const int8_t e = byte(std::fma(-s, static_cast<float>(q), v) * inverse * FINE);
+        out.q[r * out.Kp + k] = q;
+        out.e[r * out.Kp + k] = e;
+        qs += q;
+        es += e;
       }
       out.scale[r * out.G + g] = s;
       out.sum[r * out.G + g] = total;
       out.qsum[r * out.G + g] = qs;
+      out.esum[r * out.G + g] = es;
     }
   }
   return out;
@@ -192,8 +200,8 @@ inline int32_t four_bytes(const int8_t* p) {
 
 // y (R, N) = x W^T for W in 4-bit tiles: packed (N/16, G, 256) bytes, scales (N/16, G, 2, 16) float16, each
 // group's 16 steps then its 16 lows, W[n, k] = low + q * step. Within a group, byte 64 c + 4 j + b holds row j's
-// q for input 8 c + b in its low half and for input 8 c + 4 + b in its high half. So
-// y[n] = sum over groups of step * xscale * (q . xq) + low * (sum of x).
+// 4-bit number for input 8 c + b in its low half and for input 8 c + 4 + b in its high half. So
+// y[n] = sum over groups of step * s * (w4 . q + w4 . e / 254) + low * (sum of x).
 template <typename T>
 void int4_rows(const uint8_t* packed, const at::Half* scales, const Quantized& x, int64_t N, T* y) {
   const int64_t G = x.G, tiles = N / TILE;
@@ -201,26 +209,33 @@ void int4_rows(const uint8_t* packed, const at::Half* scales, const Quantized& x
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t r = 0; r < x.R; ++r) {
         const int8_t* xq = x.q.data() + r * x.Kp;
+        const int8_t* xe = x.e.data() + r * x.Kp;
         const float* xs = x.scale.data() + r * G;
         const float* xsum = x.sum.data() + r * G;
         float out[TILE];
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
         const __m512i nibble = _mm512_set1_epi8(0x0F);
+        const __m512 fine = _mm512_set1_ps(1.0f / FINE);
         __m512 acc = _mm512_setzero_ps();
         for (int64_t g = 0; g < G; ++g) {
           const uint8_t* p = packed + (t * G + g) * 256;
-          const int8_t* xg = xq + g * GROUP;
-          __m512i lo = _mm512_setzero_si512(), hi = _mm512_setzero_si512();
+          const int8_t* gq = xq + g * GROUP;
+          const int8_t* ge = xe + g * GROUP;
+          __m512i lq = _mm512_setzero_si512(), hq = _mm512_setzero_si512();
+          __m512i le = _mm512_setzero_si512(), he = _mm512_setzero_si512();
           for (int c = 0; c < 4; ++c) {
             const __m512i v = _mm512_loadu_si512(p + 64 * c);
-            lo = _mm512_dpbusd_epi32(lo, _mm512_and_si512(v, nibble), _mm512_set1_epi32(four_bytes(xg + 8 * c)));
-            hi = _mm512_dpbusd_epi32(hi, _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble),
-                                     _mm512_set1_epi32(four_bytes(xg + 8 * c + 4)));
+            const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+            lq = _mm512_dpbusd_epi32(lq, lo, _mm512_set1_epi32(four_bytes(gq + 8 * c)));
+            hq = _mm512_dpbusd_epi32(hq, hi, _mm512_set1_epi32(four_bytes(gq + 8 * c + 4)));
+            le = _mm512_dpbusd_epi32(le, lo, _mm512_set1_epi32(four_bytes(ge + 8 * c)));
+            he = _mm512_dpbusd_epi32(he, hi, _mm512_set1_epi32(four_bytes(ge + 8 * c + 4)));
           }
           const at::Half* sc = scales + (t * G + g) * 2 * TILE;
           const __m512 step = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
           const __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + TILE)));
-          const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi));
+          const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(le, he)), fine,
+                                             _mm512_cvtepi32_ps(_mm512_add_epi32(lq, hq)));
           acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(step, _mm512_set1_ps(xs[g])), acc);
           acc = _mm512_fmadd_ps(low, _mm512_set1_ps(xsum[g]), acc);
         }
@@ -229,17 +244,21 @@ void int4_rows(const uint8_t* packed, const at::Half* scales, const Quantized& x
         std::fill(out, out + TILE, 0.0f);
         for (int64_t g = 0; g < G; ++g) {
           const uint8_t* p = packed + (t * G + g) * 256;
-          const int8_t* xg = xq + g * GROUP;
+          const int8_t* gq = xq + g * GROUP;
+          const int8_t* ge = xe + g * GROUP;
           const at::Half* sc = scales + (t * G + g) * 2 * TILE;
           for (int64_t j = 0; j < TILE; ++j) {
-            int32_t dot = 0;
+            int32_t dq = 0, de = 0;
             for (int64_t c = 0; c < 4; ++c) {
               for (int64_t b = 0; b < 4; ++b) {
                 const uint8_t v = p[64 * c + 4 * j + b];
-                dot += (v & 0x0F) * xg[8 * c + b] + (v >> 4) * xg[8 * c + 4 + b];
+                const int64_t k = 8 * c + b;
+                dq += (v & 0x0F) * gq[k] + (v >> 4) * gq[k + 4];
+                de += (v & 0x0F) * ge[k] + (v >> 4) * ge[k + 4];
               }
             }
-            out[j] += static_cast<float>(dot) * (static_cast<float>(sc[j]) * xs[g]);
+            const float dot = static_cast<float>(dq) + static_cast<float>(de) / FINE;
+            out[j] += dot * (static_cast<float>(sc[j]) * xs[g]);
             out[j] += static_cast<float>(sc[TILE + j]) * xsum[g];
           }
         }
@@ -252,7 +271,7 @@ void int4_rows(const uint8_t* packed, const at::Half* scales, const Quantized& x
 
 // y (R, N) = x W^T for W in 8-bit tiles: packed (ceil(N/16), Kp/4, 64) bytes holding W + 128, row j's inputs
 // 4 c + b at byte 64 c + 4 j + b (rows and inputs past N and K are zeros, i.e. 128); scales (N,) float32 per row,
-// W[n, k] = (byte - 128) * scale[n]. The offset comes back out through each group's sum of xq.
+// W[n, k] = (byte - 128) * scale[n]. The offset comes back out through each group's sums of q and e.
 template <typename T>
 void int8_rows(const uint8_t* packed, const float* scales, const Quantized& x, int64_t N, T* y) {
   const int64_t G = x.G, chunks = x.Kp / 4, tiles = (N + TILE - 1) / TILE;
@@ -262,35 +281,46 @@ void int8_rows(const uint8_t* packed, const float* scales, const Quantized& x, i
       const int64_t rows = std::min(TILE, N - t * TILE);
       for (int64_t r = 0; r < x.R; ++r) {
         const int8_t* xq = x.q.data() + r * x.Kp;
+        const int8_t* xe = x.e.data() + r * x.Kp;
         const float* xs = x.scale.data() + r * G;
         const int32_t* qsum = x.qsum.data() + r * G;
+        const int32_t* esum = x.esum.data() + r * G;
         float out[TILE];
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+        const __m512 fine = _mm512_set1_ps(1.0f / FINE);
         __m512 acc = _mm512_setzero_ps();
         for (int64_t g = 0; g < G; ++g) {
           const uint8_t* p = tile + g * (GROUP / 4) * 64;
-          const int8_t* xg = xq + g * GROUP;
-          __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
-          for (int c = 0; c < GROUP / 4; c += 2) {
-            even = _mm512_dpbusd_epi32(even, _mm512_loadu_si512(p + 64 * c), _mm512_set1_epi32(four_bytes(xg + 4 * c)));
-            odd = _mm512_dpbusd_epi32(odd, _mm512_loadu_si512(p + 64 * (c + 1)),
-                                      _mm512_set1_epi32(four_bytes(xg + 4 * c + 4)));
+          const int8_t* gq = xq + g * GROUP;
+          const int8_t* ge = xe + g * GROUP;
+          __m512i dq = _mm512_setzero_si512(), de = _mm512_setzero_si512();
+          for (int c = 0; c < GROUP / 4; ++c) {
+            const __m512i v = _mm512_loadu_si512(p + 64 * c);
+            dq = _mm512_dpbusd_epi32(dq, v, _mm512_set1_epi32(four_bytes(gq + 4 * c)));
+            de = _mm512_dpbusd_epi32(de, v, _mm512_set1_epi32(four_bytes(ge + 4 * c)));
           }
-          const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(even, odd), _mm512_set1_epi32(128 * qsum[g]));
-          acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(xs[g]), acc);
+          dq = _mm512_sub_epi32(dq, _mm512_set1_epi32(128 * qsum[g]));
+          de = _mm512_sub_epi32(de, _mm512_set1_epi32(128 * esum[g]));
+          const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(de), fine, _mm512_cvtepi32_ps(dq));
+          acc = _mm512_fmadd_ps(dot, _mm512_set1_ps(xs[g]), acc);
         }
         _mm512_storeu_ps(out, acc);
 #else
         std::fill(out, out + TILE, 0.0f);
         for (int64_t g = 0; g < G; ++g) {
           const uint8_t* p = tile + g * (GROUP / 4) * 64;
-          const int8_t* xg = xq + g * GROUP;
+          const int8_t* gq = xq + g * GROUP;
+          const int8_t* ge = xe + g * GROUP;
           for (int64_t j = 0; j < TILE; ++j) {
-            int32_t dot = 0;
+            int32_t dq = 0, de = 0;
             for (int64_t c = 0; c < GROUP / 4; ++c) {
-              for (int64_t b = 0; b < 4; ++b) dot += p[64 * c + 4 * j + b] * xg[4 * c + b];
+              for (int64_t b = 0; b < 4; ++b) {
+                dq += p[64 * c + 4 * j + b] * gq[4 * c + b];
+                de += p[64 * c + 4 * j + b] * ge[4 * c + b];
+              }
             }
-            out[j] += static_cast<float>(dot - 128 * qsum[g]) * xs[g];
+            const float dot = static_cast<float>(dq - 128 * qsum[g]) + static_cast<float>(de - 128 * esum[g]) / FINE;
+            out[j] += dot * xs[g];
           }
         }
 #endif

@@ -4,9 +4,9 @@ Each class holds one weight matrix W (N, K) in some form and computes y = W x; `
 (``decode_kernels.cpp``) which product to run on the same ``tensors``.
 
 Where the native kernels build, the 4- and 8-bit copies are laid out in tiles for its integer kernels, which both
-the native and the Python step call: x is rounded to 8-bit integers per group of 32 inputs (scale max|x| / 127,
-as GGUF's Q8 blocks), each group's products are summed as integers (AVX-512 VNNI: 64 per instruction) and then
-scaled in float32. Tiles hold 16 output rows, with bytes placed so that one VNNI instruction multiplies the 16
+the native and the Python step call: x is written per group of 32 inputs as s (q + e / 254) with q and e 8-bit
+integers (s = max|x| / 127), each group's products are summed as integers (AVX-512 VNNI: 64 per instruction) and
+then scaled in float32 (``docs/design.md``, "Integer products"). Tiles hold 16 output rows, with bytes placed so that one VNNI instruction multiplies the 16
 rows by 4 inputs:
 - 4-bit, per tile and group of 32 inputs: 256 bytes, byte 64 c + 4 j + b holding row j's q for input 8 c + b in
   its low half and for input 8 c + 4 + b in its high half; then the group's 16 steps and 16 lows in float16;
