@@ -434,29 +434,47 @@ inline float sum_of(const float* x, int64_t n) {
   return total;
 }
 
+#if defined(__AVX512F__)
+// e^v for 16 floats: 2^k * p(r) with k = round(v / ln 2), r = v - k ln 2 in two parts, and p Cephes' degree-7
+// polynomial for expf (float32 precision). v is held to [-127, 128] first, so -inf gives 0 (e^-127 rounds to 0 in
+// float32) and large v infinity, as std::exp does.
+inline __m512 exp16(__m512 v) {
+  v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(128.0f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, k);
+}
+
+// 16 floats rounded to bfloat16 (to nearest, ties to even), still as float32.
+inline __m512 round_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+  return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::BFloat16* p, __m512 v) {  // v already on the bfloat16 grid: its top halves
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+#endif
+
 // x = e^(x - top) over n floats in place, for x <= top or -inf (scores less their maximum); e^-inf is 0. With
-// AVX-512: 16 at a time, 2^k * p(r) with k = round(x / ln 2), r = x - k ln 2 in two parts, and p Cephes' degree-7
-// polynomial for expf (float32 precision); the portable loop calls std::exp.
+// AVX-512: 16 at a time (exp16); the portable loop calls std::exp.
 inline void exp_less(float* x, int64_t n, float top) {
   int64_t i = 0;
 #if defined(__AVX512F__)
-  const __m512 lowest = _mm512_set1_ps(-127.0f);  // e^-127 rounds to 0 in float32, as e^-inf is
   const __m512 shift = _mm512_set1_ps(top);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 v = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), shift), lowest);
-    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), v);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    _mm512_storeu_ps(x + i, _mm512_scalef_ps(p, k));
-  }
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), shift)));
 #endif
   for (; i < n; ++i) x[i] = std::exp(x[i] - top);
 }
@@ -907,7 +925,20 @@ class Step {
   // act(gate) * up with SiLU, each rounded to the model dtype as torch's two operations would.
   template <typename T>
   static void silu_mul(const T* gate_up, T* out, int64_t F) {
-    for (int64_t j = 0; j < F; ++j) {
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
+      constexpr bool bf16 = std::is_same_v<T, at::BFloat16>;
+      for (; j + 16 <= F; j += 16) {
+        const __m512 g = load16(gate_up + j);
+        __m512 act = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        if constexpr (bf16) act = round_bf16(act);
+        const __m512 prod = _mm512_mul_ps(act, load16(gate_up + F + j));
+        store16(out + j, bf16 ? round_bf16(prod) : prod);
+      }
+    }
+#endif
+    for (; j < F; ++j) {
       const float g = to_float(gate_up[j]);
       out[j] = static_cast<T>(g / (1.0f + std::exp(-g))) * gate_up[F + j];
     }
