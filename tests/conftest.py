@@ -24,6 +24,17 @@ def real():
     return load_model("smollm2-135m", dtype="float32")
 
 
+@pytest.fixture(scope="session")
+def real_auto():
+    """The bundled default model in the dtype ``--dtype auto`` picks on this CPU (bfloat16 where it multiplies
+    bfloat16 natively, else float32): for the long streams whose claims must hold in what users run, at two to
+    three times float32's speed where bfloat16 is native."""
+    from streamllm.defaults import native_bf16
+    from streamllm.models import load_model
+
+    return load_model("smollm2-135m", dtype="bfloat16" if native_bf16() else "float32")
+
+
 # The real model behind a real `streamllm serve` process, shared by the server tests. A small cache (4 + 60) so
 # that conversations go far past it within a few short turns; one torch thread, so that replies are
 # reproducible from process to process (test_server_restart compares two servers token by token).

@@ -32,12 +32,12 @@ def test_real_model_matches_oracle(real, hamlet_ids):
         assert cache.cache_length() == 32
 
 
-def test_sink_close_to_recompute_over_1024_tokens(real, hamlet_ids):
+def test_sink_close_to_recompute_over_1024_tokens(real_auto, hamlet_ids):
     """Over the stream past a 256-token cache, where the two differ (before it, both are dense attention), on every
     16th token: recompute rebuilds a window per scored token, so scoring all of them would take minutes here. The
     gap on every 16th token, from each of the offsets 0, 4, 8 and 12, was 0.4%, 1.3%, 2.1% and 2.1% (every 4th:
-    within 10% as well)."""
-    model, _ = real
+    within 10% as well), in float32."""
+    model, _ = real_auto
     ids = hamlet_ids[:1024]
     targets = list(range(257, 1024, 16))  # stream indices of the scored tokens
     sink_nll = streaming_nll(model, ids, StreamConfig(num_sinks=4, window=252)).nll  # target j at j - 1
@@ -47,8 +47,10 @@ def test_sink_close_to_recompute_over_1024_tokens(real, hamlet_ids):
     assert abs(sink - recompute) / recompute < 0.10
 
 
-def test_window_collapses_without_sinks_over_5000_tokens(real, hamlet_ids):
-    model, _ = real
+def test_window_collapses_without_sinks_over_5000_tokens(real_auto, hamlet_ids):
+    """Measured: sink 38.2, window 76.3 (2.0x), last 1000 tokens sink / dense 1.19, in float32 and bfloat16
+    alike."""
+    model, _ = real_auto
     ids = hamlet_ids[:5000]
     sink_result = streaming_nll(model, ids, StreamConfig(num_sinks=4, window=252))
     window = streaming_nll(model, ids, StreamConfig(num_sinks=4, window=252, method="window")).ppl
