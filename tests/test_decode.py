@@ -17,7 +17,7 @@ from streamllm import StreamConfig
 from streamllm.backends import native
 from streamllm.backends.arch import ARCHITECTURES
 from streamllm.backends.decode import decoder_for
-from streamllm.backends.quant import INT4_MAX_ERROR, Int4MatVec, Int8MatVec, quantized
+from streamllm.backends.quant import INT4_MAX_ERROR, Int4MatVec, Int8MatVec, kept_quantized, quantized
 from streamllm.runtime.stream import Stream
 
 FAST = [name for name, arch in ARCHITECTURES.items() if arch.fast_decode]
@@ -126,6 +126,31 @@ def test_int4_matvec_recovers_q4_1_weights():
     int8 = quantized(rough)
     assert isinstance(int8, Int8MatVec)
     assert (int8(x) - rough @ x).abs().max() < 0.02 * (rough @ x).abs().max()
+
+
+def test_quantized_weights_are_kept_on_disk_and_read_back(tmp_path, monkeypatch):
+    """The 4- and 8-bit copies come back from $STREAMLLM_HOME/quant exactly as fitted; another dtype of the same
+    numbers is another entry; a damaged file is fitted again and replaced."""
+    monkeypatch.setenv("STREAMLLM_HOME", str(tmp_path))
+    g = torch.Generator().manual_seed(4)
+    on_grid = (torch.randint(0, 16, (48, 128), generator=g) * 0.01 - 0.07).float()
+    rough = torch.randn(48, 128, generator=g)
+    x = torch.randn(128, generator=g)
+    first = [kept_quantized(w) for w in (on_grid, rough)]
+    kept = sorted((tmp_path / "quant").glob("*.safetensors"))
+    assert [type(m) for m in first] == [Int4MatVec, Int8MatVec] and len(kept) == 2
+    for _ in range(2):
+        again = [kept_quantized(w) for w in (on_grid, rough)]
+        for a, b in zip(first, again, strict=True):
+            assert type(a) is type(b) and all(
+                torch.equal(s, t) for s, t in zip(a.tensors, b.tensors, strict=True)
+            )
+            assert torch.equal(a(x), b(x))
+        assert again[0].error == first[0].error
+        for path in kept:
+            path.write_bytes(b"not a safetensors file")  # the second round fits again and rewrites them
+    kept_quantized(on_grid.bfloat16())
+    assert len(list((tmp_path / "quant").glob("*.safetensors"))) == 3
 
 
 def test_int4_decode_stays_close_to_exact():

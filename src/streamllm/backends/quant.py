@@ -19,9 +19,19 @@ Letters: N outputs, K inputs, T = N / 16 tiles, G = K / 32 groups.
 
 from __future__ import annotations
 
-import torch
+import hashlib
+import logging
+import os
+from pathlib import Path
 
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..home import home
 from . import native
+
+log = logging.getLogger(__name__)
 
 
 class MatVec:
@@ -226,4 +236,53 @@ def quantized(weight: torch.Tensor) -> MatVec | Int4MatVec | Int8MatVec:
     return Int8MatVec(weight)
 
 
-WEIGHTS = {"model": MatVec, "int4": quantized}
+def kept_quantized(weight: torch.Tensor) -> MatVec | Int4MatVec | Int8MatVec:
+    """``quantized(weight)``, kept on disk (``$STREAMLLM_HOME/quant``) under the sha256 of the weight's bytes, dtype
+    and shape, the layout (native tiles or torch's) and this file's source: fitting SmolLM2's matrices takes about
+    2 s at every start, hashing and reading them back a quarter of that. A file that cannot be read is fitted again
+    and replaced; a folder that cannot be written only costs the fit."""
+    w = weight.detach().contiguous()
+    layout = "tiles" if native.kernels() is not None else "torch"
+    digest = hashlib.sha256(f"{_SOURCE}|{layout}|{w.dtype}|{tuple(w.shape)}|".encode())
+    digest.update(memoryview(w.view(torch.uint8).reshape(-1).numpy()))
+    path = home() / "quant" / f"{digest.hexdigest()[:32]}.safetensors"
+    try:
+        return _read_kept(path)
+    except (OSError, ValueError, KeyError, SafetensorError):
+        pass
+    made = quantized(weight)
+    try:
+        _write_kept(path, made)
+    except OSError as exc:
+        log.debug("could not keep the quantized weights in %s: %s", path.parent, exc)
+    return made
+
+
+_SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+_KEPT = {"int4": (Int4MatVec, ("packed", "scale_zero")), "int8": (Int8MatVec, ("q", "scale"))}
+
+
+def _write_kept(path: Path, made) -> None:
+    kind = "int4" if isinstance(made, Int4MatVec) else "int8"
+    names = _KEPT[kind][1]
+    meta = {"kind": kind, "error": repr(getattr(made, "error", 0.0))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.part")
+    save_file({n: getattr(made, n).contiguous() for n in names}, str(partial), metadata=meta)
+    os.replace(partial, path)
+
+
+def _read_kept(path: Path):
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        cls, names = _KEPT[meta["kind"]]
+        made = cls.__new__(cls)
+        for n in names:
+            setattr(made, n, f.get_tensor(n))
+    made.kernels = native.kernels()
+    if cls is Int4MatVec:
+        made.error = float(meta["error"])
+    return made
+
+
+WEIGHTS = {"model": MatVec, "int4": kept_quantized}
