@@ -464,7 +464,8 @@ inline __m512 round_bf16(__m512 v) {
 
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 inline void store16(at::BFloat16* p, __m512 v) {  // v already on the bfloat16 grid: its top halves
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+  const __m256i top = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), top);
 }
 #endif
 
@@ -931,7 +932,8 @@ class Step {
       constexpr bool bf16 = std::is_same_v<T, at::BFloat16>;
       for (; j + 16 <= F; j += 16) {
         const __m512 g = load16(gate_up + j);
-        __m512 act = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        const __m512 decay = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));  // e^-g
+        __m512 act = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), decay));
         if constexpr (bf16) act = round_bf16(act);
         const __m512 prod = _mm512_mul_ps(act, load16(gate_up + F + j));
         store16(out + j, bf16 ? round_bf16(prod) : prod);

@@ -6,8 +6,8 @@ Each class holds one weight matrix W (N, K) in some form and computes y = W x; `
 Where the native kernels build, the 4- and 8-bit copies are laid out in tiles for its integer kernels, which both
 the native and the Python step call: x is written per group of 32 inputs as s (q + e / 254) with q and e 8-bit
 integers (s = max|x| / 127), each group's products are summed as integers (AVX-512 VNNI: 64 per instruction) and
-then scaled in float32 (``docs/design.md``, "Integer products"). Tiles hold 16 output rows, with bytes placed so that one VNNI instruction multiplies the 16
-rows by 4 inputs:
+then scaled in float32 (``docs/design.md``, "Integer products"). Tiles hold 16 output rows, with bytes placed so
+that one VNNI instruction multiplies the 16 rows by 4 inputs:
 - 4-bit, per tile and group of 32 inputs: 256 bytes, byte 64 c + 4 j + b holding row j's q for input 8 c + b in
   its low half and for input 8 c + 4 + b in its high half; then the group's 16 steps and 16 lows in float16;
 - 8-bit: W + 128 as bytes, row j's inputs 4 c + b at byte 64 c + 4 j + b of the tile's 64-byte chunk c; one
@@ -84,10 +84,8 @@ class Int4MatVec:
         q, step, low = (torch.cat(parts) for parts in zip(*fitted, strict=True))  # (N, G, 32), (N, G) twice
         self.kernels = native.kernels()
         if self.kernels is not None:
-            step, low = (
-                step.half(),
-                low.half(),
-            )  # as the tiles keep them (an overflow shows as an infinite error)
+            # float16, as the tiles keep them (an overflow shows as an infinite error)
+            step, low = step.half(), low.half()
             self.error = self._error(w, q, step.float(), low.float())
             self.packed = self._pack(q.to(torch.uint8))  # (T, G, 256)
             T, G = N // 16, K // self.GROUP
