@@ -119,17 +119,23 @@ def test_fast_perplexity_equals_token_by_token(real, hamlet_ids):
         assert (fast - slow).abs().max() < 1e-3, method
 
 
-def test_decode_paths_on_real_model(real, hamlet_ids):
-    """Single tokens through the fast path give transformers' logits (float32), and the 4-bit path stays within
-    a few percent of their perplexity, on a stream past a small cache with rebasing."""
+def test_decode_paths_on_real_model(real, hamlet_ids, monkeypatch):
+    """Single tokens through the fast path give transformers' logits (float32); the C++ step gives the Python
+    step's, with the model's own weights and with 4-bit ones (both steps multiply by the same integer kernels);
+    and the 4-bit path stays within a few percent of transformers' perplexity. On a stream past a small cache,
+    with rebasing."""
     model, _ = real
     ids = hamlet_ids[:160]
     targets = torch.tensor(ids[1:])
+
+    def run(mode):
+        stream = Stream(model, StreamConfig(num_sinks=4, window=60, rebase_every=50, decode=mode))
+        rows = torch.stack([stream.feed([t]) for t in ids[:-1]])  # (N, V)
+        return rows, torch.nn.functional.cross_entropy(rows, targets)
+
     logits, nll = {}, {}
     for mode in ("transformers", "fast", "int4"):
-        stream = Stream(model, StreamConfig(num_sinks=4, window=60, rebase_every=50, decode=mode))
-        logits[mode] = torch.stack([stream.feed([t]) for t in ids[:-1]])  # (N, V)
-        nll[mode] = torch.nn.functional.cross_entropy(logits[mode], targets)
+        logits[mode], nll[mode] = run(mode)
     assert (logits["fast"] - logits["transformers"]).abs().max() < 1e-3
     assert abs(float(nll["fast"] - nll["transformers"])) < 1e-4
     assert abs(float(nll["int4"].exp() / nll["transformers"].exp()) - 1) < 0.03
@@ -138,29 +144,18 @@ def test_decode_paths_on_real_model(real, hamlet_ids):
         type(layer.gate_up).__name__ == "Int4MatVec" for layer in decoder.layers
     )  # Q4_1 layers: 4 bits
     assert type(decoder.lm_head).__name__ == "Int8MatVec"  # the embedding is not on a 4-bit grid
-
-
-def test_native_step_on_real_model(real, hamlet_ids, monkeypatch):
-    """The C++ step gives the Python step's logits on the real model with its own weights (float32), and the same
-    perplexity with 4-bit ones (whose kernels round activations to bfloat16, so both steps differ by its noise)."""
-    model, _ = real
-    ids = hamlet_ids[:160]
-    targets = torch.tensor(ids[1:])
-    for weights in ("fast", "int4"):
-        decoder = decoder_for(model, "model" if weights == "fast" else weights)
+    for mode, weights in (("fast", "model"), ("int4", "int4")):
+        decoder = decoder_for(model, weights)
         if decoder.native is None:
-            pytest.skip("the native decode kernels are not built here")
-        rows, nll = {}, {}
-        for step in ("native", "python"):
-            if step == "python":
-                monkeypatch.setattr(decoder, "native", None)
-            stream = Stream(model, StreamConfig(num_sinks=4, window=60, rebase_every=50, decode=weights))
-            rows[step] = torch.stack([stream.feed([t]) for t in ids[:-1]])  # (N, V)
-            nll[step] = float(torch.nn.functional.cross_entropy(rows[step], targets))
+            pytest.skip("the native decode kernels are not built here: the Python step gave every row above")
+        monkeypatch.setattr(decoder, "native", None)
+        python, python_nll = run(mode)
         monkeypatch.undo()
-        if weights == "fast":
-            assert (rows["native"] - rows["python"]).abs().max() < 1e-3
-        assert abs(nll["native"] - nll["python"]) < 0.01 * nll["python"], weights
+        # 4-bit: the same kernels, but x's 8-bit parts can round a float32 ulp of difference either way, and the
+        # stream carries it on (measured 6e-4 of the largest logit, 5e-5 of the NLL)
+        tol = 1e-3 if mode == "fast" else 2e-3 * float(logits[mode].abs().max())
+        assert (logits[mode] - python).abs().max() < tol, mode
+        assert abs(float(python_nll / nll[mode]) - 1) < 1e-3, mode
 
 
 def test_a_history_fed_by_its_window_continues_close_to_the_whole(real, hamlet_ids):
