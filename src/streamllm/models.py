@@ -82,10 +82,9 @@ BUILTINS: dict[str, BuiltinModel] = {
             "Gemma terms of use",
             "270M parameters, 245 MB download",
             "Q4_K_M",
-            {
-                "bfloat16": "fast",
-                "float32": "int4",
-            },  # only its output and half its down projections are 4-bit
+            # only its output and half its down projections are 4-bit, the rest 8-bit; with the integer kernels
+            # that still decodes bfloat16 at 1.9x its exact step (24.6 against 12.7 tok/s)
+            {"bfloat16": "int4", "float32": "int4"},
         ),
     )
 }
