@@ -5,8 +5,9 @@
 A change to the native kernels needs two builds, so it cannot be timed in one process. Each round runs one process
 per checkout and path: the other checkout imports its own ``src`` (PYTHONPATH) and builds its kernels into a folder
 of its own (an extra compiler define, ``STREAMLLM_NATIVE_FLAGS``, gives it another build folder). A process loads
-the model, fills a 4+1020 cache with Hamlet, then times ``--tokens`` tokens fed one at a time and the model's matrix
-products alone. Rounds alternate the checkouts so that a machine's drift hits both alike; the table gives the
+the model, fills a 4+1020 cache with Hamlet, then times ``--tokens`` tokens fed one at a time, the model's matrix
+products alone, and the native attention kernel alone over every layer of a cache of that size (random numbers of
+the model's dtype). Rounds alternate the checkouts so that a machine's drift hits both alike; the table gives the
 median of the rounds. Make the other checkout with ``git worktree add /tmp/before <commit>``.
 """
 
@@ -50,7 +51,22 @@ for _ in range(20):
     for m, x in zip(mats, xs):
         m(x)
     runs.append(time.perf_counter() - start)
+from streamllm.backends import native
+c = model.config
+heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
+dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+slots = cache + 1
+layers = [(torch.randn(kv_heads, slots, dim, dtype=model.dtype), torch.randn(kv_heads, slots, dim, dtype=model.dtype))
+          for _ in range(c.num_hidden_layers)]
+q, visible, none = torch.randn(heads, dim), torch.ones(slots, dtype=torch.bool), torch.empty(0)
+attention = [float("nan")]  # without the native kernels
+for _ in range(20 if native.kernels() else 0):
+    start = time.perf_counter()
+    for keys, values in layers:
+        native.kernels().attend(q, keys, values, none, none, visible, dim**-0.5)
+    attention.append(time.perf_counter() - start)
 print(json.dumps({"token_ms": 1000 * statistics.median(seconds), "products_ms": 1000 * statistics.median(runs),
+                  "attention_ms": 1000 * statistics.median(attention),
                   "products_mb": sum(m.nbytes for m in mats) / 1e6}))
 """
 
@@ -97,7 +113,7 @@ def main() -> None:
                 rows.setdefault((dtype, decode, label), []).append(got)
                 print(
                     f"round {r + 1}: {label:5} {dtype} {decode}: {got['token_ms']:.2f} ms/token, products "
-                    f"{got['products_ms']:.2f} ms",
+                    f"{got['products_ms']:.2f} ms, attention {got['attention_ms']:.2f} ms",
                     flush=True,
                 )
     print(
@@ -105,16 +121,16 @@ def main() -> None:
     )
     print(f"Machine: {machine()}")
     print(f"other: {other}\n")
-    print("| dtype | decode | ms per token, other -> this | products alone, other -> this |")
-    print("|---|---|---|---|")
+    columns = ("token_ms", "products_ms", "attention_ms")
+    print("| dtype | decode | ms per token, other -> this | products alone | attention alone |")
+    print("|---|---|---|---|---|")
     for dtype, decode in paths:
         a, b = rows[dtype, decode, "other"], rows[dtype, decode, "this"]
-        ta, tb = (statistics.median(x["token_ms"] for x in v) for v in (a, b))
-        pa, pb = (statistics.median(x["products_ms"] for x in v) for v in (a, b))
-        print(
-            f"| {dtype} | {decode} | {ta:.2f} -> {tb:.2f} ({100 * (tb / ta - 1):+.0f}%) | {pa:.2f} -> {pb:.2f} "
-            f"({100 * (pb / pa - 1):+.0f}%) |"
-        )
+        cells = []
+        for key in columns:
+            before, after = (statistics.median(x[key] for x in v) for v in (a, b))
+            cells.append(f"{before:.2f} -> {after:.2f} ({100 * (after / before - 1):+.0f}%)")
+        print(f"| {dtype} | {decode} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

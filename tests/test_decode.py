@@ -387,15 +387,23 @@ def test_native_step_as_other_cpus_build_it(other_builds, cpu, tmp_path):
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]
 
 
-@pytest.mark.parametrize("D", [64, 128, 48])  # 16-lane paths for 64 and 128, the portable loop for 48
+# (query heads, kv heads, head dim): each group size and head dim the 16-lane paths take apart (values in one pass
+# for 1 to 4 rows, in pairs of 16 dims for 5 to 8, two sets of sums for few rows; keys 8 rows at a time, so 9 rows
+# make two passes), and the portable loops for dims not a multiple of 64 and groups of more than 8
+HEADS = [(6, 2, 64), (6, 2, 128), (6, 2, 48), (2, 2, 64), (4, 2, 128), (4, 4, 256), (8, 1, 256), (14, 2, 64),
+         (10, 1, 80), (9, 1, 64)]
+
+
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: "H{}-Hkv{}-D{}".format(*h))
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
-def test_native_attention_kernel(kernels, D, kind):
+def test_native_attention_kernel(kernels, heads, kind):
     """The step's attention alone against softmax attention in float64 over the same (dequantized) keys: a
     ragged number of keys, a mask with holes and whole blocks hidden, grouped query heads."""
     from streamllm.core.store import dequantize, quantize
 
-    g = torch.Generator().manual_seed(D)
-    H, Hkv, N = 6, 2, 300  # G = 3; 300 keys: two whole blocks of 128 and a ragged one
+    H, Hkv, D = heads
+    g = torch.Generator().manual_seed(H * D)
+    N = 300  # two whole blocks of 128 keys and a ragged one
     q = torch.randn(H, D, generator=g)
     keys, values = torch.randn(Hkv, N, D, generator=g) * 2, torch.randn(Hkv, N, D, generator=g)
     visible = torch.rand(N, generator=g) > 0.3

@@ -501,68 +501,84 @@ inline __m512 reduce16(const __m512* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(u, w, EVEN), _mm512_shuffle_f32x4(u, w, ODD));
 }
 
-// score_keys for head dims of C * 16 (C known at compile time): each query row held in registers, 16 keys at a
-// time, their 16 dot products summed together by reduce16.
+// score_keys for head dims of C * 16 (C known at compile time), all of the kv head's query rows from one read of
+// each key: 16 keys at a time, each key converted once into C vectors and multiplied by up to 8 query rows (read
+// from L1 as the products' operands), each row's 16 dot products then summed together by reduce16.
 template <int C, typename KT>
 void score_keys_c(const float* q, const Buffer<KT>& keys, int64_t h, int64_t from, int64_t to, int64_t n0,
                   int64_t G, float scale, float* scores) {
-  constexpr int64_t D = C * 16;
+  constexpr int64_t D = C * 16, ROWS = 8;
   const KT* rows = keys.row(h, 0);
-  for (int64_t g = 0; g < G; ++g) {
-    __m512 qv[C];
-    for (int j = 0; j < C; ++j) qv[j] = _mm512_loadu_ps(q + g * D + 16 * j);
-    float* out = scores + g * BLOCK - n0;
-    int64_t n = from;
-    for (; n + 16 <= to; n += 16) {
-      __m512 part[16];
+  int64_t n = from;
+  for (; n + 16 <= to; n += 16) {
+    for (int64_t g0 = 0; g0 < G; g0 += ROWS) {
+      const int64_t rows_now = std::min(ROWS, G - g0);
+      __m512 part[ROWS][16];
       for (int i = 0; i < 16; ++i) {
         const KT* k = rows + (n + i) * D;
-        __m512 acc = _mm512_mul_ps(qv[0], load16(k));
-        for (int j = 1; j < C; ++j) acc = _mm512_fmadd_ps(qv[j], load16(k + 16 * j), acc);
-        part[i] = acc;
+        __m512 kv[C];
+        for (int j = 0; j < C; ++j) kv[j] = load16(k + 16 * j);
+        for (int64_t g = 0; g < rows_now; ++g) {
+          const float* qg = q + (g0 + g) * D;
+          __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), kv[0]);
+          for (int j = 1; j < C; ++j) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * j), kv[j], acc);
+          part[g][i] = acc;
+        }
       }
-      __m512 r = _mm512_mul_ps(reduce16(part), _mm512_set1_ps(scale));
-      if constexpr (Buffer<KT>::QUANTIZED) r = _mm512_mul_ps(r, _mm512_loadu_ps(keys.scales + h * keys.N + n));
-      _mm512_storeu_ps(out + n, r);
+      for (int64_t g = 0; g < rows_now; ++g) {
+        __m512 r = _mm512_mul_ps(reduce16(part[g]), _mm512_set1_ps(scale));
+        if constexpr (Buffer<KT>::QUANTIZED) r = _mm512_mul_ps(r, _mm512_loadu_ps(keys.scales + h * keys.N + n));
+        _mm512_storeu_ps(scores + (g0 + g) * BLOCK - n0 + n, r);
+      }
     }
-    for (; n < to; ++n) out[n] = dot(q + g * D, rows + n * D, D) * keys.scale(h, n) * scale;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t m = n; m < to; ++m) scores[g * BLOCK + m - n0] = dot(q + g * D, rows + m * D, D) * keys.scale(h, m) * scale;
   }
 }
 
-// add_values for G query rows known at compile time: 16 dims at a time, the G sums in registers over the block's
-// keys, each value row read and converted once per 16 dims.
-template <int G, typename KT>
+// add_values for G query rows and CC * 16 dims at a time, both known at compile time: the block's value rows are
+// read in order, each converted once, in one pass per CC * 16 dims (one pass in all for the common head dims and
+// group sizes, so the rows stream from memory), the G * CC sums held in registers. With eight sums or fewer there
+// are two sets of them, so that consecutive keys do not wait on each other's products.
+template <int G, int CC, typename KT>
 void add_values_g(const Buffer<KT>& values, int64_t h, int64_t n0, int64_t n1, const bool* visible, const float* p,
                   int64_t D, float* acc) {
+  constexpr int SETS = G * CC <= 8 ? 2 : 1;
   const KT* rows = values.row(h, 0);
   const float* scales = Buffer<KT>::QUANTIZED ? values.scales + h * values.N : nullptr;
-  auto row = [&](int64_t n, int64_t j) {
-    const __m512 v = load16(rows + n * D + j);
-    if constexpr (Buffer<KT>::QUANTIZED) return _mm512_mul_ps(v, _mm512_set1_ps(scales[n]));
-    return v;
-  };
-  for (int64_t j = 0; j < D; j += 16) {
-    __m512 even[G], odd[G];  // two sets of sums, so that consecutive keys do not wait on each other's products
+  for (int64_t j0 = 0; j0 < D; j0 += 16 * CC) {
+    __m512 sums[SETS][G][CC];
     for (int g = 0; g < G; ++g) {
-      even[g] = _mm512_loadu_ps(acc + g * D + j);
-      odd[g] = _mm512_setzero_ps();
+      for (int c = 0; c < CC; ++c) {
+        sums[0][g][c] = _mm512_loadu_ps(acc + g * D + j0 + 16 * c);
+        if constexpr (SETS == 2) sums[1][g][c] = _mm512_setzero_ps();
+      }
     }
+    auto add = [&](int64_t n, __m512 (&into)[G][CC]) {
+      __m512 v[CC];
+      for (int c = 0; c < CC; ++c) {
+        v[c] = load16(rows + n * D + j0 + 16 * c);
+        if constexpr (Buffer<KT>::QUANTIZED) v[c] = _mm512_mul_ps(v[c], _mm512_set1_ps(scales[n]));
+      }
+      for (int g = 0; g < G; ++g) {
+        const __m512 w = _mm512_set1_ps(p[g * BLOCK + n - n0]);
+        for (int c = 0; c < CC; ++c) into[g][c] = _mm512_fmadd_ps(w, v[c], into[g][c]);
+      }
+    };
     int64_t n = n0;
     for (; n + 1 < n1; n += 2) {
-      if (visible[n]) {
-        const __m512 v = row(n, j);
-        for (int g = 0; g < G; ++g) even[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * BLOCK + n - n0]), v, even[g]);
-      }
-      if (visible[n + 1]) {
-        const __m512 v = row(n + 1, j);
-        for (int g = 0; g < G; ++g) odd[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * BLOCK + n + 1 - n0]), v, odd[g]);
+      if (visible[n]) add(n, sums[0]);
+      if (visible[n + 1]) add(n + 1, sums[SETS - 1]);
+    }
+    if (n < n1 && visible[n]) add(n, sums[0]);
+    for (int g = 0; g < G; ++g) {
+      for (int c = 0; c < CC; ++c) {
+        __m512 total = sums[0][g][c];
+        if constexpr (SETS == 2) total = _mm512_add_ps(total, sums[1][g][c]);
+        _mm512_storeu_ps(acc + g * D + j0 + 16 * c, total);
       }
     }
-    if (n < n1 && visible[n]) {
-      const __m512 v = row(n, j);
-      for (int g = 0; g < G; ++g) even[g] = _mm512_fmadd_ps(_mm512_set1_ps(p[g * BLOCK + n - n0]), v, even[g]);
-    }
-    for (int g = 0; g < G; ++g) _mm512_storeu_ps(acc + g * D + j, _mm512_add_ps(even[g], odd[g]));
   }
 }
 #endif
@@ -577,6 +593,7 @@ void score_keys(const float* q, const Buffer<KT>& keys, int64_t h, int64_t from,
   if constexpr (loads) {
     if (D == 64) return score_keys_c<4>(q, keys, h, from, to, n0, G, scale, scores);
     if (D == 128) return score_keys_c<8>(q, keys, h, from, to, n0, G, scale, scores);
+    if (D == 256) return score_keys_c<16>(q, keys, h, from, to, n0, G, scale, scores);
   }
 #endif
   for (int64_t g = 0; g < G; ++g) {
@@ -595,15 +612,36 @@ void add_values(const Buffer<KT>& values, int64_t h, int64_t n0, int64_t n1, con
   constexpr bool loads = std::is_same_v<KT, float> || std::is_same_v<KT, at::BFloat16> || std::is_same_v<KT, int8_t>;
   if constexpr (loads) {
     if (D % 16 == 0) {
+      // as many dims at a time as keep the G rows' sums within 16 registers (CC = 16 / G, at most D / 16)
+      const int64_t C = D / 16;
       switch (G) {  // the group sizes of common models: 1 (multi-head), 2-8 (grouped-query)
-        case 1: return add_values_g<1>(values, h, n0, n1, visible, p, D, acc);
-        case 2: return add_values_g<2>(values, h, n0, n1, visible, p, D, acc);
-        case 3: return add_values_g<3>(values, h, n0, n1, visible, p, D, acc);
-        case 4: return add_values_g<4>(values, h, n0, n1, visible, p, D, acc);
-        case 5: return add_values_g<5>(values, h, n0, n1, visible, p, D, acc);
-        case 6: return add_values_g<6>(values, h, n0, n1, visible, p, D, acc);
-        case 7: return add_values_g<7>(values, h, n0, n1, visible, p, D, acc);
-        case 8: return add_values_g<8>(values, h, n0, n1, visible, p, D, acc);
+        case 1:
+          if (C % 16 == 0) return add_values_g<1, 16>(values, h, n0, n1, visible, p, D, acc);
+          if (C % 8 == 0) return add_values_g<1, 8>(values, h, n0, n1, visible, p, D, acc);
+          if (C % 4 == 0) return add_values_g<1, 4>(values, h, n0, n1, visible, p, D, acc);
+          return add_values_g<1, 1>(values, h, n0, n1, visible, p, D, acc);
+        case 2:
+          if (C % 8 == 0) return add_values_g<2, 8>(values, h, n0, n1, visible, p, D, acc);
+          if (C % 4 == 0) return add_values_g<2, 4>(values, h, n0, n1, visible, p, D, acc);
+          return add_values_g<2, 1>(values, h, n0, n1, visible, p, D, acc);
+        case 3:
+          if (C % 4 == 0) return add_values_g<3, 4>(values, h, n0, n1, visible, p, D, acc);
+          return add_values_g<3, 1>(values, h, n0, n1, visible, p, D, acc);
+        case 4:
+          if (C % 4 == 0) return add_values_g<4, 4>(values, h, n0, n1, visible, p, D, acc);
+          return add_values_g<4, 1>(values, h, n0, n1, visible, p, D, acc);
+        case 5:
+          if (C % 2 == 0) return add_values_g<5, 2>(values, h, n0, n1, visible, p, D, acc);
+          return add_values_g<5, 1>(values, h, n0, n1, visible, p, D, acc);
+        case 6:
+          if (C % 2 == 0) return add_values_g<6, 2>(values, h, n0, n1, visible, p, D, acc);
+          return add_values_g<6, 1>(values, h, n0, n1, visible, p, D, acc);
+        case 7:
+          if (C % 2 == 0) return add_values_g<7, 2>(values, h, n0, n1, visible, p, D, acc);
+          return add_values_g<7, 1>(values, h, n0, n1, visible, p, D, acc);
+        case 8:
+          if (C % 2 == 0) return add_values_g<8, 2>(values, h, n0, n1, visible, p, D, acc);
+          return add_values_g<8, 1>(values, h, n0, n1, visible, p, D, acc);
         default: break;
       }
     }
