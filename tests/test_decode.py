@@ -390,8 +390,18 @@ def test_native_step_as_other_cpus_build_it(other_builds, cpu, tmp_path):
 # (query heads, kv heads, head dim): each group size and head dim the 16-lane paths take apart (values in one pass
 # for 1 to 4 rows, in pairs of 16 dims for 5 to 8, two sets of sums for few rows; keys 8 rows at a time, so 9 rows
 # make two passes), and the portable loops for dims not a multiple of 64 and groups of more than 8
-HEADS = [(6, 2, 64), (6, 2, 128), (6, 2, 48), (2, 2, 64), (4, 2, 128), (4, 4, 256), (8, 1, 256), (14, 2, 64),
-         (10, 1, 80), (9, 1, 64)]
+HEADS = [
+    (6, 2, 64),
+    (6, 2, 128),
+    (6, 2, 48),
+    (2, 2, 64),
+    (4, 2, 128),
+    (4, 4, 256),
+    (8, 1, 256),
+    (14, 2, 64),
+    (10, 1, 80),
+    (9, 1, 64),
+]
 
 
 @pytest.mark.parametrize("heads", HEADS, ids=lambda h: "H{}-Hkv{}-D{}".format(*h))
