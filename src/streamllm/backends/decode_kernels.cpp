@@ -533,7 +533,9 @@ void score_keys_c(const float* q, const Buffer<KT>& keys, int64_t h, int64_t fro
     }
   }
   for (int64_t g = 0; g < G; ++g) {
-    for (int64_t m = n; m < to; ++m) scores[g * BLOCK + m - n0] = dot(q + g * D, rows + m * D, D) * keys.scale(h, m) * scale;
+    for (int64_t m = n; m < to; ++m) {
+      scores[g * BLOCK + m - n0] = dot(q + g * D, rows + m * D, D) * keys.scale(h, m) * scale;
+    }
   }
 }
 
