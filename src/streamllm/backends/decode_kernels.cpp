@@ -1,9 +1,10 @@
 // The decode step of decode.py's Decoder in C++: one call per token instead of some fifty small torch operations per
 // layer, each with its Python and dispatch overhead, and an attention kernel that splits the keys into blocks so
 // that both cores work on every layer (torch's fused kernel parallelises over kv heads only: 3 for 2 threads).
-// Within a block it scores 16 keys at a time against each query row held in registers, takes the exponentials 16
-// at a time, and sums the weighted values with the sums in registers; it reads the cache as the model's dtype or as
-// 8-bit rows with their scales (core/store.py), in place either way.
+// Within a block it scores 16 keys at a time against all the query rows of their kv head (each key read and
+// converted once), takes the exponentials 16 at a time, and sums the weighted values in one pass over the value
+// rows with the sums in registers; it reads the cache as the model's dtype or as 8-bit rows with their scales
+// (core/store.py), in place either way.
 // One call can also take one token for each of several streams (the server's batched decoding): the matrix
 // products then serve all of them from one read of the weights, and each attends over its own cache in place.
 //
