@@ -239,12 +239,21 @@ inline int32_t four_bytes(const int8_t* p) {
   return v;
 }
 
+// n results into y of the model's dtype: y = out, or with ``add`` y += out as torch's in-place add of a tensor
+// of that dtype rounds it (out rounded to the dtype, the sum in float32, rounded again).
+template <typename T>
+inline void put(T* y, const float* out, int64_t n, bool add) {
+  for (int64_t j = 0; j < n; ++j) {
+    y[j] = add ? static_cast<T>(to_float(y[j]) + to_float(static_cast<T>(out[j]))) : static_cast<T>(out[j]);
+  }
+}
+
 // y (R, N) = x W^T for W in 4-bit tiles: packed (N/16, G, 256) bytes, scales (N/16, G, 2, 16) float16, each
 // group's 16 steps then its 16 lows, W[n, k] = low + q * step. Within a group, byte 64 c + 4 j + b holds row j's
 // 4-bit number for input 8 c + b in its low half and for input 8 c + 4 + b in its high half. So
 // y[n] = sum over groups of step * s * (w4 . q + w4 . e / 254) + low * (sum of x).
 template <typename T>
-void int4_rows(const uint8_t* packed, const at::Half* scales, const Quantized& x, int64_t N, T* y) {
+void int4_rows(const uint8_t* packed, const at::Half* scales, const Quantized& x, int64_t N, T* y, bool add) {
   const int64_t G = x.G, tiles = N / TILE;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -304,7 +313,7 @@ void int4_rows(const uint8_t* packed, const at::Half* scales, const Quantized& x
           }
         }
 #endif
-        for (int64_t j = 0; j < TILE; ++j) y[r * N + t * TILE + j] = static_cast<T>(out[j]);
+        put(y + r * N + t * TILE, out, TILE, add);
       }
     }
   });
@@ -314,7 +323,7 @@ void int4_rows(const uint8_t* packed, const at::Half* scales, const Quantized& x
 // 4 c + b at byte 64 c + 4 j + b (rows and inputs past N and K are zeros, i.e. 128); scales (N,) float32 per row,
 // W[n, k] = (byte - 128) * scale[n]. The offset comes back out through each group's sums of q and e.
 template <typename T>
-void int8_rows(const uint8_t* packed, const float* scales, const Quantized& x, int64_t N, T* y) {
+void int8_rows(const uint8_t* packed, const float* scales, const Quantized& x, int64_t N, T* y, bool add) {
   const int64_t G = x.G, chunks = x.Kp / 4, tiles = (N + TILE - 1) / TILE;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -365,7 +374,8 @@ void int8_rows(const uint8_t* packed, const float* scales, const Quantized& x, i
           }
         }
 #endif
-        for (int64_t j = 0; j < rows; ++j) y[r * N + t * TILE + j] = static_cast<T>(out[j] * scales[t * TILE + j]);
+        for (int64_t j = 0; j < rows; ++j) out[j] *= scales[t * TILE + j];
+        put(y + r * N + t * TILE, out, rows, add);
       }
     }
   });
@@ -782,27 +792,48 @@ struct Matrix {
       }
       return at::mv(a, x[0]).unsqueeze(0);
     }
+    at::Tensor y = at::empty({x.size(0), outputs()}, x.options());
+    integer(x, y, false);
+    return y;
+  }
+
+  // y (R, out), of x's dtype: y = x W^T, or with ``add`` y += x W^T (rounded as y.add_ would round it); for the
+  // integer kinds without a tensor in between.
+  void into(const at::Tensor& x, at::Tensor& y, bool add) const {
+    if (kind == 0) {
+      add ? y.add_((*this)(x)) : y.copy_((*this)(x));
+      return;
+    }
+    integer(x, y, add);
+  }
+
+  int64_t outputs() const {
+    if (kind == 0) return a.size(0);
+    return kind == 1 ? a.size(0) * TILE : b.size(0);
+  }
+
+ private:
+  void integer(const at::Tensor& x, at::Tensor& y, bool add) const {
     TORCH_CHECK(kind == 1 || kind == 2, "matrix kind: 0, 1 or 2");
     TORCH_CHECK(a.scalar_type() == at::kByte && a.is_contiguous() && b.is_contiguous(), "tiles: contiguous bytes");
-    const int64_t R = x.size(0), K = x.size(1);
-    const int64_t N = kind == 1 ? a.size(0) * TILE : b.size(0);
+    const int64_t R = x.size(0), K = x.size(1), N = outputs();
     const int64_t Kp = kind == 1 ? a.size(1) * GROUP : a.size(1) * 4;
     TORCH_CHECK(Kp == (K + GROUP - 1) / GROUP * GROUP, "x: ", K, " inputs for tiles of ", Kp);
     TORCH_CHECK(kind == 2 || (b.scalar_type() == at::kHalf && b.numel() == a.size(0) * a.size(1) * 2 * TILE),
                 "int4 tiles: float16 steps and lows");
     TORCH_CHECK(kind == 1 || (b.scalar_type() == at::kFloat && a.size(0) == (N + TILE - 1) / TILE),
                 "int8 tiles: one float32 scale per row");
+    TORCH_CHECK(y.is_contiguous() && y.size(0) == R && y.size(1) == N && y.scalar_type() == x.scalar_type(),
+                "y: contiguous (R, out) of x's dtype");
     const at::Tensor xc = x.contiguous();
-    at::Tensor y = at::empty({R, N}, x.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "streamllm_int_matmul", [&] {
       const Quantized xq = quantize_rows(xc.data_ptr<scalar_t>(), R, K);
       if (kind == 1) {
-        int4_rows(a.data_ptr<uint8_t>(), b.data_ptr<at::Half>(), xq, N, y.data_ptr<scalar_t>());
+        int4_rows(a.data_ptr<uint8_t>(), b.data_ptr<at::Half>(), xq, N, y.data_ptr<scalar_t>(), add);
       } else {
-        int8_rows(a.data_ptr<uint8_t>(), b.data_ptr<float>(), xq, N, y.data_ptr<scalar_t>());
+        int8_rows(a.data_ptr<uint8_t>(), b.data_ptr<float>(), xq, N, y.data_ptr<scalar_t>(), add);
       }
     });
-    return y;
   }
 };
 
@@ -887,6 +918,10 @@ class Step {
     at::Tensor qa = at::empty({H, D}, x.options().dtype(at::kFloat));  // q turned to see recalled keys
     const int64_t split = C + 1 + S;  // first slot of the recalled keys (N when there are none)
     at::Tensor attended = at::empty({R, H * D}, x.options());
+    at::Tensor qkv, gate_up, act;  // the products' outputs, made once (again only where a layer's shape differs)
+    auto sized = [&](at::Tensor& t, int64_t width) {
+      if (!t.defined() || t.size(1) != width) t = at::empty({R, width}, x.options());
+    };
     for (size_t i = 0; i < layers_.size(); ++i) {
       const Layer& L = layers_[i];
       TORCH_CHECK(static_cast<int64_t>(keys[i].size()) == R && static_cast<int64_t>(values[i].size()) == R,
@@ -894,9 +929,9 @@ class Step {
       for (int64_t row = 0; row < R; ++row) {
         rms_norm(x.data_ptr<T>() + row * E, L.norm_in.data_ptr<T>(), h.data_ptr<T>() + row * E, E, eps);
       }
-      at::Tensor qkv = L.qkv(h);  // (R, H D + 2 Hkv D)
-      if (L.qkv_bias.defined()) qkv = qkv + L.qkv_bias;
-      qkv = qkv.contiguous();
+      sized(qkv, L.qkv.outputs());  // (R, H D + 2 Hkv D)
+      L.qkv.into(h, qkv, false);
+      if (L.qkv_bias.defined()) qkv.add_(L.qkv_bias);
       const int64_t width = qkv.size(1);
       for (int64_t row = 0; row < R; ++row) {
         const at::Tensor& kt = keys[i][row];
@@ -933,17 +968,18 @@ class Step {
                      seen, C, S, slots[row], o);
         }
       }
-      x.add_(L.o(attended));
+      L.o.into(attended, x, true);
       for (int64_t row = 0; row < R; ++row) {
         rms_norm(x.data_ptr<T>() + row * E, L.norm_post.data_ptr<T>(), h.data_ptr<T>() + row * E, E, eps);
       }
-      at::Tensor gate_up = L.gate_up(h).contiguous();  // (R, 2 F)
+      sized(gate_up, L.gate_up.outputs());  // (R, 2 F)
+      L.gate_up.into(h, gate_up, false);
       const int64_t F = gate_up.size(1) / 2;
-      at::Tensor act = at::empty({R, F}, x.options());
+      sized(act, F);
       for (int64_t row = 0; row < R; ++row) {
         silu_mul(gate_up.data_ptr<T>() + row * 2 * F, act.data_ptr<T>() + row * F, F);
       }
-      x.add_(L.down(act));
+      L.down.into(act, x, true);
     }
     for (int64_t row = 0; row < R; ++row) {
       rms_norm(x.data_ptr<T>() + row * E, norm_.data_ptr<T>(), h.data_ptr<T>() + row * E, E, eps);
