@@ -166,7 +166,7 @@ Quantized quantize_rows(const T* x, int64_t R, int64_t K) {
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t g = 0; g < out.G; ++g) {
       const int64_t k0 = g * GROUP, k1 = std::min(K, k0 + GROUP);
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
       if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {
         // the same numbers 16 at a time (the group's sum of x is added in another order)
         __m512 v[2];
