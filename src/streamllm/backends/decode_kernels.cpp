@@ -1019,16 +1019,40 @@ class Step {
     for (int64_t k = 0; k < Hkv; ++k) {
       for (int64_t i = 0; i < S; ++i) {
         K.get(k, i, row.data());
-        std::fill(moved.begin(), moved.end(), 0.0f);
-        for (int64_t d = 0; d < D; ++d) {
-          const float* t = turn + d * D;
-          for (int64_t e = 0; e < D; ++e) moved[e] += row[d] * t[e];
-        }
+        times_turn(row.data(), turn, moved.data(), D);
         K.put(k, C + 1 + i, moved.data());
         V.copy(k, i, C + 1 + i);
       }
     }
   }
+
+  // out = row @ turn (D, D), the sums over d in order. With AVX-512 and head dims of 64, 128 or 256, out stays in
+  // registers.
+  static void times_turn(const float* row, const float* turn, float* out, int64_t D) {
+#if defined(__AVX512F__)
+    if (D == 64) return times_turn_c<4>(row, turn, out);
+    if (D == 128) return times_turn_c<8>(row, turn, out);
+    if (D == 256) return times_turn_c<16>(row, turn, out);
+#endif
+    std::fill(out, out + D, 0.0f);
+    for (int64_t d = 0; d < D; ++d) {
+      for (int64_t e = 0; e < D; ++e) out[e] += row[d] * turn[d * D + e];
+    }
+  }
+
+#if defined(__AVX512F__)
+  template <int C>
+  static void times_turn_c(const float* row, const float* turn, float* out) {
+    constexpr int64_t D = C * 16;
+    __m512 acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; ++d) {
+      const __m512 r = _mm512_set1_ps(row[d]);
+      for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(r, _mm512_loadu_ps(turn + d * D + 16 * c), acc[c]);
+    }
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, acc[c]);
+  }
+#endif
 
   // The query turned by the opposite of ``turn`` (which moves keys: k @ turn): q . (k @ turn) = (q @ turn^T) . k,
   // so the recalled keys, stored where the query's anchor sees them, are scored as the moved sinks are.
