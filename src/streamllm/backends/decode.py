@@ -106,7 +106,6 @@ class Decoder:
         self.norm = Norm(model.model.norm, form)
         self.lm_head = matvec(model.lm_head.weight.detach())  # (V, E)
         self.native = self._native_step()
-        self._turns: dict[int, torch.Tensor] = {}  # _rotation_matrix by shift, made once
 
     def _native_step(self):
         """The same step in C++ over the same weights (``decode_kernels.cpp``), or None where it does not apply:
@@ -248,13 +247,7 @@ class Decoder:
         """The rotation (D, D) that moves the sink keys, stored at 0..S-1, to where the token sees them: the
         opposite of the query's turn in ``attention.attend`` (a rotation moves both sides of a dot product
         alike)."""
-        shift = -int(plan.anchor_shift[0])
-        turn = self._turns.get(shift)
-        if turn is None:  # a full cache keeps one shift, so a handful of matrices serve a whole stream
-            if len(self._turns) >= 64:
-                self._turns.clear()
-            turn = self._turns[shift] = _rotation_matrix(shift, self.inv_freqs[0], self.D)
-        return turn
+        return _rotation_matrix(-int(plan.anchor_shift[0]), self.inv_freqs[0], self.D)
 
     def _python_step(self, cache: KVCache, plans: list[Plan], x, angles) -> torch.Tensor:
         """The layers in torch operations; the native step does the same in C++. -> logits (V,) float32"""
