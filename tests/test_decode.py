@@ -390,7 +390,7 @@ def test_native_step_as_other_cpus_build_it(other_builds, cpu, tmp_path):
 # (query heads, kv heads, head dim): each group size and head dim the 16-lane paths take apart (values in one pass
 # for 1 to 4 rows, in pairs of 16 dims for 5 to 8, 16 dims at a time at D = 48, two sets of sums for few rows; keys
 # 8 rows at a time, so 9 rows make two passes), and the portable loops: scoring at head dims other than 64, 128 and
-# 256, values for groups of more than 8 rows or dims not a multiple of 16
+# 256, values for groups of more than 8 rows
 HEADS = [
     (6, 2, 64),
     (6, 2, 128),
