@@ -634,6 +634,27 @@ void add_values_g(const Buffer<KT>& values, int64_t h, int64_t n0, int64_t n1, c
     }
   }
 }
+
+// add_values_g with as many dims at a time as keep the G rows' sums within 16 registers: CC the largest of 16, 8
+// and 4 (2 for groups of 5 to 8) that is at most 16 / G and divides D / 16, else 1.
+template <int G, typename KT>
+void add_values_fit(const Buffer<KT>& values, int64_t h, int64_t n0, int64_t n1, const bool* visible, const float* p,
+                    int64_t D, float* acc) {
+  constexpr int MOST = 16 / G;
+  const int64_t C = D / 16;
+  if constexpr (MOST >= 16) {
+    if (C % 16 == 0) return add_values_g<G, 16>(values, h, n0, n1, visible, p, D, acc);
+  }
+  if constexpr (MOST >= 8) {
+    if (C % 8 == 0) return add_values_g<G, 8>(values, h, n0, n1, visible, p, D, acc);
+  }
+  if constexpr (MOST >= 4) {
+    if (C % 4 == 0) return add_values_g<G, 4>(values, h, n0, n1, visible, p, D, acc);
+  } else {
+    if (C % 2 == 0) return add_values_g<G, 2>(values, h, n0, n1, visible, p, D, acc);
+  }
+  return add_values_g<G, 1>(values, h, n0, n1, visible, p, D, acc);
+}
 #endif
 
 // The scores of keys from..to (of kv head h; a block starting at n0) against G query rows q (G, D), times
@@ -665,36 +686,15 @@ void add_values(const Buffer<KT>& values, int64_t h, int64_t n0, int64_t n1, con
   constexpr bool loads = std::is_same_v<KT, float> || std::is_same_v<KT, at::BFloat16> || std::is_same_v<KT, int8_t>;
   if constexpr (loads) {
     if (D % 16 == 0) {
-      // as many dims at a time as keep the G rows' sums within 16 registers (CC = 16 / G, at most D / 16)
-      const int64_t C = D / 16;
       switch (G) {  // the group sizes of common models: 1 (multi-head), 2-8 (grouped-query)
-        case 1:
-          if (C % 16 == 0) return add_values_g<1, 16>(values, h, n0, n1, visible, p, D, acc);
-          if (C % 8 == 0) return add_values_g<1, 8>(values, h, n0, n1, visible, p, D, acc);
-          if (C % 4 == 0) return add_values_g<1, 4>(values, h, n0, n1, visible, p, D, acc);
-          return add_values_g<1, 1>(values, h, n0, n1, visible, p, D, acc);
-        case 2:
-          if (C % 8 == 0) return add_values_g<2, 8>(values, h, n0, n1, visible, p, D, acc);
-          if (C % 4 == 0) return add_values_g<2, 4>(values, h, n0, n1, visible, p, D, acc);
-          return add_values_g<2, 1>(values, h, n0, n1, visible, p, D, acc);
-        case 3:
-          if (C % 4 == 0) return add_values_g<3, 4>(values, h, n0, n1, visible, p, D, acc);
-          return add_values_g<3, 1>(values, h, n0, n1, visible, p, D, acc);
-        case 4:
-          if (C % 4 == 0) return add_values_g<4, 4>(values, h, n0, n1, visible, p, D, acc);
-          return add_values_g<4, 1>(values, h, n0, n1, visible, p, D, acc);
-        case 5:
-          if (C % 2 == 0) return add_values_g<5, 2>(values, h, n0, n1, visible, p, D, acc);
-          return add_values_g<5, 1>(values, h, n0, n1, visible, p, D, acc);
-        case 6:
-          if (C % 2 == 0) return add_values_g<6, 2>(values, h, n0, n1, visible, p, D, acc);
-          return add_values_g<6, 1>(values, h, n0, n1, visible, p, D, acc);
-        case 7:
-          if (C % 2 == 0) return add_values_g<7, 2>(values, h, n0, n1, visible, p, D, acc);
-          return add_values_g<7, 1>(values, h, n0, n1, visible, p, D, acc);
-        case 8:
-          if (C % 2 == 0) return add_values_g<8, 2>(values, h, n0, n1, visible, p, D, acc);
-          return add_values_g<8, 1>(values, h, n0, n1, visible, p, D, acc);
+        case 1: return add_values_fit<1>(values, h, n0, n1, visible, p, D, acc);
+        case 2: return add_values_fit<2>(values, h, n0, n1, visible, p, D, acc);
+        case 3: return add_values_fit<3>(values, h, n0, n1, visible, p, D, acc);
+        case 4: return add_values_fit<4>(values, h, n0, n1, visible, p, D, acc);
+        case 5: return add_values_fit<5>(values, h, n0, n1, visible, p, D, acc);
+        case 6: return add_values_fit<6>(values, h, n0, n1, visible, p, D, acc);
+        case 7: return add_values_fit<7>(values, h, n0, n1, visible, p, D, acc);
+        case 8: return add_values_fit<8>(values, h, n0, n1, visible, p, D, acc);
         default: break;
       }
     }
