@@ -153,6 +153,10 @@ at::Tensor matvec16(const at::Tensor& W, const at::Tensor& x) {
 constexpr int64_t GROUP = 32;  // inputs per group: one scale of x, one 4-bit grid of W
 constexpr int64_t TILE = 16;   // output rows multiplied together
 constexpr float FINE = 254.0f;  // e's steps per step of q
+// Bytes of tiles asked for ahead of the ones being multiplied. The tiles of a call are one run of memory that each
+// thread reads in order, yet the hardware's own prefetch leaves the loads waiting: asking 4 KB ahead made these
+// products read their bytes about 1.4x as fast (1-3 KB ahead gave less, 8 KB no more).
+constexpr int64_t TILES_AHEAD = 4096;
 
 // Rows of x (R, K) in two 8-bit parts, K padded with zeros to whole groups (Kp): per row and group, s = max|x| / 127,
 // q = round(x / s), e = round((x - s q) / s * 254), each half to even (all 0 where the group is all zeros), with
@@ -288,6 +292,7 @@ void int4_rows(const uint8_t* packed, const at::Half* scales, const Quantized& x
           __m512i lq = _mm512_setzero_si512(), hq = _mm512_setzero_si512();
           __m512i le = _mm512_setzero_si512(), he = _mm512_setzero_si512();
           for (int c = 0; c < 4; ++c) {
+            _mm_prefetch(reinterpret_cast<const char*>(p) + TILES_AHEAD + 64 * c, _MM_HINT_T0);
             const __m512i v = _mm512_loadu_si512(p + 64 * c);
             const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
             lq = _mm512_dpbusd_epi32(lq, lo, _mm512_set1_epi32(four_bytes(gq + 8 * c)));
@@ -359,6 +364,7 @@ void int8_rows(const uint8_t* packed, const float* scales, const Quantized& x, i
           const int8_t* ge = xe + g * GROUP;
           __m512i dq = _mm512_setzero_si512(), de = _mm512_setzero_si512();
           for (int c = 0; c < GROUP / 4; ++c) {
+            _mm_prefetch(reinterpret_cast<const char*>(p) + TILES_AHEAD + 64 * c, _MM_HINT_T0);
             const __m512i v = _mm512_loadu_si512(p + 64 * c);
             dq = _mm512_dpbusd_epi32(dq, v, _mm512_set1_epi32(four_bytes(gq + 4 * c)));
             de = _mm512_dpbusd_epi32(de, v, _mm512_set1_epi32(four_bytes(ge + 4 * c)));
