@@ -34,12 +34,14 @@ from torch.nn import functional as F
 
 from ..core.cache import KVCache
 from ..core.plan import Plan
-from ..core.rotary import rotate_half, shift_angles
+from ..core.rotary import rotate_half
 from . import native
 from .arch import layer_inv_freqs, lookup
 from .attention import attend
 from .blocks import Layer, Norm, fuse, linears, norm_form
 from .quant import WEIGHTS, MatVec
+
+_NONE = torch.empty(0)  # what the C++ side reads as "absent"
 
 
 class Decoder:
@@ -67,6 +69,7 @@ class Decoder:
         self.Hkv = config.num_key_value_heads
         self.D = getattr(config, "head_dim", None) or config.hidden_size // self.H
         self.inv_freqs = layer_inv_freqs(model)  # per layer (R/2,)
+        self._turns = _Turns(self.inv_freqs[0], self.D)
         L = len(self.inv_freqs)
         self.layer_types = getattr(config, "layer_types", None) or ["full_attention"] * L
         self.rotary = model.model.rotary_emb
@@ -168,7 +171,7 @@ class Decoder:
         """Whether ``cache`` can take a fast step: it was made for this model, lives on the CPU and holds
         tokens."""
         return len(cache.layers) == len(self.layers) and all(
-            layer.keys is not None and layer.keys.device.type == "cpu" for layer in cache.layers
+            layer.keys is not None and layer.keys.is_cpu for layer in cache.layers
         )
 
     def batches(self, cache: KVCache) -> bool:
@@ -247,7 +250,7 @@ class Decoder:
         """The rotation (D, D) that moves the sink keys, stored at 0..S-1, to where the token sees them: the
         opposite of the query's turn in ``attention.attend`` (a rotation moves both sides of a dot product
         alike)."""
-        return _rotation_matrix(-int(plan.anchor_shift[0]), self.inv_freqs[0], self.D)
+        return self._turns(-int(plan.anchor_shift[0]))
 
     def _python_step(self, cache: KVCache, plans: list[Plan], x, angles) -> torch.Tensor:
         """The layers in torch operations; the native step does the same in C++. -> logits (V,) float32"""
@@ -298,18 +301,15 @@ class Decoder:
 def _buffers(caches: Sequence[KVCache], L: int) -> list[list[list[torch.Tensor]]]:
     """The native step's view of the caches: keys, values, key scales, value scales, each per layer and per
     stream (the scales empty where a cache is not 8-bit)."""
-    none = torch.empty(0)
-    names = ("full_keys", "full_values", "full_key_scales", "full_value_scales")
-    return [
-        [
-            [
-                getattr(cache.layers[i], name) if getattr(cache.layers[i], name) is not None else none
-                for cache in caches
-            ]
-            for i in range(L)
-        ]
-        for name in names
-    ]
+    stores = [[cache.layers[i] for cache in caches] for i in range(L)]
+    keys = [[s.full_keys for s in layer] for layer in stores]
+    values = [[s.full_values for s in layer] for layer in stores]
+    if not any(s.quantized for layer in stores for s in layer):
+        scales = [[_NONE] * len(caches)] * L
+        return [keys, values, scales, scales]
+    key_scales = [[s.full_key_scales if s.quantized else _NONE for s in layer] for layer in stores]
+    value_scales = [[s.full_value_scales if s.quantized else _NONE for s in layer] for layer in stores]
+    return [keys, values, key_scales, value_scales]
 
 
 def native_mask(plan: Plan, S: int, room: int = 0, in_place: bool = False) -> torch.Tensor:
@@ -328,19 +328,30 @@ def native_mask(plan: Plan, S: int, room: int = 0, in_place: bool = False) -> to
     return torch.cat([seen & ~anchored, visible[C:], (seen & anchored)[:S], recalled])
 
 
-def _rotation_matrix(shift: int, inv_freq: torch.Tensor, D: int) -> torch.Tensor:
+class _Turns:
     """The rotary rotation by ``shift`` positions as a matrix M (D, D), float32: ``x @ M`` equals
-    ``rotary.rotate(x, shift)`` (x * cos + rotate_half(x) * sin over the first R dims, the rest left alone), in
-    one small product instead of six operations."""
-    cos, sin = shift_angles(torch.tensor([shift]), inv_freq)  # (1, R) float64 each
-    R = cos.shape[1]
-    half = R // 2
-    matrix = torch.eye(D, dtype=torch.float64)  # (D, D)
-    matrix[:R, :R] = torch.diag(cos[0])
-    idx = torch.arange(half)
-    matrix[idx + half, idx] = -sin[0, :half]  # rotate_half(x)[j] = -x[j + R/2] for j < R/2
-    matrix[idx, idx + half] = sin[0, half:]  # and x[j - R/2] above
-    return matrix.float()
+    ``rotary.rotate(x, shift)`` (x * cos + rotate_half(x) * sin over the first R dims, the rest left alone), so that
+    the native step turns the sink keys with one small product. Made every token (the shift changes with each), so
+    the places of the cosines and sines in M are worked out once and each token only computes and puts its angles."""
+
+    def __init__(self, inv_freq: torch.Tensor, D: int):
+        self.inv_freq = inv_freq.to(torch.float64)  # (R/2,)
+        half = self.inv_freq.numel()
+        R = 2 * half
+        j = torch.arange(half)
+        rows = torch.cat(
+            [torch.arange(R), j + half, j]
+        )  # diagonal; rotate_half(x)[j] = -x[j + R/2]; and above
+        cols = torch.cat([torch.arange(R), j, j + half])
+        self.at = rows * D + cols  # flat places of cos (R), -sin (R/2), sin (R/2)
+        self.base = torch.eye(D).flatten()  # dims past R stay where they are
+        self.D = D
+
+    def __call__(self, shift: int) -> torch.Tensor:
+        angles = shift * self.inv_freq  # (R/2,) float64, as rotary.shift_angles computes them
+        cos, sin = angles.cos(), angles.sin()
+        values = torch.cat([cos, cos, -sin, sin]).float()
+        return self.base.index_put((self.at,), values).view(self.D, self.D)
 
 
 def decoder_for(model: nn.Module, weights: str = "model") -> Decoder | None:
