@@ -21,7 +21,9 @@ crashes in batched evaluation; it was built with AMX off and AVX-512 on:
     .venv/bin/pip install --no-cache-dir "llama-cpp-python==0.3.36"
 
 Bandwidth bound: every decoded token reads all weights and the whole cache once, so tokens/s can be no higher than
-(measured read bandwidth) / (bytes of weights + cache). Each path is shown as a share of its own bound.
+(measured read bandwidth) / (bytes of weights + cache). Each path is shown as a share of its own bound. The
+read bandwidth is the faster of torch's sum and MKL's float32 matrix-vector product over 1 GB
+(``_bench.read_bandwidth_gbs``); a path that reads faster than both shows above 100%.
 Writes throughput.csv, throughput.md and throughput.png into --out.
 """
 
