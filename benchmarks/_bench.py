@@ -96,8 +96,8 @@ class PeakRSS:
 def read_bandwidth_gbs(megabytes: int = 1024, repeats: int = 5) -> float:
     """Memory read bandwidth (GB/s) over a buffer far larger than the caches: the best of ``repeats`` passes of
     each of two readers, torch's sum and its float32 matrix-vector product (MKL's, which keeps more loads in
-    flight: about 25% faster than the sum on the Intel machine of docs/performance.md). A decode path that
-    reads faster than the slower of them would show above 100% of its bound."""
+    flight: about 25% faster than the sum on the Intel machine of docs/performance.md). With the sum alone, decode
+    paths that read as fast as MKL does showed above 100% of their bound."""
     buf = torch.ones(megabytes * 2**20 // 4)
     rows, x = buf.view(-1, 1024), torch.ones(1024)
     best = float("inf")

@@ -339,9 +339,8 @@ class _Turns:
         half = self.inv_freq.numel()
         R = 2 * half
         j = torch.arange(half)
-        rows = torch.cat(
-            [torch.arange(R), j + half, j]
-        )  # diagonal; rotate_half(x)[j] = -x[j + R/2]; and above
+        # the diagonal (cos); below it, rotate_half(x)[j] = -x[j + R/2] (-sin); above it, x[j] (sin)
+        rows = torch.cat([torch.arange(R), j + half, j])
         cols = torch.cat([torch.arange(R), j, j + half])
         self.at = rows * D + cols  # flat places of cos (R), -sin (R/2), sin (R/2)
         self.base = torch.eye(D).flatten()  # dims past R stay where they are

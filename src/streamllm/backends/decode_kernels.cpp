@@ -155,7 +155,7 @@ constexpr int64_t TILE = 16;   // output rows multiplied together
 constexpr float FINE = 254.0f;  // e's steps per step of q
 // Bytes of tiles asked for ahead of the ones being multiplied. The tiles of a call are one run of memory that each
 // thread reads in order, yet the hardware's own prefetch leaves the loads waiting: asking 4 KB ahead made these
-// products read their bytes about 1.4x as fast (1-3 KB ahead gave less, 8 KB no more).
+// products read their bytes about 1.4x as fast (1-2 KB ahead gave less, 8 KB no more).
 constexpr int64_t TILES_AHEAD = 4096;
 
 // Rows of x (R, K) in two 8-bit parts, K padded with zeros to whole groups (Kp): per row and group, s = max|x| / 127,
