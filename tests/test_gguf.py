@@ -48,6 +48,27 @@ def written(tmp_path_factory):
 IDS = torch.randint(0, 1024, (1, 48), generator=torch.Generator().manual_seed(1))
 
 
+def test_gguf_file_is_parsed_once(written, monkeypatch):
+    """streamllm checks a GGUF file and transformers reads it for the config, the weights and the tokenizer; the
+    file is parsed once for all four (a 262K-token vocabulary takes half a minute to parse), and loads the same."""
+    made = []
+
+    class Counted(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            made.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counted)
+    path, _ = written[1]["F32"]
+    model, tokenizer = load_model(str(path))
+    assert len(made) == 1
+    assert gguf.GGUFReader is Counted  # put back as it was
+    assert tokenizer("to be or not").input_ids
+    with torch.no_grad():
+        ref, got = written[0](IDS).logits, model(IDS).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) < BOUND["F32"]
+
+
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_gguf_file_loads_dequantized(written, mix):
     """Every tensor comes back as the gguf package dequantizes it, and the logits stay within the file type's

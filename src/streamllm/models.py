@@ -6,8 +6,10 @@ nothing on the test path uses one).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -171,14 +173,41 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     """Dequantize a GGUF file once into a safetensors folder with its tokenizer (loads in seconds afterwards)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with _one_gguf_reader():
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # transformers refuses to save a "quantized" model; the weights are already dequantized.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+
+
+@contextlib.contextmanager
+def _one_gguf_reader():
+    """Within it, every ``gguf.GGUFReader`` of one file is the same reader. transformers reads the file three times
+    to load it (for the config, the weights and the tokenizer), and each read parses every metadata field in
+    Python: some 2 million for a vocabulary of 262K tokens, half a minute each. Should transformers stop taking
+    the reader from ``gguf`` at call time, this does nothing and the conversion is only slower."""
+    import gguf as gguf_package
+
+    real = gguf_package.GGUFReader
+    readers = {}
+
+    def shared(path, *args, **kwargs):
+        key = (os.path.realpath(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = real(path, *args, **kwargs)
+        return readers[key]
+
+    gguf_package.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf_package.GGUFReader = real
 
 
 def pull(name: str, progress: Callable[[str], None] = log.info) -> Path:
@@ -232,14 +261,24 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
 
     ``dtype``: "float32" (default), "bfloat16", or a torch dtype.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if isinstance(dtype, str) or dtype is None:
         key = dtype or DEFAULT_DTYPE
         if key not in DTYPES:
             raise ModelError(f"unknown dtype {key!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[key]
-    source, gguf_name = resolve(name_or_path)
+    # a GGUF file is parsed once, for the check in ``resolve`` and for transformers' three reads
+    with _one_gguf_reader() if name_or_path.endswith(".gguf") else contextlib.nullcontext():
+        source, gguf_name = resolve(name_or_path)
+        model, tokenizer = _from_pretrained(name_or_path, source, gguf_name, dtype)
+    model.eval()
+    prepare(model)
+    return model, tokenizer
+
+
+def _from_pretrained(name_or_path: str, source: str, gguf_name: str | None, dtype: torch.dtype):
+    """transformers' model and tokenizer from what ``resolve`` gave, its errors as one-line ``ModelError``s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     extra = {"gguf_file": gguf_name} if gguf_name else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra)
@@ -251,6 +290,4 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype | Non
             raise
         # transformers reads only the GGUF architectures it maps to its own classes
         raise ModelError(f"cannot load {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
-    model.eval()
-    prepare(model)
     return model, tokenizer
