@@ -37,6 +37,10 @@ namespace {
 
 constexpr int64_t LANES = 16;   // independent partial sums: lets the compiler vectorise dot products
 constexpr int64_t BLOCK = 128;  // keys per attention task
+// Bytes of the cache's key and value rows asked for ahead of the ones being read: a task's rows and the next
+// task's of the same kv head are one run of memory. 4 KB made the attention kernel alone 17-30% faster (1-2 KB
+// gave less, 8 KB no more).
+constexpr int64_t CACHE_AHEAD = 4096;
 
 template <typename T>
 inline float to_float(T v) {
@@ -587,6 +591,11 @@ void score_keys_c(const float* q, const Buffer<KT>& keys, int64_t h, int64_t fro
       __m512 part[ROWS][16];
       for (int i = 0; i < 16; ++i) {
         const KT* k = rows + (n + i) * D;
+        if (g0 == 0) {
+          for (int64_t b = 0; b < D * int64_t(sizeof(KT)); b += 64) {
+            _mm_prefetch(reinterpret_cast<const char*>(k) + CACHE_AHEAD + b, _MM_HINT_T0);
+          }
+        }
         __m512 kv[C];
         for (int j = 0; j < C; ++j) kv[j] = load16(k + 16 * j);
         for (int64_t g = 0; g < rows_now; ++g) {
@@ -629,6 +638,9 @@ void add_values_g(const Buffer<KT>& values, int64_t h, int64_t n0, int64_t n1, c
       }
     }
     auto add = [&](int64_t n, __m512 (&into)[G][CC]) {
+      for (int64_t b = 0; b < CC * 16 * int64_t(sizeof(KT)); b += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(rows + n * D + j0) + CACHE_AHEAD + b, _MM_HINT_T0);
+      }
       __m512 v[CC];
       for (int c = 0; c < CC; ++c) {
         v[c] = load16(rows + n * D + j0 + 16 * c);
