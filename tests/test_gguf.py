@@ -50,7 +50,7 @@ IDS = torch.randint(0, 1024, (1, 48), generator=torch.Generator().manual_seed(1)
 
 def test_gguf_file_is_parsed_once(written, monkeypatch):
     """streamllm checks a GGUF file and transformers reads it for the config, the weights and the tokenizer; the
-    file is parsed once for all four (a 262K-token vocabulary takes half a minute to parse), and loads the same."""
+    file is parsed once for all four (a 262K-token vocabulary takes about 20 s to parse), and loads the same."""
     made = []
 
     class Counted(gguf.GGUFReader):

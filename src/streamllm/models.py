@@ -190,7 +190,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 def _one_gguf_reader():
     """Within it, every ``gguf.GGUFReader`` of one file is the same reader. transformers reads the file three times
     to load it (for the config, the weights and the tokenizer), and each read parses every metadata field in
-    Python: some 2 million for a vocabulary of 262K tokens, half a minute each. Should transformers stop taking
+    Python: some 2 million for a vocabulary of 262K tokens, about 20 s each. Should transformers stop taking
     the reader from ``gguf`` at call time, this does nothing and the conversion is only slower."""
     import gguf as gguf_package
 
