@@ -41,8 +41,6 @@ from .attention import attend
 from .blocks import Layer, Norm, fuse, linears, norm_form
 from .quant import WEIGHTS, MatVec
 
-_NONE = torch.empty(0)  # what the C++ side reads as "absent"
-
 
 class Decoder:
     """Single-token forward for the architectures the table marks ``fast_decode``: Llama, Mistral, Qwen2/3,
@@ -136,15 +134,14 @@ class Decoder:
         module = native.kernels()
         if module is None:
             return None
-        none = torch.empty(0)  # what the C++ side reads as "absent"
         layers, kinds = [], []
         for layer in self.layers:
             mats = (layer.qkv, layer.o, layer.gate_up, layer.down)
             layers.append(
                 [t for m in mats for t in m.tensors]
-                + [none if layer.qkv_bias is None else layer.qkv_bias]
+                + [native.NONE if layer.qkv_bias is None else layer.qkv_bias]
                 + [
-                    none if n is None else n.weight
+                    native.NONE if n is None else n.weight
                     for n in (layer.norm_in, layer.norm_post, layer.q_norm, layer.k_norm)
                 ]
             )
@@ -226,7 +223,7 @@ class Decoder:
             x,
             cos[:, 0],  # (R, Dr)
             sin[:, 0],  # (R, Dr)
-            torch.stack([self._turn(plan) for plan in plans]) if turns else torch.empty(0),  # (R, D, D)
+            torch.stack([self._turn(plan) for plan in plans]) if turns else native.NONE,  # (R, D, D)
             torch.stack(
                 [
                     native_mask(plan, S, room, cache.layers[0].quantized)
@@ -305,10 +302,10 @@ def _buffers(caches: Sequence[KVCache], L: int) -> list[list[list[torch.Tensor]]
     keys = [[s.full_keys for s in layer] for layer in stores]
     values = [[s.full_values for s in layer] for layer in stores]
     if not any(s.quantized for layer in stores for s in layer):
-        scales = [[_NONE] * len(caches)] * L
+        scales = [[native.NONE] * len(caches)] * L
         return [keys, values, scales, scales]
-    key_scales = [[s.full_key_scales if s.quantized else _NONE for s in layer] for layer in stores]
-    value_scales = [[s.full_value_scales if s.quantized else _NONE for s in layer] for layer in stores]
+    key_scales = [[s.full_key_scales if s.quantized else native.NONE for s in layer] for layer in stores]
+    value_scales = [[s.full_value_scales if s.quantized else native.NONE for s in layer] for layer in stores]
     return [keys, values, key_scales, value_scales]
 
 

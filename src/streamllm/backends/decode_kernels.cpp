@@ -82,40 +82,33 @@ inline float dot(const float* a, const T* b, int64_t n) {
 }
 
 #if defined(__AVX512BF16__)
-constexpr int64_t AHEAD = 512;  // bytes of each row of W asked for ahead of the ones being multiplied
+constexpr int64_t ROW_AHEAD = 512;  // bytes of each row of W asked for ahead of the ones being multiplied
 
-// out[n] = W[n] . x for rows [begin, end) of a bfloat16 matrix W (N, K): 32 products per instruction summed in
-// float32, four rows at a time sharing each load of x, with a prefetch AHEAD bytes on in every row. The loop
-// takes plain pointers and counts: reading them through a lambda's captures made the compiler reload and
-// recompute every row's address on every step, and with the prefetch the products read W about 1.5x as fast.
+// out[b] = W[b] . x for B consecutive rows of a bfloat16 matrix from ``row`` (B, K): 32 products per instruction
+// summed in float32, the B rows sharing each load of x, with a prefetch ROW_AHEAD bytes on in every row.
+template <int64_t B>
+inline void bf16_block(const uint16_t* row, const uint16_t* x, at::BFloat16* out, int64_t K) {
+  __m512 acc[B];
+  for (int64_t b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 m = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
+    const __m512bh xk = (__m512bh)_mm512_maskz_loadu_epi16(m, x + k);
+    for (int64_t b = 0; b < B; ++b) {
+      const uint16_t* at = row + b * K + k;
+      _mm_prefetch(reinterpret_cast<const char*>(at) + ROW_AHEAD, _MM_HINT_T0);
+      acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)_mm512_maskz_loadu_epi16(m, at), xk);
+    }
+  }
+  for (int64_t b = 0; b < B; ++b) out[b] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[b]));
+}
+
+// out[n] = W[n] . x for rows [begin, end) of W (N, K), four at a time. The loop takes plain pointers and counts:
+// reading them through a lambda's captures made the compiler reload and recompute every row's address on every
+// step, and with the prefetch the products read W about 1.5x as fast.
 void bf16_rows(const uint16_t* w, const uint16_t* x, at::BFloat16* out, int64_t begin, int64_t end, int64_t K) {
-  constexpr int64_t B = 4;
-  auto mask = [K](int64_t k) { return K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1; };
   int64_t n = begin;
-  for (; n + B <= end; n += B) {
-    const uint16_t* row = w + n * K;
-    __m512 acc[B];
-    for (int64_t b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
-      const __mmask32 m = mask(k);
-      const __m512bh xk = (__m512bh)_mm512_maskz_loadu_epi16(m, x + k);
-      for (int64_t b = 0; b < B; ++b) {
-        const uint16_t* at = row + b * K + k;
-        _mm_prefetch(reinterpret_cast<const char*>(at) + AHEAD, _MM_HINT_T0);
-        acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)_mm512_maskz_loadu_epi16(m, at), xk);
-      }
-    }
-    for (int64_t b = 0; b < B; ++b) out[n + b] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[b]));
-  }
-  for (; n < end; ++n) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 32) {
-      const __mmask32 m = mask(k);
-      acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(m, w + n * K + k),
-                             (__m512bh)_mm512_maskz_loadu_epi16(m, x + k));
-    }
-    out[n] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc));
-  }
+  for (; n + 4 <= end; n += 4) bf16_block<4>(w + n * K, x, out + n, K);
+  for (; n < end; ++n) bf16_block<1>(w + n * K, x, out + n, K);
 }
 #endif
 

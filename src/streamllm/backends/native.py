@@ -19,11 +19,14 @@ import os
 import platform
 from pathlib import Path
 
+import torch
+
 from ..home import home
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode_kernels.cpp")
+NONE = torch.empty(0)  # what the C++ side reads as "absent" (a tensor argument it does not use)
 
 
 def enabled() -> bool:

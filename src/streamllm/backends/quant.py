@@ -32,7 +32,6 @@ from ..home import home
 from . import native
 
 log = logging.getLogger(__name__)
-_NONE = torch.empty(0)  # the second tensor kind 0 does not use
 
 
 class MatVec:
@@ -48,12 +47,12 @@ class MatVec:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None:
-            return self.kernels.matmul(self.KIND, self.weight, _NONE, x[None])[0]  # (N,)
+            return self.kernels.matmul(self.KIND, self.weight, native.NONE, x[None])[0]  # (N,)
         return torch.mv(self.weight, x)  # (N,)
 
     @property
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.weight, torch.empty(0)
+        return self.weight, native.NONE  # kind 0 has no second tensor
 
     @property
     def nbytes(self) -> int:
