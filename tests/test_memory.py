@@ -108,7 +108,7 @@ def test_blocks_past_the_budget_go_to_a_file_and_come_back(tmp_path):
     big, _ = _stream_rows(model, ids, dataclasses.replace(CONFIG, decode="transformers"), 9)
     stream = Stream(model, dataclasses.replace(CONFIG, decode="transformers", chunk_size=9, memory=small))
     budget = 16 * block_bytes  # the smallest budget a config can state is 1 MiB; the rule is the same
-    stream.memory.budget = budget
+    stream.memory.kept.budget = budget
     got = torch.cat(list(stream.chunks(ids)))
     stats = stream.memory.stats()
     assert stats["layer_blocks_on_disk"] > 0 and stats["disk_bytes"] > 0
@@ -130,7 +130,7 @@ def test_a_full_disk_stops_the_stream_with_a_clear_error(tmp_path, monkeypatch):
         model,
         dataclasses.replace(CONFIG, decode="transformers", memory=dataclasses.replace(MEMORY, dir=tmp_path)),
     )
-    stream.memory.budget = 1  # every block goes to the file
+    stream.memory.kept.budget = 1  # every block goes to the file
 
     def full(*args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -172,7 +172,7 @@ def test_memory_needs_the_sink_method():
 def test_representative_keys_beyond_the_budget_stop_the_stream():
     model = streamllm.prepare(tiny_model("llama"))
     stream = Stream(model, dataclasses.replace(CONFIG, decode="transformers"))
-    stream.memory.budget = (
+    stream.memory.kept.budget = (
         600  # every block moves to the file; soon its representative keys alone are too many
     )
     with pytest.raises(ValueError, match="representative keys alone"):
@@ -200,7 +200,7 @@ def _saved(model, config, ids, path, budget=None):
 
     stream = Stream(model, config, memory_file=path)
     if budget is not None:
-        stream.memory.budget = budget
+        stream.memory.kept.budget = budget
     stream.feed(ids)
     meta, blob = encode_state("s" * 32, "owner", "tiny", config, _convo(ids), stream, _log(ids))
     return stream, meta, blob
@@ -331,8 +331,8 @@ def test_a_failed_save_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     ids = _ids(seed=14, n=120)
     path = tmp_path / "memory.bin"
     stream, meta, blob = _saved(model, config, ids[:50], path)
-    size = stream.memory.store.size
-    saved = [len(m.saved) for m in stream.memory.layers.values()]
+    size = stream.memory.kept.store.size
+    saved = [len(s) for s in stream.memory.kept.saved.values()]
     stream.feed(ids[50:100])
     write = os.pwrite
     calls = []
@@ -346,7 +346,9 @@ def test_a_failed_save_leaves_the_file_as_it_was(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "pwrite", full_after_one)
     with pytest.raises(MemoryFileError, match="No space left on device"):
         stream.memory.persist()
-    assert stream.memory.store.size == size and [len(m.saved) for m in stream.memory.layers.values()] == saved
+    assert (
+        stream.memory.kept.store.size == size and [len(s) for s in stream.memory.kept.saved.values()] == saved
+    )
     monkeypatch.setattr(os, "pwrite", write)
     stream.memory.persist()  # the disk has room again: the same blocks are written, nothing is lost
-    assert all(len(m.saved) == m.count for m in stream.memory.layers.values())
+    assert all(len(stream.memory.kept.saved[i]) == m.count for i, m in stream.memory.layers.items())

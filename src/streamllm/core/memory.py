@@ -18,9 +18,9 @@ limits to a sliding window keep none. The rules (derivation and the reasons in `
   of the selection at in-cache positions S + j*block_size ..., between the sinks and the window, and the anchor
   moves up by the recalled length (everything the query sees sits at in-cache positions, as in the paper);
   ``fixed`` places every recalled token at distance ``window + 1`` from the query.
-- **Where blocks live.** Keys and values of blocks stay in RAM up to ``ram_mb``; past it the oldest ones move to a
-  file (``dir``; unlinked once open, so it goes when the stream does) and are read back when recalled.
-  Representative keys always stay in RAM and count in the budget.
+- **Where blocks live** (``blockstore.py``). Keys and values of blocks stay in RAM up to ``ram_mb``; past it the
+  oldest ones move to a file (``dir``; unlinked once open, so it goes when the stream does) and are read back
+  when recalled. Representative keys always stay in RAM and count in the budget.
 - **Saving.** A memory made with a named ``file`` (a server session's) can ``persist``: every block the file
   lacks is appended to it, and ``state_dict`` then names the file's id and length. A fresh memory restores from
   that (``load_state_dict``), reading only representative keys; the memory the state was taken from rolls back
@@ -32,14 +32,14 @@ recalled tokens.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..config import MemoryConfig
-from .blockfile import HEADER, BlockFile, MemoryFileError
+from .blockfile import HEADER, MemoryFileError
+from .blockstore import BlockStore
 from .rotary import rotate
 
 
@@ -61,7 +61,6 @@ class _LayerMemory:
         self.selected: list[int] = []
         self.at = 0  # under ``fixed`` positions: where the selected keys were rotated to
         self.next_pos: int | None = None  # the text position the next block starts at (None: the first sink)
-        self.saved: list[int] = []  # offsets of blocks 0, 1, ... in the named file
 
 
 class Memory:
@@ -88,20 +87,15 @@ class Memory:
         self.layers = {i: _LayerMemory() for i, on in enumerate(layers) if on}
         self.kv_heads, self.head_dim = kv_heads, head_dim
         block = len(self.layers) * 2 * kv_heads * head_dim * itemsize * config.block_size
-        self.budget = config.ram_mb * 2**20
-        if block > self.budget:
+        if block > config.ram_mb * 2**20:
             raise ValueError(
                 f"memory RAM budget of {config.ram_mb} MiB is smaller than one block "
                 f"({block / 2**20:.1f} MiB: {config.block_size} tokens); raise --memory-ram or lower --memory-block"
             )
-        self.dtype: torch.dtype | None = None  # of the keys, known from the first block
-        self.ram: OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self.ram_bytes = 0  # keys and values of the blocks in RAM
-        self.rep_bytes = 0  # representative keys (always in RAM)
-        self.spill: BlockFile | None = None  # blocks past the budget that the named file does not hold
-        self.spilled: dict[tuple[int, int], int] = {}  # their offsets in it
         self.file = Path(file) if file is not None else None
-        self.store: BlockFile | None = None  # the named file, once ``persist`` or a restore opened it
+        self.kept = BlockStore(
+            config.ram_mb * 2**20, self.layers, config.dir, self.file, layout=self._layout, reps=self._reps
+        )
         self.marks: set[int] = set()  # positions where the caller asked for a selection
         self.recalled_len = 0  # M: recalled tokens every memory layer holds now
         self.selections = 0
@@ -176,20 +170,20 @@ class Memory:
         """Keep one whole block of ``layer`` as its next block: keys before rotary and values (1, Hkv, bs, D).
         ``add`` calls it for every block its tokens complete (a benchmark may call it to fill a memory)."""
         mem = self.layers[layer]
-        if self.dtype is None:
-            self.dtype = keys.dtype
-        elif keys.dtype != self.dtype:
-            raise MemoryFileError(f"this memory holds {self.dtype} keys; a block of {keys.dtype} keys came")
+        if self.kept.dtype is None:
+            self.kept.dtype = keys.dtype
+        elif keys.dtype != self.kept.dtype:
+            raise MemoryFileError(
+                f"this memory holds {self.kept.dtype} keys; a block of {keys.dtype} keys came"
+            )
         r = self.config.reps
         k = keys[0].float()  # (Hkv, bs, D)
         spread = (k - k.mean(dim=1, keepdim=True)).norm(dim=-1)  # (Hkv, bs)
         pick = spread.sort(dim=-1, descending=True, stable=True).indices[:, :r]  # (Hkv, r)
         reps = torch.gather(keys[0], 1, pick[..., None].expand(-1, -1, k.shape[-1]))  # (Hkv, r, D)
         self._put_reps(mem, mem.count, reps)
-        self.ram[(layer, mem.count)] = (keys.clone(), values.clone())
-        self.ram_bytes += keys.nbytes + values.nbytes
         mem.count += 1
-        self._fit()
+        self.kept.put(layer, mem.count - 1, keys, values)
 
     def _put_reps(self, mem: _LayerMemory, block: int, reps: torch.Tensor) -> None:
         """Store block ``block``'s representative keys (Hkv, r, D); the storage grows by an eighth when full
@@ -200,31 +194,14 @@ class Memory:
             grown = reps.new_zeros((reps.shape[0], blocks * r, reps.shape[2]))
             if mem.reps is not None:
                 grown[:, : block * r] = mem.reps[:, : block * r]
-                self.rep_bytes -= mem.reps.nbytes
+                self.kept.rep_bytes -= mem.reps.nbytes
             mem.reps = grown
-            self.rep_bytes += grown.nbytes  # what is allocated counts, not only what is used
+            self.kept.rep_bytes += grown.nbytes  # what is allocated counts, not only what is used
         mem.reps[:, block * r : (block + 1) * r] = reps
 
     def _reps(self, layer: int, block: int) -> torch.Tensor:
         r = self.config.reps
         return self.layers[layer].reps[:, block * r : (block + 1) * r]
-
-    def _fit(self) -> None:
-        """Move the oldest blocks out of RAM until the budget holds; representative keys count too, and stay."""
-        while self.ram_bytes + self.rep_bytes > self.budget:
-            if not self.ram:
-                raise ValueError(
-                    f"the memory's representative keys alone ({self.rep_bytes / 2**20:.0f} MiB) fill its RAM "
-                    f"budget of {self.config.ram_mb} MiB; raise --memory-ram, or --memory-block"
-                )
-            key, (k, v) = self.ram.popitem(last=False)
-            self.ram_bytes -= k.nbytes + v.nbytes
-            layer, block = key
-            if block < len(self.layers[layer].saved):
-                continue  # the named file holds it already
-            if self.spill is None:
-                self.spill = BlockFile(self._layout(), folder=self.config.dir)
-            self.spilled[key] = self.spill.append(layer, block, self._reps(layer, block), k, v)
 
     def _layout(self) -> dict:
         cfg = self.config
@@ -235,22 +212,11 @@ class Memory:
             "head_dim": self.head_dim,
             "block_size": cfg.block_size,
             "reps": cfg.reps,
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": str(self.kept.dtype).removeprefix("torch."),
         }
 
-    def _load(self, layer: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (layer, block)
-        if key in self.ram:
-            return self.ram[key]
-        mem = self.layers[layer]
-        data = (
-            self.store.read_kv(mem.saved[block])
-            if block < len(mem.saved)
-            else self.spill.read_kv(self.spilled[key])
-        )
-        shape = (2, 1, self.kv_heads, self.config.block_size, self.head_dim)
-        both = torch.frombuffer(bytearray(data), dtype=self.dtype).view(shape)
-        return both[0], both[1]
+    def _shape(self) -> tuple[int, ...]:
+        return (1, self.kv_heads, self.config.block_size, self.head_dim)
 
     # -- recalling ---------------------------------------------------------------------------------------------
     def select(
@@ -277,7 +243,7 @@ class Memory:
         """The keys and values (1, Hkv, M, D) of ``layer``'s selected blocks, keys rotated where the query sees
         them (``select`` returns them; a restored stream rebuilds its recall slots with them)."""
         mem = self.layers[layer]
-        parts = [self._load(layer, b) for b in mem.selected]
+        parts = [self.kept.load(layer, b, self._shape()) for b in mem.selected]
         keys = torch.cat([k for k, _ in parts], dim=2)  # (1, Hkv, M, D) before rotary
         values = torch.cat([v for _, v in parts], dim=2)
         M = keys.shape[2]
@@ -299,33 +265,20 @@ class Memory:
         can be restored from that file. Raises ``MemoryFileError``; then the file counts as it was before."""
         if self.file is None:
             raise RuntimeError("this memory has no named file to persist to")
-        todo = [(layer, b) for layer, mem in self.layers.items() for b in range(len(mem.saved), mem.count)]
-        if not todo:
-            return
-        if self.store is None:
-            self.store = BlockFile(self._layout(), path=self.file)
-            self.store.create()
-        start, done = self.store.size, []
-        try:
-            for layer, b in todo:
-                keys, values = self._load(layer, b)
-                done.append(self.store.append(layer, b, self._reps(layer, b), keys, values))
-            self.store.sync()
-        except MemoryFileError:
-            self.store.size = start
-            raise
-        for (layer, b), offset in zip(todo, done, strict=True):
-            self.layers[layer].saved.append(offset)
-            self.spilled.pop((layer, b), None)  # its copy in the spill file is not needed any more
+        saved = self.kept.saved
+        todo = [(layer, b) for layer, mem in self.layers.items() for b in range(len(saved[layer]), mem.count)]
+        if todo:
+            self.kept.persist(todo, self._shape())
 
     def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """(counters, which can go to JSON; the blocks being filled, as tensors copied to the CPU). Blocks are
         not in it: they stay where they are (``load_state_dict`` rolls this memory back to the state), and the
         named file holds the ones ``persist`` wrote (a fresh memory restores from it)."""
+        store = self.kept.store
         info: dict = {
-            "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch."),
-            "file": None if self.store is None else self.store.id,
-            "file_bytes": 0 if self.store is None else self.store.size,
+            "dtype": None if self.kept.dtype is None else str(self.kept.dtype).removeprefix("torch."),
+            "file": None if store is None else store.id,
+            "file_bytes": 0 if store is None else store.size,
             "marks": sorted(self.marks),
             "recalled": self.recalled_len,
             "selections": self.selections,
@@ -361,12 +314,8 @@ class Memory:
             saved = info["layers"][str(i)]
             if mem.count < counts[i]:
                 raise ValueError(f"memory of layer {i} holds {mem.count} blocks, the state {counts[i]}")
-            for b in range(counts[i], mem.count):  # kept after the state was taken
-                if (kv := self.ram.pop((i, b), None)) is not None:
-                    self.ram_bytes -= kv[0].nbytes + kv[1].nbytes
-                self.spilled.pop((i, b), None)
+            self.kept.drop(i, counts[i])  # the blocks kept after the state was taken
             mem.count = counts[i]
-            del mem.saved[counts[i] :]
             mem.selected, mem.at = [int(b) for b in saved["selected"]], int(saved["at"])
             mem.next_pos = None if saved["next_pos"] is None else int(saved["next_pos"])
             if f"{i}.pos" in tensors:
@@ -383,39 +332,32 @@ class Memory:
         """Index the named file a saved state refers to: every record's place, and its representative keys."""
         if self.file is None or info["file"] is None:
             raise MemoryFileError("the saved state has memory blocks, but no memory file to read them from")
-        self.dtype = getattr(torch, info["dtype"])
-        store = BlockFile(self._layout(), path=self.file)
-        store.open(info["file"], int(info["file_bytes"]))
+        self.kept.dtype = getattr(torch, info["dtype"])
+        store = self.kept.open_named(info["file"], int(info["file_bytes"]))
         shape = (self.kv_heads, self.config.reps, self.head_dim)
         for offset in range(HEADER, store.size, store.record):
             layer, block, raw = store.read_reps(offset)
             mem = self.layers.get(layer)
-            if mem is None or block != len(mem.saved) or block >= counts[layer]:
+            if mem is None or block != len(self.kept.saved[layer]) or block >= counts[layer]:
                 raise MemoryFileError(f"memory file corrupted: an unexpected record at offset {offset}")
-            reps = torch.frombuffer(bytearray(raw), dtype=self.dtype).view(shape)
+            reps = torch.frombuffer(bytearray(raw), dtype=self.kept.dtype).view(shape)
             self._put_reps(mem, block, reps)
-            mem.saved.append(offset)
+            self.kept.saved[layer].append(offset)
             mem.count = block + 1
         for i, mem in self.layers.items():
             if mem.count != counts[i]:
                 raise MemoryFileError(f"the memory file holds {mem.count} of layer {i}'s {counts[i]} blocks")
-        self.store = store
-        self._fit()
+        self.kept.fit()
 
     # -- reporting ---------------------------------------------------------------------------------------------
     def stats(self) -> dict:
         return {
             "blocks": self.blocks,
             "tokens": self.blocks * self.config.block_size,
-            "layer_blocks_in_ram": len(self.ram),  # one layer's block each
-            "layer_blocks_on_disk": len(self.spilled) + sum(len(m.saved) for m in self.layers.values()),
-            "ram_bytes": self.ram_bytes + self.rep_bytes,
-            "disk_bytes": sum(f.size for f in (self.spill, self.store) if f is not None),
+            **self.kept.stats(),
             "recalled": self.recalled_len,
             "selections": self.selections,
         }
 
     def close(self) -> None:
-        for f in (self.spill, self.store):
-            if f is not None:
-                f.close()
+        self.kept.close()

@@ -1,9 +1,7 @@
 """Sessions: which exist, whose they are, which hold their cache in memory, and which one a request continues.
 
-Every known session (in memory or only on disk) is in the index by owner and by the digest of its text, so a
-resent history finds the session it extends without reading any file: for each distinct text length L among
-the owner's sessions, the digest of the request's first L bytes is looked up (one incremental pass over the
-request). At most ``max_sessions`` sessions hold a cache in memory; the least recently used idle ones give theirs
+Every known session (in memory or only on disk) is in the index by owner and by the digest of its text
+(``index.py``), so a resent history finds the session it extends without reading any file. At most ``max_sessions`` sessions hold a cache in memory; the least recently used idle ones give theirs
 up (their state is on disk after every turn) when another needs room.
 
 All methods run on the event loop thread; only loading and saving go to worker threads, each touching only its
@@ -20,16 +18,15 @@ them, or when a resent history matches none that is known.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from array import array
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 
-from ..config import StreamConfig
 from ..runtime.stream import Stream
 from .config import ServerConfig
 from .errors import INVALID_REQUEST, NOT_FOUND, SERVER_ERROR, APIError
+from .index import TextIndex
 from .journal import encode_record
 from .persist import (
     SESSION_ID,
@@ -40,69 +37,10 @@ from .persist import (
     encode_state,
     new_session_id,
 )
-from .store import Lease, open_store
+from .session import Session, saved_memory
+from .store import open_store
 
 log = logging.getLogger(__name__)
-
-
-class Session:
-    """One conversation. ``stream`` and ``convo`` are None while it lives only on disk."""
-
-    def __init__(self, session_id: str, owner: str):
-        self.id, self.owner = session_id, owner
-        self.lock = asyncio.Lock()
-        self.stream: Stream | None = None
-        self.convo: Conversation | None = None
-        self.text_bytes, self.text_sha256 = 0, hashlib.sha256(b"").hexdigest()
-        self.turns = 0
-        self.generation = 0  # of the state on disk; 0: never saved
-        self.error: str | None = None  # why its saved state cannot be used
-        self.dirty = False  # holds a turn that is not on disk yet (its save failed)
-        self.last_used = time.monotonic()
-        self.updated = time.time()  # of the last turn (or creation): the order of the session list
-        self.saved_tokens_seen: int | None = None  # tokens_seen of the state on disk
-        self.saved_memory: dict | None = None  # the memory of the state on disk: blocks per layer, file bytes
-        self.saved_meta: dict | None = None  # the meta.json of the state on disk, as last read or written
-        self.lease: Lease | None = None  # held during a turn (with a store)
-
-    @property
-    def loaded(self) -> bool:
-        return self.stream is not None
-
-    def describe(self, config: StreamConfig) -> dict:
-        """The session as the API shows it: counters, the cache's fill and shape, and why it is unusable."""
-        seen = self.stream.tokens_seen if self.stream else self.saved_tokens_seen
-        length = self.stream.cache_length if self.stream else None
-        return {
-            "id": self.id,
-            "object": "session",
-            "turns": self.turns,
-            "updated": int(self.updated),
-            "in_memory": self.loaded,
-            "busy": self.lock.locked(),
-            "saved": self.generation > 0,
-            "tokens_seen": seen,
-            "cache_length": length,
-            "evicted": seen - length if seen is not None and length is not None else None,
-            "cache": {
-                "method": config.method,
-                "num_sinks": config.num_sinks,
-                "window": config.window,
-                "size": config.cache_size,
-                "kv_dtype": config.kv_dtype,
-            },
-            "text_bytes": self.text_bytes,
-            "memory": self._memory_stats(config),
-            "error": self.error,
-        }
-
-    def _memory_stats(self, config: StreamConfig) -> dict | None:
-        """Blocks held, where and how many bytes; for a session only on disk, what its saved state holds."""
-        if config.memory is None:
-            return None
-        if self.stream is not None:
-            return self.stream.memory.stats()
-        return self.saved_memory
 
 
 class SessionStore:
@@ -110,8 +48,7 @@ class SessionStore:
         self.model, self.config = model, config
         self.disk = open_store(config)
         self.sessions: dict[str, Session] = {}
-        # owner -> text length in bytes -> text digest -> session ids
-        self._index: dict[str, dict[int, dict[str, set[str]]]] = defaultdict(lambda: defaultdict(dict))
+        self._index = TextIndex()
         self._memory: OrderedDict[str, None] = OrderedDict()  # loaded sessions, least recently used first
         self._waiters: list[asyncio.Future] = []
 
@@ -157,17 +94,10 @@ class SessionStore:
 
     def _add(self, session: Session) -> None:
         self.sessions[session.id] = session
-        self._index[session.owner][session.text_bytes].setdefault(session.text_sha256, set()).add(session.id)
+        self._index.add(session.id, session.owner, session.text_bytes, session.text_sha256)
 
     def _remove_from_index(self, session: Session) -> None:
-        by_length = self._index[session.owner]
-        ids = by_length.get(session.text_bytes, {}).get(session.text_sha256)
-        if ids:
-            ids.discard(session.id)
-            if not ids:
-                del by_length[session.text_bytes][session.text_sha256]
-                if not by_length[session.text_bytes]:
-                    del by_length[session.text_bytes]
+        self._index.remove(session.id, session.owner, session.text_bytes, session.text_sha256)
 
     def reindex(self, session: Session) -> None:
         """Call after the session's conversation changed."""
@@ -175,7 +105,7 @@ class SessionStore:
         session.text_bytes, session.text_sha256 = session.convo.text_bytes, session.convo.sha256
         session.turns = session.convo.turns
         session.updated = time.time()
-        self._index[session.owner][session.text_bytes].setdefault(session.text_sha256, set()).add(session.id)
+        self._index.add(session.id, session.owner, session.text_bytes, session.text_sha256)
 
     def candidates(self, owner: str, text: str) -> list[Session]:
         """Sessions of ``owner`` whose text is a prefix of ``text``, longest first (by digest; verify the text).
@@ -189,20 +119,14 @@ class SessionStore:
         return found
 
     def _candidates(self, owner: str, text: str) -> list[Session]:
-        data = text.encode("utf-8")
-        by_length = self._index.get(owner, {})
         found: list[Session] = []
-        digest, done = hashlib.sha256(), 0
-        for length in sorted(n for n in by_length if n <= len(data)):
-            digest.update(data[done:length])
-            done = length
-            for session_id in by_length[length].get(digest.copy().hexdigest(), ()):
-                session = self.sessions.get(session_id)
-                if session is None or session.error is not None:
-                    continue
-                if length == 0 and session.lock.locked():
-                    continue  # a new session in its first turn: any idle or new session does as well
-                found.append(session)
+        for length, session_id in self._index.prefixes(owner, text):
+            session = self.sessions.get(session_id)
+            if session is None or session.error is not None:
+                continue
+            if length == 0 and session.lock.locked():
+                continue  # a new session in its first turn: any idle or new session does as well
+            found.append(session)
         return sorted(found, key=lambda s: (-s.text_bytes, s.lock.locked(), not s.loaded))
 
     def owned_by(self, owner: str) -> list[Session]:
@@ -460,21 +384,3 @@ class SessionStore:
         session.saved_meta = meta
         session.saved_memory = saved_memory(meta, self.config.stream)
         session.dirty = False
-
-
-def saved_memory(meta: dict, config: StreamConfig) -> dict | None:
-    """What a saved state's memory holds, as ``Memory.stats`` names it (the part known without loading it)."""
-    memory = meta.get("memory")
-    if not isinstance(memory, dict) or config.memory is None:
-        return None
-    try:
-        counts = [int(layer["count"]) for layer in memory["layers"].values()]
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return None  # loading the session will say what is wrong with it
-    blocks = min(counts, default=0)
-    return {
-        "blocks": blocks,
-        "tokens": blocks * config.memory.block_size,
-        "layer_blocks_on_disk": sum(counts),
-        "disk_bytes": memory.get("file_bytes", 0),
-    }

@@ -22,7 +22,8 @@ from .persist import Conversation, restore_stream, stream_tensors
 from .prompts import Renderer
 from .scheduler import Job, Scheduler
 from .schemas import ChatMessage
-from .sessions import Session, SessionStore
+from .session import Session
+from .sessions import SessionStore
 
 log = logging.getLogger(__name__)
 
