@@ -23,7 +23,9 @@ crashes in batched evaluation; it was built with AMX off and AVX-512 on:
 Bandwidth bound: every decoded token reads all weights and the whole cache once, so tokens/s can be no higher than
 (measured read bandwidth) / (bytes of weights + cache). Each path is shown as a share of its own bound. The
 read bandwidth is the faster of torch's sum and MKL's float32 matrix-vector product over 1 GB
-(``_bench.read_bandwidth_gbs``); a path that reads faster than both shows above 100%.
+(``_bench.read_bandwidth_gbs``); a path that reads faster than both shows above 100%. It is measured beside each
+row, just before and just after its decode, and the row's bound uses the mean of the two: on a shared machine the
+bandwidth drifts by a third within minutes, and one figure taken at the start made the later rows' shares wrong.
 Writes throughput.csv, throughput.md and throughput.png into --out.
 """
 
@@ -55,11 +57,13 @@ def ours(model, ids: list[int], decode: str, tokens: int) -> dict:
     start = time.perf_counter()
     stream.feed(ids[:PROMPT])
     prefill = PROMPT / (time.perf_counter() - start)
+    before = read_bandwidth_gbs()
     seconds = time_tokens(stream, ids[PROMPT : PROMPT + tokens])
     return {
         "prefill": prefill,
         "decode": len(seconds) / sum(seconds),
         "bytes": decoder_bytes(stream, model) + stream.cache_bytes(),
+        "bandwidth": (before + read_bandwidth_gbs()) / 2,
     }
 
 
@@ -111,8 +115,7 @@ def main() -> None:
     p.add_argument("--discard", type=int, default=64, help="tokens llama.cpp's context shift drops at a time")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    bandwidth = read_bandwidth_gbs()
-    print(f"{args.model}, sink 4+1020, {args.threads} threads; measured read bandwidth {bandwidth:.1f} GB/s")
+    print(f"{args.model}, sink 4+1020, {args.threads} threads; read bandwidth measured beside each row")
     rows = []
     for dtype in args.dtypes.split(","):
         model, tokenizer = load_model(args.model, dtype=dtype)
@@ -121,17 +124,17 @@ def main() -> None:
             rows.append(
                 {"runtime": "streamllm", "dtype": dtype, "path": path, **ours(model, ids, path, args.tokens)}
             )
-            _print(rows[-1], bandwidth)
+            _print(rows[-1])
     cpp = _llama_cpp_row(args, model.config, ids)
     if cpp is None:
         print("llama.cpp: skipped (llama-cpp-python is not installed; pip install -e '.[llamacpp]')")
     else:
         rows.append(cpp)
-        _print(cpp, bandwidth)
+        _print(cpp)
         print(f"llama.cpp: {cpp['shifts']} context shifts (keep 4, discard {args.discard}) during its decode")
         for r in rows[:-1]:
             print(f"{r['dtype']:9} {r['path']:12} decode / llama.cpp: {r['decode'] / cpp['decode']:.2f}x")
-    _write(rows, bandwidth, args, cpp is not None)
+    _write(rows, args, cpp is not None)
 
 
 def _llama_cpp_row(args, model_config, ids) -> dict | None:
@@ -143,22 +146,29 @@ def _llama_cpp_row(args, model_config, ids) -> dict | None:
 
     with tempfile.TemporaryDirectory() as tmp:
         gguf = args.gguf or fetch_gguf(args.model, Path(tmp))
+        before = read_bandwidth_gbs()
         result = time_llama_cpp(
             gguf, ids, args.tokens, args.threads, args.discard, kv_bytes(model_config, CONTEXT, 2)
         )  # f16 cache
-    return {"runtime": "llama.cpp", "dtype": "gguf", "path": "its own", **result}
+        bandwidth = (before + read_bandwidth_gbs()) / 2
+    return {"runtime": "llama.cpp", "dtype": "gguf", "path": "its own", **result, "bandwidth": bandwidth}
 
 
-def _print(r: dict, bandwidth: float) -> None:
-    bound = bandwidth * 1e9 / r["bytes"]
+def _bound(r: dict) -> float:
+    return r["bandwidth"] * 1e9 / r["bytes"]
+
+
+def _print(r: dict) -> None:
+    bound = _bound(r)
     print(
         f"{r['runtime']:10} {r['dtype']:9} {r['path']:12} prefill {r['prefill']:7.1f} tok/s  decode {r['decode']:6.1f} "
-        f"tok/s  bound {bound:6.1f} tok/s ({100 * r['decode'] / bound:4.1f}% of it; {r['bytes'] / 2**20:.0f} MB/token)",
+        f"tok/s  bound {bound:6.1f} tok/s ({100 * r['decode'] / bound:4.1f}% of it; {r['bytes'] / 2**20:.0f} MB/token, "
+        f"read {r['bandwidth']:.1f} GB/s beside it)",
         flush=True,
     )
 
 
-def _write(rows, bandwidth, args, have_cpp: bool) -> None:
+def _write(rows, args, have_cpp: bool) -> None:
     header = (
         "runtime",
         "dtype",
@@ -166,12 +176,13 @@ def _write(rows, bandwidth, args, have_cpp: bool) -> None:
         "prefill tok/s",
         "decode tok/s",
         "MB read per token",
+        "read GB/s beside it",
         "bound tok/s",
         "% of bound",
     )
     body = []
     for r in rows:
-        bound = bandwidth * 1e9 / r["bytes"]
+        bound = _bound(r)
         body.append(
             (
                 r["runtime"],
@@ -180,6 +191,7 @@ def _write(rows, bandwidth, args, have_cpp: bool) -> None:
                 round(r["prefill"], 1),
                 round(r["decode"], 1),
                 round(r["bytes"] / 2**20, 1),
+                round(r["bandwidth"], 1),
                 round(bound, 1),
                 round(100 * r["decode"] / bound, 1),
             )
@@ -192,7 +204,7 @@ def _write(rows, bandwidth, args, have_cpp: bool) -> None:
         body,
     )
     report.sections.append(
-        f"Measured read bandwidth: {bandwidth:.1f} GB/s."
+        "Read bandwidth measured beside each row (the mean of just before and just after its decode)."
         + (
             f" llama.cpp decodes with its own context shift (keep 4, discard {args.discard})."
             if have_cpp
@@ -206,7 +218,7 @@ def _write(rows, bandwidth, args, have_cpp: bool) -> None:
     ax.bar(range(len(rows)), [r["decode"] for r in rows], color="tab:blue", label="decode tok/s")
     ax.scatter(
         range(len(rows)),
-        [bandwidth * 1e9 / r["bytes"] for r in rows],
+        [_bound(r) for r in rows],
         color="tab:red",
         marker="_",
         s=600,
