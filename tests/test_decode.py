@@ -248,7 +248,9 @@ def test_several_streams_in_one_native_step(kernels, dtype, kv):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(64, 576), (37, 100), (5, 31)])  # whole blocks; ragged rows and columns
+@pytest.mark.parametrize(
+    "shape", [(64, 576), (203, 96), (37, 100), (5, 31)]
+)  # whole blocks; ragged rows and columns
 def test_native_matrix_products(kernels, dtype, shape):
     """The native step's products with the model's own weights, one row (its AVX-512 kernel for bfloat16) and
     several (torch's), against float32 arithmetic on the same values."""

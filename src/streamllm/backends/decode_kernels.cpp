@@ -81,39 +81,64 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return sum;
 }
 
+// Runs of rows each thread reads side by side. One core keeps more loads in flight over several runs of memory
+// than over one: with 4, a token's matrices read 1.4x as fast as with 1, as fast as MKL's float32 product reads
+// a matrix of the same bytes (2 gave 1.3x, 8 no more than 4).
+constexpr int64_t RUNS = 4;
+
 #if defined(__AVX512BF16__)
 // Bytes of W asked for ahead of the ones being multiplied. A thread's rows are one run of memory, and the
 // prefetch walks that run at the pace the products read it: asking 4 KB ahead in the run made the products of a
-// token's matrices read W about 1.25x as fast as asking 512 bytes ahead within each row (which leaves the start of
+// token's matrices read W about 1.1x as fast as asking 512 bytes ahead within each row (which leaves the start of
 // every row of the next block unasked for), and 2 KB gave less.
 constexpr int64_t W_AHEAD = 4096;
 
-// out[b] = W[b] . x for B consecutive rows of a bfloat16 matrix from ``row`` (B, K): 32 products per instruction
-// summed in float32, the B rows sharing each load of x. Each load of 64 bytes asks for the 64 bytes W_AHEAD on
-// from ``row`` in step (the block is B K 2 bytes, and it takes B ceil(K / 32) loads).
-template <int64_t B>
-inline void bf16_block(const uint16_t* row, const uint16_t* x, at::BFloat16* out, int64_t K) {
-  const char* ahead = reinterpret_cast<const char*>(row) + W_AHEAD;
-  __m512 acc[B];
-  for (int64_t b = 0; b < B; ++b) acc[b] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32, ahead += B * 64) {
+// out[r][b] = W[b] . x for B consecutive rows of a bfloat16 matrix (B, K) at each of ``rows[0..S)``: 32 products
+// per instruction summed in float32, the S B rows sharing each load of x. Each load of 64 bytes asks for the 64
+// bytes W_AHEAD on in its run in step (a block is B K 2 bytes, and it takes B ceil(K / 32) loads).
+template <int64_t S, int64_t B>
+inline void bf16_block(const uint16_t* const* rows, const uint16_t* x, at::BFloat16* const* out, int64_t K) {
+  const char* ahead[S];
+  for (int64_t s = 0; s < S; ++s) ahead[s] = reinterpret_cast<const char*>(rows[s]) + W_AHEAD;
+  __m512 acc[S * B];
+  for (int64_t i = 0; i < S * B; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
     const __mmask32 m = K - k >= 32 ? ~__mmask32(0) : (__mmask32(1) << (K - k)) - 1;
     const __m512bh xk = (__m512bh)_mm512_maskz_loadu_epi16(m, x + k);
     for (int64_t b = 0; b < B; ++b) {
-      _mm_prefetch(ahead + 64 * b, _MM_HINT_T0);
-      acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)_mm512_maskz_loadu_epi16(m, row + b * K + k), xk);
+      for (int64_t s = 0; s < S; ++s) {
+        _mm_prefetch(ahead[s] + 64 * b, _MM_HINT_T0);
+        const __m512bh w = (__m512bh)_mm512_maskz_loadu_epi16(m, rows[s] + b * K + k);
+        acc[s * B + b] = _mm512_dpbf16_ps(acc[s * B + b], w, xk);
+      }
     }
+    for (int64_t s = 0; s < S; ++s) ahead[s] += B * 64;
   }
-  for (int64_t b = 0; b < B; ++b) out[b] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[b]));
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t b = 0; b < B; ++b) out[s][b] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[s * B + b]));
+  }
 }
 
-// out[n] = W[n] . x for rows [begin, end) of W (N, K), four at a time. The loop takes plain pointers and counts:
-// reading them through a lambda's captures made the compiler reload and recompute every row's address on every
-// step.
+// out[n] = W[n] . x for rows [begin, end) of W (N, K): the rows cut into RUNS runs, two rows of each at a time,
+// the few left over one by one. The loop takes plain pointers and counts: reading them through a lambda's
+// captures made the compiler reload and recompute every row's address on every step.
 void bf16_rows(const uint16_t* w, const uint16_t* x, at::BFloat16* out, int64_t begin, int64_t end, int64_t K) {
-  int64_t n = begin;
-  for (; n + 4 <= end; n += 4) bf16_block<4>(w + n * K, x, out + n, K);
-  for (; n < end; ++n) bf16_block<1>(w + n * K, x, out + n, K);
+  constexpr int64_t B = 2;
+  const int64_t part = (end - begin) / RUNS / B * B;
+  for (int64_t n = 0; n < part; n += B) {
+    const uint16_t* rows[RUNS];
+    at::BFloat16* outs[RUNS];
+    for (int64_t s = 0; s < RUNS; ++s) {
+      rows[s] = w + (begin + s * part + n) * K;
+      outs[s] = out + begin + s * part + n;
+    }
+    bf16_block<RUNS, B>(rows, x, outs, K);
+  }
+  for (int64_t n = begin + RUNS * part; n < end; ++n) {
+    const uint16_t* row = w + n * K;
+    at::BFloat16* o = out + n;
+    bf16_block<1, 1>(&row, x, &o, K);
+  }
 }
 #endif
 
