@@ -284,9 +284,10 @@ def _rows_in_two_bytes(x):
 def test_native_integer_products(kernels, dtype):
     """The 4- and 8-bit tiles' products against the same integer arithmetic in float64 (x in two 8-bit parts per
     group of 32), and against the float weights they hold within that rounding of x (s / 508 per input); one row and
-    several, ragged 8-bit shapes."""
+    several, ragged 8-bit shapes, and enough tiles that each thread reads several runs of them side by side with
+    some left over."""
     g = torch.Generator().manual_seed(3)
-    N, K = 48, 128
+    N, K = 16 * 21, 128
     q4 = torch.randint(0, 16, (N, K // 32, 32), generator=g).float()
     q4[..., 0], q4[..., 1] = 0, 15  # every group spans the whole grid, so the fit finds q, step and low again
     step = (torch.rand(N, K // 32, 1, generator=g) * 0.02 + 0.005).half().float()
@@ -294,7 +295,7 @@ def test_native_integer_products(kernels, dtype):
     w4 = (q4 * step + low).view(N, K)
     int4 = Int4MatVec(w4)
     assert int4.kernels is not None and int4.packed.shape == (N // 16, K // 32, 256) and int4.error < 1e-5
-    for n, k in ((N, K), (37, 100), (5, 31)):
+    for n, k in ((N, K), (37, 100), (5, 31), (300, 70)):
         w8 = torch.randn(n, k, generator=g)
         int8 = Int8MatVec(w8)
         scale8 = w8.abs().amax(-1) / 127

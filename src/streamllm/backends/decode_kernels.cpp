@@ -81,9 +81,9 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return sum;
 }
 
-// Runs of rows each thread reads side by side. One core keeps more loads in flight over several runs of memory
-// than over one: with 4, a token's matrices read 1.4x as fast as with 1, as fast as MKL's float32 product reads
-// a matrix of the same bytes (2 gave 1.3x, 8 no more than 4).
+// Runs of rows (or tiles) each thread reads side by side. One core keeps more loads in flight over several runs
+// of memory than over one: with 4, a token's bfloat16 matrices read 1.3-1.4x as fast as with 1 (2 gave 1.3x, 8 no
+// more than 4), and its 4- and 8-bit tiles 1.2x.
 constexpr int64_t RUNS = 4;
 
 #if defined(__AVX512BF16__)
@@ -297,132 +297,219 @@ inline void put(T* y, const float* out, int64_t n, bool add) {
 // group's 16 steps then its 16 lows, W[n, k] = low + q * step. Within a group, byte 64 c + 4 j + b holds row j's
 // 4-bit number for input 8 c + b in its low half and for input 8 c + 4 + b in its high half. So
 // y[n] = sum over groups of step * s * (w4 . q + w4 . e / 254) + low * (sum of x).
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// out[s] = the 16 results of tile t[s], for each of S tiles read side by side (RUNS above), against row r of x:
+// per group, 16 rows by 8 inputs per instruction for q and for e, the 4-bit numbers' two halves apart.
+template <int64_t S>
+inline void int4_tiles(const uint8_t* packed, const at::Half* scales, const Quantized& x, int64_t r,
+                       const int64_t* t, float (*out)[TILE]) {
+  const int64_t G = x.G;
+  const int8_t* xq = x.q.data() + r * x.Kp;
+  const int8_t* xe = x.e.data() + r * x.Kp;
+  const float* xs = x.scale.data() + r * G;
+  const float* xsum = x.sum.data() + r * G;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512 fine = _mm512_set1_ps(1.0f / FINE);
+  __m512 acc[S];
+  for (int64_t s = 0; s < S; ++s) acc[s] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const int8_t* gq = xq + g * GROUP;
+    const int8_t* ge = xe + g * GROUP;
+    __m512i lq[S], hq[S], le[S], he[S];
+    for (int64_t s = 0; s < S; ++s) lq[s] = hq[s] = le[s] = he[s] = _mm512_setzero_si512();
+    for (int c = 0; c < 4; ++c) {
+      const __m512i q0 = _mm512_set1_epi32(four_bytes(gq + 8 * c)), q1 = _mm512_set1_epi32(four_bytes(gq + 8 * c + 4));
+      const __m512i e0 = _mm512_set1_epi32(four_bytes(ge + 8 * c)), e1 = _mm512_set1_epi32(four_bytes(ge + 8 * c + 4));
+      for (int64_t s = 0; s < S; ++s) {
+        const uint8_t* p = packed + (t[s] * G + g) * 256 + 64 * c;
+        _mm_prefetch(reinterpret_cast<const char*>(p) + TILES_AHEAD, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(p);
+        const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        lq[s] = _mm512_dpbusd_epi32(lq[s], lo, q0);
+        hq[s] = _mm512_dpbusd_epi32(hq[s], hi, q1);
+        le[s] = _mm512_dpbusd_epi32(le[s], lo, e0);
+        he[s] = _mm512_dpbusd_epi32(he[s], hi, e1);
+      }
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      const at::Half* sc = scales + (t[s] * G + g) * 2 * TILE;
+      const __m512 step = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+      const __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + TILE)));
+      const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(le[s], he[s])), fine,
+                                         _mm512_cvtepi32_ps(_mm512_add_epi32(lq[s], hq[s])));
+      acc[s] = _mm512_fmadd_ps(dot, _mm512_mul_ps(step, _mm512_set1_ps(xs[g])), acc[s]);
+      acc[s] = _mm512_fmadd_ps(low, _mm512_set1_ps(xsum[g]), acc[s]);
+    }
+  }
+  for (int64_t s = 0; s < S; ++s) _mm512_storeu_ps(out[s], acc[s]);
+}
+#else
+// The same as a portable loop, one tile at a time (S = 1).
+template <int64_t S>
+inline void int4_tiles(const uint8_t* packed, const at::Half* scales, const Quantized& x, int64_t r,
+                       const int64_t* t, float (*out)[TILE]) {
+  static_assert(S == 1, "one tile at a time");
+  const int64_t G = x.G;
+  const int8_t* xq = x.q.data() + r * x.Kp;
+  const int8_t* xe = x.e.data() + r * x.Kp;
+  const float* xs = x.scale.data() + r * G;
+  const float* xsum = x.sum.data() + r * G;
+  std::fill(out[0], out[0] + TILE, 0.0f);
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* p = packed + (t[0] * G + g) * 256;
+    const int8_t* gq = xq + g * GROUP;
+    const int8_t* ge = xe + g * GROUP;
+    const at::Half* sc = scales + (t[0] * G + g) * 2 * TILE;
+    for (int64_t j = 0; j < TILE; ++j) {
+      int32_t dq = 0, de = 0;
+      for (int64_t c = 0; c < 4; ++c) {
+        for (int64_t b = 0; b < 4; ++b) {
+          const uint8_t v = p[64 * c + 4 * j + b];
+          const int64_t k = 8 * c + b;
+          dq += (v & 0x0F) * gq[k] + (v >> 4) * gq[k + 4];
+          de += (v & 0x0F) * ge[k] + (v >> 4) * ge[k + 4];
+        }
+      }
+      const float dot = static_cast<float>(dq) + static_cast<float>(de) / FINE;
+      out[0][j] += dot * (static_cast<float>(sc[j]) * xs[g]);
+      out[0][j] += static_cast<float>(sc[TILE + j]) * xsum[g];
+    }
+  }
+}
+#endif
+
+// y (R, N) = x W^T for W in 4-bit tiles: packed (N/16, G, 256) bytes, scales (N/16, G, 2, 16) float16, each
+// group's 16 steps then its 16 lows, W[n, k] = low + q * step. Within a group, byte 64 c + 4 j + b holds row j's
+// 4-bit number for input 8 c + b in its low half and for input 8 c + 4 + b in its high half. So
+// y[n] = sum over groups of step * s * (w4 . q + w4 . e / 254) + low * (sum of x). With AVX-512 each thread
+// reads its tiles as RUNS runs side by side.
 template <typename T>
 void int4_rows(const uint8_t* packed, const at::Half* scales, const Quantized& x, int64_t N, T* y, bool add) {
-  const int64_t G = x.G, tiles = N / TILE;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      for (int64_t r = 0; r < x.R; ++r) {
-        const int8_t* xq = x.q.data() + r * x.Kp;
-        const int8_t* xe = x.e.data() + r * x.Kp;
-        const float* xs = x.scale.data() + r * G;
-        const float* xsum = x.sum.data() + r * G;
-        float out[TILE];
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-        const __m512i nibble = _mm512_set1_epi8(0x0F);
-        const __m512 fine = _mm512_set1_ps(1.0f / FINE);
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t g = 0; g < G; ++g) {
-          const uint8_t* p = packed + (t * G + g) * 256;
-          const int8_t* gq = xq + g * GROUP;
-          const int8_t* ge = xe + g * GROUP;
-          __m512i lq = _mm512_setzero_si512(), hq = _mm512_setzero_si512();
-          __m512i le = _mm512_setzero_si512(), he = _mm512_setzero_si512();
-          for (int c = 0; c < 4; ++c) {
-            _mm_prefetch(reinterpret_cast<const char*>(p) + TILES_AHEAD + 64 * c, _MM_HINT_T0);
-            const __m512i v = _mm512_loadu_si512(p + 64 * c);
-            const __m512i lo = _mm512_and_si512(v, nibble), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-            lq = _mm512_dpbusd_epi32(lq, lo, _mm512_set1_epi32(four_bytes(gq + 8 * c)));
-            hq = _mm512_dpbusd_epi32(hq, hi, _mm512_set1_epi32(four_bytes(gq + 8 * c + 4)));
-            le = _mm512_dpbusd_epi32(le, lo, _mm512_set1_epi32(four_bytes(ge + 8 * c)));
-            he = _mm512_dpbusd_epi32(he, hi, _mm512_set1_epi32(four_bytes(ge + 8 * c + 4)));
-          }
-          const at::Half* sc = scales + (t * G + g) * 2 * TILE;
-          const __m512 step = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
-          const __m512 low = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + TILE)));
-          const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(le, he)), fine,
-                                             _mm512_cvtepi32_ps(_mm512_add_epi32(lq, hq)));
-          acc = _mm512_fmadd_ps(dot, _mm512_mul_ps(step, _mm512_set1_ps(xs[g])), acc);
-          acc = _mm512_fmadd_ps(low, _mm512_set1_ps(xsum[g]), acc);
-        }
-        _mm512_storeu_ps(out, acc);
+  constexpr int64_t S = RUNS;
 #else
-        std::fill(out, out + TILE, 0.0f);
-        for (int64_t g = 0; g < G; ++g) {
-          const uint8_t* p = packed + (t * G + g) * 256;
-          const int8_t* gq = xq + g * GROUP;
-          const int8_t* ge = xe + g * GROUP;
-          const at::Half* sc = scales + (t * G + g) * 2 * TILE;
-          for (int64_t j = 0; j < TILE; ++j) {
-            int32_t dq = 0, de = 0;
-            for (int64_t c = 0; c < 4; ++c) {
-              for (int64_t b = 0; b < 4; ++b) {
-                const uint8_t v = p[64 * c + 4 * j + b];
-                const int64_t k = 8 * c + b;
-                dq += (v & 0x0F) * gq[k] + (v >> 4) * gq[k + 4];
-                de += (v & 0x0F) * ge[k] + (v >> 4) * ge[k + 4];
-              }
-            }
-            const float dot = static_cast<float>(dq) + static_cast<float>(de) / FINE;
-            out[j] += dot * (static_cast<float>(sc[j]) * xs[g]);
-            out[j] += static_cast<float>(sc[TILE + j]) * xsum[g];
-          }
-        }
+  constexpr int64_t S = 1;
 #endif
-        put(y + r * N + t * TILE, out, TILE, add);
+  at::parallel_for(0, N / TILE, 1, [&](int64_t begin, int64_t end) {
+    const int64_t part = (end - begin) / S;
+    float out[S][TILE];
+    for (int64_t i = 0; i < part; ++i) {
+      int64_t t[S];
+      for (int64_t s = 0; s < S; ++s) t[s] = begin + s * part + i;
+      for (int64_t r = 0; r < x.R; ++r) {
+        int4_tiles<S>(packed, scales, x, r, t, out);
+        for (int64_t s = 0; s < S; ++s) put(y + r * N + t[s] * TILE, out[s], TILE, add);
+      }
+    }
+    for (int64_t t = begin + S * part; t < end; ++t) {
+      for (int64_t r = 0; r < x.R; ++r) {
+        int4_tiles<1>(packed, scales, x, r, &t, out);
+        put(y + r * N + t * TILE, out[0], TILE, add);
       }
     }
   });
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// out[s] = the 16 sums of tile t[s] (before the rows' scales), for each of S tiles read side by side, against row r
+// of x: 16 rows by 4 inputs per instruction for q and for e.
+template <int64_t S>
+inline void int8_tiles(const uint8_t* packed, const Quantized& x, int64_t r, const int64_t* t, float (*out)[TILE]) {
+  const int64_t G = x.G, chunks = x.Kp / 4;
+  const int8_t* xq = x.q.data() + r * x.Kp;
+  const int8_t* xe = x.e.data() + r * x.Kp;
+  const float* xs = x.scale.data() + r * G;
+  const int32_t* qsum = x.qsum.data() + r * G;
+  const int32_t* esum = x.esum.data() + r * G;
+  const __m512 fine = _mm512_set1_ps(1.0f / FINE);
+  __m512 acc[S];
+  for (int64_t s = 0; s < S; ++s) acc[s] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const int8_t* gq = xq + g * GROUP;
+    const int8_t* ge = xe + g * GROUP;
+    __m512i dq[S], de[S];
+    for (int64_t s = 0; s < S; ++s) dq[s] = de[s] = _mm512_setzero_si512();
+    for (int c = 0; c < GROUP / 4; ++c) {
+      const __m512i q = _mm512_set1_epi32(four_bytes(gq + 4 * c)), e = _mm512_set1_epi32(four_bytes(ge + 4 * c));
+      for (int64_t s = 0; s < S; ++s) {
+        const uint8_t* p = packed + (t[s] * chunks + g * (GROUP / 4) + c) * 64;
+        _mm_prefetch(reinterpret_cast<const char*>(p) + TILES_AHEAD, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(p);
+        dq[s] = _mm512_dpbusd_epi32(dq[s], v, q);
+        de[s] = _mm512_dpbusd_epi32(de[s], v, e);
+      }
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      const __m512i q = _mm512_sub_epi32(dq[s], _mm512_set1_epi32(128 * qsum[g]));
+      const __m512i e = _mm512_sub_epi32(de[s], _mm512_set1_epi32(128 * esum[g]));
+      const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(e), fine, _mm512_cvtepi32_ps(q));
+      acc[s] = _mm512_fmadd_ps(dot, _mm512_set1_ps(xs[g]), acc[s]);
+    }
+  }
+  for (int64_t s = 0; s < S; ++s) _mm512_storeu_ps(out[s], acc[s]);
+}
+#else
+// The same as a portable loop, one tile at a time (S = 1).
+template <int64_t S>
+inline void int8_tiles(const uint8_t* packed, const Quantized& x, int64_t r, const int64_t* t, float (*out)[TILE]) {
+  static_assert(S == 1, "one tile at a time");
+  const int64_t G = x.G, chunks = x.Kp / 4;
+  const int8_t* xq = x.q.data() + r * x.Kp;
+  const int8_t* xe = x.e.data() + r * x.Kp;
+  const float* xs = x.scale.data() + r * G;
+  const int32_t* qsum = x.qsum.data() + r * G;
+  const int32_t* esum = x.esum.data() + r * G;
+  std::fill(out[0], out[0] + TILE, 0.0f);
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* p = packed + (t[0] * chunks + g * (GROUP / 4)) * 64;
+    const int8_t* gq = xq + g * GROUP;
+    const int8_t* ge = xe + g * GROUP;
+    for (int64_t j = 0; j < TILE; ++j) {
+      int32_t dq = 0, de = 0;
+      for (int64_t c = 0; c < GROUP / 4; ++c) {
+        for (int64_t b = 0; b < 4; ++b) {
+          dq += p[64 * c + 4 * j + b] * gq[4 * c + b];
+          de += p[64 * c + 4 * j + b] * ge[4 * c + b];
+        }
+      }
+      const float dot = static_cast<float>(dq - 128 * qsum[g]) + static_cast<float>(de - 128 * esum[g]) / FINE;
+      out[0][j] += dot * xs[g];
+    }
+  }
+}
+#endif
+
 // y (R, N) = x W^T for W in 8-bit tiles: packed (ceil(N/16), Kp/4, 64) bytes holding W + 128, row j's inputs
 // 4 c + b at byte 64 c + 4 j + b (rows and inputs past N and K are zeros, i.e. 128); scales (N,) float32 per row,
-// W[n, k] = (byte - 128) * scale[n]. The offset comes back out through each group's sums of q and e.
+// W[n, k] = (byte - 128) * scale[n]. The offset comes back out through each group's sums of q and e. With AVX-512
+// each thread reads its tiles as RUNS runs side by side.
 template <typename T>
 void int8_rows(const uint8_t* packed, const float* scales, const Quantized& x, int64_t N, T* y, bool add) {
-  const int64_t G = x.G, chunks = x.Kp / 4, tiles = (N + TILE - 1) / TILE;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const uint8_t* tile = packed + t * chunks * 64;
-      const int64_t rows = std::min(TILE, N - t * TILE);
-      for (int64_t r = 0; r < x.R; ++r) {
-        const int8_t* xq = x.q.data() + r * x.Kp;
-        const int8_t* xe = x.e.data() + r * x.Kp;
-        const float* xs = x.scale.data() + r * G;
-        const int32_t* qsum = x.qsum.data() + r * G;
-        const int32_t* esum = x.esum.data() + r * G;
-        float out[TILE];
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-        const __m512 fine = _mm512_set1_ps(1.0f / FINE);
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t g = 0; g < G; ++g) {
-          const uint8_t* p = tile + g * (GROUP / 4) * 64;
-          const int8_t* gq = xq + g * GROUP;
-          const int8_t* ge = xe + g * GROUP;
-          __m512i dq = _mm512_setzero_si512(), de = _mm512_setzero_si512();
-          for (int c = 0; c < GROUP / 4; ++c) {
-            _mm_prefetch(reinterpret_cast<const char*>(p) + TILES_AHEAD + 64 * c, _MM_HINT_T0);
-            const __m512i v = _mm512_loadu_si512(p + 64 * c);
-            dq = _mm512_dpbusd_epi32(dq, v, _mm512_set1_epi32(four_bytes(gq + 4 * c)));
-            de = _mm512_dpbusd_epi32(de, v, _mm512_set1_epi32(four_bytes(ge + 4 * c)));
-          }
-          dq = _mm512_sub_epi32(dq, _mm512_set1_epi32(128 * qsum[g]));
-          de = _mm512_sub_epi32(de, _mm512_set1_epi32(128 * esum[g]));
-          const __m512 dot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(de), fine, _mm512_cvtepi32_ps(dq));
-          acc = _mm512_fmadd_ps(dot, _mm512_set1_ps(xs[g]), acc);
-        }
-        _mm512_storeu_ps(out, acc);
+  constexpr int64_t S = RUNS;
 #else
-        std::fill(out, out + TILE, 0.0f);
-        for (int64_t g = 0; g < G; ++g) {
-          const uint8_t* p = tile + g * (GROUP / 4) * 64;
-          const int8_t* gq = xq + g * GROUP;
-          const int8_t* ge = xe + g * GROUP;
-          for (int64_t j = 0; j < TILE; ++j) {
-            int32_t dq = 0, de = 0;
-            for (int64_t c = 0; c < GROUP / 4; ++c) {
-              for (int64_t b = 0; b < 4; ++b) {
-                dq += p[64 * c + 4 * j + b] * gq[4 * c + b];
-                de += p[64 * c + 4 * j + b] * ge[4 * c + b];
-              }
-            }
-            const float dot = static_cast<float>(dq - 128 * qsum[g]) + static_cast<float>(de - 128 * esum[g]) / FINE;
-            out[j] += dot * xs[g];
-          }
-        }
+  constexpr int64_t S = 1;
 #endif
-        for (int64_t j = 0; j < rows; ++j) out[j] *= scales[t * TILE + j];
-        put(y + r * N + t * TILE, out, rows, add);
+  auto store = [&](int64_t t, int64_t r, float* out) {
+    const int64_t rows = std::min(TILE, N - t * TILE);
+    for (int64_t j = 0; j < rows; ++j) out[j] *= scales[t * TILE + j];
+    put(y + r * N + t * TILE, out, rows, add);
+  };
+  at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t begin, int64_t end) {
+    const int64_t part = (end - begin) / S;
+    float out[S][TILE];
+    for (int64_t i = 0; i < part; ++i) {
+      int64_t t[S];
+      for (int64_t s = 0; s < S; ++s) t[s] = begin + s * part + i;
+      for (int64_t r = 0; r < x.R; ++r) {
+        int8_tiles<S>(packed, x, r, t, out);
+        for (int64_t s = 0; s < S; ++s) store(t[s], r, out[s]);
+      }
+    }
+    for (int64_t t = begin + S * part; t < end; ++t) {
+      for (int64_t r = 0; r < x.R; ++r) {
+        int8_tiles<1>(packed, x, r, &t, out);
+        store(t, r, out[0]);
       }
     }
   });
