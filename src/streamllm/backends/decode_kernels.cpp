@@ -47,6 +47,13 @@ inline float to_float(T v) {
   return static_cast<float>(v);
 }
 
+// y = v of y's dtype, or with ``add`` y += v as torch's in-place add of a tensor of that dtype rounds it (v rounded
+// to the dtype, the sum in float32, rounded again).
+template <typename T>
+inline void put_one(T& y, float v, bool add) {
+  y = add ? static_cast<T>(to_float(y) + to_float(static_cast<T>(v))) : static_cast<T>(v);
+}
+
 #if defined(__AVX512F__)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) {  // bfloat16 is the top half of a float32
@@ -97,7 +104,8 @@ constexpr int64_t W_AHEAD = 4096;
 // per instruction summed in float32, the S B rows sharing each load of x. Each load of 64 bytes asks for the 64
 // bytes W_AHEAD on in its run in step (a block is B K 2 bytes, and it takes B ceil(K / 32) loads).
 template <int64_t S, int64_t B>
-inline void bf16_block(const uint16_t* const* rows, const uint16_t* x, at::BFloat16* const* out, int64_t K) {
+inline void bf16_block(const uint16_t* const* rows, const uint16_t* x, at::BFloat16* const* out, int64_t K,
+                       bool add) {
   const char* ahead[S];
   for (int64_t s = 0; s < S; ++s) ahead[s] = reinterpret_cast<const char*>(rows[s]) + W_AHEAD;
   __m512 acc[S * B];
@@ -115,14 +123,15 @@ inline void bf16_block(const uint16_t* const* rows, const uint16_t* x, at::BFloa
     for (int64_t s = 0; s < S; ++s) ahead[s] += B * 64;
   }
   for (int64_t s = 0; s < S; ++s) {
-    for (int64_t b = 0; b < B; ++b) out[s][b] = static_cast<at::BFloat16>(_mm512_reduce_add_ps(acc[s * B + b]));
+    for (int64_t b = 0; b < B; ++b) put_one(out[s][b], _mm512_reduce_add_ps(acc[s * B + b]), add);
   }
 }
 
 // out[n] = W[n] . x for rows [begin, end) of W (N, K): the rows cut into RUNS runs, two rows of each at a time,
 // the few left over one by one. The loop takes plain pointers and counts: reading them through a lambda's
 // captures made the compiler reload and recompute every row's address on every step.
-void bf16_rows(const uint16_t* w, const uint16_t* x, at::BFloat16* out, int64_t begin, int64_t end, int64_t K) {
+void bf16_rows(const uint16_t* w, const uint16_t* x, at::BFloat16* out, int64_t begin, int64_t end, int64_t K,
+               bool add) {
   constexpr int64_t B = 2;
   const int64_t part = (end - begin) / RUNS / B * B;
   for (int64_t n = 0; n < part; n += B) {
@@ -132,39 +141,37 @@ void bf16_rows(const uint16_t* w, const uint16_t* x, at::BFloat16* out, int64_t 
       rows[s] = w + (begin + s * part + n) * K;
       outs[s] = out + begin + s * part + n;
     }
-    bf16_block<RUNS, B>(rows, x, outs, K);
+    bf16_block<RUNS, B>(rows, x, outs, K, add);
   }
   for (int64_t n = begin + RUNS * part; n < end; ++n) {
     const uint16_t* row = w + n * K;
     at::BFloat16* o = out + n;
-    bf16_block<1, 1>(&row, x, &o, K);
+    bf16_block<1, 1>(&row, x, &o, K, add);
   }
 }
 #endif
 
-// y = W x for a 16-bit float matrix W (N, K) and one row x (K,): float32 sums, the rows of W split across threads.
-// (Several rows go to torch's matrix product, whose oneDNN kernels win once there is more than one.)
+// out (N,) = W x for a 16-bit float matrix W (N, K) and one row x (K,), or with ``add`` out += W x (rounded as
+// torch's in-place add): float32 sums, the rows of W split across threads. (Several rows go to torch's matrix
+// product, whose oneDNN kernels win once there is more than one.)
 template <typename T>
-at::Tensor matvec16(const at::Tensor& W, const at::Tensor& x) {
+void matvec16(const at::Tensor& W, const at::Tensor& x, T* out, bool add) {
   const int64_t N = W.size(0), K = W.size(1);
-  at::Tensor y = at::empty({N}, x.options());
   const T* w = W.data_ptr<T>();
-  T* out = y.data_ptr<T>();
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     const at::Tensor xc = x.contiguous();
     const auto* xv = reinterpret_cast<const uint16_t*>(xc.data_ptr<T>());
     const auto* wv = reinterpret_cast<const uint16_t*>(w);
-    at::parallel_for(0, N, 16, [=](int64_t begin, int64_t end) { bf16_rows(wv, xv, out, begin, end, K); });
-    return y;
+    at::parallel_for(0, N, 16, [=](int64_t begin, int64_t end) { bf16_rows(wv, xv, out, begin, end, K, add); });
+    return;
   }
 #endif
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const float* xv = xf.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) out[n] = static_cast<T>(dot(xv, w + n * K, K));
+    for (int64_t n = begin; n < end; ++n) put_one(out[n], dot(xv, w + n * K, K), add);
   });
-  return y;
 }
 
 // ---- 4- and 8-bit weights: integer products against x in two 8-bit parts ----
@@ -288,9 +295,7 @@ inline int32_t four_bytes(const int8_t* p) {
 // of that dtype rounds it (out rounded to the dtype, the sum in float32, rounded again).
 template <typename T>
 inline void put(T* y, const float* out, int64_t n, bool add) {
-  for (int64_t j = 0; j < n; ++j) {
-    y[j] = add ? static_cast<T>(to_float(y[j]) + to_float(static_cast<T>(out[j]))) : static_cast<T>(out[j]);
-  }
+  for (int64_t j = 0; j < n; ++j) put_one(y[j], out[j], add);
 }
 
 // y (R, N) = x W^T for W in 4-bit tiles: packed (N/16, G, 256) bytes, scales (N/16, G, 2, 16) float16, each
@@ -925,28 +930,21 @@ struct Matrix {
 
   // x (R, in) -> (R, out)
   at::Tensor operator()(const at::Tensor& x) const {
-    if (kind == 0) {
-      if (x.size(0) > 1) return at::mm(x, a.t());
-      const bool half = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
-      if (half && a.is_contiguous()) {
-        return (a.scalar_type() == at::kBFloat16 ? matvec16<at::BFloat16>(a, x[0]) : matvec16<at::Half>(a, x[0]))
-            .unsqueeze(0);
-      }
-      return at::mv(a, x[0]).unsqueeze(0);
-    }
+    if (kind == 0 && !one_row16(x)) return x.size(0) > 1 ? at::mm(x, a.t()) : at::mv(a, x[0]).unsqueeze(0);
     at::Tensor y = at::empty({x.size(0), outputs()}, x.options());
-    integer(x, y, false);
+    into(x, y, false);
     return y;
   }
 
-  // y (R, out), of x's dtype: y = x W^T, or with ``add`` y += x W^T (rounded as y.add_ would round it); for the
-  // integer kinds without a tensor in between.
+  // y (R, out), of x's dtype: y = x W^T, or with ``add`` y += x W^T (rounded as y.add_ would round it); for one
+  // row and 16-bit weights, and for the integer kinds, without a tensor in between.
   void into(const at::Tensor& x, at::Tensor& y, bool add) const {
-    if (kind == 0) {
-      add ? y.add_((*this)(x)) : y.copy_((*this)(x));
-      return;
+    if (kind != 0) return integer(x, y, add);
+    if (one_row16(x) && y.scalar_type() == a.scalar_type() && y.is_contiguous()) {
+      if (a.scalar_type() == at::kBFloat16) return matvec16(a, x[0], y.data_ptr<at::BFloat16>(), add);
+      return matvec16(a, x[0], y.data_ptr<at::Half>(), add);
     }
-    integer(x, y, add);
+    add ? y.add_((*this)(x)) : y.copy_((*this)(x));
   }
 
   int64_t outputs() const {
@@ -955,6 +953,12 @@ struct Matrix {
   }
 
  private:
+  // one row of x, and W of 16-bit floats of x's dtype, in one piece: matvec16's case
+  bool one_row16(const at::Tensor& x) const {
+    const bool sixteen = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
+    return x.size(0) == 1 && sixteen && a.is_contiguous() && x.scalar_type() == a.scalar_type();
+  }
+
   void integer(const at::Tensor& x, at::Tensor& y, bool add) const {
     TORCH_CHECK(kind == 1 || kind == 2, "matrix kind: 0, 1 or 2");
     TORCH_CHECK(a.scalar_type() == at::kByte && a.is_contiguous() && b.is_contiguous(), "tiles: contiguous bytes");
