@@ -298,13 +298,10 @@ inline void put(T* y, const float* out, int64_t n, bool add) {
   for (int64_t j = 0; j < n; ++j) put_one(y[j], out[j], add);
 }
 
-// y (R, N) = x W^T for W in 4-bit tiles: packed (N/16, G, 256) bytes, scales (N/16, G, 2, 16) float16, each
-// group's 16 steps then its 16 lows, W[n, k] = low + q * step. Within a group, byte 64 c + 4 j + b holds row j's
-// 4-bit number for input 8 c + b in its low half and for input 8 c + 4 + b in its high half. So
-// y[n] = sum over groups of step * s * (w4 . q + w4 . e / 254) + low * (sum of x).
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// out[s] = the 16 results of tile t[s], for each of S tiles read side by side (RUNS above), against row r of x:
-// per group, 16 rows by 8 inputs per instruction for q and for e, the 4-bit numbers' two halves apart.
+// out[s] = the 16 results of 4-bit tile t[s] (int4_rows below), for each of S tiles read side by side (RUNS
+// above), against row r of x: per group, 16 rows by 8 inputs per instruction for q and for e, the 4-bit numbers'
+// two halves apart.
 template <int64_t S>
 inline void int4_tiles(const uint8_t* packed, const at::Half* scales, const Quantized& x, int64_t r,
                        const int64_t* t, float (*out)[TILE]) {
@@ -416,8 +413,8 @@ void int4_rows(const uint8_t* packed, const at::Half* scales, const Quantized& x
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// out[s] = the 16 sums of tile t[s] (before the rows' scales), for each of S tiles read side by side, against row r
-// of x: 16 rows by 4 inputs per instruction for q and for e.
+// out[s] = the 16 sums of 8-bit tile t[s] (int8_rows below; before the rows' scales), for each of S tiles read
+// side by side, against row r of x: 16 rows by 4 inputs per instruction for q and for e.
 template <int64_t S>
 inline void int8_tiles(const uint8_t* packed, const Quantized& x, int64_t r, const int64_t* t, float (*out)[TILE]) {
   const int64_t G = x.G, chunks = x.Kp / 4;
