@@ -252,8 +252,8 @@ def test_several_streams_in_one_native_step(kernels, dtype, kv):
     "shape", [(64, 576), (203, 96), (37, 100), (5, 31)]
 )  # whole blocks; ragged rows and columns
 def test_native_matrix_products(kernels, dtype, shape):
-    """The native step's products with the model's own weights, one row (its AVX-512 kernel for bfloat16) and
-    several (torch's), against float32 arithmetic on the same values."""
+    """The native step's products with the model's own weights, one row (its AVX-512 kernels for bfloat16 and
+    float32) and several (torch's), against float32 arithmetic on the same values."""
     g = torch.Generator().manual_seed(0)
     W = torch.randn(shape, generator=g).to(dtype)
     for rows in (1, 3):

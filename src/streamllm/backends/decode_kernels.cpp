@@ -92,6 +92,7 @@ inline float dot(const float* a, const T* b, int64_t n) {
 // of memory than over one: with 4, a token's bfloat16 matrices read 1.3-1.4x as fast as with 1 (2 gave 1.3x, 8 no
 // more than 4), and its 4- and 8-bit tiles 1.2x.
 constexpr int64_t RUNS = 4;
+constexpr int64_t F32_AHEAD = 4096;  // as W_AHEAD, for float32 rows
 
 #if defined(__AVX512BF16__)
 // Bytes of W asked for ahead of the ones being multiplied. A thread's rows are one run of memory, and the
@@ -151,6 +152,51 @@ void bf16_rows(const uint16_t* w, const uint16_t* x, at::BFloat16* out, int64_t 
 }
 #endif
 
+#if defined(__AVX512F__)
+// bf16_block for float32 weights: 16 products per instruction, S runs of B rows, the prefetch W_AHEAD on in each run.
+template <int64_t S, int64_t B>
+inline void f32_block(const float* const* rows, const float* x, float* const* out, int64_t K, bool add) {
+  const char* ahead[S];
+  for (int64_t s = 0; s < S; ++s) ahead[s] = reinterpret_cast<const char*>(rows[s]) + F32_AHEAD;
+  __m512 acc[S * B];
+  for (int64_t i = 0; i < S * B; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    const __m512 xk = _mm512_maskz_loadu_ps(m, x + k);
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t s = 0; s < S; ++s) {
+        _mm_prefetch(ahead[s] + 64 * b, _MM_HINT_T0);
+        acc[s * B + b] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, rows[s] + b * K + k), xk, acc[s * B + b]);
+      }
+    }
+    for (int64_t s = 0; s < S; ++s) ahead[s] += B * 64;
+  }
+  for (int64_t s = 0; s < S; ++s) {
+    for (int64_t b = 0; b < B; ++b) put_one(out[s][b], _mm512_reduce_add_ps(acc[s * B + b]), add);
+  }
+}
+
+// bf16_rows for float32 weights.
+void f32_rows(const float* w, const float* x, float* out, int64_t begin, int64_t end, int64_t K, bool add) {
+  constexpr int64_t B = 2;
+  const int64_t part = (end - begin) / RUNS / B * B;
+  for (int64_t n = 0; n < part; n += B) {
+    const float* rows[RUNS];
+    float* outs[RUNS];
+    for (int64_t s = 0; s < RUNS; ++s) {
+      rows[s] = w + (begin + s * part + n) * K;
+      outs[s] = out + begin + s * part + n;
+    }
+    f32_block<RUNS, B>(rows, x, outs, K, add);
+  }
+  for (int64_t n = begin + RUNS * part; n < end; ++n) {
+    const float* row = w + n * K;
+    float* o = out + n;
+    f32_block<1, 1>(&row, x, &o, K, add);
+  }
+}
+#endif
+
 // out (N,) = W x for a 16-bit float matrix W (N, K) and one row x (K,), or with ``add`` out += W x (rounded as
 // torch's in-place add): float32 sums, the rows of W split across threads. (Several rows go to torch's matrix
 // product, whose oneDNN kernels win once there is more than one.)
@@ -158,6 +204,14 @@ template <typename T>
 void matvec16(const at::Tensor& W, const at::Tensor& x, T* out, bool add) {
   const int64_t N = W.size(0), K = W.size(1);
   const T* w = W.data_ptr<T>();
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    const at::Tensor xc = x.contiguous();
+    const float* xv = xc.data_ptr<float>();
+    at::parallel_for(0, N, 16, [=](int64_t begin, int64_t end) { f32_rows(w, xv, out, begin, end, K, add); });
+    return;
+  }
+#endif
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
     const at::Tensor xc = x.contiguous();
@@ -939,6 +993,7 @@ struct Matrix {
     if (kind != 0) return integer(x, y, add);
     if (one_row16(x) && y.scalar_type() == a.scalar_type() && y.is_contiguous()) {
       if (a.scalar_type() == at::kBFloat16) return matvec16(a, x[0], y.data_ptr<at::BFloat16>(), add);
+      if (a.scalar_type() == at::kFloat) return matvec16(a, x[0], y.data_ptr<float>(), add);
       return matvec16(a, x[0], y.data_ptr<at::Half>(), add);
     }
     add ? y.add_((*this)(x)) : y.copy_((*this)(x));
@@ -952,8 +1007,11 @@ struct Matrix {
  private:
   // one row of x, and W of 16-bit floats of x's dtype, in one piece: matvec16's case
   bool one_row16(const at::Tensor& x) const {
-    const bool sixteen = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
-    return x.size(0) == 1 && sixteen && a.is_contiguous() && x.scalar_type() == a.scalar_type();
+    bool ours = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
+#if defined(__AVX512F__)
+    ours = ours || a.scalar_type() == at::kFloat;  // without AVX-512, MKL's float32 product is the faster
+#endif
+    return x.size(0) == 1 && ours && a.is_contiguous() && x.scalar_type() == a.scalar_type();
   }
 
   void integer(const at::Tensor& x, at::Tensor& y, bool add) const {

@@ -41,8 +41,9 @@ class MatVec:
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight  # (N, K)
-        # bfloat16 goes through the native step's own product where it builds, so that both steps multiply alike
-        native_product = weight.dtype == torch.bfloat16 and weight.is_contiguous()
+        # bfloat16 and float32 go through the native step's own product where it builds, so that both steps
+        # multiply alike (the native side hands float32 to MKL where the CPU lacks AVX-512)
+        native_product = weight.dtype in (torch.bfloat16, torch.float32) and weight.is_contiguous()
         self.kernels = native.kernels() if native_product else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
