@@ -92,21 +92,21 @@ inline float dot(const float* a, const T* b, int64_t n) {
 // of memory than over one: with 4, a token's bfloat16 matrices read 1.3-1.4x as fast as with 1 (2 gave 1.3x, 8 no
 // more than 4), and its 4- and 8-bit tiles 1.2x.
 constexpr int64_t RUNS = 4;
-constexpr int64_t F32_AHEAD = 4096;  // as W_AHEAD, for float32 rows
 
-#if defined(__AVX512BF16__)
 // Bytes of W asked for ahead of the ones being multiplied. A thread's rows are one run of memory, and the
 // prefetch walks that run at the pace the products read it: asking 4 KB ahead in the run made the products of a
 // token's matrices read W about 1.1x as fast as asking 512 bytes ahead within each row (which leaves the start of
 // every row of the next block unasked for), and 2 KB gave less.
 constexpr int64_t W_AHEAD = 4096;
 
+#if defined(__AVX512F__)
+#if defined(__AVX512BF16__)
 // out[r][b] = W[b] . x for B consecutive rows of a bfloat16 matrix (B, K) at each of ``rows[0..S)``: 32 products
 // per instruction summed in float32, the S B rows sharing each load of x. Each load of 64 bytes asks for the 64
 // bytes W_AHEAD on in its run in step (a block is B K 2 bytes, and it takes B ceil(K / 32) loads).
 template <int64_t S, int64_t B>
-inline void bf16_block(const uint16_t* const* rows, const uint16_t* x, at::BFloat16* const* out, int64_t K,
-                       bool add) {
+inline void dot_block(const uint16_t* const* rows, const uint16_t* x, at::BFloat16* const* out, int64_t K,
+                      bool add) {
   const char* ahead[S];
   for (int64_t s = 0; s < S; ++s) ahead[s] = reinterpret_cast<const char*>(rows[s]) + W_AHEAD;
   __m512 acc[S * B];
@@ -127,37 +127,13 @@ inline void bf16_block(const uint16_t* const* rows, const uint16_t* x, at::BFloa
     for (int64_t b = 0; b < B; ++b) put_one(out[s][b], _mm512_reduce_add_ps(acc[s * B + b]), add);
   }
 }
-
-// out[n] = W[n] . x for rows [begin, end) of W (N, K): the rows cut into RUNS runs, two rows of each at a time,
-// the few left over one by one. The loop takes plain pointers and counts: reading them through a lambda's
-// captures made the compiler reload and recompute every row's address on every step.
-void bf16_rows(const uint16_t* w, const uint16_t* x, at::BFloat16* out, int64_t begin, int64_t end, int64_t K,
-               bool add) {
-  constexpr int64_t B = 2;
-  const int64_t part = (end - begin) / RUNS / B * B;
-  for (int64_t n = 0; n < part; n += B) {
-    const uint16_t* rows[RUNS];
-    at::BFloat16* outs[RUNS];
-    for (int64_t s = 0; s < RUNS; ++s) {
-      rows[s] = w + (begin + s * part + n) * K;
-      outs[s] = out + begin + s * part + n;
-    }
-    bf16_block<RUNS, B>(rows, x, outs, K, add);
-  }
-  for (int64_t n = begin + RUNS * part; n < end; ++n) {
-    const uint16_t* row = w + n * K;
-    at::BFloat16* o = out + n;
-    bf16_block<1, 1>(&row, x, &o, K, add);
-  }
-}
 #endif
 
-#if defined(__AVX512F__)
-// bf16_block for float32 weights: 16 products per instruction, S runs of B rows, the prefetch W_AHEAD on in each run.
+// The same for float32 weights: 16 products per instruction.
 template <int64_t S, int64_t B>
-inline void f32_block(const float* const* rows, const float* x, float* const* out, int64_t K, bool add) {
+inline void dot_block(const float* const* rows, const float* x, float* const* out, int64_t K, bool add) {
   const char* ahead[S];
-  for (int64_t s = 0; s < S; ++s) ahead[s] = reinterpret_cast<const char*>(rows[s]) + F32_AHEAD;
+  for (int64_t s = 0; s < S; ++s) ahead[s] = reinterpret_cast<const char*>(rows[s]) + W_AHEAD;
   __m512 acc[S * B];
   for (int64_t i = 0; i < S * B; ++i) acc[i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
@@ -176,23 +152,26 @@ inline void f32_block(const float* const* rows, const float* x, float* const* ou
   }
 }
 
-// bf16_rows for float32 weights.
-void f32_rows(const float* w, const float* x, float* out, int64_t begin, int64_t end, int64_t K, bool add) {
+// out[n] = W[n] . x for rows [begin, end) of W (N, K) of either weight type: the rows cut into RUNS runs, two rows
+// of each at a time, the few left over one by one. The loop takes plain pointers and counts: reading them through
+// a lambda's captures made the compiler reload and recompute every row's address on every step.
+template <typename W, typename O>
+void dot_rows(const W* w, const W* x, O* out, int64_t begin, int64_t end, int64_t K, bool add) {
   constexpr int64_t B = 2;
   const int64_t part = (end - begin) / RUNS / B * B;
   for (int64_t n = 0; n < part; n += B) {
-    const float* rows[RUNS];
-    float* outs[RUNS];
+    const W* rows[RUNS];
+    O* outs[RUNS];
     for (int64_t s = 0; s < RUNS; ++s) {
       rows[s] = w + (begin + s * part + n) * K;
       outs[s] = out + begin + s * part + n;
     }
-    f32_block<RUNS, B>(rows, x, outs, K, add);
+    dot_block<RUNS, B>(rows, x, outs, K, add);
   }
   for (int64_t n = begin + RUNS * part; n < end; ++n) {
-    const float* row = w + n * K;
-    float* o = out + n;
-    f32_block<1, 1>(&row, x, &o, K, add);
+    const W* row = w + n * K;
+    O* o = out + n;
+    dot_block<1, 1>(&row, x, &o, K, add);
   }
 }
 #endif
@@ -208,7 +187,7 @@ void matvec16(const at::Tensor& W, const at::Tensor& x, T* out, bool add) {
   if constexpr (std::is_same_v<T, float>) {
     const at::Tensor xc = x.contiguous();
     const float* xv = xc.data_ptr<float>();
-    at::parallel_for(0, N, 16, [=](int64_t begin, int64_t end) { f32_rows(w, xv, out, begin, end, K, add); });
+    at::parallel_for(0, N, 16, [=](int64_t begin, int64_t end) { dot_rows(w, xv, out, begin, end, K, add); });
     return;
   }
 #endif
@@ -217,7 +196,7 @@ void matvec16(const at::Tensor& W, const at::Tensor& x, T* out, bool add) {
     const at::Tensor xc = x.contiguous();
     const auto* xv = reinterpret_cast<const uint16_t*>(xc.data_ptr<T>());
     const auto* wv = reinterpret_cast<const uint16_t*>(w);
-    at::parallel_for(0, N, 16, [=](int64_t begin, int64_t end) { bf16_rows(wv, xv, out, begin, end, K, add); });
+    at::parallel_for(0, N, 16, [=](int64_t begin, int64_t end) { dot_rows(wv, xv, out, begin, end, K, add); });
     return;
   }
 #endif
