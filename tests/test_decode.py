@@ -185,6 +185,16 @@ def kernels():
     return module
 
 
+@pytest.fixture(params=[2, 4])
+def runs(request, kernels):
+    """Each thread of a product reads 2 or 4 runs of rows or tiles side by side (the CPU decides which: 2 on AMD,
+    4 elsewhere); both are checked wherever the tests run."""
+    before = kernels.runs()
+    kernels.set_runs(request.param)
+    yield request.param
+    kernels.set_runs(before)
+
+
 @pytest.mark.parametrize("arch", NATIVE)
 @EVERY_POLICY
 def test_native_step_matches_python_step(kernels, arch, config, monkeypatch):
@@ -251,7 +261,7 @@ def test_several_streams_in_one_native_step(kernels, dtype, kv):
 @pytest.mark.parametrize(
     "shape", [(64, 576), (203, 96), (37, 100), (5, 31)]
 )  # whole blocks; ragged rows and columns
-def test_native_matrix_products(kernels, dtype, shape):
+def test_native_matrix_products(kernels, runs, dtype, shape):
     """The native step's products with the model's own weights, one row (its AVX-512 kernels for bfloat16 and
     float32) and several (torch's), against float32 arithmetic on the same values."""
     g = torch.Generator().manual_seed(0)
@@ -281,7 +291,7 @@ def _rows_in_two_bytes(x):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_integer_products(kernels, dtype):
+def test_native_integer_products(kernels, runs, dtype):
     """The 4- and 8-bit tiles' products against the same integer arithmetic in float64 (x in two 8-bit parts per
     group of 32), and against the float weights they hold within that rounding of x (s / 508 per input); one row and
     several, ragged 8-bit shapes, and enough tiles that each thread reads several runs of them side by side with

@@ -89,9 +89,24 @@ inline float dot(const float* a, const T* b, int64_t n) {
 }
 
 // Runs of rows (or tiles) each thread reads side by side. One core keeps more loads in flight over several runs
-// of memory than over one: with 4, a token's bfloat16 matrices read 1.3-1.4x as fast as with 1 (2 gave 1.3x, 8 no
-// more than 4), and its 4- and 8-bit tiles 1.2x.
-constexpr int64_t RUNS = 4;
+// of memory than over one, and how many pays depends on the core. On an Intel Xeon (AMX) 4 runs read a token's
+// bfloat16 matrices 1.4x as fast as 1 and 2 runs 1.3x (8 no more than 4), its 4- and 8-bit tiles 1.2x. On an AMD
+// EPYC (Zen 5) 2 runs read them 1.06-1.11x as fast as 4 (and 1 was faster than 4). So 2 on AMD, 4 elsewhere;
+// ``set_runs`` changes it for tests and measurements.
+int64_t runs_for_cpu() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (__builtin_cpu_is("amd")) return 2;
+#endif
+  return 4;
+}
+int64_t thread_runs = runs_for_cpu();
+
+// f(std::integral_constant<int64_t, thread_runs>): a kernel with the runs known at compile time.
+template <typename F>
+inline void with_runs(F&& f) {
+  if (thread_runs == 2) return f(std::integral_constant<int64_t, 2>{});
+  f(std::integral_constant<int64_t, 4>{});
+}
 
 // Bytes of W asked for ahead of the ones being multiplied. A thread's rows are one run of memory, and the
 // prefetch walks that run at the pace the products read it: asking 4 KB ahead in the run made the products of a
@@ -152,23 +167,23 @@ inline void dot_block(const float* const* rows, const float* x, float* const* ou
   }
 }
 
-// out[n] = W[n] . x for rows [begin, end) of W (N, K) of either weight type: the rows cut into RUNS runs, two rows
+// out[n] = W[n] . x for rows [begin, end) of W (N, K) of either weight type: the rows cut into S runs, two rows
 // of each at a time, the few left over one by one. The loop takes plain pointers and counts: reading them through
 // a lambda's captures made the compiler reload and recompute every row's address on every step.
-template <typename W, typename O>
+template <int64_t S, typename W, typename O>
 void dot_rows(const W* w, const W* x, O* out, int64_t begin, int64_t end, int64_t K, bool add) {
   constexpr int64_t B = 2;
-  const int64_t part = (end - begin) / RUNS / B * B;
+  const int64_t part = (end - begin) / S / B * B;
   for (int64_t n = 0; n < part; n += B) {
-    const W* rows[RUNS];
-    O* outs[RUNS];
-    for (int64_t s = 0; s < RUNS; ++s) {
+    const W* rows[S];
+    O* outs[S];
+    for (int64_t s = 0; s < S; ++s) {
       rows[s] = w + (begin + s * part + n) * K;
       outs[s] = out + begin + s * part + n;
     }
-    dot_block<RUNS, B>(rows, x, outs, K, add);
+    dot_block<S, B>(rows, x, outs, K, add);
   }
-  for (int64_t n = begin + RUNS * part; n < end; ++n) {
+  for (int64_t n = begin + S * part; n < end; ++n) {
     const W* row = w + n * K;
     O* o = out + n;
     dot_block<1, 1>(&row, x, &o, K, add);
@@ -187,7 +202,9 @@ void matvec16(const at::Tensor& W, const at::Tensor& x, T* out, bool add) {
   if constexpr (std::is_same_v<T, float>) {
     const at::Tensor xc = x.contiguous();
     const float* xv = xc.data_ptr<float>();
-    at::parallel_for(0, N, 16, [=](int64_t begin, int64_t end) { dot_rows(w, xv, out, begin, end, K, add); });
+    at::parallel_for(0, N, 16, [=](int64_t begin, int64_t end) {
+      with_runs([&](auto S) { dot_rows<decltype(S)::value>(w, xv, out, begin, end, K, add); });
+    });
     return;
   }
 #endif
@@ -196,7 +213,9 @@ void matvec16(const at::Tensor& W, const at::Tensor& x, T* out, bool add) {
     const at::Tensor xc = x.contiguous();
     const auto* xv = reinterpret_cast<const uint16_t*>(xc.data_ptr<T>());
     const auto* wv = reinterpret_cast<const uint16_t*>(w);
-    at::parallel_for(0, N, 16, [=](int64_t begin, int64_t end) { dot_rows(wv, xv, out, begin, end, K, add); });
+    at::parallel_for(0, N, 16, [=](int64_t begin, int64_t end) {
+      with_runs([&](auto S) { dot_rows<decltype(S)::value>(wv, xv, out, begin, end, K, add); });
+    });
     return;
   }
 #endif
@@ -332,7 +351,7 @@ inline void put(T* y, const float* out, int64_t n, bool add) {
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// out[s] = the 16 results of 4-bit tile t[s] (int4_rows below), for each of S tiles read side by side (RUNS
+// out[s] = the 16 results of 4-bit tile t[s] (int4_rows below), for each of S tiles read side by side (thread_runs
 // above), against row r of x: per group, 16 rows by 8 inputs per instruction for q and for e, the 4-bit numbers'
 // two halves apart.
 template <int64_t S>
@@ -417,32 +436,35 @@ inline void int4_tiles(const uint8_t* packed, const at::Half* scales, const Quan
 // group's 16 steps then its 16 lows, W[n, k] = low + q * step. Within a group, byte 64 c + 4 j + b holds row j's
 // 4-bit number for input 8 c + b in its low half and for input 8 c + 4 + b in its high half. So
 // y[n] = sum over groups of step * s * (w4 . q + w4 . e / 254) + low * (sum of x). With AVX-512 each thread
-// reads its tiles as RUNS runs side by side.
+// reads its tiles as thread_runs runs side by side.
 template <typename T>
 void int4_rows(const uint8_t* packed, const at::Half* scales, const Quantized& x, int64_t N, T* y, bool add) {
+  auto tiles = [&](auto runs) {
+    constexpr int64_t S = decltype(runs)::value;
+    at::parallel_for(0, N / TILE, 1, [&](int64_t begin, int64_t end) {
+      const int64_t part = (end - begin) / S;
+      float out[S][TILE];
+      for (int64_t i = 0; i < part; ++i) {
+        int64_t t[S];
+        for (int64_t s = 0; s < S; ++s) t[s] = begin + s * part + i;
+        for (int64_t r = 0; r < x.R; ++r) {
+          int4_tiles<S>(packed, scales, x, r, t, out);
+          for (int64_t s = 0; s < S; ++s) put(y + r * N + t[s] * TILE, out[s], TILE, add);
+        }
+      }
+      for (int64_t t = begin + S * part; t < end; ++t) {
+        for (int64_t r = 0; r < x.R; ++r) {
+          int4_tiles<1>(packed, scales, x, r, &t, out);
+          put(y + r * N + t * TILE, out[0], TILE, add);
+        }
+      }
+    });
+  };
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  constexpr int64_t S = RUNS;
+  with_runs(tiles);
 #else
-  constexpr int64_t S = 1;
+  tiles(std::integral_constant<int64_t, 1>{});
 #endif
-  at::parallel_for(0, N / TILE, 1, [&](int64_t begin, int64_t end) {
-    const int64_t part = (end - begin) / S;
-    float out[S][TILE];
-    for (int64_t i = 0; i < part; ++i) {
-      int64_t t[S];
-      for (int64_t s = 0; s < S; ++s) t[s] = begin + s * part + i;
-      for (int64_t r = 0; r < x.R; ++r) {
-        int4_tiles<S>(packed, scales, x, r, t, out);
-        for (int64_t s = 0; s < S; ++s) put(y + r * N + t[s] * TILE, out[s], TILE, add);
-      }
-    }
-    for (int64_t t = begin + S * part; t < end; ++t) {
-      for (int64_t r = 0; r < x.R; ++r) {
-        int4_tiles<1>(packed, scales, x, r, &t, out);
-        put(y + r * N + t * TILE, out[0], TILE, add);
-      }
-    }
-  });
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -517,37 +539,40 @@ inline void int8_tiles(const uint8_t* packed, const Quantized& x, int64_t r, con
 // y (R, N) = x W^T for W in 8-bit tiles: packed (ceil(N/16), Kp/4, 64) bytes holding W + 128, row j's inputs
 // 4 c + b at byte 64 c + 4 j + b (rows and inputs past N and K are zeros, i.e. 128); scales (N,) float32 per row,
 // W[n, k] = (byte - 128) * scale[n]. The offset comes back out through each group's sums of q and e. With AVX-512
-// each thread reads its tiles as RUNS runs side by side.
+// each thread reads its tiles as thread_runs runs side by side.
 template <typename T>
 void int8_rows(const uint8_t* packed, const float* scales, const Quantized& x, int64_t N, T* y, bool add) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  constexpr int64_t S = RUNS;
-#else
-  constexpr int64_t S = 1;
-#endif
   auto store = [&](int64_t t, int64_t r, float* out) {
     const int64_t rows = std::min(TILE, N - t * TILE);
     for (int64_t j = 0; j < rows; ++j) out[j] *= scales[t * TILE + j];
     put(y + r * N + t * TILE, out, rows, add);
   };
-  at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t begin, int64_t end) {
-    const int64_t part = (end - begin) / S;
-    float out[S][TILE];
-    for (int64_t i = 0; i < part; ++i) {
-      int64_t t[S];
-      for (int64_t s = 0; s < S; ++s) t[s] = begin + s * part + i;
-      for (int64_t r = 0; r < x.R; ++r) {
-        int8_tiles<S>(packed, x, r, t, out);
-        for (int64_t s = 0; s < S; ++s) store(t[s], r, out[s]);
+  auto tiles = [&](auto runs) {
+    constexpr int64_t S = decltype(runs)::value;
+    at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t begin, int64_t end) {
+      const int64_t part = (end - begin) / S;
+      float out[S][TILE];
+      for (int64_t i = 0; i < part; ++i) {
+        int64_t t[S];
+        for (int64_t s = 0; s < S; ++s) t[s] = begin + s * part + i;
+        for (int64_t r = 0; r < x.R; ++r) {
+          int8_tiles<S>(packed, x, r, t, out);
+          for (int64_t s = 0; s < S; ++s) store(t[s], r, out[s]);
+        }
       }
-    }
-    for (int64_t t = begin + S * part; t < end; ++t) {
-      for (int64_t r = 0; r < x.R; ++r) {
-        int8_tiles<1>(packed, x, r, &t, out);
-        store(t, r, out[0]);
+      for (int64_t t = begin + S * part; t < end; ++t) {
+        for (int64_t r = 0; r < x.R; ++r) {
+          int8_tiles<1>(packed, x, r, &t, out);
+          store(t, r, out[0]);
+        }
       }
-    }
-  });
+    });
+  };
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  with_runs(tiles);
+#else
+  tiles(std::integral_constant<int64_t, 1>{});
+#endif
 }
 
 // transformers' RMSNorm: normalise in float32, round to the model dtype, then scale (a product in the model dtype).
@@ -1319,6 +1344,11 @@ std::string compiled_for() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiled_for", &compiled_for, "the code paths this build compiled, comma-separated");
+  m.def("runs", []() { return thread_runs; }, "the runs of rows or tiles each thread reads side by side (2 or 4)");
+  m.def("set_runs", [](int64_t runs) {
+          TORCH_CHECK(runs == 2 || runs == 4, "runs: 2 or 4, not ", runs);
+          thread_runs = runs;
+        }, "read 2 or 4 runs of rows or tiles side by side per thread from now on (tests and measurements)");
   m.def("matmul", [](int64_t kind, const at::Tensor& a, const at::Tensor& b, const at::Tensor& x) {
           return Matrix{kind, a, b}(x);
         }, "x W^T for rows x (R, K), as the native step computes it: W the model's own weights a (kind 0), or 4-bit "
