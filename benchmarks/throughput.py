@@ -22,21 +22,25 @@ crashes in batched evaluation; it was built with AMX off and AVX-512 on:
 
 Bandwidth bound: every decoded token reads all weights and the whole cache once, so tokens/s can be no higher than
 (measured read bandwidth) / (bytes of weights + cache). Each path is shown as a share of its own bound. The
-read bandwidth is the faster of torch's sum and MKL's float32 matrix-vector product over 1 GB
-(``_bench.read_bandwidth_gbs``); a path that reads faster than both shows above 100%. It is measured beside each
-row, just before and just after its decode, and the row's bound uses the mean of the two: on a shared machine the
-bandwidth drifts by a third within minutes, and one figure taken at the start made the later rows' shares wrong.
+read bandwidth is the faster of torch's sum and MKL's float32 matrix-vector product (``_bench.read_bandwidth_gbs``);
+a path that reads faster than both shows above 100%. On a shared machine the bandwidth drifts by a third within
+minutes, and on some machines by half within seconds, so decoding is paced: the tokens are decoded in chunks of
+32, with a short reading (256 MB) before each chunk and after the last. Each chunk's share is its tokens/s over
+the bound from the readings either side of it, and a row's share is the median over its chunks, so a chunk that a
+neighbour slowed (or a reading it flattered) does not decide it. The decode tok/s column is the plain rate over
+all the tokens, and the bound column uses the median reading.
 Writes throughput.csv, throughput.md and throughput.png into --out.
 """
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from _bench import command, kv_bytes, parser, read_bandwidth_gbs, text_ids, time_tokens, weight_bytes
+from _bench import command, kv_bytes, parser, read_bandwidth_gbs, text_ids, weight_bytes
 
 from streamllm import StreamConfig, load_model
 from streamllm.experiments.report import Report, figure, table
@@ -52,19 +56,39 @@ def decoder_bytes(stream: Stream, model) -> int:
     return weight_bytes(model) if stream.decoder is None else stream.decoder.weight_bytes()
 
 
+CHUNK = 32  # tokens decoded between two bandwidth readings
+
+
+def paced(decode_one, tokens: list, nbytes: int) -> dict:
+    """Decode ``tokens`` one at a time with ``decode_one`` in chunks of CHUNK, reading the bandwidth before each
+    chunk and after the last: the overall tok/s, the median reading, and the median over chunks of each chunk's
+    tok/s as a share of the bound from the readings either side of it."""
+    readings, seconds, shares = [read_bandwidth_gbs(256, 3)], 0.0, []
+    for i in range(0, len(tokens), CHUNK):
+        chunk = tokens[i : i + CHUNK]
+        start = time.perf_counter()
+        for token in chunk:
+            decode_one(token)
+        took = time.perf_counter() - start
+        seconds += took
+        readings.append(read_bandwidth_gbs(256, 3))
+        bound = (readings[-2] + readings[-1]) / 2 * 1e9 / nbytes
+        shares.append(len(chunk) / took / bound)
+    return {
+        "decode": len(tokens) / seconds,
+        "bandwidth": statistics.median(readings),
+        "share": statistics.median(shares),
+    }
+
+
 def ours(model, ids: list[int], decode: str, tokens: int) -> dict:
     stream = Stream(model, StreamConfig(num_sinks=4, window=1020, decode=decode))
     start = time.perf_counter()
     stream.feed(ids[:PROMPT])
     prefill = PROMPT / (time.perf_counter() - start)
-    before = read_bandwidth_gbs()
-    seconds = time_tokens(stream, ids[PROMPT : PROMPT + tokens])
-    return {
-        "prefill": prefill,
-        "decode": len(seconds) / sum(seconds),
-        "bytes": decoder_bytes(stream, model) + stream.cache_bytes(),
-        "bandwidth": (before + read_bandwidth_gbs()) / 2,
-    }
+    nbytes = decoder_bytes(stream, model) + stream.cache_bytes()
+    decoded = paced(lambda token: stream.feed([token]), ids[PROMPT : PROMPT + tokens], nbytes)
+    return {"prefill": prefill, "bytes": nbytes, **decoded}
 
 
 def time_llama_cpp(
@@ -81,19 +105,17 @@ def time_llama_cpp(
     small = Llama(model_path=str(gguf), n_ctx=CONTEXT, n_batch=512, n_threads=threads, verbose=False)
     small.eval(ids[: CONTEXT - 4])
     shifts = 0
-    start = time.perf_counter()
-    for token in ids[CONTEXT - 4 : CONTEXT - 4 + tokens]:
+
+    def decode_one(token: int) -> None:
+        nonlocal shifts
         if small.n_tokens == CONTEXT:
             _context_shift(small, 4, discard)
             shifts += 1
         small.eval([token])
-    decode = tokens / (time.perf_counter() - start)
-    return {
-        "prefill": prefill,
-        "decode": decode,
-        "bytes": gguf.stat().st_size + cache_bytes,
-        "shifts": shifts,
-    }
+
+    nbytes = gguf.stat().st_size + cache_bytes
+    decoded = paced(decode_one, ids[CONTEXT - 4 : CONTEXT - 4 + tokens], nbytes)
+    return {"prefill": prefill, "bytes": nbytes, "shifts": shifts, **decoded}
 
 
 def _context_shift(llm, keep: int, discard: int) -> None:
@@ -115,7 +137,9 @@ def main() -> None:
     p.add_argument("--discard", type=int, default=64, help="tokens llama.cpp's context shift drops at a time")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{args.model}, sink 4+1020, {args.threads} threads; read bandwidth measured beside each row")
+    print(
+        f"{args.model}, sink 4+1020, {args.threads} threads; read bandwidth measured between chunks of {CHUNK} tokens"
+    )
     rows = []
     for dtype in args.dtypes.split(","):
         model, tokenizer = load_model(args.model, dtype=dtype)
@@ -146,12 +170,10 @@ def _llama_cpp_row(args, model_config, ids) -> dict | None:
 
     with tempfile.TemporaryDirectory() as tmp:
         gguf = args.gguf or fetch_gguf(args.model, Path(tmp))
-        before = read_bandwidth_gbs()
         result = time_llama_cpp(
             gguf, ids, args.tokens, args.threads, args.discard, kv_bytes(model_config, CONTEXT, 2)
         )  # f16 cache
-        bandwidth = (before + read_bandwidth_gbs()) / 2
-    return {"runtime": "llama.cpp", "dtype": "gguf", "path": "its own", **result, "bandwidth": bandwidth}
+    return {"runtime": "llama.cpp", "dtype": "gguf", "path": "its own", **result}
 
 
 def _bound(r: dict) -> float:
@@ -162,7 +184,7 @@ def _print(r: dict) -> None:
     bound = _bound(r)
     print(
         f"{r['runtime']:10} {r['dtype']:9} {r['path']:12} prefill {r['prefill']:7.1f} tok/s  decode {r['decode']:6.1f} "
-        f"tok/s  bound {bound:6.1f} tok/s ({100 * r['decode'] / bound:4.1f}% of it; {r['bytes'] / 2**20:.0f} MB/token, "
+        f"tok/s  bound {bound:6.1f} tok/s ({100 * r['share']:4.1f}% of it; {r['bytes'] / 2**20:.0f} MB/token, "
         f"read {r['bandwidth']:.1f} GB/s beside it)",
         flush=True,
     )
@@ -193,7 +215,7 @@ def _write(rows, args, have_cpp: bool) -> None:
                 round(r["bytes"] / 2**20, 1),
                 round(r["bandwidth"], 1),
                 round(bound, 1),
-                round(100 * r["decode"] / bound, 1),
+                round(100 * r["share"], 1),
             )
         )
     report = Report(
@@ -204,7 +226,9 @@ def _write(rows, args, have_cpp: bool) -> None:
         body,
     )
     report.sections.append(
-        "Read bandwidth measured beside each row (the mean of just before and just after its decode)."
+        f"Decoding paced in chunks of {CHUNK} tokens with a read-bandwidth reading between chunks; % of bound is the"
+        " median over a row's chunks of each chunk's tok/s against the bound from the readings either side of it,"
+        " and the bound column uses the row's median reading."
         + (
             f" llama.cpp decodes with its own context shift (keep 4, discard {args.discard})."
             if have_cpp
