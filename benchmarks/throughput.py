@@ -43,7 +43,7 @@ import torch
 from _bench import command, kv_bytes, parser, read_bandwidth_gbs, text_ids, weight_bytes
 
 from streamllm import StreamConfig, load_model
-from streamllm.experiments.report import Report, figure, table
+from streamllm.experiments.report import Report, figure, machine, table
 from streamllm.runtime.stream import Stream
 
 PROMPT = 4096
@@ -251,7 +251,7 @@ def _write(rows, args, have_cpp: bool) -> None:
     ax.set_xticks(range(len(rows)), labels, fontsize=7)
     ax.set_ylabel("tokens/s")
     ax.legend()
-    ax.set_title(f"{args.model}: decode at cache 1024, {args.threads} threads")
+    ax.set_title(f"{args.model}: decode at cache 1024\n{machine()}", fontsize=10)
     report.figure = fig
     for path in report.write(args.out):
         print("wrote", path)
