@@ -91,8 +91,9 @@ inline float dot(const float* a, const T* b, int64_t n) {
 // Runs of rows (or tiles) each thread reads side by side. One core keeps more loads in flight over several runs
 // of memory than over one, and how many pays depends on the core. On an Intel Xeon (AMX) 4 runs read a token's
 // bfloat16 matrices 1.4x as fast as 1 and 2 runs 1.3x (8 no more than 4), its 4- and 8-bit tiles 1.2x. On an AMD
-// EPYC (Zen 5) 2 runs read them 1.06-1.11x as fast as 4 (and 1 was faster than 4). So 2 on AMD, 4 elsewhere;
-// ``set_runs`` changes it for tests and measurements.
+// EPYC (Zen 5) 2 runs read the bfloat16 and float32 matrices 1.06-1.17x as fast as 4 (1 too was faster than 4),
+// and the tiles 1.1x in two runs of three. So 2 on AMD, 4 elsewhere; ``set_runs`` changes it for tests and
+// measurements.
 int64_t runs_for_cpu() {
 #if defined(__x86_64__) && defined(__GNUC__)
   if (__builtin_cpu_is("amd")) return 2;
