@@ -96,6 +96,7 @@ inline float dot(const float* a, const T* b, int64_t n) {
 // measurements.
 int64_t runs_for_cpu() {
 #if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();  // this runs while the module loads, possibly before the compiler's own initialiser
   if (__builtin_cpu_is("amd")) return 2;
 #endif
   return 4;
