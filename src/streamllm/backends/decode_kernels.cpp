@@ -434,39 +434,53 @@ inline void int4_tiles(const uint8_t* packed, const at::Half* scales, const Quan
 }
 #endif
 
-// y (R, N) = x W^T for W in 4-bit tiles: packed (N/16, G, 256) bytes, scales (N/16, G, 2, 16) float16, each
-// group's 16 steps then its 16 lows, W[n, k] = low + q * step. Within a group, byte 64 c + 4 j + b holds row j's
-// 4-bit number for input 8 c + b in its low half and for input 8 c + 4 + b in its high half. So
-// y[n] = sum over groups of step * s * (w4 . q + w4 . e / 254) + low * (sum of x). With AVX-512 each thread
-// reads its tiles as thread_runs runs side by side.
-template <typename T>
-void int4_rows(const uint8_t* packed, const at::Half* scales, const Quantized& x, int64_t N, T* y, bool add) {
-  auto tiles = [&](auto runs) {
+// The tiles 0..T of a product against each of R rows of x, split across threads, each thread's share read as
+// thread_runs runs side by side (with AVX-512 VNNI; one at a time otherwise) and the few left over one by one:
+// read(runs, r, t, out) fills out[s] from tile t[s] for each of the runs (a compile-time count) against row r, and
+// store(t, r, out) puts one tile's 16 results.
+template <typename Read, typename Store>
+void tile_runs(int64_t T, int64_t R, const Read& read, const Store& store) {
+  auto in_runs = [&](auto runs) {
     constexpr int64_t S = decltype(runs)::value;
-    at::parallel_for(0, N / TILE, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
       const int64_t part = (end - begin) / S;
       float out[S][TILE];
       for (int64_t i = 0; i < part; ++i) {
         int64_t t[S];
         for (int64_t s = 0; s < S; ++s) t[s] = begin + s * part + i;
-        for (int64_t r = 0; r < x.R; ++r) {
-          int4_tiles<S>(packed, scales, x, r, t, out);
-          for (int64_t s = 0; s < S; ++s) put(y + r * N + t[s] * TILE, out[s], TILE, add);
+        for (int64_t r = 0; r < R; ++r) {
+          read(runs, r, t, out);
+          for (int64_t s = 0; s < S; ++s) store(t[s], r, out[s]);
         }
       }
       for (int64_t t = begin + S * part; t < end; ++t) {
-        for (int64_t r = 0; r < x.R; ++r) {
-          int4_tiles<1>(packed, scales, x, r, &t, out);
-          put(y + r * N + t * TILE, out[0], TILE, add);
+        for (int64_t r = 0; r < R; ++r) {
+          read(std::integral_constant<int64_t, 1>{}, r, &t, out);
+          store(t, r, out[0]);
         }
       }
     });
   };
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  with_runs(tiles);
+  with_runs(in_runs);
 #else
-  tiles(std::integral_constant<int64_t, 1>{});
+  in_runs(std::integral_constant<int64_t, 1>{});
 #endif
+}
+
+// y (R, N) = x W^T for W in 4-bit tiles: packed (N/16, G, 256) bytes, scales (N/16, G, 2, 16) float16, each
+// group's 16 steps then its 16 lows, W[n, k] = low + q * step. Within a group, byte 64 c + 4 j + b holds row j's
+// 4-bit number for input 8 c + b in its low half and for input 8 c + 4 + b in its high half. So
+// y[n] = sum over groups of step * s * (w4 . q + w4 . e / 254) + low * (sum of x). The tiles are read in runs
+// (tile_runs).
+template <typename T>
+void int4_rows(const uint8_t* packed, const at::Half* scales, const Quantized& x, int64_t N, T* y, bool add) {
+  tile_runs(
+      N / TILE, x.R,
+      [&](auto runs, int64_t r, const int64_t* t, float (*out)[TILE]) {
+        int4_tiles<decltype(runs)::value>(packed, scales, x, r, t, out);
+      },
+      [&](int64_t t, int64_t r, float* out) { put(y + r * N + t * TILE, out, TILE, add); });
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -540,41 +554,20 @@ inline void int8_tiles(const uint8_t* packed, const Quantized& x, int64_t r, con
 
 // y (R, N) = x W^T for W in 8-bit tiles: packed (ceil(N/16), Kp/4, 64) bytes holding W + 128, row j's inputs
 // 4 c + b at byte 64 c + 4 j + b (rows and inputs past N and K are zeros, i.e. 128); scales (N,) float32 per row,
-// W[n, k] = (byte - 128) * scale[n]. The offset comes back out through each group's sums of q and e. With AVX-512
-// each thread reads its tiles as thread_runs runs side by side.
+// W[n, k] = (byte - 128) * scale[n]. The offset comes back out through each group's sums of q and e. The tiles
+// are read in runs (tile_runs).
 template <typename T>
 void int8_rows(const uint8_t* packed, const float* scales, const Quantized& x, int64_t N, T* y, bool add) {
-  auto store = [&](int64_t t, int64_t r, float* out) {
-    const int64_t rows = std::min(TILE, N - t * TILE);
-    for (int64_t j = 0; j < rows; ++j) out[j] *= scales[t * TILE + j];
-    put(y + r * N + t * TILE, out, rows, add);
-  };
-  auto tiles = [&](auto runs) {
-    constexpr int64_t S = decltype(runs)::value;
-    at::parallel_for(0, (N + TILE - 1) / TILE, 1, [&](int64_t begin, int64_t end) {
-      const int64_t part = (end - begin) / S;
-      float out[S][TILE];
-      for (int64_t i = 0; i < part; ++i) {
-        int64_t t[S];
-        for (int64_t s = 0; s < S; ++s) t[s] = begin + s * part + i;
-        for (int64_t r = 0; r < x.R; ++r) {
-          int8_tiles<S>(packed, x, r, t, out);
-          for (int64_t s = 0; s < S; ++s) store(t[s], r, out[s]);
-        }
-      }
-      for (int64_t t = begin + S * part; t < end; ++t) {
-        for (int64_t r = 0; r < x.R; ++r) {
-          int8_tiles<1>(packed, x, r, &t, out);
-          store(t, r, out[0]);
-        }
-      }
-    });
-  };
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  with_runs(tiles);
-#else
-  tiles(std::integral_constant<int64_t, 1>{});
-#endif
+  tile_runs(
+      (N + TILE - 1) / TILE, x.R,
+      [&](auto runs, int64_t r, const int64_t* t, float (*out)[TILE]) {
+        int8_tiles<decltype(runs)::value>(packed, x, r, t, out);
+      },
+      [&](int64_t t, int64_t r, float* out) {
+        const int64_t rows = std::min(TILE, N - t * TILE);
+        for (int64_t j = 0; j < rows; ++j) out[j] *= scales[t * TILE + j];
+        put(y + r * N + t * TILE, out, rows, add);
+      });
 }
 
 // transformers' RMSNorm: normalise in float32, round to the model dtype, then scale (a product in the model dtype).
