@@ -8,8 +8,8 @@ values: 30 layers of qkv (960, 576), o (576, 576), gate_up (3072, 576) and down 
 (49152, 576). Sets: ``bf16`` and ``f32`` (the model's own weights, the one-row product), ``int4`` (4-bit tiles, the
 output layer in 8 bits, as the int4 path holds them), ``mkl`` (torch's float32 matrix-vector product on the
 ``f32`` matrices, for reference, timed once a round). Every round times each variant on each set in a new
-random order; the table gives the median (the first round dropped) and the bytes read per second. For example, the runs per thread and
-the prefetch distance:
+random order; the table gives the median (the first round dropped) and the bytes read per second. For example,
+the runs per thread and the prefetch distance:
 
     benchmarks/kernel_variants.py base= "r2=thread_runs = runs_for_cpu();->thread_runs = 2;" \\
         "a8k=W_AHEAD = 4096;->W_AHEAD = 8192;|TILES_AHEAD = 4096;->TILES_AHEAD = 8192;"
