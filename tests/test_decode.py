@@ -16,7 +16,7 @@ import streamllm
 from streamllm import StreamConfig
 from streamllm.backends import native
 from streamllm.backends.arch import ARCHITECTURES
-from streamllm.backends.decode import decoder_for
+from streamllm.backends.decode import _RotaryRows, _Turns, decoder_for
 from streamllm.backends.quant import INT4_MAX_ERROR, Int4MatVec, Int8MatVec, kept_quantized, quantized
 from streamllm.runtime.stream import Stream
 
@@ -162,6 +162,33 @@ def test_int4_decode_stays_close_to_exact():
     assert stream.decoder.weights == "int4"
     diff = (int4 - exact).abs()
     assert 0 < float(diff.max()) < 0.1 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_rows_are_the_rotary_modules_own(arch, dtype):
+    """The angles a token reads from the kept blocks are bit for bit what the model's rotary gives for its
+    position alone, at block edges and past the kept positions too."""
+    model = tiny_model(arch).to(dtype)
+    rows = _RotaryRows(model.model.rotary_emb, dtype)
+    for pos in (0, 1, 255, 256, 257, 1023, 5000, rows.LIMIT - 1, rows.LIMIT, rows.LIMIT + 77):
+        cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=dtype), torch.tensor([[pos]]))
+        got = rows(pos)
+        assert got[0].dtype == dtype and torch.equal(got[0], cos[0, 0]) and torch.equal(got[1], sin[0, 0]), (
+            pos
+        )
+
+
+def test_turn_matrices_rotate_as_the_rotary_does():
+    from streamllm.core.rotary import rotate
+
+    D, R = 8, 6  # partial rotary: the last two dims stay
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, R, 2) / R))
+    turns = _Turns(inv_freq, D)
+    x = torch.randn(5, D)
+    for shift in (0, -1, -300, -turns.LIMIT, -turns.LIMIT - 1, 7):  # kept blocks and computed ones
+        want = rotate(x[None], torch.full((5,), shift), inv_freq)[0]
+        assert torch.allclose(x @ turns(shift), want, atol=1e-6), shift
 
 
 def test_dense_cache_grown_while_decoding_takes_chunks_after():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from streamllm.config import ConfigError, StreamConfig
-from streamllm.core.plan import make_plan
+from streamllm.core.plan import make_plan, ring_plan
 from streamllm.core.policy import DensePolicy, SinkPolicy, WindowPolicy
 
 
@@ -72,6 +72,56 @@ def test_a_decode_plan_reuses_the_slot_of_the_token_that_leaves():
     assert plan.key_pos[plan.visible[0]].tolist() == [0, 1, 5, 6, 4, 7]  # it still sees token 4
     assert plan.anchored.tolist() == [True, True, False, False, False, False]
     assert plan.anchor_shift.tolist() == [5 - 7]  # seen from in-cache position 5, rotated at 7
+
+
+PLAN_FIELDS = (
+    "text_pos",
+    "model_pos",
+    "anchor_shift",
+    "key_pos",
+    "anchored",
+    "visible",
+    "slots",
+    "leaving",
+    "seen",
+    "stays",
+    "stay_slots",
+    "last_slot",
+    "all_stay",
+    "departures",
+    "recalled",
+    "select",
+)
+
+
+@pytest.mark.parametrize("policy", [SinkPolicy(4, 5), SinkPolicy(0, 6), WindowPolicy(7), SinkPolicy(2, 3)])
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_a_steady_ring_plan_is_the_general_plan(policy, chunk):
+    # after a fill in chunks (which leave the ring out of order), every decoded token's ring plan equals make_plan's
+    filled = 2 * policy.capacity + 3
+    slot_pos = _stream_plans(policy, filled, chunk)
+    for seen in range(filled, filled + 2 * policy.capacity):
+        for offset in (0, 5):
+            general, ring = (
+                make_plan(policy, slot_pos, seen, offset, 1),
+                ring_plan(policy, slot_pos, seen, offset),
+            )
+            assert ring is not None and ring.steady and not general.steady
+            for name in PLAN_FIELDS:
+                a, b = getattr(general, name), getattr(ring, name)
+                same = torch.equal(a, b) and a.dtype == b.dtype if isinstance(a, torch.Tensor) else a == b
+                assert same, (name, a, b)
+        slot_pos = slot_pos.clone()
+        slot_pos[ring.last_slot] = seen
+
+
+def test_a_ring_plan_only_where_the_ring_is_steady():
+    p = SinkPolicy(2, 3)
+    assert ring_plan(p, torch.tensor([0, 1, 2, 3, -1]), 4, 0) is None  # not full yet
+    assert ring_plan(p, torch.tensor([0, 1, 5, 6, 4]), 7, 0) is not None
+    assert ring_plan(p, torch.tensor([1, 0, 5, 6, 4]), 7, 0) is None  # sinks out of their slots
+    assert ring_plan(SinkPolicy(2, 3, text_positions=True), torch.tensor([0, 1, 5, 6, 4]), 7, 0) is None
+    assert ring_plan(DensePolicy(), torch.arange(5), 5, 0) is None
 
 
 def test_a_chunk_plan_hides_what_each_token_would_not_see():

@@ -68,10 +68,12 @@ class Decoder:
         self.D = getattr(config, "head_dim", None) or config.hidden_size // self.H
         self.inv_freqs = layer_inv_freqs(model)  # per layer (R/2,)
         self._turns = _Turns(self.inv_freqs[0], self.D)
+        self._masks: dict[tuple, torch.Tensor] = {}  # native_mask of the steady plans, by ring shape
         L = len(self.inv_freqs)
         self.layer_types = getattr(config, "layer_types", None) or ["full_attention"] * L
         self.rotary = model.model.rotary_emb
         self.typed_rotary = "layer_type" in inspect.signature(self.rotary.forward).parameters  # Gemma3's
+        self._angle_rows = None if self.typed_rotary else _RotaryRows(self.rotary, model.dtype)
         forms = {norm_form(m) for m in model.modules() if type(m).__name__.endswith("RMSNorm")}
         if None in forms or len(forms) != 1:
             raise ValueError("the fast decode path needs one known RMSNorm form")
@@ -179,10 +181,13 @@ class Decoder:
     @torch.no_grad()  # not inference_mode: a dense cache grown here must stay writable by the chunked path
     def step(self, cache: KVCache, token: int) -> torch.Tensor:
         """Feed one token; returns the logits (V,) that predict the next one. The cache must be ``ready``."""
-        if self.batches(cache) and (cache.memory is None or not cache.memory.due(cache.seen)):
-            return self.step_many([cache], [token])[
-                0
-            ]  # a token that selects from memory needs its query first
+        # (``ready`` is the caller's to check) a token that selects from memory needs its query first
+        if (
+            self.native is not None
+            and cache.uniform
+            and (cache.memory is None or not cache.memory.due(cache.seen))
+        ):
+            return self.step_many([cache], [token])[0]
         plans = cache.plan(1)  # per layer
         x = self.embed.weight[token]  # (E,)
         if self.embed_scale is not None:
@@ -193,8 +198,8 @@ class Decoder:
         """Each layer's rotary cos and sin (1, R) at the model positions ``pos`` (1,), from the model's own rotary
         module (one call per kind of layer)."""
         if not self.typed_rotary:
-            cos, sin = self.rotary(x, pos[None])  # (1, 1, R)
-            return [(cos[0], sin[0])] * len(self.layers)
+            cos, sin = self._angle_rows(int(pos[0]))  # (R,) each
+            return [(cos[None], sin[None])] * len(self.layers)
         kinds = {}
         for kind in set(self.layer_types):
             cos, sin = self.rotary(x, pos[None], kind)
@@ -216,17 +221,21 @@ class Decoder:
         room = caches[0].layers[0].recall_slots  # M_max: scratch slots of keys recalled from memory
         if any(plan.select for plan in plans):
             raise RuntimeError("a token that selects from memory goes through the Python step")
-        x = self.embed.weight[list(tokens)]  # (R, E)
-        cos, sin = self.rotary(x, torch.cat([plan.model_pos for plan in plans])[:, None])  # (R, 1, Dr)
+        x = (
+            self.embed.weight[tokens[0]][None] if len(tokens) == 1 else self.embed.weight[list(tokens)]
+        )  # (R, E)
+        angles = _rows(
+            [self._angle_rows(int(plan.model_pos[0]), stacked=True) for plan in plans]
+        )  # (R, 2, Dr)
         turns = S or room
         logits = self.native(
             x,
-            cos[:, 0],  # (R, Dr)
-            sin[:, 0],  # (R, Dr)
-            torch.stack([self._turn(plan) for plan in plans]) if turns else native.NONE,  # (R, D, D)
-            torch.stack(
+            angles[:, 0],  # (R, Dr) cos
+            angles[:, 1],  # (R, Dr) sin
+            _rows([self._turn(plan) for plan in plans]) if turns else native.NONE,  # (R, D, D)
+            _rows(
                 [
-                    native_mask(plan, S, room, cache.layers[0].quantized)
+                    self._native_mask(plan, S, room, cache.layers[0].quantized)
                     for plan, cache in zip(plans, caches, strict=True)
                 ]
             ),  # (R, C + 1 + S + M_max)
@@ -236,12 +245,21 @@ class Decoder:
             S,
         )
         for cache, slot in zip(caches, slots, strict=True):
-            for i, store in enumerate(cache.layers):
-                if slot >= 0:  # stored already
-                    cache.commit(i, None, None, written=True)
-                else:  # from scratch slot C, where the step left it
-                    cache.commit(i, *store.read(slice(C, C + 1)))
+            if slot >= 0:  # every layer stored its token already
+                cache.commit_written()
+                continue
+            for i, store in enumerate(cache.layers):  # from scratch slot C, where the step left it
+                cache.commit(i, *store.read(slice(C, C + 1)))
         return logits
+
+    def _native_mask(self, plan: Plan, S: int, room: int, in_place: bool) -> torch.Tensor:
+        """``native_mask``, made once per ring shape for the steady plans (which all show every slot)."""
+        if not plan.steady:
+            return native_mask(plan, S, room, in_place)
+        key = (plan.leaving.numel(), S, room, in_place)
+        if key not in self._masks:
+            self._masks[key] = native_mask(plan, S, room, in_place)
+        return self._masks[key]
 
     def _turn(self, plan: Plan) -> torch.Tensor:
         """The rotation (D, D) that moves the sink keys, stored at 0..S-1, to where the token sees them: the
@@ -295,9 +313,26 @@ class Decoder:
         return out.view(H * D)
 
 
+def _rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(rows)``; a view where there is one row."""
+    return rows[0][None] if len(rows) == 1 else torch.stack(rows)
+
+
 def _buffers(caches: Sequence[KVCache], L: int) -> list[list[list[torch.Tensor]]]:
     """The native step's view of the caches: keys, values, key scales, value scales, each per layer and per
-    stream (the scales empty where a cache is not 8-bit)."""
+    stream (the scales empty where a cache is not 8-bit). A single cache keeps its view until its storage is
+    made again (the view holds the tensors, so their ids are not reused meanwhile)."""
+    if len(caches) == 1:
+        cache = caches[0]
+        made = tuple(id(s.full_keys) for s in cache.layers)
+        kept = cache.__dict__.get("_native_buffers")
+        if kept is None or kept[0] != made:
+            kept = cache.__dict__["_native_buffers"] = (made, _view(caches, L))
+        return kept[1]
+    return _view(caches, L)
+
+
+def _view(caches: Sequence[KVCache], L: int) -> list[list[list[torch.Tensor]]]:
     stores = [[cache.layers[i] for cache in caches] for i in range(L)]
     keys = [[s.full_keys for s in layer] for layer in stores]
     values = [[s.full_values for s in layer] for layer in stores]
@@ -325,11 +360,60 @@ def native_mask(plan: Plan, S: int, room: int = 0, in_place: bool = False) -> to
     return torch.cat([seen & ~anchored, visible[C:], (seen & anchored)[:S], recalled])
 
 
+class _Blocks:
+    """Rows ``f(n)`` for integers n, made ``BLOCK`` at a time when first asked for and kept, for n in [lo, hi);
+    outside that range computed each time. ``f`` maps a (N,) tensor of integers to a tensor (N, ...). Decoding asks
+    for the next integer every token, so a token reads a row instead of running a few small operations."""
+
+    BLOCK = 256
+
+    def __init__(self, f, lo: int, hi: int):
+        self.f, self.lo, self.hi = f, lo, hi
+        self.blocks: dict[int, torch.Tensor] = {}
+
+    def __call__(self, n: int) -> torch.Tensor:
+        if not self.lo <= n < self.hi:
+            return self.f(torch.tensor([n]))[0]
+        b, i = divmod(n - self.lo, self.BLOCK)
+        block = self.blocks.get(b)
+        if block is None:
+            start = self.lo + b * self.BLOCK
+            block = self.blocks[b] = self.f(torch.arange(start, start + self.BLOCK))
+        return block[i]
+
+
+class _RotaryRows:
+    """The model's rotary cos and sin at one position, from the model's own rotary module, computed for blocks of
+    positions (the same elementwise arithmetic, so the same numbers) below ``LIMIT``. Rotaries whose frequencies
+    depend on the longest position of a call ("dynamic", "longrope") are called for each position alone."""
+
+    LIMIT = 1 << 14  # positions kept: the window plus the rebasing margin, under 2 MB for a head dim of 64
+
+    def __init__(self, rotary: nn.Module, dtype: torch.dtype):
+        self.rotary = rotary
+        kind = getattr(rotary, "rope_type", "default")
+        static = isinstance(kind, str) and "dynamic" not in kind and kind != "longrope"
+        self.like = torch.zeros(1, dtype=dtype)
+        self.rows = _Blocks(self._make, 0, self.LIMIT if static else 0)
+
+    def _make(self, pos: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rotary(self.like, pos[None])  # (1, N, R) each
+        return torch.stack([cos[0], sin[0]], dim=1)  # (N, 2, R)
+
+    def __call__(self, pos: int, stacked: bool = False):
+        """-> (cos, sin), (R,) each; with ``stacked`` one tensor (2, R)"""
+        row = self.rows(pos)
+        return row if stacked else (row[0], row[1])
+
+
 class _Turns:
     """The rotary rotation by ``shift`` positions as a matrix M (D, D), float32: ``x @ M`` equals
     ``rotary.rotate(x, shift)`` (x * cos + rotate_half(x) * sin over the first R dims, the rest left alone), so that
     the native step turns the sink keys with one small product. Made every token (the shift changes with each), so
-    the places of the cosines and sines in M are worked out once and each token only computes and puts its angles."""
+    the places of the cosines and sines in M are worked out once, their values are kept for the shifts a ring sees
+    (-``LIMIT``..0, ``_Blocks``), and each token only puts its values."""
+
+    LIMIT = 1 << 13
 
     def __init__(self, inv_freq: torch.Tensor, D: int):
         self.inv_freq = inv_freq.to(torch.float64)  # (R/2,)
@@ -342,12 +426,15 @@ class _Turns:
         self.at = rows * D + cols  # flat places of cos (R), -sin (R/2), sin (R/2)
         self.base = torch.eye(D).flatten()  # dims past R stay where they are
         self.D = D
+        self.values = _Blocks(self._values, -self.LIMIT, 1)
+
+    def _values(self, shifts: torch.Tensor) -> torch.Tensor:
+        angles = shifts[:, None] * self.inv_freq  # (N, R/2) float64, as rotary.shift_angles computes them
+        cos, sin = angles.cos(), angles.sin()
+        return torch.cat([cos, cos, -sin, sin], dim=1).float()  # (N, 2R)
 
     def __call__(self, shift: int) -> torch.Tensor:
-        angles = shift * self.inv_freq  # (R/2,) float64, as rotary.shift_angles computes them
-        cos, sin = angles.cos(), angles.sin()
-        values = torch.cat([cos, cos, -sin, sin]).float()
-        return self.base.index_put((self.at,), values).view(self.D, self.D)
+        return self.base.index_put((self.at,), self.values(shift)).view(self.D, self.D)
 
 
 def decoder_for(model: nn.Module, weights: str = "model") -> Decoder | None:

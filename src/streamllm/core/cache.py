@@ -29,7 +29,7 @@ import torch
 
 from . import snapshot
 from .memory import Memory
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, ring_plan
 from .policy import Policy
 from .rotary import rotate
 from .store import KV_DTYPES, LayerStore
@@ -158,7 +158,12 @@ class KVCache:
             if first.policy.capacity is None and first.keys is not None:
                 self._grow(group, first.length + T)
             extra = recall if recall and group[0] in self.memory.layers else {}
-            made.append(make_plan(first.policy, first.slot_pos, self.seen, self.offset, T, **extra))
+            steady = (
+                ring_plan(first.policy, first.slot_pos, self.seen, self.offset)
+                if T == 1 and not extra
+                else None
+            )
+            made.append(steady or make_plan(first.policy, first.slot_pos, self.seen, self.offset, T, **extra))
         self._group_plans = made
         self.plans = [made[g] for g in self._group_of]
         self.uncommitted = len(self.layers)
@@ -191,6 +196,16 @@ class KVCache:
         self.uncommitted -= 1
         if self.uncommitted == 0:
             self._finish()
+
+    def commit_written(self) -> None:
+        """``commit(i, None, None, written=True)`` for every layer at once: the backend stored each layer's new
+        tokens at the plan's slots itself (the C++ step does). Only without an eviction hook."""
+        if self.hooked:
+            raise RuntimeError("a backend wrote over the slots of tokens that on_evict had not seen yet")
+        if self.plans is None or self.uncommitted != len(self.layers):
+            raise RuntimeError("commit_written carries out a whole plan that no layer has committed yet")
+        self.uncommitted = 0
+        self._finish()
 
     def recall(self, layer_idx: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The recalled keys and values (1, Hkv, M, D) layer ``layer_idx`` attends to besides its plan's, or None.
@@ -245,9 +260,12 @@ class KVCache:
         """Every layer committed: record what each slot now holds, and the new count of tokens seen."""
         for group, plan in zip(self.groups, self._group_plans, strict=True):
             slot_pos = self.layers[group[0]].slot_pos.clone()  # (C,), grown with the storage if it grew
-            if plan.departures:
-                slot_pos[: plan.leaving.numel()][plan.leaving] = -1
-            slot_pos[plan.stay_slots] = plan.text_pos[plan.stays]
+            if plan.steady:  # the token takes the slot of the one that leaves
+                slot_pos[plan.last_slot] = plan.seen - 1
+            else:
+                if plan.departures:
+                    slot_pos[: plan.leaving.numel()][plan.leaving] = -1
+                slot_pos[plan.stay_slots] = plan.text_pos[plan.stays]
             for i in group:
                 self.layers[i].slot_pos = slot_pos
             g = self._group_of[group[0]]
@@ -259,7 +277,7 @@ class KVCache:
                             torch.ones(slot_pos.numel() - self.changed[g].numel(), dtype=torch.bool),
                         ]
                     )
-                self.changed[g][plan.stay_slots] = True
+                self.changed[g][plan.last_slot if plan.steady else plan.stay_slots] = True
         self.seen = self.plans[0].seen
         self.plans = None
         self._departing = None

@@ -13,6 +13,7 @@ Letters: T new tokens, C stored slots, K = C + T keys (stored slots first, then 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cache
 
 import torch
 
@@ -46,6 +47,7 @@ class Plan:
     memo: dict = field(
         default_factory=dict, compare=False, repr=False
     )  # what a backend derives once per plan
+    steady: bool = False  # one token into a full ring that sees every key it holds (``ring_plan``)
 
     @property
     def turns(self) -> bool:
@@ -103,3 +105,53 @@ def make_plan(
         recalled=recalled,
         select=select,
     )
+
+
+def ring_plan(policy: Policy, slot_pos: torch.Tensor, seen: int, offset: int) -> Plan | None:
+    """``make_plan`` for one token in the steady state of a ring policy (``Policy.ring``), in a few operations:
+    once ``seen`` reaches the capacity the cache holds the sinks in slots 0..S-1 and the W tokens before ``seen``,
+    the token sees all of them, and takes the slot of token ``seen`` - W, which leaves. Gives the same plan as
+    ``make_plan`` (tested field by field), or None when the cache is not in that state (``make_plan`` then)."""
+    W, S = policy.ring, policy.num_sinks
+    C = slot_pos.numel()
+    if W is None or C != S + W or seen < C:
+        return None
+    leaving = slot_pos == seen - W  # (C,)
+    slot = leaving.nonzero()
+    if slot.numel() != 1 or (S and not bool((slot_pos[:S] == _counting(S)).all())):
+        return None
+    slots = slot[0]  # (1,)
+    q = torch.tensor([seen])
+    model_pos = q - offset
+    anchored, visible, stays = _ring_constants(C, S)
+    return Plan(
+        policy=policy,
+        text_pos=q,
+        model_pos=model_pos,
+        anchor_shift=C - model_pos,  # the anchor of every query past the capacity is the capacity
+        key_pos=torch.cat([slot_pos, q]),
+        anchored=anchored,
+        visible=visible,
+        slots=slots,
+        leaving=leaving,
+        seen=seen + 1,
+        stays=stays,
+        stay_slots=slots,
+        last_slot=int(slots),
+        all_stay=True,
+        departures=True,
+        steady=True,
+    )
+
+
+@cache
+def _counting(n: int) -> torch.Tensor:
+    return torch.arange(n)
+
+
+@cache
+def _ring_constants(C: int, S: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every steady plan of a ring of C slots and S sinks shares (plans are read-only): anchored (C+1,),
+    visible (1, C+1), stays (1,)."""
+    anchored = torch.arange(C + 1) < S
+    return anchored, torch.ones(1, C + 1, dtype=torch.bool), torch.ones(1, dtype=torch.bool)

@@ -27,6 +27,9 @@ class Policy:
     share one plan) and define ``kept``; ``num_sinks``, ``capacity`` and ``anchor`` have defaults."""
 
     num_sinks = 0  # the anchored first tokens (a dataclass field in policies that have them)
+    # W where the policy is a ring: it keeps the first num_sinks tokens and the W before ``seen``, and a query past
+    # the capacity stands at the capacity (``plan.ring_plan`` plans its steady tokens in a few operations)
+    ring: int | None = None
 
     @property
     def capacity(self) -> int | None:
@@ -90,6 +93,10 @@ class SinkPolicy(Policy):
     def anchor(self, q_pos):
         return q_pos if self.text_positions else q_pos.clamp(max=self.capacity)
 
+    @property
+    def ring(self) -> int | None:
+        return None if self.text_positions else self.window
+
 
 @dataclass(frozen=True)
 class WindowPolicy(Policy):
@@ -103,6 +110,10 @@ class WindowPolicy(Policy):
 
     @property
     def capacity(self) -> int:
+        return self.window
+
+    @property
+    def ring(self) -> int:
         return self.window
 
     def kept(self, pos, seen):
