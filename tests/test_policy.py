@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from streamllm.config import ConfigError, StreamConfig
-from streamllm.core.plan import make_plan, ring_plan
+from streamllm.core.plan import RingPlan, make_plan, ring_order
 from streamllm.core.policy import DensePolicy, SinkPolicy, WindowPolicy
 
 
@@ -100,28 +100,33 @@ def test_a_steady_ring_plan_is_the_general_plan(policy, chunk):
     # after a fill in chunks (which leave the ring out of order), every decoded token's ring plan equals make_plan's
     filled = 2 * policy.capacity + 3
     slot_pos = _stream_plans(policy, filled, chunk)
+    order = ring_order(policy, slot_pos, filled)
+    assert sorted(order) == list(range(policy.num_sinks, policy.capacity))
     for seen in range(filled, filled + 2 * policy.capacity):
+        assert order == ring_order(policy, slot_pos, seen)  # kept by turning it, as the cache does
         for offset in (0, 5):
             general, ring = (
                 make_plan(policy, slot_pos, seen, offset, 1),
-                ring_plan(policy, slot_pos, seen, offset),
+                RingPlan(policy, slot_pos, seen, offset, order[0]),
             )
-            assert ring is not None and ring.steady and not general.steady
+            assert ring.steady and not general.steady and ring.numbers == general.numbers
             for name in PLAN_FIELDS:
                 a, b = getattr(general, name), getattr(ring, name)
                 same = torch.equal(a, b) and a.dtype == b.dtype if isinstance(a, torch.Tensor) else a == b
                 assert same, (name, a, b)
         slot_pos = slot_pos.clone()
-        slot_pos[ring.last_slot] = seen
+        slot_pos[order[0]] = seen
+        order = order[1:] + order[:1]
 
 
-def test_a_ring_plan_only_where_the_ring_is_steady():
+def test_a_ring_order_only_where_the_ring_is_steady():
     p = SinkPolicy(2, 3)
-    assert ring_plan(p, torch.tensor([0, 1, 2, 3, -1]), 4, 0) is None  # not full yet
-    assert ring_plan(p, torch.tensor([0, 1, 5, 6, 4]), 7, 0) is not None
-    assert ring_plan(p, torch.tensor([1, 0, 5, 6, 4]), 7, 0) is None  # sinks out of their slots
-    assert ring_plan(SinkPolicy(2, 3, text_positions=True), torch.tensor([0, 1, 5, 6, 4]), 7, 0) is None
-    assert ring_plan(DensePolicy(), torch.arange(5), 5, 0) is None
+    assert ring_order(p, torch.tensor([0, 1, 2, 3, -1]), 4) is None  # not full yet
+    assert ring_order(p, torch.tensor([0, 1, 5, 6, 4]), 7) == [4, 2, 3]
+    assert ring_order(p, torch.tensor([0, 1, 5, 6, 4]), 8) is None  # token 7 missing
+    assert ring_order(p, torch.tensor([1, 0, 5, 6, 4]), 7) is None  # sinks out of their slots
+    assert ring_order(SinkPolicy(2, 3, text_positions=True), torch.tensor([0, 1, 5, 6, 4]), 7) is None
+    assert ring_order(DensePolicy(), torch.arange(5), 5) is None
 
 
 def test_a_chunk_plan_hides_what_each_token_would_not_see():

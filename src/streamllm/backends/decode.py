@@ -213,9 +213,10 @@ class Decoder:
         if self.native is None:
             raise RuntimeError("several streams at once need the native decode step")
         plans = [cache.plan(1)[0] for cache in caches]
+        numbers = [plan.numbers for plan in plans]  # (slot, model position, anchor shift) of each token
         # The C++ step stores each new key at its slot itself, unless an eviction hook must see the key it
         # replaces first; then the commit stores it from the scratch slot.
-        slots = [int(p.slots[0]) if not c.hooked else -1 for p, c in zip(plans, caches, strict=True)]
+        slots = [n[0] if not c.hooked else -1 for n, c in zip(numbers, caches, strict=True)]
         S = plans[0].policy.num_sinks
         C = caches[0].layers[0].keys.shape[2]
         room = caches[0].layers[0].recall_slots  # M_max: scratch slots of keys recalled from memory
@@ -224,21 +225,20 @@ class Decoder:
         x = (
             self.embed.weight[tokens[0]][None] if len(tokens) == 1 else self.embed.weight[list(tokens)]
         )  # (R, E)
-        angles = _rows(
-            [self._angle_rows(int(plan.model_pos[0]), stacked=True) for plan in plans]
-        )  # (R, 2, Dr)
-        turns = S or room
+        angles = _rows([self._angle_rows(n[1], stacked=True) for n in numbers])  # (R, 2, Dr): cos, sin
+        masks = [
+            self._native_mask(plan, C, S, room, cache.layers[0].quantized)
+            for plan, cache in zip(plans, caches, strict=True)
+        ]
+        # the rotation (D, D) that moves the sink keys, stored at 0..S-1, to where the token sees them: the
+        # opposite of the query's turn in ``attention.attend`` (a rotation moves both sides of a dot product alike)
+        turns = _rows([self._turns(-n[2]) for n in numbers]) if S or room else native.NONE  # (R, D, D)
         logits = self.native(
             x,
-            angles[:, 0],  # (R, Dr) cos
-            angles[:, 1],  # (R, Dr) sin
-            _rows([self._turn(plan) for plan in plans]) if turns else native.NONE,  # (R, D, D)
-            _rows(
-                [
-                    self._native_mask(plan, S, room, cache.layers[0].quantized)
-                    for plan, cache in zip(plans, caches, strict=True)
-                ]
-            ),  # (R, C + 1 + S + M_max)
+            angles[:, 0],
+            angles[:, 1],
+            turns,
+            _rows(masks),  # (R, C + 1 + S + M_max)
             *_buffers(caches, len(self.layers)),
             slots,
             C,
@@ -252,20 +252,14 @@ class Decoder:
                 cache.commit(i, *store.read(slice(C, C + 1)))
         return logits
 
-    def _native_mask(self, plan: Plan, S: int, room: int, in_place: bool) -> torch.Tensor:
+    def _native_mask(self, plan: Plan, C: int, S: int, room: int, in_place: bool) -> torch.Tensor:
         """``native_mask``, made once per ring shape for the steady plans (which all show every slot)."""
         if not plan.steady:
             return native_mask(plan, S, room, in_place)
-        key = (plan.leaving.numel(), S, room, in_place)
+        key = (C, S, room, in_place)
         if key not in self._masks:
             self._masks[key] = native_mask(plan, S, room, in_place)
         return self._masks[key]
-
-    def _turn(self, plan: Plan) -> torch.Tensor:
-        """The rotation (D, D) that moves the sink keys, stored at 0..S-1, to where the token sees them: the
-        opposite of the query's turn in ``attention.attend`` (a rotation moves both sides of a dot product
-        alike)."""
-        return self._turns(-int(plan.anchor_shift[0]))
 
     def _python_step(self, cache: KVCache, plans: list[Plan], x, angles) -> torch.Tensor:
         """The layers in torch operations; the native step does the same in C++. -> logits (V,) float32"""

@@ -22,6 +22,7 @@ Letters: B batch, Hkv kv heads, T new tokens, C slots, D head dim.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ import torch
 
 from . import snapshot
 from .memory import Memory
-from .plan import Plan, make_plan, ring_plan
+from .plan import Plan, RingPlan, make_plan, ring_order
 from .policy import Policy
 from .rotary import rotate
 from .store import KV_DTYPES, LayerStore
@@ -100,6 +101,9 @@ class KVCache:
         self.plans: list[Plan] | None = None  # the pending plan of every layer, until all have committed
         self._departing: tuple | None = None  # (plan, what leaves under it), for the layers that share it
         self.uncommitted = 0
+        # per policy group in the steady state of a ring: its window's slots, oldest first, and the count of tokens
+        # seen they hold for (``_ring_slot``)
+        self._rings: dict[int, tuple[deque, list[int]]] = {}
         # per policy group, the slots written since the last ``mark_saved`` (None: all of them may differ)
         self.changed: list[torch.Tensor | None] = [None] * len(self.groups)
 
@@ -153,17 +157,16 @@ class KVCache:
             recall = {"recalled": M, "anchor_extra": self.memory.extra_anchor(), "select": select}
         self._maybe_rebase(T)
         made = []
-        for group in self.groups:
+        for g, group in enumerate(self.groups):
             first = self.layers[group[0]]
             if first.policy.capacity is None and first.keys is not None:
                 self._grow(group, first.length + T)
             extra = recall if recall and group[0] in self.memory.layers else {}
-            steady = (
-                ring_plan(first.policy, first.slot_pos, self.seen, self.offset)
-                if T == 1 and not extra
-                else None
-            )
-            made.append(steady or make_plan(first.policy, first.slot_pos, self.seen, self.offset, T, **extra))
+            slot = self._ring_slot(g) if T == 1 and not extra else None
+            if slot is None:
+                made.append(make_plan(first.policy, first.slot_pos, self.seen, self.offset, T, **extra))
+            else:
+                made.append(RingPlan(first.policy, first.slot_pos, self.seen, self.offset, slot))
         self._group_plans = made
         self.plans = [made[g] for g in self._group_of]
         self.uncommitted = len(self.layers)
@@ -196,6 +199,23 @@ class KVCache:
         self.uncommitted -= 1
         if self.uncommitted == 0:
             self._finish()
+
+    def _ring_slot(self, g: int) -> int | None:
+        """The slot the next token takes where policy group ``g`` is in the steady state of a ring (``ring_order``):
+        that of the oldest token of the window. The order is worked out once from the slots' positions, then kept
+        by the commits of ``RingPlan`` (which write the group's one ``slot_pos`` in place); None elsewhere."""
+        ring = self._rings.get(g)
+        if ring is None or ring[1][0] != self.seen:
+            group = self.groups[g]
+            first = self.layers[group[0]]
+            order = None if first.policy.ring is None else ring_order(first.policy, first.slot_pos, self.seen)
+            if order is None:
+                self._rings.pop(g, None)
+                return None
+            for i in group:  # (equal already) one tensor for the group, so that writing it serves every layer
+                self.layers[i].slot_pos = first.slot_pos
+            ring = self._rings[g] = (deque(order), [self.seen])
+        return ring[0][0]
 
     def commit_written(self) -> None:
         """``commit(i, None, None, written=True)`` for every layer at once: the backend stored each layer's new
@@ -255,20 +275,24 @@ class KVCache:
         self.plans = None
         self._departing = None
         self.uncommitted = 0
+        self._rings = {}
 
     def _finish(self) -> None:
         """Every layer committed: record what each slot now holds, and the new count of tokens seen."""
-        for group, plan in zip(self.groups, self._group_plans, strict=True):
-            slot_pos = self.layers[group[0]].slot_pos.clone()  # (C,), grown with the storage if it grew
-            if plan.steady:  # the token takes the slot of the one that leaves
+        for g, (group, plan) in enumerate(zip(self.groups, self._group_plans, strict=True)):
+            if plan.steady:  # the token takes the slot of the one that leaves, in the group's one slot_pos
+                slot_pos = self.layers[group[0]].slot_pos
                 slot_pos[plan.last_slot] = plan.seen - 1
+                slots, seen = self._rings[g]
+                slots.rotate(-1)  # that slot now holds the newest token
+                seen[0] = plan.seen
             else:
+                slot_pos = self.layers[group[0]].slot_pos.clone()  # (C,), grown with the storage if it grew
                 if plan.departures:
                     slot_pos[: plan.leaving.numel()][plan.leaving] = -1
                 slot_pos[plan.stay_slots] = plan.text_pos[plan.stays]
-            for i in group:
-                self.layers[i].slot_pos = slot_pos
-            g = self._group_of[group[0]]
+                for i in group:
+                    self.layers[i].slot_pos = slot_pos
             if self.changed[g] is not None:
                 if self.changed[g].numel() < slot_pos.numel():  # the storage grew
                     self.changed[g] = torch.cat(
@@ -362,6 +386,7 @@ class KVCache:
         """Restore what ``state_dict`` returned into this (fresh) cache; the policies must be the same."""
         snapshot.load_state_dict(self, state)
         self.changed = [None] * len(self.groups)
+        self._rings = {}
 
     def changes(self) -> dict | None:
         """What changed since ``mark_saved`` (``snapshot.changes``), or None where everything may have."""
@@ -372,6 +397,7 @@ class KVCache:
     def load_changes(self, state: dict) -> None:
         """Apply what ``changes`` returned to the cache it was taken from, as it was when last saved."""
         snapshot.load_changes(self, state)
+        self._rings = {}
 
     def mark_saved(self) -> None:
         """The cache as it is now is saved: ``changes`` counts from here."""

@@ -13,7 +13,7 @@ Letters: T new tokens, C stored slots, K = C + T keys (stored slots first, then 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 
 import torch
 
@@ -47,7 +47,12 @@ class Plan:
     memo: dict = field(
         default_factory=dict, compare=False, repr=False
     )  # what a backend derives once per plan
-    steady: bool = False  # one token into a full ring that sees every key it holds (``ring_plan``)
+    steady: bool = False  # a ``RingPlan``: one token into a full ring, which sees every key it holds
+
+    @property
+    def numbers(self) -> tuple[int, int, int]:
+        """The first token's slot, model position and anchor shift, as ints."""
+        return int(self.slots[0]), int(self.model_pos[0]), int(self.anchor_shift[0])
 
     @property
     def turns(self) -> bool:
@@ -107,51 +112,64 @@ def make_plan(
     )
 
 
-def ring_plan(policy: Policy, slot_pos: torch.Tensor, seen: int, offset: int) -> Plan | None:
-    """``make_plan`` for one token in the steady state of a ring policy (``Policy.ring``), in a few operations:
-    once ``seen`` reaches the capacity the cache holds the sinks in slots 0..S-1 and the W tokens before ``seen``,
-    the token sees all of them, and takes the slot of token ``seen`` - W, which leaves. Gives the same plan as
-    ``make_plan`` (tested field by field), or None when the cache is not in that state (``make_plan`` then)."""
+def ring_order(policy: Policy, slot_pos: torch.Tensor, seen: int) -> list[int] | None:
+    """The slots of the window's tokens, oldest first, where a layer whose slots hold ``slot_pos`` is in the
+    steady state of a ring policy (``Policy.ring``) after ``seen`` tokens: every slot full, the sinks in slots
+    0..S-1 and the W tokens before ``seen`` in the others. None where it is not (a young stream, another policy)."""
     W, S = policy.ring, policy.num_sinks
     C = slot_pos.numel()
     if W is None or C != S + W or seen < C:
         return None
-    leaving = slot_pos == seen - W  # (C,)
-    slot = leaving.nonzero()
-    if slot.numel() != 1 or (S and not bool((slot_pos[:S] == _counting(S)).all())):
+    if S and not torch.equal(slot_pos[:S], torch.arange(S)):
         return None
-    slots = slot[0]  # (1,)
-    q = torch.tensor([seen])
-    model_pos = q - offset
-    anchored, visible, stays = _ring_constants(C, S)
-    return Plan(
-        policy=policy,
-        text_pos=q,
-        model_pos=model_pos,
-        anchor_shift=C - model_pos,  # the anchor of every query past the capacity is the capacity
-        key_pos=torch.cat([slot_pos, q]),
-        anchored=anchored,
-        visible=visible,
-        slots=slots,
-        leaving=leaving,
-        seen=seen + 1,
-        stays=stays,
-        stay_slots=slots,
-        last_slot=int(slots),
-        all_stay=True,
-        departures=True,
-        steady=True,
-    )
+    order = slot_pos[S:].argsort() + S  # (W,)
+    if not torch.equal(slot_pos[order], torch.arange(seen - W, seen)):
+        return None
+    return order.tolist()
 
 
-@cache
-def _counting(n: int) -> torch.Tensor:
-    return torch.arange(n)
+class RingPlan(Plan):
+    """``make_plan``'s plan for one token in the steady state of a ring (``ring_order``), given the slot of the
+    token that leaves (the oldest of the window), which the new one takes. The token sees every slot.
+
+    Decoding makes one of these per token, and the C++ step reads only its numbers (``numbers``), so its tensors
+    are made when a backend first reads them: no tensor work per token. It is the same plan as ``make_plan``'s
+    (tested field by field) as long as it is pending: the commit writes the new token's position into
+    ``slot_pos``."""
+
+    def __init__(self, policy: Policy, slot_pos: torch.Tensor, seen: int, offset: int, slot: int):
+        C, S = slot_pos.numel(), policy.num_sinks
+        assign = object.__setattr__.__get__(self)  # the plan is frozen; these are its own fields
+        assign("policy", policy)
+        assign("seen", seen + 1)
+        assign("last_slot", slot)
+        assign("all_stay", True)
+        assign("departures", True)
+        assign("memo", {})
+        assign("steady", True)
+        # the anchor of every query past the capacity is the capacity
+        assign("_numbers", (slot, seen - offset, C - (seen - offset)))
+        assign("_slot_pos", slot_pos)
+
+    @property
+    def numbers(self) -> tuple[int, int, int]:
+        return self._numbers
+
+    text_pos = cached_property(lambda self: torch.tensor([self.seen - 1]))
+    model_pos = cached_property(lambda self: torch.tensor([self.numbers[1]]))
+    anchor_shift = cached_property(lambda self: torch.tensor([self.numbers[2]]))
+    key_pos = cached_property(lambda self: torch.cat([self._slot_pos, self.text_pos]))
+    anchored = cached_property(lambda self: _ring_constants(self._slot_pos.numel(), self.policy.num_sinks)[0])
+    visible = cached_property(lambda self: _ring_constants(self._slot_pos.numel(), self.policy.num_sinks)[1])
+    stays = cached_property(lambda self: _ring_constants(self._slot_pos.numel(), self.policy.num_sinks)[2])
+    slots = cached_property(lambda self: torch.tensor([self.last_slot]))
+    stay_slots = cached_property(lambda self: self.slots)
+    leaving = cached_property(lambda self: torch.arange(self._slot_pos.numel()) == self.last_slot)
 
 
 @cache
 def _ring_constants(C: int, S: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What every steady plan of a ring of C slots and S sinks shares (plans are read-only): anchored (C+1,),
-    visible (1, C+1), stays (1,)."""
+    """What every ring plan of C slots and S sinks shares (plans are read-only): anchored (C+1,), visible
+    (1, C+1), stays (1,)."""
     anchored = torch.arange(C + 1) < S
     return anchored, torch.ones(1, C + 1, dtype=torch.bool), torch.ones(1, dtype=torch.bool)
