@@ -179,16 +179,23 @@ def test_rotary_rows_are_the_rotary_modules_own(arch, dtype):
         )
 
 
-def test_turn_matrices_rotate_as_the_rotary_does():
+def test_turn_values_rotate_as_the_rotary_does():
+    """The sinks' turn: its values laid out as the native step's matrix (``_Turns``) rotate as the rotary does."""
     from streamllm.core.rotary import rotate
 
     D, R = 8, 6  # partial rotary: the last two dims stay
     inv_freq = 1.0 / (10000 ** (torch.arange(0, R, 2) / R))
-    turns = _Turns(inv_freq, D)
+    turns = _Turns(inv_freq)
     x = torch.randn(5, D)
+    j = torch.arange(R // 2)
     for shift in (0, -1, -300, -turns.LIMIT, -turns.LIMIT - 1, 7):  # kept blocks and computed ones
+        values = turns(shift)
+        M = torch.eye(D)
+        M[torch.arange(R), torch.arange(R)] = values[:R]
+        M[j + R // 2, j] = values[R : R + R // 2]
+        M[j, j + R // 2] = values[R + R // 2 :]
         want = rotate(x[None], torch.full((5,), shift), inv_freq)[0]
-        assert torch.allclose(x @ turns(shift), want, atol=1e-6), shift
+        assert torch.allclose(x @ M, want, atol=1e-6), shift
 
 
 def test_dense_cache_grown_while_decoding_takes_chunks_after():

@@ -67,7 +67,7 @@ class Decoder:
         self.Hkv = config.num_key_value_heads
         self.D = getattr(config, "head_dim", None) or config.hidden_size // self.H
         self.inv_freqs = layer_inv_freqs(model)  # per layer (R/2,)
-        self._turns = _Turns(self.inv_freqs[0], self.D)
+        self._turns = _Turns(self.inv_freqs[0])
         self._masks: dict[tuple, torch.Tensor] = {}  # native_mask of the steady plans, by ring shape
         L = len(self.inv_freqs)
         self.layer_types = getattr(config, "layer_types", None) or ["full_attention"] * L
@@ -230,9 +230,9 @@ class Decoder:
             self._native_mask(plan, C, S, room, cache.layers[0].quantized)
             for plan, cache in zip(plans, caches, strict=True)
         ]
-        # the rotation (D, D) that moves the sink keys, stored at 0..S-1, to where the token sees them: the
-        # opposite of the query's turn in ``attention.attend`` (a rotation moves both sides of a dot product alike)
-        turns = _rows([self._turns(-n[2]) for n in numbers]) if S or room else native.NONE  # (R, D, D)
+        # the rotation that moves the sink keys, stored at 0..S-1, to where the token sees them: the opposite of
+        # the query's turn in ``attention.attend`` (a rotation moves both sides of a dot product alike)
+        turns = _rows([self._turns(-n[2]) for n in numbers]) if S or room else native.NONE  # (R, 2 Dr)
         logits = self.native(
             x,
             angles[:, 0],
@@ -401,34 +401,25 @@ class _RotaryRows:
 
 
 class _Turns:
-    """The rotary rotation by ``shift`` positions as a matrix M (D, D), float32: ``x @ M`` equals
-    ``rotary.rotate(x, shift)`` (x * cos + rotate_half(x) * sin over the first R dims, the rest left alone), so that
-    the native step turns the sink keys with one small product. Made every token (the shift changes with each), so
-    the places of the cosines and sines in M are worked out once, their values are kept for the shifts a ring sees
-    (-``LIMIT``..0, ``_Blocks``), and each token only puts its values."""
+    """The rotary rotation by ``shift`` positions as the values (2R,) float32 cos, cos, -sin, sin of its R/2
+    angles, float64 until then as ``rotary.shift_angles`` computes them. The native step lays them out as a matrix M
+    (D, D), cos on the diagonal of the first R dims, -sin at (j + R/2, j) and sin at (j, j + R/2), so that ``x @ M``
+    equals ``rotary.rotate(x, shift)`` and the sink keys turn with one small product. A ring's token asks for the
+    next shift every token: the values of -``LIMIT``..0 are kept (``_Blocks``)."""
 
     LIMIT = 1 << 13
 
-    def __init__(self, inv_freq: torch.Tensor, D: int):
+    def __init__(self, inv_freq: torch.Tensor):
         self.inv_freq = inv_freq.to(torch.float64)  # (R/2,)
-        half = self.inv_freq.numel()
-        R = 2 * half
-        j = torch.arange(half)
-        # the diagonal (cos); below it, rotate_half(x)[j] = -x[j + R/2] (-sin); above it, x[j] (sin)
-        rows = torch.cat([torch.arange(R), j + half, j])
-        cols = torch.cat([torch.arange(R), j, j + half])
-        self.at = rows * D + cols  # flat places of cos (R), -sin (R/2), sin (R/2)
-        self.base = torch.eye(D).flatten()  # dims past R stay where they are
-        self.D = D
         self.values = _Blocks(self._values, -self.LIMIT, 1)
 
     def _values(self, shifts: torch.Tensor) -> torch.Tensor:
-        angles = shifts[:, None] * self.inv_freq  # (N, R/2) float64, as rotary.shift_angles computes them
+        angles = shifts[:, None] * self.inv_freq  # (N, R/2)
         cos, sin = angles.cos(), angles.sin()
         return torch.cat([cos, cos, -sin, sin], dim=1).float()  # (N, 2R)
 
     def __call__(self, shift: int) -> torch.Tensor:
-        return self.base.index_put((self.at,), self.values(shift)).view(self.D, self.D)
+        return self.values(shift)
 
 
 def decoder_for(model: nn.Module, weights: str = "model") -> Decoder | None:

@@ -1068,8 +1068,8 @@ class Step {
   }
 
   // R tokens, each of its own stream. x: their embeddings (R, E); cos, sin: their rotary angles (R, Dr), Dr <= D
-  // the rotated dims of a head; turn: the
-  // sinks' rotations (R, D, D) float32, empty without sinks or recalled keys; visible: (R, N) bool, from the
+  // the rotated dims of a head; turn: the sinks' rotations (R, 2 Dr) float32 as cos, cos, -sin, sin of the
+  // half-angles (``turn_matrix``), empty without sinks or recalled keys; visible: (R, N) bool, from the
   // cache's plan (slots past C + S are keys recalled from memory, seen by the query turned the other way); keys,
   // values: per layer, per row (1, Hkv, N, D), of the model's dtype or int8; key_scales, value_scales: per layer,
   // per row, the scales (1, Hkv, N) float32 of an int8 buffer, empty for the others; slots: (R,) the slot the plan
@@ -1091,6 +1091,7 @@ class Step {
     TORCH_CHECK(turn.numel() == 0 || (turn.scalar_type() == at::kFloat && turn.is_contiguous()),
                 "turn: contiguous float32");
     TORCH_CHECK((S == 0 && visible.size(1) == C + 1) || turn.size(0) == x.size(0), "turn: one per row");
+    TORCH_CHECK(turn.numel() == 0 || turn.size(1) == 2 * cos.size(1), "turn: 2 Dr values per row");
     at::Tensor out;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "streamllm_decode_step", [&] {
       out = run<scalar_t>(x, cos.contiguous(), sin.contiguous(), turn, visible, keys, values, key_scales,
@@ -1119,6 +1120,10 @@ class Step {
     const int64_t split = C + 1 + S;  // first slot of the recalled keys (N when there are none)
     at::Tensor attended = at::empty({R, H * D}, x.options());
     at::Tensor qkv, gate_up, act;  // the products' outputs, made once (again only where a layer's shape differs)
+    std::vector<float> turns(turn.numel() ? R * D * D : 0);  // each row's turn (D, D)
+    for (int64_t row = 0; turn.numel() && row < R; ++row) {
+      turn_matrix(turn.data_ptr<float>() + row * 2 * Dr, Dr, D, turns.data() + row * D * D);
+    }
     auto sized = [&](at::Tensor& t, int64_t width) {
       if (!t.defined() || t.size(1) != width) t = at::empty({R, width}, x.options());
     };
@@ -1154,7 +1159,7 @@ class Step {
         for (int64_t j = 0; j < H * D; ++j) qf[j] = to_float(r[j]);
         float* qt = qa.data_ptr<float>();
         const bool in_place = kt.scalar_type() == at::kChar && S;  // 8-bit sinks are read where they are
-        const float* tr = S || split < N ? turn.data_ptr<float>() + row * D * D : nullptr;
+        const float* tr = S || split < N ? turns.data() + row * D * D : nullptr;
         if (split < N || in_place) turn_query(qf, tr, qt, H, D);
         T* o = attended.data_ptr<T>() + row * H * D;
         const bool* seen = visible.data_ptr<bool>() + row * N;
@@ -1223,6 +1228,19 @@ class Step {
         K.put(k, C + 1 + i, moved.data());
         V.copy(k, i, C + 1 + i);
       }
+    }
+  }
+
+  // The rotation by the angles whose cos, cos, -sin, sin are ``values`` (2 Dr), as a matrix M (D, D) with
+  // x @ M = x * cos + rotate_half(x) * sin over the first Dr dims and the rest left alone: cos on the diagonal of
+  // the first Dr dims (1 past them), -sin at (j + Dr/2, j) and sin at (j, j + Dr/2) for j < Dr/2.
+  static void turn_matrix(const float* values, int64_t Dr, int64_t D, float* M) {
+    const int64_t half = Dr / 2;
+    std::fill(M, M + D * D, 0.0f);
+    for (int64_t d = 0; d < D; ++d) M[d * D + d] = d < Dr ? values[d] : 1.0f;
+    for (int64_t j = 0; j < half; ++j) {
+      M[(j + half) * D + j] = values[Dr + j];
+      M[j * D + j + half] = values[Dr + half + j];
     }
   }
 

@@ -138,7 +138,7 @@ class RingPlan(Plan):
     ``slot_pos``."""
 
     def __init__(self, policy: Policy, slot_pos: torch.Tensor, seen: int, offset: int, slot: int):
-        C, S = slot_pos.numel(), policy.num_sinks
+        C = slot_pos.numel()
         assign = object.__setattr__.__get__(self)  # the plan is frozen; these are its own fields
         assign("policy", policy)
         assign("seen", seen + 1)
