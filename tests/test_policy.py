@@ -119,6 +119,25 @@ def test_a_steady_ring_plan_is_the_general_plan(policy, chunk):
         order = order[1:] + order[:1]
 
 
+def test_commit_written_carries_out_a_whole_plan_only():
+    from streamllm.core.cache import KVCache
+
+    inv = [torch.ones(2)] * 3
+    cache = KVCache([SinkPolicy(1, 2)] * 3, inv)
+    k = torch.zeros(1, 1, 1, 4)
+    cache.plan(1)
+    for i in range(3):  # the storage, made by ordinary commits
+        cache.commit(i, k, k)
+    cache.plan(1)
+    cache.commit(0, k, k)
+    with pytest.raises(RuntimeError, match="whole plan"):
+        cache.commit_written()
+    hooked = KVCache([SinkPolicy(1, 2)] * 3, inv, on_evict=lambda e: None)
+    hooked.plan(1)
+    with pytest.raises(RuntimeError, match="on_evict"):
+        hooked.commit_written()
+
+
 def test_a_ring_order_only_where_the_ring_is_steady():
     p = SinkPolicy(2, 3)
     assert ring_order(p, torch.tensor([0, 1, 2, 3, -1]), 4) is None  # not full yet

@@ -24,9 +24,11 @@ def _ids(n, seed=0):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_a_saved_state_and_its_changes_continue_exactly(name):
+@pytest.mark.parametrize("one_by_one", [False, True], ids=["chunks", "decoded"])
+def test_a_saved_state_and_its_changes_continue_exactly(name, one_by_one):
     """A whole state, then two sets of changes, restored into a fresh cache: it continues bit for bit. Each set
-    holds only the slots written since the save before it."""
+    holds only the slots written since the save before it, whether the tokens came as a chunk or were decoded one
+    at a time (a full ring's steady plans)."""
     model = tiny_model("gemma3_text" if name == "two-policies" else "llama")
     config = CONFIGS[name]
     ids = _ids(80)
@@ -36,7 +38,8 @@ def test_a_saved_state_and_its_changes_continue_exactly(name):
     saved = [copy.deepcopy(live.cache.state_dict())]
     live.cache.mark_saved()
     for piece in (ids[30:37], ids[37:42]):
-        live.feed(piece)
+        for part in [[t] for t in piece] if one_by_one else [piece]:
+            live.feed(part)
         changes = live.cache.changes()
         assert changes is not None
         owners = [i for i, layer in enumerate(changes["layers"]) if "slots" in layer]  # one per policy
