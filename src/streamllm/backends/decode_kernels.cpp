@@ -63,6 +63,27 @@ inline __m512 load16(const at::BFloat16* p) {  // bfloat16 is the top half of a 
 inline __m512 load16(const int8_t* p) {  // an 8-bit cache row, still to be multiplied by its scale
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+
+// 16 floats rounded to bfloat16 (to nearest, ties to even), still as float32.
+inline __m512 round_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+  return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// 16 float32 results rounded as an operation of dtype T rounds them (bfloat16: to nearest, ties to even).
+template <typename T>
+inline __m512 in_dtype(__m512 v) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) return round_bf16(v);
+  return v;
+}
+
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(at::BFloat16* p, __m512 v) {  // v already on the bfloat16 grid: its top halves
+  const __m256i top = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), top);
+}
 #endif
 
 // sum_i a[i] * b[i] in float32.
@@ -256,9 +277,9 @@ struct Quantized {
   std::vector<int32_t> qsum, esum;  // (R, G)
 };
 
+// Into ``out``, whose vectors keep their room from one call to the next (no allocation per product once warm).
 template <typename T>
-Quantized quantize_rows(const T* x, int64_t R, int64_t K) {
-  Quantized out;
+void quantize_rows(const T* x, int64_t R, int64_t K, Quantized& out) {
   out.R = R;
   out.G = (K + GROUP - 1) / GROUP;
   out.Kp = out.G * GROUP;
@@ -336,7 +357,6 @@ Quantized quantize_rows(const T* x, int64_t R, int64_t K) {
       out.esum[r * out.G + g] = es;
     }
   }
-  return out;
 }
 
 inline int32_t four_bytes(const int8_t* p) {
@@ -582,7 +602,17 @@ void rms_norm(const T* x, const T* weight, T* out, int64_t n, float eps) {
   for (; i < n; ++i) sum += to_float(x[i]) * to_float(x[i]);
   for (int64_t l = 0; l < LANES; ++l) sum += acc[l];
   const float r = 1.0f / std::sqrt(sum / static_cast<float>(n) + eps);
-  for (i = 0; i < n; ++i) out[i] = weight[i] * static_cast<T>(to_float(x[i]) * r);
+  i = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {  // the same roundings, 16 at a time
+    const __m512 scale = _mm512_set1_ps(r);
+    for (; i + 16 <= n; i += 16) {
+      const __m512 normed = in_dtype<T>(_mm512_mul_ps(load16(x + i), scale));
+      store16(out + i, in_dtype<T>(_mm512_mul_ps(load16(weight + i), normed)));
+    }
+  }
+#endif
+  for (; i < n; ++i) out[i] = weight[i] * static_cast<T>(to_float(x[i]) * r);
 }
 
 // x * cos + rotate_half(x) * sin for one head over its first Dr dims (all D, or fewer with partial rotary), each
@@ -590,7 +620,23 @@ void rms_norm(const T* x, const T* weight, T* out, int64_t n, float eps) {
 template <typename T>
 void rotate(const T* x, const T* cos, const T* sin, T* out, int64_t D, int64_t Dr) {
   const int64_t half = Dr / 2;
-  for (int64_t j = 0; j < half; ++j) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>) {  // the same roundings, 16 at a time
+    for (; j + 16 <= half; j += 16) {
+      const __m512 a = load16(x + j), b = load16(x + j + half);
+      const __m512i sign = _mm512_set1_epi32(INT32_MIN);
+      const __m512 minus_b = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(b), sign));
+      const __m512 lo = _mm512_add_ps(in_dtype<T>(_mm512_mul_ps(a, load16(cos + j))),
+                                      in_dtype<T>(_mm512_mul_ps(minus_b, load16(sin + j))));
+      const __m512 hi = _mm512_add_ps(in_dtype<T>(_mm512_mul_ps(b, load16(cos + j + half))),
+                                      in_dtype<T>(_mm512_mul_ps(a, load16(sin + j + half))));
+      store16(out + j, in_dtype<T>(lo));
+      store16(out + j + half, in_dtype<T>(hi));
+    }
+  }
+#endif
+  for (; j < half; ++j) {
     const T a = x[j], b = x[j + half];
     out[j] = static_cast<T>(a * cos[j]) + static_cast<T>(-b * sin[j]);
     out[j + half] = static_cast<T>(b * cos[j + half]) + static_cast<T>(a * sin[j + half]);
@@ -694,19 +740,6 @@ inline __m512 exp16(__m512 v) {
   return _mm512_scalef_ps(p, k);
 }
 
-// 16 floats rounded to bfloat16 (to nearest, ties to even), still as float32.
-inline __m512 round_bf16(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
-  return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
-
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(at::BFloat16* p, __m512 v) {  // v already on the bfloat16 grid: its top halves
-  const __m256i top = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), top);
-}
 #endif
 
 // x = e^(x - top) over n floats in place, for x <= top or -inf (scores less their maximum); e^-inf is 0. With
@@ -1027,7 +1060,8 @@ struct Matrix {
                 "y: contiguous (R, out) of x's dtype");
     const at::Tensor xc = x.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "streamllm_int_matmul", [&] {
-      const Quantized xq = quantize_rows(xc.data_ptr<scalar_t>(), R, K);
+      thread_local Quantized xq;  // per calling thread: steps may run in several threads at once
+      quantize_rows(xc.data_ptr<scalar_t>(), R, K, xq);
       if (kind == 1) {
         int4_rows(a.data_ptr<uint8_t>(), b.data_ptr<at::Half>(), xq, N, y.data_ptr<scalar_t>(), add);
       } else {

@@ -192,8 +192,8 @@ class Int8MatVec:
             self.q = self._pack(q)  # (T, Kp / 4, 64)
             self.scale = scale  # (N,) float32
             return
-        self.q = q.to(torch.int8)  # (N, K)
-        self.scale = scale.to(torch.bfloat16)  # (N,)
+        self.q = _with_room(q.to(torch.int8))  # (N, K)
+        self.scale = _with_room(scale.to(torch.bfloat16))  # (N,)
 
     @staticmethod
     def _pack(q: torch.Tensor) -> torch.Tensor:
@@ -223,6 +223,15 @@ class Int8MatVec:
             return self.kernels.matmul(self.KIND, self.q, self.scale, x[None])[0]  # (N,)
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16)[None], self.q, self.scale)  # (1, N)
         return y[0].to(x.dtype)  # (N,)
+
+
+def _with_room(t: torch.Tensor, rows: int = 64) -> torch.Tensor:
+    """``t`` (N, ...) as a view of the first N rows of zeros-padded storage ``rows`` longer. torch's int8 kernel
+    (``_weight_int8pack_mm``) reads past the last row, and crashed where a tensor ended at the end of its
+    allocation (the tiny test models' 101-row output layer); the room keeps those reads inside the storage."""
+    held = torch.zeros((t.shape[0] + rows, *t.shape[1:]), dtype=t.dtype)
+    held[: t.shape[0]] = t
+    return held[: t.shape[0]]
 
 
 # A matrix whose 4-bit copy is further than this (relative Frobenius error) from it was not stored on a 4-bit grid
@@ -284,6 +293,8 @@ def _read_kept(path: Path):
         for n in names:
             setattr(made, n, f.get_tensor(n))
     made.kernels = native.kernels()
+    if cls is Int8MatVec and made.kernels is None:  # torch's layout: see _with_room
+        made.q, made.scale = _with_room(made.q), _with_room(made.scale)
     if cls is Int4MatVec:
         made.error = float(meta["error"])
     return made
