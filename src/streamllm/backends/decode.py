@@ -7,11 +7,12 @@ positions each time. This runs the same arithmetic with far fewer operations:
   views of the fused ones, so no weight is stored twice;
 - the cache plans the token once for all layers (its slot, what it sees, how far the sinks turn), and the rotary
   angles are computed once per token, not once per layer;
-- the layer loop runs in C++ where the native kernels build (``native.py``, ``decode_kernels.cpp``): norms, rotary,
-  the sink moves and attention as plain loops over the cache in place (attention split over blocks of keys so that
-  every thread has work), bfloat16 matrix-vector products with AVX-512 BF16 instructions, and the 4- and 8-bit
-  ones (``quant.py``) as integer products against x in two 8-bit parts (AVX-512 VNNI). The token's own key and the turned sink keys go into scratch slots
-  past the cache's slots (``LayerStore.full_keys``), so nothing is concatenated or copied;
+- the layer loop runs in C++ where the native kernels build (``native.py``, ``decode_kernels.cpp``): norms, rotary
+  and attention as plain loops over the cache in place (attention split over blocks of keys so that every thread
+  has work), bfloat16 matrix-vector products with AVX-512 BF16 instructions, and the 4- and 8-bit ones
+  (``quant.py``) as integer products against x in two 8-bit parts (AVX-512 VNNI). The token's own key goes into a
+  scratch slot past the cache's slots (``LayerStore.full_keys``) and the sinks are scored where they are stored,
+  by the query turned the other way, so nothing is concatenated or copied;
 - ``_python_step`` is the same step in torch operations (attention through ``attention.attend``), used where no
   compiler is present.
 Either way the new key and value reach the cache through ``KVCache.commit``, like every other backend's.
@@ -226,12 +227,9 @@ class Decoder:
             self.embed.weight[tokens[0]][None] if len(tokens) == 1 else self.embed.weight[list(tokens)]
         )  # (R, E)
         angles = _rows([self._angle_rows(n[1], stacked=True) for n in numbers])  # (R, 2, Dr): cos, sin
-        masks = [
-            self._native_mask(plan, C, S, room, cache.layers[0].quantized)
-            for plan, cache in zip(plans, caches, strict=True)
-        ]
-        # the rotation that moves the sink keys, stored at 0..S-1, to where the token sees them: the opposite of
-        # the query's turn in ``attention.attend`` (a rotation moves both sides of a dot product alike)
+        masks = [self._native_mask(plan, C, S, room) for plan in plans]
+        # the rotation that would move the sink keys, stored at 0..S-1, to where the token sees them; the step turns
+        # the query the other way, as ``attention.attend`` does (a rotation moves both sides of a dot product alike)
         turns = _rows([self._turns(-n[2]) for n in numbers]) if S or room else native.NONE  # (R, 2 Dr)
         logits = self.native(
             x,
@@ -252,13 +250,13 @@ class Decoder:
                 cache.commit(i, *store.read(slice(C, C + 1)))
         return logits
 
-    def _native_mask(self, plan: Plan, C: int, S: int, room: int, in_place: bool) -> torch.Tensor:
+    def _native_mask(self, plan: Plan, C: int, S: int, room: int) -> torch.Tensor:
         """``native_mask``, made once per ring shape for the steady plans (which all show every slot)."""
         if not plan.steady:
-            return native_mask(plan, S, room, in_place)
-        key = (C, S, room, in_place)
+            return native_mask(plan, S, room)
+        key = (C, S, room)
         if key not in self._masks:
-            self._masks[key] = native_mask(plan, S, room, in_place)
+            self._masks[key] = native_mask(plan, S, room)
         return self._masks[key]
 
     def _python_step(self, cache: KVCache, plans: list[Plan], x, angles) -> torch.Tensor:
@@ -338,20 +336,14 @@ def _view(caches: Sequence[KVCache], L: int) -> list[list[list[torch.Tensor]]]:
     return [keys, values, key_scales, value_scales]
 
 
-def native_mask(plan: Plan, S: int, room: int = 0, in_place: bool = False) -> torch.Tensor:
+def native_mask(plan: Plan, S: int, room: int = 0) -> torch.Tensor:
     """What the token sees in the native step's key layout -> (C + 1 + S + room,) bool: the stored slots the plan
-    shows it (the anchored ones through their turned copies instead), itself in scratch slot C, the copies of the
-    anchored keys in scratch slots C+1..C+S, and the ``plan.recalled`` keys recalled from memory after them (of
-    ``room`` scratch slots). ``in_place``: the anchored keys are seen where they are stored and have no copies
-    (an 8-bit cache's)."""
+    shows it (the anchored ones, slots 0..S-1, scored there with the turned query), itself in scratch slot C, not
+    the S scratch slots after it (which the step leaves unread), and the ``plan.recalled`` keys recalled from memory
+    after them (of ``room`` scratch slots)."""
     visible = plan.visible[0]  # (C + 1,)
-    C = visible.numel() - 1
-    anchored = plan.anchored[:C]  # (C,): slots 0..S-1 when held
-    seen = visible[:C]
     recalled = torch.arange(room) < plan.recalled  # (room,)
-    if in_place:
-        return torch.cat([seen, visible[C:], torch.zeros(S, dtype=torch.bool), recalled])
-    return torch.cat([seen & ~anchored, visible[C:], (seen & anchored)[:S], recalled])
+    return torch.cat([visible, torch.zeros(S, dtype=torch.bool), recalled])
 
 
 class _Blocks:
@@ -402,10 +394,10 @@ class _RotaryRows:
 
 class _Turns:
     """The rotary rotation by ``shift`` positions as the values (2R,) float32 cos, cos, -sin, sin of its R/2
-    angles, float64 until then as ``rotary.shift_angles`` computes them. The native step lays them out as a matrix M
-    (D, D), cos on the diagonal of the first R dims, -sin at (j + R/2, j) and sin at (j, j + R/2), so that ``x @ M``
-    equals ``rotary.rotate(x, shift)`` and the sink keys turn with one small product. A ring's token asks for the
-    next shift every token: the values of -``LIMIT``..0 are kept (``_Blocks``)."""
+    angles, float64 until then as ``rotary.shift_angles`` computes them: the rotation M (D, D) with cos on the
+    diagonal of the first R dims, -sin at (j + R/2, j) and sin at (j, j + R/2), so that ``x @ M`` equals
+    ``rotary.rotate(x, shift)``. The native step turns the query by its transpose (``turn_query``). A ring's token
+    asks for the next shift every token: the values of -``LIMIT``..0 are kept (``_Blocks``)."""
 
     LIMIT = 1 << 13
 

@@ -1102,9 +1102,10 @@ class Step {
   }
 
   // R tokens, each of its own stream. x: their embeddings (R, E); cos, sin: their rotary angles (R, Dr), Dr <= D
-  // the rotated dims of a head; turn: the sinks' rotations (R, 2 Dr) float32 as cos, cos, -sin, sin of the
-  // half-angles (``turn_matrix``), empty without sinks or recalled keys; visible: (R, N) bool, from the
-  // cache's plan (slots past C + S are keys recalled from memory, seen by the query turned the other way); keys,
+  // the rotated dims of a head; turn: the rotations that move the sinks to where each token sees them (R, 2 Dr)
+  // float32, as cos, cos, -sin, sin of the half-angles, empty without sinks or recalled keys; visible: (R, N)
+  // bool, from the cache's plan (slots 0..S-1 the sinks, slots past C + S keys recalled from memory, both seen by
+  // the query turned the other way; slots C+1..C+S are not read); keys,
   // values: per layer, per row (1, Hkv, N, D), of the model's dtype or int8; key_scales, value_scales: per layer,
   // per row, the scales (1, Hkv, N) float32 of an int8 buffer, empty for the others; slots: (R,) the slot the plan
   // gives each new token, or -1. Every
@@ -1154,10 +1155,6 @@ class Step {
     const int64_t split = C + 1 + S;  // first slot of the recalled keys (N when there are none)
     at::Tensor attended = at::empty({R, H * D}, x.options());
     at::Tensor qkv, gate_up, act;  // the products' outputs, made once (again only where a layer's shape differs)
-    std::vector<float> turns(turn.numel() ? R * D * D : 0);  // each row's turn (D, D)
-    for (int64_t row = 0; turn.numel() && row < R; ++row) {
-      turn_matrix(turn.data_ptr<float>() + row * 2 * Dr, Dr, D, turns.data() + row * D * D);
-    }
     auto sized = [&](at::Tensor& t, int64_t width) {
       if (!t.defined() || t.size(1) != width) t = at::empty({R, width}, x.options());
     };
@@ -1192,19 +1189,17 @@ class Step {
         float* qf = q.data_ptr<float>();
         for (int64_t j = 0; j < H * D; ++j) qf[j] = to_float(r[j]);
         float* qt = qa.data_ptr<float>();
-        const bool in_place = kt.scalar_type() == at::kChar && S;  // 8-bit sinks are read where they are
-        const float* tr = S || split < N ? turns.data() + row * D * D : nullptr;
-        if (split < N || in_place) turn_query(qf, tr, qt, H, D);
+        if (S || split < N) turn_query(qf, turn.data_ptr<float>() + row * 2 * Dr, Dr, qt, H, D);
         T* o = attended.data_ptr<T>() + row * H * D;
         const bool* seen = visible.data_ptr<bool>() + row * N;
         if (kt.scalar_type() == at::kChar) {
           TORCH_CHECK(ks.numel() == kt.numel() / D && vs.numel() == ks.numel(), "int8 buffers: one scale per row");
           attend_row(buffer<int8_t>(kt, ks, N, D), buffer<int8_t>(vt, vs, N, D), r, raw + (H + Hkv) * D, qf, qt,
-                     split, tr, seen, C, S, slots[row], o);
+                     split, seen, C, S, slots[row], o);
         } else {
           TORCH_CHECK(kt.scalar_type() == x.scalar_type(), "cache buffers: int8 or the model's dtype");
-          attend_row(buffer<T>(kt, ks, N, D), buffer<T>(vt, vs, N, D), r, raw + (H + Hkv) * D, qf, qt, split, tr,
-                     seen, C, S, slots[row], o);
+          attend_row(buffer<T>(kt, ks, N, D), buffer<T>(vt, vs, N, D), r, raw + (H + Hkv) * D, qf, qt, split, seen,
+                     C, S, slots[row], o);
         }
       }
       L.o.into(attended, x, true);
@@ -1227,92 +1222,40 @@ class Step {
   }
 
   // One row's attention in one layer, on its cache buffers: the token's key and value (r's last Hkv heads, v) go
-  // into scratch slot C, the sinks are moved, the query attends, and the key and value go into the plan's slot
-  // (when it is not -1). An 8-bit buffer quantizes what it is given, the token's own key too; its sinks are not
-  // moved (that would quantize them again) but scored in place with the turned query, as recalled keys are, and
-  // the visible mask shows slots 0..S-1 instead of the copies (decode.py's native_mask).
+  // into scratch slot C, the query attends, and the key and value go into the plan's slot (when it is not -1). The
+  // sinks are scored where they are stored (slots 0..S-1) with the turned query ``qa``, as recalled keys are:
+  // q . (k M) = (q M^T) . k, so no key is moved (an 8-bit one would be quantized again). An 8-bit buffer
+  // quantizes what it is given, the token's own key too.
   template <typename KT, typename T>
   void attend_row(const Buffer<KT>& K, const Buffer<KT>& V, const T* r, const T* v, const float* q, const float* qa,
-                  int64_t split, const float* turn, const bool* visible, int64_t C, int64_t S, int64_t slot,
-                  T* out) const {
+                  int64_t split, const bool* visible, int64_t C, int64_t S, int64_t slot, T* out) const {
     const int64_t H = H_, Hkv = Hkv_, D = D_;
     for (int64_t k = 0; k < Hkv; ++k) {  // the token sees itself through scratch slot C
       K.put(k, C, r + (H + k) * D);
       V.put(k, C, v + k * D);
     }
-    if (S && !Buffer<KT>::QUANTIZED) move_sinks(K, V, turn, Hkv, C, S, D);
-    const int64_t anchored = Buffer<KT>::QUANTIZED ? S : 0;
-    attend(q, qa, split, anchored, K, V, visible, H, Hkv, K.N, D, static_cast<float>(scale_), out);
+    attend(q, qa, split, S, K, V, visible, H, Hkv, K.N, D, static_cast<float>(scale_), out);
     for (int64_t k = 0; slot >= 0 && k < Hkv; ++k) {  // then into the slot the plan gave it
       K.copy(k, C, slot);
       V.copy(k, C, slot);
     }
   }
 
-  // The sinks' keys, rotated at 0..S-1, moved to where the token sees them (x @ turn in float32), and their values,
-  // into the scratch slots C+1..C+S.
-  template <typename KT>
-  static void move_sinks(const Buffer<KT>& K, const Buffer<KT>& V, const float* turn, int64_t Hkv, int64_t C,
-                         int64_t S, int64_t D) {
-    std::vector<float> row(D), moved(D);
-    for (int64_t k = 0; k < Hkv; ++k) {
-      for (int64_t i = 0; i < S; ++i) {
-        K.get(k, i, row.data());
-        times_turn(row.data(), turn, moved.data(), D);
-        K.put(k, C + 1 + i, moved.data());
-        V.copy(k, i, C + 1 + i);
-      }
-    }
-  }
-
-  // The rotation by the angles whose cos, cos, -sin, sin are ``values`` (2 Dr), as a matrix M (D, D) with
-  // x @ M = x * cos + rotate_half(x) * sin over the first Dr dims and the rest left alone: cos on the diagonal of
-  // the first Dr dims (1 past them), -sin at (j + Dr/2, j) and sin at (j, j + Dr/2) for j < Dr/2.
-  static void turn_matrix(const float* values, int64_t Dr, int64_t D, float* M) {
+  // The query (H, D) turned the opposite way of the rotation M that ``values`` (cos, cos, -sin, sin over Dr
+  // dims) describe, which moves keys to where the query sees them: q . (k M) = (q M^T) . k. With x M = x cos +
+  // rotate_half(x) sin, q M^T = q cos - rotate_half(q) sin over the first Dr dims; the rest pass through.
+  static void turn_query(const float* q, const float* values, int64_t Dr, float* out, int64_t H, int64_t D) {
     const int64_t half = Dr / 2;
-    std::fill(M, M + D * D, 0.0f);
-    for (int64_t d = 0; d < D; ++d) M[d * D + d] = d < Dr ? values[d] : 1.0f;
-    for (int64_t j = 0; j < half; ++j) {
-      M[(j + half) * D + j] = values[Dr + j];
-      M[j * D + j + half] = values[Dr + half + j];
-    }
-  }
-
-  // out = row @ turn (D, D), the sums over d in order. With AVX-512 and head dims of 64, 128 or 256, out stays in
-  // registers.
-  static void times_turn(const float* row, const float* turn, float* out, int64_t D) {
-#if defined(__AVX512F__)
-    if (D == 64) return times_turn_c<4>(row, turn, out);
-    if (D == 128) return times_turn_c<8>(row, turn, out);
-    if (D == 256) return times_turn_c<16>(row, turn, out);
-#endif
-    std::fill(out, out + D, 0.0f);
-    for (int64_t d = 0; d < D; ++d) {
-      for (int64_t e = 0; e < D; ++e) out[e] += row[d] * turn[d * D + e];
-    }
-  }
-
-#if defined(__AVX512F__)
-  template <int C>
-  static void times_turn_c(const float* row, const float* turn, float* out) {
-    constexpr int64_t D = C * 16;
-    __m512 acc[C];
-    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; ++d) {
-      const __m512 r = _mm512_set1_ps(row[d]);
-      for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(r, _mm512_loadu_ps(turn + d * D + 16 * c), acc[c]);
-    }
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, acc[c]);
-  }
-#endif
-
-  // The query turned by the opposite of ``turn`` (which moves keys: k @ turn): q . (k @ turn) = (q @ turn^T) . k,
-  // so the recalled keys, stored where the query's anchor sees them, are scored as the moved sinks are.
-  static void turn_query(const float* q, const float* turn, float* out, int64_t H, int64_t D) {
+    const float* cos = values;
+    const float* sin = values + Dr + half;
     for (int64_t h = 0; h < H; ++h) {
-      for (int64_t d = 0; d < D; ++d) {
-        out[h * D + d] = dot(q + h * D, turn + d * D, D);
+      const float* x = q + h * D;
+      float* y = out + h * D;
+      for (int64_t j = 0; j < half; ++j) {
+        y[j] = x[j] * cos[j] + x[j + half] * sin[j];
+        y[j + half] = x[j + half] * cos[j + half] - x[j] * sin[j];
       }
+      for (int64_t j = Dr; j < D; ++j) y[j] = x[j];
     }
   }
 

@@ -7,8 +7,9 @@ the new tokens that stay are written into their slots. Once every layer has comm
 T tokens.
 
 Storage per layer (``store.py``, in the model's dtype or as 8-bit integers with a scale per token and kv head):
-keys and values of ``capacity`` slots (an unbounded policy grows them), followed by 1 + S scratch slots that the
-decode step uses for the token being decoded and the sinks turned to where it sees them.
+keys and values of ``capacity`` slots (an unbounded policy grows them), followed by 1 + S scratch slots: the C++
+decode step puts the token being decoded in the first (the other S are not read), and keys recalled from memory
+come after them.
 Window keys are stored rotated at their *model* position (text position minus ``offset``) and never touched
 again; anchored keys (the sinks) at 0..S-1 (``docs/design.md``: the distance from a query to a window key is the
 same in the cache as in the text). Every ``rebase_every`` tokens past the capacity, the window keys are turned
