@@ -7,8 +7,9 @@ per checkout and path: the other checkout imports its own ``src`` (PYTHONPATH) a
 of its own (an extra compiler define, ``STREAMLLM_NATIVE_FLAGS``, gives it another build folder). A process loads
 the model, fills a 4+1020 cache with Hamlet, then times ``--tokens`` tokens fed one at a time, the model's matrix
 products alone, and the native attention kernel alone over every layer of a cache of that size (random numbers of
-the model's dtype). Rounds alternate the checkouts so that a machine's drift hits both alike; the table gives the
-median of the rounds. Make the other checkout with ``git worktree add /tmp/before <commit>``.
+the model's dtype); it also times the native step's call inside each token, so that the rest (the Python around
+it) is a column of its own. Rounds alternate the checkouts so that a machine's drift hits both alike; the table
+gives the median of the rounds. Make the other checkout with ``git worktree add /tmp/before <commit>``.
 """
 
 from __future__ import annotations
@@ -39,8 +40,17 @@ model, tokenizer = load_model("smollm2-135m", dtype=getattr(torch, dtype))
 ids = text_ids(tokenizer, cache + tokens)
 stream = Stream(model, StreamConfig(num_sinks=4, window=cache - 4, decode=decode))
 stream.feed(ids[:cache])
-seconds = time_tokens(stream, ids[cache:])
 d = stream.decoder
+step, inside = d.native, []
+def timed(*args):
+    start = time.perf_counter()
+    out = step(*args)
+    inside.append(time.perf_counter() - start)
+    return out
+d.native = timed
+seconds = time_tokens(stream, ids[cache:])
+d.native = step
+around = [t - n for t, n in zip(seconds, inside)] if len(inside) == len(seconds) else [float("nan")]
 mats = [m for layer in d.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [d.lm_head]
 widths = [model.config.intermediate_size if m is layer.down else model.config.hidden_size
           for layer in d.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [model.config.hidden_size]
@@ -67,6 +77,7 @@ for _ in range(20 if attend else 0):
         attend(q, keys, values, none, none, visible, dim**-0.5)
     attention.append(time.perf_counter() - start)
 print(json.dumps({"token_ms": 1000 * statistics.median(seconds), "products_ms": 1000 * statistics.median(runs),
+                  "around_ms": 1000 * statistics.median(around),
                   "attention_ms": 1000 * statistics.median(attention) if attention else float("nan"),
                   "products_mb": sum(m.nbytes for m in mats) / 1e6}))
 """
@@ -114,7 +125,8 @@ def main() -> None:
                 rows.setdefault((dtype, decode, label), []).append(got)
                 print(
                     f"round {r + 1}: {label:5} {dtype} {decode}: {got['token_ms']:.2f} ms/token, products "
-                    f"{got['products_ms']:.2f} ms, attention {got['attention_ms']:.2f} ms",
+                    f"{got['products_ms']:.2f} ms, attention {got['attention_ms']:.2f} ms, around the native step "
+                    f"{got['around_ms']:.2f} ms",
                     flush=True,
                 )
     print(
@@ -122,9 +134,12 @@ def main() -> None:
     )
     print(f"Machine: {machine()}")
     print(f"other: {other}\n")
-    columns = ("token_ms", "products_ms", "attention_ms")
-    print("| dtype | decode | ms per token, other -> this | products alone | attention alone |")
-    print("|---|---|---|---|---|")
+    columns = ("token_ms", "products_ms", "attention_ms", "around_ms")
+    print(
+        "| dtype | decode | ms per token, other -> this | products alone | attention alone | "
+        "Python around the native step |"
+    )
+    print("|---|---|---|---|---|---|")
     for dtype, decode in paths:
         a, b = rows[dtype, decode, "other"], rows[dtype, decode, "this"]
         cells = []

@@ -28,7 +28,7 @@ class Policy:
 
     num_sinks = 0  # the anchored first tokens (a dataclass field in policies that have them)
     # W where the policy is a ring: it keeps the first num_sinks tokens and the W before ``seen``, and a query past
-    # the capacity stands at the capacity (``plan.ring_plan`` plans its steady tokens in a few operations)
+    # the capacity stands at the capacity (``plan.RingPlan`` plans its steady tokens without tensor work)
     ring: int | None = None
 
     @property
