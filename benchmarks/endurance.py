@@ -67,7 +67,7 @@ def main() -> None:
     memory = [
         ("RSS with the model loaded, before the stream", f"{rss_loaded:.1f} MB"),
         ("cache, analytic (2 x layers x kv heads x 1024 x head dim x bytes)", f"{analytic:.2f} MB"),
-        ("cache, allocated (the ring plus 1 + 4 scratch slots)", f"{stream.cache_bytes() / 2**20:.2f} MB"),
+        ("cache, allocated (the ring plus 1 scratch slot)", f"{stream.cache_bytes() / 2**20:.2f} MB"),
         ("RSS rise from before the stream to the first sample", f"{rows[0][3] - rss_loaded:.1f} MB"),
     ]
     verdict = _verdict(rows) + memory

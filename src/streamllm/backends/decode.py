@@ -227,7 +227,7 @@ class Decoder:
             self.embed.weight[tokens[0]][None] if len(tokens) == 1 else self.embed.weight[list(tokens)]
         )  # (R, E)
         angles = _rows([self._angle_rows(n[1], stacked=True) for n in numbers])  # (R, 2, Dr): cos, sin
-        masks = [self._native_mask(plan, C, S, room) for plan in plans]
+        masks = [self._native_mask(plan, C, room) for plan in plans]
         # the rotation that would move the sink keys, stored at 0..S-1, to where the token sees them; the step turns
         # the query the other way, as ``attention.attend`` does (a rotation moves both sides of a dot product alike)
         turns = _rows([self._turns(-n[2]) for n in numbers]) if S or room else native.NONE  # (R, 2 Dr)
@@ -236,7 +236,7 @@ class Decoder:
             angles[:, 0],
             angles[:, 1],
             turns,
-            _rows(masks),  # (R, C + 1 + S + M_max)
+            _rows(masks),  # (R, C + 1 + M_max)
             *_buffers(caches, len(self.layers)),
             slots,
             C,
@@ -250,13 +250,13 @@ class Decoder:
                 cache.commit(i, *store.read(slice(C, C + 1)))
         return logits
 
-    def _native_mask(self, plan: Plan, C: int, S: int, room: int) -> torch.Tensor:
+    def _native_mask(self, plan: Plan, C: int, room: int) -> torch.Tensor:
         """``native_mask``, made once per ring shape for the steady plans (which all show every slot)."""
         if not plan.steady:
-            return native_mask(plan, S, room)
-        key = (C, S, room)
+            return native_mask(plan, room)
+        key = (C, room)
         if key not in self._masks:
-            self._masks[key] = native_mask(plan, S, room)
+            self._masks[key] = native_mask(plan, room)
         return self._masks[key]
 
     def _python_step(self, cache: KVCache, plans: list[Plan], x, angles) -> torch.Tensor:
@@ -336,14 +336,14 @@ def _view(caches: Sequence[KVCache], L: int) -> list[list[list[torch.Tensor]]]:
     return [keys, values, key_scales, value_scales]
 
 
-def native_mask(plan: Plan, S: int, room: int = 0) -> torch.Tensor:
-    """What the token sees in the native step's key layout -> (C + 1 + S + room,) bool: the stored slots the plan
-    shows it (the anchored ones, slots 0..S-1, scored there with the turned query), itself in scratch slot C, not
-    the S scratch slots after it (which the step leaves unread), and the ``plan.recalled`` keys recalled from memory
-    after them (of ``room`` scratch slots)."""
+def native_mask(plan: Plan, room: int = 0) -> torch.Tensor:
+    """What the token sees in the native step's key layout -> (C + 1 + room,) bool: the stored slots the plan shows
+    it (the anchored ones, slots 0..S-1, scored there with the turned query), itself in scratch slot C, and the
+    ``plan.recalled`` keys recalled from memory after it (of ``room`` scratch slots)."""
     visible = plan.visible[0]  # (C + 1,)
-    recalled = torch.arange(room) < plan.recalled  # (room,)
-    return torch.cat([visible, torch.zeros(S, dtype=torch.bool), recalled])
+    if not room:
+        return visible
+    return torch.cat([visible, torch.arange(room) < plan.recalled])
 
 
 class _Blocks:

@@ -15,8 +15,8 @@
 // weights are this file's integer kernels (VNNI where the CPU has it), which the Python step calls too. Float32
 // results match the Python step to float32 rounding (only summation orders differ).
 //
-// Letters: R streams (rows), H heads, Hkv kv heads, G = H / Hkv, D head dim, N = C + 1 + S key slots (ring, the
-// token's own scratch slot, the moved sinks), E hidden size, F MLP width.
+// Letters: R streams (rows), H heads, Hkv kv heads, G = H / Hkv, D head dim, N = C + 1 + M key slots (ring, the
+// token's own scratch slot, keys recalled from memory), S sinks (ring slots 0..S-1), E hidden size, F MLP width.
 
 #include <torch/extension.h>
 
@@ -1104,8 +1104,8 @@ class Step {
   // R tokens, each of its own stream. x: their embeddings (R, E); cos, sin: their rotary angles (R, Dr), Dr <= D
   // the rotated dims of a head; turn: the rotations that move the sinks to where each token sees them (R, 2 Dr)
   // float32, as cos, cos, -sin, sin of the half-angles, empty without sinks or recalled keys; visible: (R, N)
-  // bool, from the cache's plan (slots 0..S-1 the sinks, slots past C + S keys recalled from memory, both seen by
-  // the query turned the other way; slots C+1..C+S are not read); keys,
+  // bool, from the cache's plan (slots 0..S-1 the sinks, slots past C keys recalled from memory, both seen by the
+  // query turned the other way); keys,
   // values: per layer, per row (1, Hkv, N, D), of the model's dtype or int8; key_scales, value_scales: per layer,
   // per row, the scales (1, Hkv, N) float32 of an int8 buffer, empty for the others; slots: (R,) the slot the plan
   // gives each new token, or -1. Every
@@ -1152,7 +1152,7 @@ class Step {
     at::Tensor rotated = at::empty({H + Hkv, D}, x.options());
     at::Tensor q = at::empty({H, D}, x.options().dtype(at::kFloat));
     at::Tensor qa = at::empty({H, D}, x.options().dtype(at::kFloat));  // q turned to see recalled keys
-    const int64_t split = C + 1 + S;  // first slot of the recalled keys (N when there are none)
+    const int64_t split = C + 1;  // first slot of the recalled keys (N when there are none)
     at::Tensor attended = at::empty({R, H * D}, x.options());
     at::Tensor qkv, gate_up, act;  // the products' outputs, made once (again only where a layer's shape differs)
     auto sized = [&](at::Tensor& t, int64_t width) {

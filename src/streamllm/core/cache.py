@@ -7,9 +7,8 @@ the new tokens that stay are written into their slots. Once every layer has comm
 T tokens.
 
 Storage per layer (``store.py``, in the model's dtype or as 8-bit integers with a scale per token and kv head):
-keys and values of ``capacity`` slots (an unbounded policy grows them), followed by 1 + S scratch slots: the C++
-decode step puts the token being decoded in the first (the other S are not read), and keys recalled from memory
-come after them.
+keys and values of ``capacity`` slots (an unbounded policy grows them), followed by a scratch slot where the C++
+decode step puts the token being decoded, and the slots of the keys recalled from memory.
 Window keys are stored rotated at their *model* position (text position minus ``offset``) and never touched
 again; anchored keys (the sinks) at 0..S-1 (``docs/design.md``: the distance from a query to a window key is the
 same in the cache as in the text). Every ``rebase_every`` tokens past the capacity, the window keys are turned
@@ -241,10 +240,10 @@ class KVCache:
         return self.recall_into(layer_idx)
 
     def recall_into(self, i: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
-        """Layer ``i``'s recall scratch slots (after the sinks' anchored copy), filled with ``keys`` and ``values``
+        """Layer ``i``'s recall scratch slots (after the decoded token's), filled with ``keys`` and ``values``
         when given: -> the M slots in use."""
         store = self.layers[i]
-        start = store.slot_pos.numel() + 1 + store.policy.num_sinks
+        start = store.slot_pos.numel() + 1
         end = start + self.memory.recalled_len
         if keys is not None:
             store.write(slice(start, end), keys, values)

@@ -36,9 +36,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
 class LayerStore:
     """One layer's storage and the policy and rotary frequencies it was made with.
 
-    ``full_keys`` and ``full_values`` are (B, Hkv, C + 1 + S + M_max, D): C slots, then the scratch ones the
-    decode step uses (``cache.py``). With ``kv_dtype`` "int8" they are int8 and ``full_key_scales`` and
-    ``full_value_scales`` (B, Hkv, C + 1 + S + M_max) float32 hold their scales; otherwise the scales are None.
+    ``full_keys`` and ``full_values`` are (B, Hkv, C + 1 + M_max, D): C slots, then the scratch ones the decode
+    step uses (``cache.py``). With ``kv_dtype`` "int8" they are int8 and ``full_key_scales`` and
+    ``full_value_scales`` (B, Hkv, C + 1 + M_max) float32 hold their scales; otherwise the scales are None.
     ``keys``, ``values`` (and the scales) are views without the scratch slots. Write through ``write`` and read
     through ``read`` to be right for either kind."""
 
@@ -79,7 +79,7 @@ class LayerStore:
         if self.dtype is None:
             self.dtype = dtype or like.dtype
         stored = torch.int8 if self.quantized else self.dtype
-        spare = 1 + self.policy.num_sinks + self.recall_slots
+        spare = 1 + self.recall_slots
         full = [like.new_zeros(B, Hkv, size + spare, D, dtype=stored) for _ in range(2)]
         scales = [like.new_zeros(B, Hkv, size + spare, dtype=torch.float32) for _ in range(2)]
         slot_pos = torch.full((size,), -1, dtype=torch.long)  # (C,)
