@@ -953,17 +953,27 @@ void attend(const float* q, const float* qa, int64_t split, int64_t anchored, co
   const int64_t G = H / Hkv;
   const int64_t blocks = (N + BLOCK - 1) / BLOCK;
   const float NEG = -std::numeric_limits<float>::infinity();
-  std::vector<float> maxes(Hkv * blocks * G, NEG), sums(Hkv * blocks * G, 0.0f), acc(Hkv * blocks * G * D, 0.0f);
+  // buffers kept per thread from one call to the next: no allocation per layer once warm. The tasks reach the
+  // calling thread's through these pointers (a thread_local named inside the lambda would be the worker's own).
+  thread_local std::vector<float> maxes_kept, sums_kept, acc_kept, o_kept;
+  maxes_kept.assign(Hkv * blocks * G, NEG);
+  sums_kept.assign(Hkv * blocks * G, 0.0f);
+  acc_kept.assign(Hkv * blocks * G * D, 0.0f);
+  float* const maxes = maxes_kept.data();
+  float* const sums = sums_kept.data();
+  float* const acc = acc_kept.data();
   at::parallel_for(0, Hkv * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(G * BLOCK), vrow(D);
+    thread_local std::vector<float> scores, vrow;
+    scores.resize(G * BLOCK);
+    vrow.resize(D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task / blocks, n0 = (task % blocks) * BLOCK, n1 = std::min(N, n0 + BLOCK);
       const int64_t count = n1 - n0;
       const float* Q = q + h * G * D;
       const float* QA = qa + h * G * D;
-      float* m = maxes.data() + task * G;
-      float* l = sums.data() + task * G;
-      float* a = acc.data() + task * G * D;
+      float* m = maxes + task * G;
+      float* l = sums + task * G;
+      float* a = acc + task * G * D;
       bool any = false;
       for (int64_t n = n0; n < n1 && !any; ++n) any = visible[n];
       if (!any) continue;
@@ -991,7 +1001,8 @@ void attend(const float* q, const float* qa, int64_t split, int64_t anchored, co
       float top = NEG;
       for (int64_t b = 0; b < blocks; ++b) top = std::max(top, maxes[(h * blocks + b) * G + g]);
       float total = 0;
-      std::vector<float> o(D, 0.0f);
+      std::vector<float>& o = o_kept;
+      o.assign(D, 0.0f);
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t i = (h * blocks + b) * G + g;
         if (sums[i] == 0.0f) continue;
@@ -1008,8 +1019,28 @@ void attend(const float* q, const float* qa, int64_t split, int64_t anchored, co
 // One weight matrix: the model's own (kind 0), 4-bit tiles (kind 1) or 8-bit tiles (kind 2); quant.py's MatVec,
 // Int4MatVec and Int8MatVec.
 struct Matrix {
-  int64_t kind;
+  int64_t kind = 0;
   at::Tensor a, b;
+  // The integer kinds' tiles, scales and sizes, checked and read off the tensors once: a token runs 121 products,
+  // and reading each one's tensor metadata again (cold by then) cost about 0.1 ms a token.
+  const uint8_t* tiles = nullptr;
+  const void* steps = nullptr;  // float16 steps and lows (kind 1), float32 row scales (kind 2)
+  int64_t N = 0, Kp = 0;
+
+  Matrix() = default;
+  Matrix(int64_t kind_, at::Tensor a_, at::Tensor b_) : kind(kind_), a(std::move(a_)), b(std::move(b_)) {
+    if (kind == 0) return;
+    TORCH_CHECK(kind == 1 || kind == 2, "matrix kind: 0, 1 or 2");
+    TORCH_CHECK(a.scalar_type() == at::kByte && a.is_contiguous() && b.is_contiguous(), "tiles: contiguous bytes");
+    N = kind == 1 ? a.size(0) * TILE : b.size(0);
+    Kp = kind == 1 ? a.size(1) * GROUP : a.size(1) * 4;
+    TORCH_CHECK(kind == 2 || (b.scalar_type() == at::kHalf && b.numel() == a.size(0) * a.size(1) * 2 * TILE),
+                "int4 tiles: float16 steps and lows");
+    TORCH_CHECK(kind == 1 || (b.scalar_type() == at::kFloat && a.size(0) == (N + TILE - 1) / TILE),
+                "int8 tiles: one float32 scale per row");
+    tiles = a.data_ptr<uint8_t>();
+    steps = b.data_ptr();
+  }
 
   // x (R, in) -> (R, out)
   at::Tensor operator()(const at::Tensor& x) const {
@@ -1031,10 +1062,7 @@ struct Matrix {
     add ? y.add_((*this)(x)) : y.copy_((*this)(x));
   }
 
-  int64_t outputs() const {
-    if (kind == 0) return a.size(0);
-    return kind == 1 ? a.size(0) * TILE : b.size(0);
-  }
+  int64_t outputs() const { return kind == 0 ? a.size(0) : N; }
 
  private:
   // one row of x, and W of 16-bit floats of x's dtype, in one piece: matvec16's case
@@ -1047,15 +1075,8 @@ struct Matrix {
   }
 
   void integer(const at::Tensor& x, at::Tensor& y, bool add) const {
-    TORCH_CHECK(kind == 1 || kind == 2, "matrix kind: 0, 1 or 2");
-    TORCH_CHECK(a.scalar_type() == at::kByte && a.is_contiguous() && b.is_contiguous(), "tiles: contiguous bytes");
-    const int64_t R = x.size(0), K = x.size(1), N = outputs();
-    const int64_t Kp = kind == 1 ? a.size(1) * GROUP : a.size(1) * 4;
+    const int64_t R = x.size(0), K = x.size(1);
     TORCH_CHECK(Kp == (K + GROUP - 1) / GROUP * GROUP, "x: ", K, " inputs for tiles of ", Kp);
-    TORCH_CHECK(kind == 2 || (b.scalar_type() == at::kHalf && b.numel() == a.size(0) * a.size(1) * 2 * TILE),
-                "int4 tiles: float16 steps and lows");
-    TORCH_CHECK(kind == 1 || (b.scalar_type() == at::kFloat && a.size(0) == (N + TILE - 1) / TILE),
-                "int8 tiles: one float32 scale per row");
     TORCH_CHECK(y.is_contiguous() && y.size(0) == R && y.size(1) == N && y.scalar_type() == x.scalar_type(),
                 "y: contiguous (R, out) of x's dtype");
     const at::Tensor xc = x.contiguous();
@@ -1063,9 +1084,9 @@ struct Matrix {
       thread_local Quantized xq;  // per calling thread: steps may run in several threads at once
       quantize_rows(xc.data_ptr<scalar_t>(), R, K, xq);
       if (kind == 1) {
-        int4_rows(a.data_ptr<uint8_t>(), b.data_ptr<at::Half>(), xq, N, y.data_ptr<scalar_t>(), add);
+        int4_rows(tiles, static_cast<const at::Half*>(steps), xq, N, y.data_ptr<scalar_t>(), add);
       } else {
-        int8_rows(a.data_ptr<uint8_t>(), b.data_ptr<float>(), xq, N, y.data_ptr<scalar_t>(), add);
+        int8_rows(tiles, static_cast<const float*>(steps), xq, N, y.data_ptr<scalar_t>(), add);
       }
     });
   }
