@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from streamllm.config import ConfigError, StreamConfig
-from streamllm.core.plan import RingPlan, make_plan, ring_order
+from streamllm.core.plan import FillPlan, RingPlan, filling, make_plan, ring_order
 from streamllm.core.policy import DensePolicy, SinkPolicy, WindowPolicy
 
 
@@ -138,6 +138,32 @@ def test_commit_written_carries_out_a_whole_plan_only():
         hooked.commit_written()
 
 
+def _same_plan(general, fast):
+    for name in PLAN_FIELDS:
+        a, b = getattr(general, name), getattr(fast, name)
+        same = torch.equal(a, b) and a.dtype == b.dtype if isinstance(a, torch.Tensor) else a == b
+        assert same, (name, a, b)
+    assert fast.numbers == general.numbers
+
+
+@pytest.mark.parametrize("policy", [SinkPolicy(4, 5), SinkPolicy(0, 6), WindowPolicy(7), SinkPolicy(2, 3)])
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_a_filling_ring_plan_is_the_general_plan(policy, chunk):
+    # a ring filled by chunks and tokens (the first token makes the storage: no plan of its own), for every
+    # count of tokens until it is full
+    for seen in range(1, policy.capacity):
+        slot_pos = _stream_plans(policy, seen, chunk)
+        assert filling(policy, slot_pos, seen)
+        for offset in (0, 3):
+            fill = FillPlan(policy, slot_pos, seen, offset)
+            assert not fill.steady
+            _same_plan(make_plan(policy, slot_pos, seen, offset, 1), fill)
+    full = _stream_plans(policy, policy.capacity, chunk)
+    assert (
+        not filling(policy, full, policy.capacity) and ring_order(policy, full, policy.capacity) is not None
+    )
+
+
 def test_a_ring_order_only_where_the_ring_is_steady():
     p = SinkPolicy(2, 3)
     assert ring_order(p, torch.tensor([0, 1, 2, 3, -1]), 4) is None  # not full yet
@@ -146,6 +172,9 @@ def test_a_ring_order_only_where_the_ring_is_steady():
     assert ring_order(p, torch.tensor([1, 0, 5, 6, 4]), 7) is None  # sinks out of their slots
     assert ring_order(SinkPolicy(2, 3, text_positions=True), torch.tensor([0, 1, 5, 6, 4]), 7) is None
     assert ring_order(DensePolicy(), torch.arange(5), 5) is None
+    assert filling(p, torch.tensor([0, 1, 2, -1, -1]), 3)
+    assert not filling(p, torch.tensor([0, 1, -1, 2, -1]), 3)  # out of order: make_plan plans it
+    assert not filling(p, torch.tensor([0, 1, 2, 3, 4]), 5)  # full
 
 
 def test_a_chunk_plan_hides_what_each_token_would_not_see():

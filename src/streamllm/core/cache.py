@@ -30,7 +30,7 @@ import torch
 
 from . import snapshot
 from .memory import Memory
-from .plan import Plan, RingPlan, make_plan, ring_order
+from .plan import FillPlan, Plan, RingPlan, filling, make_plan, ring_order
 from .policy import Policy
 from .rotary import rotate
 from .store import KV_DTYPES, LayerStore
@@ -101,9 +101,9 @@ class KVCache:
         self.plans: list[Plan] | None = None  # the pending plan of every layer, until all have committed
         self._departing: tuple | None = None  # (plan, what leaves under it), for the layers that share it
         self.uncommitted = 0
-        # per policy group in the steady state of a ring: its window's slots, oldest first, and the count of tokens
-        # seen they hold for (``_ring_slot``)
-        self._rings: dict[int, tuple[deque, list[int]]] = {}
+        # per policy group that is a ring, filling or steady: its window's slots oldest first (None while it fills),
+        # and the count of tokens seen they hold for (``_ring``)
+        self._rings: dict[int, tuple[deque | None, list[int]]] = {}
         # per policy group, the slots written since the last ``mark_saved`` (None: all of them may differ)
         self.changed: list[torch.Tensor | None] = [None] * len(self.groups)
 
@@ -162,11 +162,13 @@ class KVCache:
             if first.policy.capacity is None and first.keys is not None:
                 self._grow(group, first.length + T)
             extra = recall if recall and group[0] in self.memory.layers else {}
-            slot = self._ring_slot(g) if T == 1 and not extra else None
-            if slot is None:
+            ring = self._ring(g) if T == 1 and not extra else None
+            if ring is None:
                 made.append(make_plan(first.policy, first.slot_pos, self.seen, self.offset, T, **extra))
+            elif ring[0] is None:
+                made.append(FillPlan(first.policy, first.slot_pos, self.seen, self.offset))
             else:
-                made.append(RingPlan(first.policy, first.slot_pos, self.seen, self.offset, slot))
+                made.append(RingPlan(first.policy, first.slot_pos, self.seen, self.offset, ring[0][0]))
         self._group_plans = made
         self.plans = [made[g] for g in self._group_of]
         self.uncommitted = len(self.layers)
@@ -200,22 +202,26 @@ class KVCache:
         if self.uncommitted == 0:
             self._finish()
 
-    def _ring_slot(self, g: int) -> int | None:
-        """The slot the next token takes where policy group ``g`` is in the steady state of a ring (``ring_order``):
-        that of the oldest token of the window. The order is worked out once from the slots' positions, then kept
-        by the commits of ``RingPlan`` (which write the group's one ``slot_pos`` in place); None elsewhere."""
+    def _ring(self, g: int) -> tuple[deque | None, list[int]] | None:
+        """Where policy group ``g`` is a ring that fills (``filling``) or is full (``ring_order``): the window's slots
+        oldest first (the next token takes the first), or None while it fills (it takes slot ``seen``); None
+        elsewhere. Worked out once from the slots' positions, then kept by the commits of ``RingPlan`` (which write
+        the group's one ``slot_pos`` in place)."""
         ring = self._rings.get(g)
-        if ring is None or ring[1][0] != self.seen:
-            group = self.groups[g]
-            first = self.layers[group[0]]
-            order = None if first.policy.ring is None else ring_order(first.policy, first.slot_pos, self.seen)
-            if order is None:
-                self._rings.pop(g, None)
-                return None
-            for i in group:  # (equal already) one tensor for the group, so that writing it serves every layer
-                self.layers[i].slot_pos = first.slot_pos
-            ring = self._rings[g] = (deque(order), [self.seen])
-        return ring[0][0]
+        if ring is not None and ring[1][0] == self.seen:
+            return ring
+        group = self.groups[g]
+        first = self.layers[group[0]]
+        if first.policy.ring is None:
+            return None
+        order = ring_order(first.policy, first.slot_pos, self.seen)
+        if order is None and not filling(first.policy, first.slot_pos, self.seen):
+            self._rings.pop(g, None)
+            return None
+        for i in group:  # (equal already) one tensor for the group, so that writing it serves every layer
+            self.layers[i].slot_pos = first.slot_pos
+        ring = self._rings[g] = (None if order is None else deque(order), [self.seen])
+        return ring
 
     def commit_written(self) -> None:
         """``commit(i, None, None, written=True)`` for every layer at once: the backend stored each layer's new
@@ -280,12 +286,17 @@ class KVCache:
     def _finish(self) -> None:
         """Every layer committed: record what each slot now holds, and the new count of tokens seen."""
         for g, (group, plan) in enumerate(zip(self.groups, self._group_plans, strict=True)):
-            if plan.steady:  # the token takes the slot of the one that leaves, in the group's one slot_pos
+            if isinstance(plan, RingPlan):  # one token into its ring's slot, in the group's one slot_pos
                 slot_pos = self.layers[group[0]].slot_pos
                 slot_pos[plan.last_slot] = plan.seen - 1
                 slots, seen = self._rings[g]
-                slots.rotate(-1)  # that slot now holds the newest token
                 seen[0] = plan.seen
+                if slots is not None:
+                    slots.rotate(-1)  # the slot of the token that left now holds the newest
+                elif plan.seen == slot_pos.numel():
+                    del self._rings[
+                        g
+                    ]  # full: a steady ring from the next token, whose order is worked out then
             else:
                 slot_pos = self.layers[group[0]].slot_pos.clone()  # (C,), grown with the storage if it grew
                 if plan.departures:
@@ -301,7 +312,7 @@ class KVCache:
                             torch.ones(slot_pos.numel() - self.changed[g].numel(), dtype=torch.bool),
                         ]
                     )
-                self.changed[g][plan.last_slot if plan.steady else plan.stay_slots] = True
+                self.changed[g][plan.last_slot if isinstance(plan, RingPlan) else plan.stay_slots] = True
         self.seen = self.plans[0].seen
         self.plans = None
         self._departing = None

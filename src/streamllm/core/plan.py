@@ -167,6 +167,46 @@ class RingPlan(Plan):
     leaving = cached_property(lambda self: torch.arange(self._slot_pos.numel()) == self.last_slot)
 
 
+def filling(policy: Policy, slot_pos: torch.Tensor, seen: int) -> bool:
+    """Whether a layer whose slots hold ``slot_pos`` is a ring (``Policy.ring``) that is not full yet after ``seen``
+    tokens, as ``make_plan`` fills one (empty slots in order): tokens 0..seen-1 in slots 0..seen-1, the rest empty."""
+    W, S = policy.ring, policy.num_sinks
+    C = slot_pos.numel()
+    if W is None or C != S + W or not 0 < seen < C:
+        return False
+    return torch.equal(slot_pos[:seen], torch.arange(seen)) and bool((slot_pos[seen:] < 0).all())
+
+
+class FillPlan(RingPlan):
+    """``make_plan``'s plan for one token of a ring that is not full yet (``filling``): the token takes slot
+    ``seen``, nothing leaves, and it sees every slot held (until the ring is full every token is kept) and itself;
+    its anchor is its own position. Tensors made when read, as ``RingPlan``'s (tested field by field too)."""
+
+    def __init__(self, policy: Policy, slot_pos: torch.Tensor, seen: int, offset: int):
+        super().__init__(policy, slot_pos, seen, offset, seen)
+        assign = object.__setattr__.__get__(self)
+        assign("steady", False)
+        assign("departures", False)
+        assign("_numbers", (seen, seen - offset, offset))  # anchor q less model position q - offset
+
+    def _first(self, n: int) -> torch.Tensor:
+        """(C,) bool: the first n slots"""
+        return torch.arange(self._slot_pos.numel()) < n
+
+    visible = cached_property(
+        lambda self: torch.cat([self._first(self.last_slot), torch.ones(1, dtype=torch.bool)])[None]
+    )
+    anchored = cached_property(
+        lambda self: torch.cat(
+            [
+                self._first(min(self.last_slot, self.policy.num_sinks)),
+                torch.tensor([self.last_slot < self.policy.num_sinks]),
+            ]
+        )
+    )
+    leaving = cached_property(lambda self: torch.zeros(self._slot_pos.numel(), dtype=torch.bool))
+
+
 @cache
 def _ring_constants(C: int, S: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What every ring plan of C slots and S sinks shares (plans are read-only): anchored (C+1,), visible
