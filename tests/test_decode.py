@@ -15,8 +15,9 @@ from tiny import tiny_model
 import streamllm
 from streamllm import StreamConfig
 from streamllm.backends import native
+from streamllm.backends.angles import RotaryRows, Turns
 from streamllm.backends.arch import ARCHITECTURES
-from streamllm.backends.decode import _RotaryRows, _Turns, decoder_for
+from streamllm.backends.decode import decoder_for
 from streamllm.backends.quant import INT4_MAX_ERROR, Int4MatVec, Int8MatVec, kept_quantized, quantized
 from streamllm.runtime.stream import Stream
 
@@ -170,7 +171,7 @@ def test_rotary_rows_are_the_rotary_modules_own(arch, dtype):
     """The angles a token reads from the kept blocks are bit for bit what the model's rotary gives for its
     position alone, at block edges and past the kept positions too."""
     model = tiny_model(arch).to(dtype)
-    rows = _RotaryRows(model.model.rotary_emb, dtype)
+    rows = RotaryRows(model.model.rotary_emb, dtype)
     for pos in (0, 1, 255, 256, 257, 1023, 5000, rows.LIMIT - 1, rows.LIMIT, rows.LIMIT + 77):
         cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=dtype), torch.tensor([[pos]]))
         got = rows(pos)
@@ -180,12 +181,12 @@ def test_rotary_rows_are_the_rotary_modules_own(arch, dtype):
 
 
 def test_turn_values_rotate_as_the_rotary_does():
-    """The sinks' turn: its values laid out as the native step's matrix (``_Turns``) rotate as the rotary does."""
+    """The sinks' turn: its values laid out as the native step's matrix (``Turns``) rotate as the rotary does."""
     from streamllm.core.rotary import rotate
 
     D, R = 8, 6  # partial rotary: the last two dims stay
     inv_freq = 1.0 / (10000 ** (torch.arange(0, R, 2) / R))
-    turns = _Turns(inv_freq)
+    turns = Turns(inv_freq)
     x = torch.randn(5, D)
     j = torch.arange(R // 2)
     for shift in (0, -1, -300, -turns.LIMIT, -turns.LIMIT - 1, 7):  # kept blocks and computed ones

@@ -37,6 +37,7 @@ from ..core.cache import KVCache
 from ..core.plan import Plan
 from ..core.rotary import rotate_half
 from . import native
+from .angles import RotaryRows, Turns
 from .arch import layer_inv_freqs, lookup
 from .attention import attend
 from .blocks import Layer, Norm, fuse, linears, norm_form
@@ -68,13 +69,13 @@ class Decoder:
         self.Hkv = config.num_key_value_heads
         self.D = getattr(config, "head_dim", None) or config.hidden_size // self.H
         self.inv_freqs = layer_inv_freqs(model)  # per layer (R/2,)
-        self._turns = _Turns(self.inv_freqs[0])
+        self._turns = Turns(self.inv_freqs[0])
         self._masks: dict[tuple, torch.Tensor] = {}  # native_mask of the steady plans, by ring shape
         L = len(self.inv_freqs)
         self.layer_types = getattr(config, "layer_types", None) or ["full_attention"] * L
         self.rotary = model.model.rotary_emb
         self.typed_rotary = "layer_type" in inspect.signature(self.rotary.forward).parameters  # Gemma3's
-        self._angle_rows = None if self.typed_rotary else _RotaryRows(self.rotary, model.dtype)
+        self._angle_rows = None if self.typed_rotary else RotaryRows(self.rotary, model.dtype)
         forms = {norm_form(m) for m in model.modules() if type(m).__name__.endswith("RMSNorm")}
         if None in forms or len(forms) != 1:
             raise ValueError("the fast decode path needs one known RMSNorm form")
@@ -344,74 +345,6 @@ def native_mask(plan: Plan, room: int = 0) -> torch.Tensor:
     if not room:
         return visible
     return torch.cat([visible, torch.arange(room) < plan.recalled])
-
-
-class _Blocks:
-    """Rows ``f(n)`` for integers n, made ``BLOCK`` at a time when first asked for and kept, for n in [lo, hi);
-    outside that range computed each time. ``f`` maps a (N,) tensor of integers to a tensor (N, ...). Decoding asks
-    for the next integer every token, so a token reads a row instead of running a few small operations."""
-
-    BLOCK = 256
-
-    def __init__(self, f, lo: int, hi: int):
-        self.f, self.lo, self.hi = f, lo, hi
-        self.blocks: dict[int, torch.Tensor] = {}
-
-    def __call__(self, n: int) -> torch.Tensor:
-        if not self.lo <= n < self.hi:
-            return self.f(torch.tensor([n]))[0]
-        b, i = divmod(n - self.lo, self.BLOCK)
-        block = self.blocks.get(b)
-        if block is None:
-            start = self.lo + b * self.BLOCK
-            block = self.blocks[b] = self.f(torch.arange(start, start + self.BLOCK))
-        return block[i]
-
-
-class _RotaryRows:
-    """The model's rotary cos and sin at one position, from the model's own rotary module, computed for blocks of
-    positions (the same elementwise arithmetic, so the same numbers) below ``LIMIT``. Rotaries whose frequencies
-    depend on the longest position of a call ("dynamic", "longrope") are called for each position alone."""
-
-    LIMIT = 1 << 14  # positions kept: the window plus the rebasing margin, under 2 MB for a head dim of 64
-
-    def __init__(self, rotary: nn.Module, dtype: torch.dtype):
-        self.rotary = rotary
-        kind = getattr(rotary, "rope_type", "default")
-        static = isinstance(kind, str) and "dynamic" not in kind and kind != "longrope"
-        self.like = torch.zeros(1, dtype=dtype)
-        self.rows = _Blocks(self._make, 0, self.LIMIT if static else 0)
-
-    def _make(self, pos: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rotary(self.like, pos[None])  # (1, N, R) each
-        return torch.stack([cos[0], sin[0]], dim=1)  # (N, 2, R)
-
-    def __call__(self, pos: int, stacked: bool = False):
-        """-> (cos, sin), (R,) each; with ``stacked`` one tensor (2, R)"""
-        row = self.rows(pos)
-        return row if stacked else (row[0], row[1])
-
-
-class _Turns:
-    """The rotary rotation by ``shift`` positions as the values (2R,) float32 cos, cos, -sin, sin of its R/2
-    angles, float64 until then as ``rotary.shift_angles`` computes them: the rotation M (D, D) with cos on the
-    diagonal of the first R dims, -sin at (j + R/2, j) and sin at (j, j + R/2), so that ``x @ M`` equals
-    ``rotary.rotate(x, shift)``. The native step turns the query by its transpose (``turn_query``). A ring's token
-    asks for the next shift every token: the values of -``LIMIT``..0 are kept (``_Blocks``)."""
-
-    LIMIT = 1 << 13
-
-    def __init__(self, inv_freq: torch.Tensor):
-        self.inv_freq = inv_freq.to(torch.float64)  # (R/2,)
-        self.values = _Blocks(self._values, -self.LIMIT, 1)
-
-    def _values(self, shifts: torch.Tensor) -> torch.Tensor:
-        angles = shifts[:, None] * self.inv_freq  # (N, R/2)
-        cos, sin = angles.cos(), angles.sin()
-        return torch.cat([cos, cos, -sin, sin], dim=1).float()  # (N, 2R)
-
-    def __call__(self, shift: int) -> torch.Tensor:
-        return self.values(shift)
 
 
 def decoder_for(model: nn.Module, weights: str = "model") -> Decoder | None:
