@@ -22,7 +22,6 @@ Letters: B batch, Hkv kv heads, T new tokens, C slots, D head dim.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ import torch
 
 from . import snapshot
 from .memory import Memory
-from .plan import FillPlan, Plan, RingPlan, filling, make_plan, ring_order
+from .plan import Plan, Ring, RingPlan, make_plan
 from .policy import Policy
 from .rotary import rotate
 from .store import KV_DTYPES, LayerStore
@@ -101,9 +100,7 @@ class KVCache:
         self.plans: list[Plan] | None = None  # the pending plan of every layer, until all have committed
         self._departing: tuple | None = None  # (plan, what leaves under it), for the layers that share it
         self.uncommitted = 0
-        # per policy group that is a ring, filling or steady: its window's slots oldest first (None while it fills),
-        # and the count of tokens seen they hold for (``_ring``)
-        self._rings: dict[int, tuple[deque | None, list[int]]] = {}
+        self._rings: dict[int, Ring] = {}  # per policy group that is a ring, filling or full (``_ring``)
         # per policy group, the slots written since the last ``mark_saved`` (None: all of them may differ)
         self.changed: list[torch.Tensor | None] = [None] * len(self.groups)
 
@@ -165,10 +162,8 @@ class KVCache:
             ring = self._ring(g) if T == 1 and not extra else None
             if ring is None:
                 made.append(make_plan(first.policy, first.slot_pos, self.seen, self.offset, T, **extra))
-            elif ring[0] is None:
-                made.append(FillPlan(first.policy, first.slot_pos, self.seen, self.offset))
             else:
-                made.append(RingPlan(first.policy, first.slot_pos, self.seen, self.offset, ring[0][0]))
+                made.append(ring.plan(first.policy, first.slot_pos, self.offset))
         self._group_plans = made
         self.plans = [made[g] for g in self._group_of]
         self.uncommitted = len(self.layers)
@@ -202,25 +197,21 @@ class KVCache:
         if self.uncommitted == 0:
             self._finish()
 
-    def _ring(self, g: int) -> tuple[deque | None, list[int]] | None:
-        """Where policy group ``g`` is a ring that fills (``filling``) or is full (``ring_order``): the window's slots
-        oldest first (the next token takes the first), or None while it fills (it takes slot ``seen``); None
-        elsewhere. Worked out once from the slots' positions, then kept by the commits of ``RingPlan`` (which write
-        the group's one ``slot_pos`` in place)."""
+    def _ring(self, g: int) -> Ring | None:
+        """Policy group ``g``'s ``Ring`` where it is one (filling or full), kept from token to token while its plans'
+        commits write the group's one ``slot_pos`` in place; None elsewhere."""
         ring = self._rings.get(g)
-        if ring is not None and ring[1][0] == self.seen:
+        if ring is not None and ring.seen == self.seen:
             return ring
         group = self.groups[g]
         first = self.layers[group[0]]
-        if first.policy.ring is None:
-            return None
-        order = ring_order(first.policy, first.slot_pos, self.seen)
-        if order is None and not filling(first.policy, first.slot_pos, self.seen):
+        ring = Ring.of(first.policy, first.slot_pos, self.seen)
+        if ring is None:
             self._rings.pop(g, None)
             return None
         for i in group:  # (equal already) one tensor for the group, so that writing it serves every layer
             self.layers[i].slot_pos = first.slot_pos
-        ring = self._rings[g] = (None if order is None else deque(order), [self.seen])
+        self._rings[g] = ring
         return ring
 
     def commit_written(self) -> None:
@@ -289,14 +280,8 @@ class KVCache:
             if isinstance(plan, RingPlan):  # one token into its ring's slot, in the group's one slot_pos
                 slot_pos = self.layers[group[0]].slot_pos
                 slot_pos[plan.last_slot] = plan.seen - 1
-                slots, seen = self._rings[g]
-                seen[0] = plan.seen
-                if slots is not None:
-                    slots.rotate(-1)  # the slot of the token that left now holds the newest
-                elif plan.seen == slot_pos.numel():
-                    del self._rings[
-                        g
-                    ]  # full: a steady ring from the next token, whose order is worked out then
+                if not self._rings[g].advance(plan, slot_pos.numel()):
+                    del self._rings[g]
             else:
                 slot_pos = self.layers[group[0]].slot_pos.clone()  # (C,), grown with the storage if it grew
                 if plan.departures:

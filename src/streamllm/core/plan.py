@@ -12,6 +12,7 @@ Letters: T new tokens, C stored slots, K = C + T keys (stored slots first, then 
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 
@@ -205,6 +206,42 @@ class FillPlan(RingPlan):
         )
     )
     leaving = cached_property(lambda self: torch.zeros(self._slot_pos.numel(), dtype=torch.bool))
+
+
+class Ring:
+    """A policy group's ring kept between plans (``KVCache``): the slots of its window's tokens oldest first, or None
+    while it fills, and the count of tokens seen they are right for. Worked out once from the slots' positions
+    (``of``), then kept by the commit of each of its plans (``advance``)."""
+
+    def __init__(self, order: list[int] | None, seen: int):
+        self.order = None if order is None else deque(order)
+        self.seen = seen
+
+    @classmethod
+    def of(cls, policy: Policy, slot_pos: torch.Tensor, seen: int) -> Ring | None:
+        """The ring of a layer whose slots hold ``slot_pos``, where it fills (``filling``) or is full
+        (``ring_order``); None elsewhere."""
+        if policy.ring is None:
+            return None
+        order = ring_order(policy, slot_pos, seen)
+        if order is None and not filling(policy, slot_pos, seen):
+            return None
+        return cls(order, seen)
+
+    def plan(self, policy: Policy, slot_pos: torch.Tensor, offset: int) -> RingPlan:
+        """The next token's plan: it takes the slot of the window's oldest token, or slot ``seen`` while filling."""
+        if self.order is None:
+            return FillPlan(policy, slot_pos, self.seen, offset)
+        return RingPlan(policy, slot_pos, self.seen, offset, self.order[0])
+
+    def advance(self, plan: RingPlan, C: int) -> bool:
+        """``plan`` was committed: whether the ring is still right for the next token (one that has just filled
+        its C slots is worked out again, as a full one)."""
+        self.seen = plan.seen
+        if self.order is None:
+            return plan.seen < C
+        self.order.rotate(-1)  # the slot of the token that left now holds the newest
+        return True
 
 
 @cache
