@@ -124,12 +124,17 @@ def test_a_server_failure_is_a_500_and_the_server_keeps_serving(tiny, monkeypatc
 @pytest.mark.parametrize("on_disk", [False, True])
 def test_a_timeout_is_a_504_and_the_turn_is_undone(tiny, tmp_path, on_disk):
     state_dir = tmp_path if on_disk else None
-    with _serve(tiny, request_timeout_s=1.0, state_dir=state_dir) as server:
+    with _serve(tiny, request_timeout_s=1.0, state_dir=state_dir, max_tokens_limit=100_000) as server:
         first = _chat(server.url, [{"role": "user", "content": "hello"}])
         session = first.headers["x-session-id"]
         before = _state(server.url, session)
         slow = _chat(
-            server.url, [{"role": "user", "content": "and now a lot"}], session=session, max_tokens=4000
+            # far more tokens than a second decodes on the tiny model (4000 finished within it once decoding got
+            # faster), so that the turn is still running when the timeout comes
+            server.url,
+            [{"role": "user", "content": "and now a lot"}],
+            session=session,
+            max_tokens=100_000,
         )
         assert slow.status_code == 504 and slow.json()["error"]["code"] == "request_timeout"
         after = _idle_state(server.url, session)
