@@ -2,6 +2,8 @@
 models: each streams exactly. Below capacity the engine equals the model's own forward; past it, the paper's
 algorithm run by the model's own attention code over a trimmed cache (``oracle.cache_oracle_logits``)."""
 
+import inspect
+
 import pytest
 import torch
 import transformers as tf
@@ -128,3 +130,47 @@ def test_memory_is_refused_for_alibi_with_the_reason():
     config = StreamConfig(num_sinks=S, window=W, memory=MemoryConfig(block_size=4, blocks=2))
     with pytest.raises(UnsupportedModelError, match="ALiBi model has none"):
         cache_for(model, config)
+
+
+@pytest.mark.parametrize("name", ["bloom", "mpt", "falcon"])
+def test_a_forward_that_changed_upstream_is_refused_by_name(name):
+    """Where a release drops a parameter the family's forward reads, ``prepare`` names the family, the parameter
+    and the transformers version, and leaves every module as it was."""
+    model = _model(name)
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "forward")]
+    modules = [m for m in modules if "Attention" in type(m).__name__]
+
+    def renamed(hidden_states, attention_mask=None, past_key_values=None, **kwargs):
+        raise AssertionError("not called")
+
+    modules[-1].forward = renamed
+    with pytest.raises(UnsupportedModelError) as err:
+        streamllm.prepare(model)
+    message = str(err.value)
+    assert {"BLOOM": "bloom", "MPT": "mpt", "Falcon": "falcon"}[
+        message.split(" models")[0].split()[-1]
+    ] == name
+    assert f"transformers {tf.__version__}" in message and "no longer takes" in message
+    assert not any(hasattr(m, "streamllm_original_forward") for m in model.modules())
+
+
+def test_arguments_are_read_by_name_not_position():
+    """The same call with its arguments as keywords in another order streams the same logits."""
+    model = _model("falcon")
+    ids = _ids(30)
+    streamllm.prepare(model)
+    try:
+        want, _ = engine_logits(model, ids, StreamConfig(num_sinks=S, window=W), 5)
+        attn = next(m for m in model.modules() if type(m).__name__ == "FalconAttention")
+        inner = attn.forward
+
+        def shuffled(*args, **kwargs):
+            bound = inspect.signature(attn.streamllm_original_forward).bind(*args, **kwargs)
+            named = {**bound.arguments, **bound.arguments.pop("kwargs", {})}
+            return inner(**dict(reversed(list(named.items()))))
+
+        attn.forward = shuffled
+        got, _ = engine_logits(model, ids, StreamConfig(num_sinks=S, window=W), 5)
+        assert (got - want).abs().max() < 1e-6
+    finally:
+        uninstall([m for m in model.modules() if hasattr(m, "streamllm_original_forward")])

@@ -62,7 +62,10 @@ def prepare(model: nn.Module) -> nn.Module:
     Raises ``UnsupportedModelError`` naming the reason for architectures that cannot stream exactly."""
     arch = lookup(model.config)
     if arch.inline is not None:  # no registry to go through: the modules' forwards take the cache
-        install(model, arch.inline, attention_modules(model))
+        try:
+            install(model, arch.inline, attention_modules(model))
+        except ValueError as exc:
+            raise UnsupportedModelError(str(exc)) from None
         return model
     register()
     if model.config._attn_implementation != ATTENTION_NAME:
