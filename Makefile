@@ -1,15 +1,20 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The exact versions of every Python package that `make test` (and so CI) installs: the versions the suite passed
+# with. pyproject.toml keeps ranges for users; `make test-latest` tries the newest the ranges admit, and `make
+# lock` writes this file again from .venv once the suite passes there.
+LOCK := requirements-test.lock
 STAMP := $(VENV)/.installed
+LATEST := .venv-latest
 
-.PHONY: setup browser redis demo test lint clean
+.PHONY: setup browser redis demo test test-latest lock lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -39,9 +44,23 @@ test: setup browser redis
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q tests
 
+# The suite against the newest versions pyproject.toml admits, in a venv of its own (run it before widening a range).
+test-latest: browser redis
+	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q torch==2.13.0
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	$(LATEST)/bin/pip freeze --exclude-editable | grep -iE '^(transformers|tokenizers|gguf|accelerate)=='
+	$(LATEST)/bin/streamllm models pull smollm2-135m
+	$(LATEST)/bin/python -m pytest -q tests
+
+# Write the lock from .venv (after the suite passed there). torch is left out: pyproject.toml pins it.
+lock: $(STAMP)
+	$(BIN)/pip freeze --exclude-editable | grep -v '^torch==' > $(LOCK)
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) $(LATEST) build src/*.egg-info
