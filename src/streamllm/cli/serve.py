@@ -86,6 +86,17 @@ def server_args(s) -> None:
         help="a resent conversation that matches no session and is longer than the cache: feed its first --num-sinks "
         "and last --window tokens (window, the default: bounded time), or all of it (exact)",
     )
+    s.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="serve /metrics (Prometheus) without an API key; by default it needs one, like every other route",
+    )
+    s.add_argument(
+        "--log-format",
+        choices=("text", "json"),  # ``server.logs.FORMATS``, not imported: building the parser stays light
+        default="text",
+        help="text lines, or one JSON object per line for log shippers (json); either way one line per request",
+    )
 
 
 def port_number(text: str) -> int:
@@ -134,14 +145,17 @@ def _check_store(config) -> None:
 
 def run(args) -> int:
     from ..server import serve
+    from ..server.logs import configure
 
+    configure(args.log_format)
     config = server_config(args)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
         logging.getLogger("streamllm.server").warning(
             "listening on %s without --api-key: anyone who can reach it can use it", args.host
         )
     model, tokenizer, config = load_server(args, config)
-    serve(model, tokenizer, config, args.host, args.port, log_level="debug" if args.verbose else "info")
+    level = "debug" if args.verbose else "info"
+    serve(model, tokenizer, config, args.host, args.port, log_level=level, log_format=args.log_format)
     return 0
 
 
@@ -173,6 +187,7 @@ def server_config(args):
         batch_decode=args.batch_decode,
         bos=args.bos,
         history=args.history,
+        metrics_public=args.metrics_public,
     )
     if args.state_dir is not None:
         try:

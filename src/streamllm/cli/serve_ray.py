@@ -49,6 +49,9 @@ def replica_argv(argv: list[str]) -> list[str]:
 
 
 def run(args) -> int:
+    from ..server.logs import configure
+
+    configure(args.log_format)
     config = server_config(args)
     if config.store is None and config.state_dir is None:
         raise InputError(
@@ -69,7 +72,7 @@ def run(args) -> int:
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         app = application(
-            replica_argv(args.argv), args.replicas, args.cpus_per_replica, config.max_body_bytes
+            replica_argv(args.argv), args.replicas, args.cpus_per_replica, config, args.log_format
         )
         serve.run(app, name="streamllm", route_prefix="/")
         logging.getLogger("streamllm.server").warning(

@@ -9,8 +9,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from . import errors, page
+from .access import AccessLog
 from .config import ServerConfig
 from .guards import AuthGuard, BodyLimit
+from .metrics import Metrics, SessionGauges
 from .routes import Api
 from .scheduler import Scheduler
 from .sessions import SessionStore
@@ -25,8 +27,10 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
 
     The model worker thread starts with the app's lifespan (uvicorn, or ``with TestClient(app)``).
     """
-    store = SessionStore(model, config)
-    scheduler = Scheduler(model, config.batch_decode)
+    metrics = Metrics()
+    store = SessionStore(model, config, metrics)
+    metrics.registry.register(SessionGauges(store, metrics.guard))
+    scheduler = Scheduler(model, config.batch_decode, on_batch=metrics.decode_batch)
     turns = Turns(model, tokenizer, config, store, scheduler)
 
     @asynccontextmanager
@@ -48,13 +52,16 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
         docs_url=None,  # the interactive docs fetch scripts from a CDN; the schema is at /openapi.json
         redoc_url=None,
     )
-    app.state.turns = turns
+    app.state.turns, app.state.metrics = turns, metrics
     errors.install(app)
-    app.include_router(Api(turns, config, time.time()).router())
+    app.include_router(Api(turns, config, time.time(), metrics).router())
+    app.include_router(metrics.router())
     app.include_router(page.router())
-    # Outermost first: the key is checked before a body is read.
+    # Added innermost first: every request is counted and logged (a refused one too), and the key is checked
+    # before a body is read.
     app.add_middleware(BodyLimit, config=config)
     app.add_middleware(AuthGuard, config=config)
+    app.add_middleware(AccessLog, metrics=metrics)
     return app
 
 
@@ -84,9 +91,27 @@ def _describe(config: ServerConfig) -> str:
     )
 
 
-def serve(model, tokenizer, config: ServerConfig, host: str, port: int, log_level: str = "info") -> None:
-    """Run the server until interrupted (SIGINT/SIGTERM stop it gracefully)."""
+def serve(
+    model,
+    tokenizer,
+    config: ServerConfig,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    log_format: str = "text",
+) -> None:
+    """Run the server until interrupted (SIGINT/SIGTERM stop it gracefully). ``log_format`` "json" leaves
+    uvicorn's logging config out, so that its lines too go through the root logger's JSON lines (``logs``)."""
     import uvicorn
 
     app = create_app(model, tokenizer, config)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    own = {"log_config": None} if log_format == "json" else {}
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+        access_log=False,  # the access lines are ours (``access.py``): with sessions and tokens
+        **own,
+    )

@@ -35,7 +35,8 @@ class ServerConfig:
     ``store``: a ``redis://`` URL of a store shared by several processes (``store.py``; ``store_password`` is
     never shown), instead of ``state_dir``. ``lease_wait_s``: how long a turn waits while another process runs a
     turn of the same session before answering 409; ``lease_ttl_s``: how long a lease in a shared store outlives a
-    process that died holding it.
+    process that died holding it. ``metrics_public``: ``/metrics`` answers without an API key (for a scraper
+    on a trusted network); otherwise it needs one like every other route, when the server has keys.
     """
 
     model_id: str
@@ -54,6 +55,7 @@ class ServerConfig:
     batch_decode: int = 16
     bos: bool = True  # a session's first text starts with BOS when the tokenizer adds one
     history: str = "window"
+    metrics_public: bool = False
     path: dict | None = None  # the dtype and decode path chosen for the model, and why (``defaults.Choice``)
 
     def __post_init__(self) -> None:

@@ -15,6 +15,20 @@ from .page import PATHS as PAGE_PATHS
 OPEN_PATHS = frozenset({"/health"}) | PAGE_PATHS
 
 
+def bearer_key(header: bytes, keys: list[bytes]) -> str | None | bool:
+    """The key an ``Authorization`` header carries: the matching one, None when no keys are configured, False
+    when the header holds no valid key."""
+    if not keys:
+        return None
+    scheme, _, token = header.partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        return False
+    # Compare with every key, so the time taken does not tell which one nearly matched.
+    matches = [hmac.compare_digest(token, key) for key in keys]
+    return keys[matches.index(True)].decode() if any(matches) else False
+
+
 async def _send_error(send, status: int, message: str, type: str, code: str, headers=()) -> None:
     body = json.dumps(error_body(message, type, None, code)).encode()
     await send(
@@ -32,27 +46,19 @@ async def _send_error(send, status: int, message: str, type: str, code: str, hea
 
 
 class AuthGuard:
-    """With API keys configured, every path but ``/health`` and the chat page's files needs ``Authorization: Bearer <key>``. The caller's
-    owner id (a digest of the key) goes into ``scope["state"]["owner"]`` for the routes."""
+    """With API keys configured, every path but ``/health`` and the chat page's files (and ``/metrics`` with
+    ``metrics_public``) needs ``Authorization: Bearer <key>``. The caller's owner id (a digest of the key) goes
+    into ``scope["state"]["owner"]`` for the routes."""
 
     def __init__(self, app, config: ServerConfig):
         self.app, self.keys = app, [key.encode() for key in config.api_keys]
+        self.open = OPEN_PATHS | ({"/metrics"} if config.metrics_public else set())
 
     def _key(self, scope) -> str | None | bool:
-        """The matching key, None when no keys are configured, False when the request has no valid key."""
-        if not self.keys:
-            return None
-        header = dict(scope.get("headers") or []).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        token = token.strip()
-        if scheme.lower() != b"bearer" or not token:
-            return False
-        # Compare with every key, so the time taken does not tell which one nearly matched.
-        matches = [hmac.compare_digest(token, key) for key in self.keys]
-        return self.keys[matches.index(True)].decode() if any(matches) else False
+        return bearer_key(dict(scope.get("headers") or []).get(b"authorization", b""), self.keys)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or scope["path"] in self.open:
             return await self.app(scope, receive, send)
         key = self._key(scope)
         if key is False:

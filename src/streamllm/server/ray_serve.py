@@ -17,6 +17,11 @@ Two deployments:
 
 Affinity is only for speed: a turn sent to another replica is still correct, it pays for a reload (measured in
 ``benchmarks/load.py``). Ray is imported here only: the single-process server does not need it.
+
+**Metrics.** Replicas have no port of their own, so the router's ``GET /metrics`` is the one scrape target: its
+own series (``streamllm_router_*``) and every running replica's ``/metrics``, fetched at scrape time through the
+replica's own route (a request keyed ``replica:<id>``, which ``SessionAffinity`` sends to exactly that replica),
+each sample labelled ``replica="<id>@<host>:<pid>"``.
 """
 
 import asyncio
@@ -30,18 +35,24 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RunningReplica
 
-from .errors import SERVER_ERROR, error_body
+from .access import log_line, route_of
+from .errors import AUTHENTICATION, SERVER_ERROR, error_body
+from .guards import bearer_key
+from .logs import configure
+from .metrics import CONTENT_TYPE, Families, RouterMetrics, exposition, labelled
 
 log = logging.getLogger(__name__)
 
 HOP_BY_HOP = {"content-length", "transfer-encoding", "connection", "keep-alive"}
 REPLICA_HEADER = "x-streamllm-replica"  # which replica answered (id@host:pid): for operators and tests
+REPLICA_KEY = "replica:"  # an affinity key naming one replica: the router's scrape of its /metrics
+SCRAPE_TIMEOUT_S = 10.0
 
 
 def affinity_key(method: str, path: str, headers: dict[str, str], body: bytes) -> str:
@@ -74,6 +85,14 @@ class SessionAffinity(PowerOfTwoChoicesRequestRouter):
     may the others, in the key's order, take the request. A dead replica leaves the candidates at once."""
 
     STICKY_S = 30.0
+    # The ids of the running replicas, as Ray last told them. Ray creates this router itself, in the process of
+    # the deployment that holds the handle (``Router``), so a class attribute is how ``Router`` reads them; one
+    # assignment replaces it whole, as Ray may call from another thread.
+    running: frozenset[str] = frozenset()
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        SessionAffinity.running = frozenset(r.replica_id.unique_id for r in replicas)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -82,6 +101,9 @@ class SessionAffinity(PowerOfTwoChoicesRequestRouter):
         if not key or not candidate_replicas:
             return await super().choose_replicas(candidate_replicas, pending_request)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        if key.startswith(REPLICA_KEY):  # that one; if it is gone, any (the router sees who answered)
+            named = by_id.get(key.removeprefix(REPLICA_KEY))
+            return [[named]] if named is not None else [list(candidate_replicas)]
         ranked = [[by_id[i]] for i in rank(key, list(by_id))]
         if time.time() - pending_request.created_at < self.STICKY_S:
             return ranked[:1]
@@ -104,6 +126,7 @@ class Replica:
         from .app import create_app
 
         args = build_parser().parse_args(["serve", *argv])
+        configure(args.log_format)
         model, tokenizer, config = load_server(args, server_config(args))
         self.app = create_app(model, tokenizer, config)
         self.name = f"{serve.get_replica_context().replica_id.unique_id}@{socket.gethostname()}:{os.getpid()}"
@@ -185,19 +208,79 @@ PROBE_DEADLINE = {"RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S": "1.0"}
 )
 @serve.ingress(ingress)
 class Router:
-    """The HTTP front: every request goes whole to one replica, chosen by ``affinity_key``."""
+    """The HTTP front: every request goes whole to one replica, chosen by ``affinity_key``; ``/metrics`` gathers
+    the replicas' (needing one of ``api_keys``, when there are any, unless ``metrics_public``)."""
 
-    def __init__(self, replicas, max_body_bytes: int, retry_s: float = 60.0):
+    def __init__(
+        self,
+        replicas,
+        max_body_bytes: int,
+        retry_s: float = 60.0,
+        api_keys: tuple[str, ...] = (),
+        metrics_public: bool = False,
+        log_format: str = "text",
+    ):
+        configure(log_format)
         self.replicas = replicas.options(stream=True)
         self.max_body_bytes, self.retry_s = max_body_bytes, retry_s
+        self.keys, self.metrics_public = [k.encode() for k in api_keys], metrics_public
         self.aliases: OrderedDict[str, str] = OrderedDict()  # session id -> the key that created it
+        self.metrics = RouterMetrics()
+
+    # Before the catch-all route below, which would forward it to one replica.
+    @ingress.get("/metrics", include_in_schema=False)
+    async def scrape(self, request: Request):
+        start = time.perf_counter()
+        header = request.headers.get("authorization", "").encode("latin-1")
+        if not self.metrics_public and bearer_key(header, self.keys) is False:
+            answer = JSONResponse(
+                error_body("missing or incorrect API key", AUTHENTICATION, code="invalid_api_key"),
+                status_code=401,
+                headers={"www-authenticate": "Bearer"},
+            )
+        else:
+            texts = await self._replica_metrics(list(request.headers.items()))
+            answer = Response(
+                exposition(self.metrics.registry, Families(labelled(texts))), media_type=CONTENT_TYPE
+            )
+        self._answered("GET", "/metrics", answer.status_code, None, start)
+        return answer
+
+    async def _replica_metrics(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """(replica name, its /metrics text) of every running replica that answers in time."""
+        if not SessionAffinity.running:  # Ray tells the router its replicas with the first request it routes
+            answer, _ = await self._first(("", "GET", "/health", b"", headers, b""))
+            async for _ in answer:
+                pass
+        ids = sorted(SessionAffinity.running)
+        results = await asyncio.gather(*(self._scrape(i, headers) for i in ids), return_exceptions=True)
+        texts = []
+        for replica_id, result in zip(ids, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("replica %s: /metrics did not answer (%s)", replica_id, result)
+                self.metrics.scrape_failed()
+            else:
+                texts.append(result)
+        return texts
+
+    async def _scrape(self, replica_id: str, headers: list[tuple[str, str]]) -> tuple[str, str]:
+        async with asyncio.timeout(SCRAPE_TIMEOUT_S):
+            answer = self.replicas.remote(REPLICA_KEY + replica_id, "GET", "/metrics", b"", headers, b"")
+            status, sent = await answer.__anext__()
+            body = b"".join([chunk async for chunk in answer])
+        name = dict(sent).get(REPLICA_HEADER, "")
+        if status != 200 or not name.startswith(f"{replica_id}@"):
+            raise RuntimeError(f"answered {status} from {name or 'an unnamed replica'}")
+        return name, body.decode()
 
     @ingress.api_route("/{path:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD"])
     async def forward(self, request: Request, path: str):
+        start = time.perf_counter()
         body = bytearray()
         async for part in request.stream():
             body += part
             if len(body) > self.max_body_bytes:  # the replica would refuse it too; do not hold it all here
+                self._answered(request.method, request.url.path, 413, None, start)
                 return JSONResponse(
                     error_body(f"request body over {self.max_body_bytes} bytes", "invalid_request_error"),
                     status_code=413,
@@ -220,13 +303,26 @@ class Router:
             self.aliases[named] = key  # its next turns, which name it, go where it was made
             while len(self.aliases) > 100_000:
                 self.aliases.popitem(last=False)
+        session = named or headers.get("x-session-id")
 
         async def rest():
-            async for chunk in answer:
-                yield chunk
+            try:
+                async for chunk in answer:
+                    yield chunk
+            finally:  # the answer has ended (or its client went away): its line says how long it took
+                self._answered(request.method, request.url.path, status, session, start)
 
         kept = {k: v for k, v in sent if k.lower() not in HOP_BY_HOP}
         return StreamingResponse(rest(), status_code=status, headers=kept)
+
+    def _answered(self, method: str, path: str, status: int, session: str | None, start: float) -> None:
+        try:
+            seconds, route = time.perf_counter() - start, route_of(path)
+            self.metrics.answered(route, method, status, seconds)
+            fields = {"method": method, "route": route, "path": path, "status": status, "session": session}
+            log_line(fields | {"seconds": round(seconds, 4)})
+        except Exception:  # noqa: BLE001 - the answer is out; a failed log line must not turn into an error
+            self.metrics.guard.failed("the access log")
 
     async def _first(self, call):
         """Send the request, retrying while its replica is gone (killed, restarting) and nothing was answered."""
@@ -241,6 +337,7 @@ class Router:
                     log.warning("no replica answered: %s", exc)
                     return _failed(exc)
                 log.info("a replica failed before answering (%s); trying again", type(exc).__name__)
+                self.metrics.retried()
                 await asyncio.sleep(0.5)
 
 
@@ -253,7 +350,14 @@ def _failed(exc: BaseException):
     return one(), (503, [("content-type", "application/json")])
 
 
-def application(argv: list[str], replicas: int, cpus_per_replica: float, max_body_bytes: int):
-    """The Ray Serve application: ``replicas`` replicas built from ``argv`` behind one router."""
+def application(argv: list[str], replicas: int, cpus_per_replica: float, config, log_format: str = "text"):
+    """The Ray Serve application: ``replicas`` replicas built from ``argv`` behind one router; ``config`` (the
+    ``ServerConfig`` the same options give) tells the router the body limit and who may scrape ``/metrics``."""
     replica = Replica.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica})
-    return Router.bind(replica.bind(argv), max_body_bytes)
+    return Router.bind(
+        replica.bind(argv),
+        config.max_body_bytes,
+        api_keys=config.api_keys,
+        metrics_public=config.metrics_public,
+        log_format=log_format,
+    )

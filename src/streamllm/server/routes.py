@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from ..runtime.generate import Event
 from .config import ServerConfig
 from .errors import NOT_FOUND, APIError, bad_request, internal_error
+from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .turns import Turn, Turns
 
@@ -64,8 +65,9 @@ def _headers(turn: Turn) -> dict[str, str]:
 class Api:
     """Routes bound to one server's state."""
 
-    def __init__(self, turns: Turns, config: ServerConfig, started: float):
+    def __init__(self, turns: Turns, config: ServerConfig, started: float, metrics: Metrics | None = None):
         self.turns, self.config, self.created = turns, config, int(started)
+        self.metrics = metrics or Metrics()
 
     def router(self) -> APIRouter:
         r = APIRouter()
@@ -182,11 +184,19 @@ class Api:
 
     async def _respond(self, turn: Turn, body, sampling, deadline: float, request: Request, chat: bool):
         events = self.turns.run(turn, sampling, deadline)
+        access = getattr(request.state, "access", None)
+        if access is not None:  # the access log's record of this request: its line carries these
+            access.session, access.prompt_tokens, access.cached_tokens = (
+                turn.session.id,
+                turn.prompt_tokens,
+                turn.cached,
+            )
+            events = self.metrics.timed(events, access)
         make = _ChatFormat(self.config.model_id, turn) if chat else _TextFormat(self.config.model_id, turn)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return TurnStream(
-                _sse_body(events, make, include_usage), lambda: self.turns.abort(turn), _headers(turn)
+                _sse_body(events, make, include_usage, access), lambda: self.turns.abort(turn), _headers(turn)
             )
         try:
             texts, finish, count = await _collect(events, request)
@@ -218,7 +228,9 @@ async def _collect(events: AsyncIterator[Event], request: Request) -> tuple[list
         task.cancel()  # a no-op once it is done; otherwise the turn's own cleanup undoes it
 
 
-async def _sse_body(events: AsyncIterator[Event], make, include_usage: bool) -> AsyncIterator[str]:
+async def _sse_body(
+    events: AsyncIterator[Event], make, include_usage: bool, access=None
+) -> AsyncIterator[str]:
     count = 0
     try:
         first = make.chunk(None, None, first=True)
@@ -234,11 +246,19 @@ async def _sse_body(events: AsyncIterator[Event], make, include_usage: bool) -> 
             yield _sse(make.usage_chunk(count))
         yield _sse("[DONE]")
     except APIError as exc:
+        _stream_failed(access, exc.status)
         yield _sse(exc.body())  # headers are gone: the error travels as an event, as OpenAI's do
     except Exception as exc:  # noqa: BLE001
+        _stream_failed(access, 500)
         yield _sse(internal_error(exc).body())
     finally:
         await events.aclose()
+
+
+def _stream_failed(access, status: int) -> None:
+    """Note on the access record that a stream ended with an error, whose status its HTTP status (200) hides."""
+    if access is not None:
+        access.error = status
 
 
 class _ChatFormat:

@@ -21,7 +21,7 @@ import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -75,9 +75,8 @@ class Job:
             stream.feed(prefix[start : start + chunk])
             yield None
         loop = Generation(model, tokenizer, ids, sampling)
-        logits = stream.feed(
-            ids[-1:], recall=True
-        )  # with a memory, the prompt's end selects what is recalled
+        # with a memory, the prompt's end selects what is recalled, by what the whole turn says
+        logits = stream.feed(ids[-1:], recall=True, query=ids)
         loop.prefilled()
         while True:
             token = loop.next_token(logits)
@@ -160,11 +159,12 @@ class Scheduler:
     """Owns the model: every forward pass runs on its one worker thread, turns in round-robin order.
 
     With ``batch > 1``, turns that wait for their next token to be fed (batched jobs) share one forward pass,
-    up to ``batch`` of them (``batched.decode_step``); prompt chunks still go one turn at a time.
+    up to ``batch`` of them (``batched.decode_step``); prompt chunks still go one turn at a time. ``on_batch`` is
+    told the size of each such decode pass (1 when a waiting token found no company); it must not raise.
     """
 
-    def __init__(self, model=None, batch: int = 1):
-        self.model, self.batch = model, batch
+    def __init__(self, model=None, batch: int = 1, on_batch: Callable[[int], None] | None = None):
+        self.model, self.batch, self.on_batch = model, batch, on_batch
         self._jobs: deque[Job] = deque()
         self._cv = threading.Condition()
         self._stopping = False
@@ -220,6 +220,8 @@ class Scheduler:
                     job.abandon()
                     continue
                 group += self._companions(job)
+                if job.waiting is not None and self.on_batch is not None:
+                    self.on_batch(len(group))
                 if len(group) == 1:
                     more = [job.step()]
                 else:

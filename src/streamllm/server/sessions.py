@@ -28,6 +28,7 @@ from .config import ServerConfig
 from .errors import INVALID_REQUEST, NOT_FOUND, SERVER_ERROR, APIError
 from .index import TextIndex
 from .journal import encode_record
+from .metrics import Metrics
 from .persist import (
     SESSION_ID,
     Conversation,
@@ -44,8 +45,9 @@ log = logging.getLogger(__name__)
 
 
 class SessionStore:
-    def __init__(self, model, config: ServerConfig):
+    def __init__(self, model, config: ServerConfig, metrics: Metrics | None = None):
         self.model, self.config = model, config
+        self.metrics = metrics or Metrics()
         self.disk = open_store(config)
         self.sessions: dict[str, Session] = {}
         self._index = TextIndex()
@@ -210,11 +212,15 @@ class SessionStore:
     async def _take_lease(self, session: Session, deadline: float) -> None:
         """Take the session's lease, waiting while another process runs a turn of it: up to ``lease_wait_s`` (and
         the request's deadline), then 409."""
-        give_up = min(deadline, time.monotonic() + self.config.lease_wait_s)
-        while (lease := await asyncio.to_thread(self.disk.lease, session.id)) is None:
-            if time.monotonic() >= give_up:
-                raise self.elsewhere(session)
-            await asyncio.sleep(0.05)
+        start = time.monotonic()
+        give_up = min(deadline, start + self.config.lease_wait_s)
+        try:
+            while (lease := await asyncio.to_thread(self.disk.lease, session.id)) is None:
+                if time.monotonic() >= give_up:
+                    raise self.elsewhere(session)
+                await asyncio.sleep(0.05)
+        finally:
+            self.metrics.lease_waited(time.monotonic() - start)
         session.lease = lease
 
     async def _check_current(self, session: Session) -> None:
@@ -268,10 +274,12 @@ class SessionStore:
         stream = Stream(self.model, self.config.stream, memory_file=memory_file)
         if session.convo is None:  # saved on disk: its latest turn, whichever process saved it
             try:
+                start = time.perf_counter()
                 meta, blob, records = await asyncio.to_thread(self.disk.read, session.id)
                 if meta["owner"] != session.owner:
                     raise StateError("meta.json names another owner")
                 session.convo = await asyncio.to_thread(decode_state, meta, blob, stream, records)
+                self.metrics.store_op("load", time.perf_counter() - start)
             except StateError as exc:
                 log.warning("session %s cannot be restored: %s", session.id, exc)
                 session.error = str(exc)
@@ -377,6 +385,7 @@ class SessionStore:
             meta = await asyncio.to_thread(self.disk.write, session.id, saved, meta, blob)
             kind, written = "a whole state", len(blob)
         seconds = time.perf_counter() - start
+        self.metrics.store_op("save", seconds)
         log.info("session %s saved: %s, %d bytes in %.1f ms", session.id, kind, written, 1000 * seconds)
         stream.cache.mark_saved()
         convo.saved()
