@@ -265,3 +265,87 @@ def test_a_real_server_logs_json_lines_and_serves_public_metrics(tmp_path):
     chat = [line for line in lines if line.get("route") == CHAT]
     assert len(chat) == 1 and chat[0]["generated_tokens"] == reply.usage.completion_tokens
     assert any(line["logger"].startswith("uvicorn") for line in lines)  # uvicorn's own lines are JSON too
+
+
+class _Replicas:
+    """A stand-in for the router's handle on its replicas: each answers /metrics with its own text, or fails."""
+
+    def __init__(self, texts: dict):
+        self.texts, self.calls = texts, []
+
+    def options(self, **_):
+        return self
+
+    def remote(self, key, method, path, query, headers, body):
+        self.calls.append((key, method, path, dict(headers).get("authorization")))
+        return self._answer(key.removeprefix("replica:"))
+
+    async def _answer(self, replica_id):
+        text = self.texts.get(replica_id)
+        if text is None:
+            raise RuntimeError("the replica died")
+        yield 200, [("content-type", "text/plain"), ("x-streamllm-replica", f"{replica_id}@host:1")]
+        yield text.encode()
+
+
+def _router(monkeypatch, texts, **options):
+    """The ``serve-ray`` router's class itself (no Ray cluster), its replicas ``texts``."""
+    ray_serve = pytest.importorskip("streamllm.server.ray_serve")
+    monkeypatch.setattr(ray_serve, "configure", lambda _: None)  # leaves this process's logging alone
+    monkeypatch.setattr(ray_serve.SessionAffinity, "running", frozenset(texts))
+    mine = next(
+        c for c in ray_serve.Router.func_or_class.__mro__ if "scrape" in vars(c)
+    )  # the class as written, under Serve's wrapper
+    replicas = _Replicas(texts)
+    return mine(replicas, 1000, api_keys=(KEY,), **options), replicas
+
+
+def _get(router, headers: dict):
+    import asyncio
+
+    from starlette.requests import Request
+
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    scope = {"type": "http", "method": "GET", "path": "/metrics", "headers": raw, "query_string": b""}
+    return asyncio.run(router.scrape(Request(scope)))
+
+
+def test_the_router_gathers_every_replicas_metrics(monkeypatch):
+    counter = "# TYPE streamllm_generated_tokens_total counter\nstreamllm_generated_tokens_total {}\n"
+    texts = {"a": counter.format(3), "b": counter.format(4), "gone": None}
+    router, replicas = _router(monkeypatch, texts)
+    assert _get(router, {}).status_code == 401 and not replicas.calls  # the replicas are not even asked
+    answer = _get(router, AUTH)
+    assert answer.status_code == 200
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(answer.body.decode())
+        for s in f.samples
+    }
+    assert _value(samples, "streamllm_generated_tokens_total", replica="a@host:1") == 3
+    assert _value(samples, "streamllm_generated_tokens_total", replica="b@host:1") == 4
+    assert _value(samples, "streamllm_router_replica_scrape_failures_total") == 1  # "gone" is left out
+    labels = {"route": "/metrics", "method": "GET", "status": "401"}
+    assert _value(samples, "streamllm_router_requests_total", **labels) == 1
+    # Each replica was asked by its own key, with the caller's key passed on.
+    assert sorted(replicas.calls) == [
+        (f"replica:{r}", "GET", "/metrics", AUTH["Authorization"]) for r in sorted(texts)
+    ]
+    public, _ = _router(monkeypatch, {"a": counter.format(3)}, metrics_public=True)
+    assert _get(public, {}).status_code == 200
+
+
+def test_a_replica_key_goes_to_that_replica_or_any_when_it_is_gone():
+    import asyncio
+    from types import SimpleNamespace
+
+    ray_serve = pytest.importorskip("streamllm.server.ray_serve")
+    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=i)) for i in ("a", "b", "c")]
+
+    def choose(key):
+        pending = SimpleNamespace(args=(key,), created_at=0.0)
+        chosen = asyncio.run(ray_serve.SessionAffinity.choose_replicas(None, replicas, pending))
+        return [[r.replica_id.unique_id for r in rank] for rank in chosen]
+
+    assert choose("replica:b") == [["b"]]
+    assert choose("replica:gone") == [["a", "b", "c"]]  # the router then sees who answered, and leaves it out

@@ -17,6 +17,7 @@ import httpx
 import openai
 import pytest
 from conftest import SERVER_ARGS
+from prometheus_client.parser import text_string_to_metric_families
 from server_helpers import KEY_A, LIGHTHOUSE, MODEL, ServerProcess, ask
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install 'streamllm[ray]')")
@@ -57,6 +58,23 @@ def _conversation(url: str, questions, history=None, session=None):
     return out
 
 
+def _check_metrics(url: str) -> None:
+    """The router's /metrics (with the key) holds every replica's series, each labelled with its replica."""
+    assert httpx.get(f"{url}/metrics", timeout=60).status_code == 401
+    reply = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY_A}"}, timeout=60)
+    assert reply.status_code == 200
+    requests = [
+        s
+        for family in text_string_to_metric_families(reply.text)
+        for s in family.samples
+        if s.name == "streamllm_requests_total"
+    ]
+    health = {s.labels["replica"] for s in requests if s.labels["route"] == "/health"}
+    assert len(health) == 2  # both replicas answered the router's waits for them
+    chats = [s.value for s in requests if s.labels["route"] == "/v1/chat/completions"]
+    assert sum(chats) == 8  # 4 clients x 2 turns, each served once
+
+
 def test_replicas_share_sessions_and_survive_a_killed_one(server, redis_server, tmp_path):
     reference, history = [], []
     for question in QUESTIONS:  # one uninterrupted server
@@ -80,6 +98,7 @@ def test_replicas_share_sessions_and_survive_a_killed_one(server, redis_server, 
             assert len({r for _, _, r in run}) == 1  # every turn on one replica
             meta = json.loads(client.get(f"streamllm:s:{run[0][1]}:meta"))
             assert meta["turns"] == 2  # each turn stored once: none lost, none twice
+        _check_metrics(ray.url)
 
         history: list[dict] = []
         first = _conversation(ray.url, QUESTIONS[:2], history)
