@@ -15,6 +15,8 @@ own code instead.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -47,6 +49,9 @@ class OracleState:
         self.point = False  # whether token t selects what memory layers recall
         # Memory (a MemoryConfig, or None): every evicted entry, in the order it left, and the current selection.
         self.memory, self.recall_at = memory, set(recall_at)
+        # mark -> query tokens, for content selection (``recall_at`` given as a dict); and the stream's tokens
+        self.queries = dict(recall_at) if isinstance(recall_at, dict) else {}
+        self.ids: list[int] = []
         self.gone: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> (pre-rotary key, value)
         self.chosen: dict[int, list[int]] = {}  # layer -> recalled block numbers, ascending
         self.n_recall = 0  # blocks each memory layer recalls until the next selection
@@ -71,8 +76,52 @@ def _select(state: OracleState, i: int, q_pre: torch.Tensor) -> None:
             order = sorted(range(k.shape[0]), key=lambda j: (-float(far[j]), j))[: mem.reps]
             total += max(float(q[0, h] @ k[j]) for j in order)
         scores.append(total)
-    best = sorted(range(n_blocks), key=lambda b: (-scores[b], b))[: state.n_recall]
-    state.chosen[i] = sorted(best)
+    state.chosen[i] = _choose(state, scores)
+
+
+def _bm25(query: list[int], blocks: list[list[int]]) -> list[float]:
+    """BM25 over token n-grams (n = 1..3) inside each block, k1 = 1.2, b = 0, rounded to 1e-9."""
+
+    def grams(ids):
+        return [tuple(ids[j : j + n]) for n in (1, 2, 3) for j in range(len(ids) - n + 1)]
+
+    bags = [grams(b) for b in blocks]
+    out = []
+    for bag in bags:
+        total = 0.0
+        for term in set(grams(query)):
+            tf = bag.count(term)
+            if tf:
+                df = sum(term in other for other in bags)
+                total += math.log(1 + (len(bags) - df + 0.5) / (df + 0.5)) * tf * 2.2 / (tf + 1.2)
+        out.append(round(total, 9))
+    return out
+
+
+def _choose(state: OracleState, attention: list[float]) -> list[int]:
+    """The blocks to recall by the memory's rule, from one layer's attention scores, written plainly."""
+    mem, n, count = state.memory, state.n_recall, len(attention)
+    marks = [p for p in state.queries if p <= state.t]
+    content = None
+    if mem.select != "attention" and marks:
+        bs, S = mem.block_size, state.num_sinks
+        blocks = [state.ids[S + b * bs : S + (b + 1) * bs] for b in range(count)]
+        content = _bm25(state.queries[max(marks)][-512:], blocks)
+    by_attention = sorted(range(count), key=lambda b: (-attention[b], b))
+    if content is None or not any(content):
+        order = by_attention
+    elif mem.select == "content":
+        order = sorted(range(count), key=lambda b: (-content[b], -attention[b], b))
+    else:
+        proposed = sorted(range(count), key=lambda b: (-content[b], -attention[b], b))[: 4 * n]
+        chosen = sorted((b for b in proposed if content[b] > 0), key=lambda b: (-attention[b], b))
+        order = chosen + [b for b in by_attention if b not in chosen]
+    picked = []
+    for b in order:
+        for j in range(b, min(b + 1 + mem.neighbours, count)):
+            if j not in picked and len(picked) < n:
+                picked.append(j)
+    return sorted(picked)
 
 
 def _kept(state: OracleState, positions: list[int], sliding_window: int | None) -> list[bool]:
@@ -174,6 +223,7 @@ def oracle_logits(
             layer_inv_freqs(model), num_sinks, window, text_positions, keep, memory, recall_at
         )
         state.order = rotary_order(model)
+        state.ids = list(ids)
         limit = position_limit(model.config)  # past it the model's rotary would change its frequencies
         rows = []
         for t, tok in enumerate(ids):

@@ -49,6 +49,42 @@ def test_chunked_and_token_by_token_match_the_oracle(arch, positions):
     assert stats["recalled"] == 2 * 4 and stats["selections"] > 0
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("select,neighbours", [("content", 1), ("hybrid", 0)])
+def test_content_selection_matches_the_oracle(arch, select, neighbours):
+    """Blocks chosen by the tokens they share with a query (BM25 over n-grams), alone or proposing candidates
+    for attention, with neighbours: chunked and token by token, the oracle's plain BM25 chooses the same."""
+    model = streamllm.prepare(tiny_model(arch))
+    memory = dataclasses.replace(MEMORY, select=select, neighbours=neighbours)
+    config = dataclasses.replace(CONFIG, memory=memory, decode="transformers")
+    ids = _ids(seed=6)
+    queries = {29: ids[12:17], 47: ids[20:23]}
+    want = oracle_logits(model, ids, 2, 6, memory=memory, recall_at=queries)
+    for chunk in (1, 7, N):
+        stream = Stream(model, dataclasses.replace(config, chunk_size=chunk))
+        for pos, query in queries.items():
+            stream.memory.recall_at(pos, query)
+        got = torch.cat(list(stream.chunks(ids)))
+        assert (got - want).abs().max() < 1e-4, (arch, select, chunk)
+    by_attention = oracle_logits(model, ids, 2, 6, memory=MEMORY, recall_at=queries)
+    assert (by_attention[29:] - want[29:]).abs().max() > 1e-3  # the query's tokens changed what was recalled
+
+
+def test_content_selection_finds_the_block_that_holds_the_query():
+    """The block holding a rare run of tokens is recalled by content in every layer, and with neighbours the
+    block after it too; a repeated run (in every block) counts for nothing."""
+    model = streamllm.prepare(tiny_model("llama"))
+    filler = [7, 8, 9, 10] * 30
+    ids = filler[:2] + filler[2:42] + [50, 51, 52, 53] + filler[:60]
+    memory = dataclasses.replace(MEMORY, select="content", neighbours=1)
+    stream = Stream(model, dataclasses.replace(CONFIG, memory=memory, decode="transformers"))
+    stream.feed(ids, recall=True, query=[7, 8, 50, 51, 52, 9])
+    needle = (42 - 2) // 4  # the block holding tokens 42..45
+    for mem in stream.memory.layers.values():
+        assert mem.selected == [needle, needle + 1]
+    assert stream.memory.stats()["text_index_bytes"] > 0
+
+
 def test_memory_changes_what_the_stream_computes():
     """The recalled blocks really are attended: without them the logits differ from the oracle's."""
     model = streamllm.prepare(tiny_model("llama"))

@@ -15,6 +15,9 @@ DECODE_MODES = ("fast", "int4", "transformers")
 
 
 RECALL_POSITIONS = ("cache", "fixed")
+# How memory picks the blocks it recalls: by the query's attention scores, by the tokens the query shares with
+# each block (``core/textindex.py``), or the tokens proposing and attention choosing among them.
+RECALL_SELECT = ("attention", "content", "hybrid")
 # How the server starts a session from a history that matches none and is longer than the cache.
 HISTORY = ("window", "exact")
 
@@ -36,6 +39,13 @@ class MemoryConfig:
     at in-cache positions, as the paper places everything it keeps. ``fixed``: every recalled token at one
     distance from the query, just past the window (InfLLM's choice).
 
+    ``select``: how blocks are chosen. ``attention``: the query's logits against each block's representative
+    keys, per layer. ``content``: BM25 of the caller's query tokens (``Stream.feed(..., recall=True)``) against
+    the tokens of each block, the same blocks in every layer (attention breaks ties and chooses when no block
+    shares a term). ``hybrid``: content proposes ``4 * blocks`` candidates, attention chooses among them per
+    layer. ``neighbours``: each chosen block brings the ``neighbours`` blocks that follow it (what comes right
+    after a question is its answer), within the ``blocks`` recalled.
+
     ``ram_mb``: blocks beyond this many MiB of keys and values go to a file in ``dir`` (a temporary one when
     None) and are read back when recalled. Representative keys always stay in RAM and count in the
     budget."""
@@ -46,9 +56,17 @@ class MemoryConfig:
     refresh: int = 64
     ram_mb: int = 1024
     positions: str = "cache"
+    select: str = "attention"
+    neighbours: int = 0
     dir: Path | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.neighbours, int) or isinstance(self.neighbours, bool) or self.neighbours < 0:
+            raise ConfigError(f"memory neighbours must be an integer >= 0, got {self.neighbours!r}")
+        if self.select not in RECALL_SELECT:
+            raise ConfigError(
+                f"unknown memory select {self.select!r}; choose one of {', '.join(RECALL_SELECT)}"
+            )
         for name in ("block_size", "blocks", "reps", "refresh", "ram_mb"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):

@@ -11,7 +11,11 @@ limits to a sliding window keep none. The rules (derivation and the reasons in `
 - **Selection.** At a selection point (every ``refresh``-th token, and any token the caller marks with
   ``recall_at``), each layer scores every block with the query of that token: per query head, the largest
   logit its representative keys would get at distance ``window + 1`` (just past the window), summed over the
-  heads. The ``blocks`` best (ties: the older block) are recalled, in text order, until the next selection point.
+  heads. With ``select="content"`` or ``"hybrid"`` the blocks are also scored by the tokens they share with the
+  query tokens the caller gave with its latest mark at or before the point (``textindex.py``, BM25): content
+  first, attention breaking ties; or content proposing candidates and attention choosing among them. The
+  ``blocks`` best (ties: the older block), each with its ``neighbours`` next blocks, are recalled, in text
+  order, until the next selection point.
   Selection points depend only on positions, and a chunk never spans one (``KVCache.plan`` refuses it,
   ``hf.forward`` splits there), so a chunk selects exactly what token-by-token processing selects.
 - **Positions.** The query sees recalled keys like the sinks, from its anchor position: ``cache`` places block j
@@ -35,12 +39,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..config import MemoryConfig
 from .blockfile import HEADER, MemoryFileError
 from .blockstore import BlockStore
 from .rotary import rotate
+from .textindex import TextIndex
+
+QUERY_TOKENS = 512  # the most query tokens a mark keeps (the end of what was fed, when no query is given)
 
 
 class _LayerMemory:
@@ -97,6 +105,9 @@ class Memory:
             config.ram_mb * 2**20, self.layers, config.dir, self.file, layout=self._layout, reps=self._reps
         )
         self.marks: set[int] = set()  # positions where the caller asked for a selection
+        self.queries: dict[int, list[int]] = {}  # mark -> the query tokens the caller gave with it
+        self.text = TextIndex(config.block_size, num_sinks)
+        self.content: np.ndarray | None = None  # (Nb,) the blocks' content scores at the current selection
         self.recalled_len = 0  # M: recalled tokens every memory layer holds now
         self.selections = 0
 
@@ -116,15 +127,29 @@ class Memory:
         marked = [p for p in self.marks if p > after]
         return min([regular, *marked])
 
-    def recall_at(self, pos: int) -> None:
-        """Make text position ``pos`` a selection point (the last token of a prompt, say)."""
+    def recall_at(self, pos: int, query: Sequence[int] | None = None) -> None:
+        """Make text position ``pos`` a selection point (the last token of a prompt, say). ``query``: the tokens
+        that say what to recall (a question, a user's message), for content selection from ``pos`` until the
+        next mark that brings its own."""
         self.marks.add(int(pos))
+        if query is not None:
+            self.queries[int(pos)] = [int(i) for i in query][-QUERY_TOKENS:]
+
+    def note(self, pos: int, ids: Sequence[int]) -> None:
+        """The stream is about to process tokens ``ids`` at text positions ``pos``...: what the blocks will hold."""
+        self.text.note(pos, ids)
 
     def start(self, pos: int) -> tuple[bool, int]:
         """Tokens from ``pos`` on are being planned: whether ``pos`` selects, and M, the recalled length."""
         self.marks = {p for p in self.marks if p >= pos}
+        current = max((p for p in self.queries if p <= pos), default=None)
+        self.queries = {p: q for p, q in self.queries.items() if current is None or p >= current}
         if self.is_point(pos):
             self.recalled_len = min(self.config.blocks, self.blocks) * self.config.block_size
+            self.content = None
+            if self.config.select != "attention" and current is not None and self.recalled_len:
+                self.text.sync(self.blocks)
+                self.content = self.text.scores(self.queries[current])
             return self.recalled_len > 0, self.recalled_len
         return False, self.recalled_len
 
@@ -234,10 +259,35 @@ class Memory:
         reps = mem.reps[:, : mem.count * r].float()  # (Hkv, Nb * r, D)
         logits = torch.bmm(reps, q.transpose(1, 2))  # (Hkv, Nb * r, G)
         scores = logits.view(Hkv, mem.count, r, -1).amax(2).sum((0, 2))  # (Nb,)
-        mem.selected = scores.sort(descending=True, stable=True).indices[:n].sort().values.tolist()
+        mem.selected = self.choose(scores.numpy(), n)
         mem.at = anchor - self.window - 1
         self.selections += 1
         return self.recalled(layer)
+
+    def choose(self, attention: np.ndarray, n: int) -> list[int]:
+        """The ``n`` blocks to recall, ascending, from one layer's attention scores (Nb,) and the selection's
+        content scores, by ``config.select``; each chosen block brings its ``neighbours`` next ones."""
+        count = attention.size
+        ids = np.arange(count)
+        by_attention = np.lexsort((ids, -attention))
+        content = self.content
+        if content is None or not content.any():
+            order = by_attention
+        elif self.config.select == "content":
+            order = np.lexsort((ids, -attention, -content))
+        else:
+            proposed = np.lexsort((ids, -attention, -content))[: 4 * n]
+            proposed = proposed[content[proposed] > 0]
+            chosen = proposed[np.lexsort((proposed, -attention[proposed]))]
+            order = np.concatenate([chosen, by_attention[~np.isin(by_attention, chosen)]])
+        picked: list[int] = []
+        for b in order.tolist():
+            for j in range(b, min(b + 1 + self.config.neighbours, count)):
+                if j not in picked and len(picked) < n:
+                    picked.append(j)
+            if len(picked) == n:
+                break
+        return sorted(picked)
 
     def recalled(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values (1, Hkv, M, D) of ``layer``'s selected blocks, keys rotated where the query sees
@@ -280,6 +330,7 @@ class Memory:
             "file": None if store is None else store.id,
             "file_bytes": 0 if store is None else store.size,
             "marks": sorted(self.marks),
+            "queries": {str(p): q for p, q in self.queries.items()},
             "recalled": self.recalled_len,
             "selections": self.selections,
             "layers": {},
@@ -298,6 +349,7 @@ class Memory:
                         getattr(mem, f"pending_{name}"), dim=2 if name in ("keys", "values") else 0
                     )
                     tensors[f"{i}.{name}"] = part.detach().to("cpu", copy=True).contiguous()
+        tensors["tokens"] = torch.from_numpy(self.text.tokens.view().copy())
         return info, tensors
 
     def load_state_dict(self, info: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -326,7 +378,11 @@ class Memory:
                 mem.pending_pos, mem.pending_offsets, mem.pending_keys, mem.pending_values = [], [], [], []
                 mem.held = 0
         self.marks = {int(p) for p in info["marks"]}
+        self.queries = {int(p): [int(i) for i in q] for p, q in info.get("queries", {}).items()}
         self.recalled_len, self.selections = int(info["recalled"]), int(info["selections"])
+        # A session saved before blocks were indexed by their tokens has none: its blocks get no terms.
+        self.text.cut(min(counts.values(), default=0))
+        self.text.note(0, tensors["tokens"].tolist() if "tokens" in tensors else [])
 
     def _restore(self, info: dict, counts: dict[int, int]) -> None:
         """Index the named file a saved state refers to: every record's place, and its representative keys."""
@@ -357,6 +413,7 @@ class Memory:
             **self.kept.stats(),
             "recalled": self.recalled_len,
             "selections": self.selections,
+            "text_index_bytes": self.text.nbytes(),
         }
 
     def close(self) -> None:

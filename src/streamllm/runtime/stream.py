@@ -78,13 +78,16 @@ class Stream:
         return getattr(self.cache, "memory", None)
 
     @torch.no_grad()
-    def feed(self, ids: Sequence[int], recall: bool = False) -> torch.Tensor:
+    def feed(
+        self, ids: Sequence[int], recall: bool = False, query: Sequence[int] | None = None
+    ) -> torch.Tensor:
         """Process new tokens; returns the logits (V,) that predict the token after the last one. With ``recall``
-        and a memory, the last token selects what is recalled (say, the end of a question)."""
+        and a memory, the last token selects what is recalled (say, the end of a question); ``query``: the
+        tokens that say what to recall, for content selection (default: the tokens fed, up to the last 512)."""
         if len(ids) == 0:
             raise ValueError("nothing to feed")
         if recall and self.memory is not None:
-            self.memory.recall_at(self.tokens_seen + len(ids) - 1)
+            self.memory.recall_at(self.tokens_seen + len(ids) - 1, ids if query is None else query)
         last = None
         for logits in self.chunks(ids, keep_all=False):
             last = logits
@@ -94,6 +97,8 @@ class Stream:
     def chunks(self, ids: Sequence[int], keep_all: bool = True) -> Iterator[torch.Tensor]:
         """Process new tokens chunk by chunk, yielding each chunk's logits (T, V) (or only the last row)."""
         ids = [int(i) for i in ids]
+        if self.memory is not None:
+            self.memory.note(self.tokens_seen, ids)
         step = self.config.chunk_size
         for start in range(0, len(ids), step):
             chunk = ids[start : start + step]  # forward splits it further at memory selection points

@@ -1,0 +1,139 @@
+"""``TextIndex``: which evicted blocks say what a query says, by the tokens they hold.
+
+Attention scores find a block that stands out (a pass key in filler), but not one line among look-alikes: the
+models' queries do not single it out. The tokens do. Every layer's memory holds the same tokens in the same
+blocks, so one index serves a whole stream.
+
+- **Terms.** Token n-grams of length 1 to 3 inside a block, each coded exactly as one int64: the ids plus one,
+  21 bits each (so a vocabulary of up to 2^21 - 1 tokens), shorter n-grams below longer ones.
+- **Weights (BM25).** A block's score for a query is the sum, over the query's distinct terms that the block
+  holds, of ``idf(t) * tf * (k1 + 1) / (tf + k1)``, with ``idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5))`` over
+  the N blocks held. Text that recurs in most blocks (a chat template, filler, the shared part of look-alike
+  lines) gets an idf near 0 and counts for little; a name, a number or "line 23" occurs in few blocks and counts
+  for much. Blocks all have ``block_size`` tokens, so BM25's length normalisation has nothing to do (b = 0);
+  k1 = 1.2 saturates a term repeated inside one block. Scores are rounded to 1e-9 so that a tie is a tie
+  whatever order the sums were taken in.
+- **Cost.** Per block, its distinct terms (sorted int64) and their counts (int32): about 3 terms a token, 36 bytes
+  a token, plus the token ids themselves (4 bytes). Scoring a query reads only the blocks added since the same
+  query was last scored (a reply keeps its question), so a selection costs O(new blocks), not O(all blocks).
+
+Letters: N tokens, Nb blocks, Q distinct query terms, E index entries (terms of all blocks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+BITS = 21
+K1 = 1.2
+
+
+def terms(ids: np.ndarray) -> np.ndarray:
+    """The n-gram codes (n = 1..3) of a run of token ids (N,) -> (<= 3N,) int64, in no particular order."""
+    t = ids.astype(np.int64) + 1
+    if t.size and int(t.max()) >= 1 << BITS:
+        raise ValueError(f"token id {int(t.max()) - 1} too large for the text index (at most {2**BITS - 2})")
+    uni = t
+    bi = (t[:-1] << BITS) | t[1:]
+    tri = (t[:-2] << (2 * BITS)) | (t[1:-1] << BITS) | t[2:]
+    return np.concatenate([uni, bi, tri])
+
+
+class _Grow:
+    """A numpy array that grows by doubling: ``data[:n]`` holds what was appended."""
+
+    def __init__(self, dtype):
+        self.data = np.zeros(1024, dtype=dtype)
+        self.n = 0
+
+    def extend(self, values: np.ndarray) -> None:
+        need = self.n + values.size
+        if need > self.data.size:
+            grown = np.zeros(max(need, 2 * self.data.size), dtype=self.data.dtype)
+            grown[: self.n] = self.data[: self.n]
+            self.data = grown
+        self.data[self.n : need] = values
+        self.n = need
+
+    def view(self) -> np.ndarray:
+        return self.data[: self.n]
+
+    def cut(self, n: int) -> None:
+        self.n = min(self.n, n)
+
+
+class TextIndex:
+    """The tokens of one stream by text position, and a term index of its evicted blocks: block b holds the
+    tokens ``first + b * block_size`` .. ``first + (b + 1) * block_size - 1`` (``first``: the number of sinks)."""
+
+    def __init__(self, block_size: int, first: int):
+        self.block_size, self.first = block_size, first
+        self.tokens = _Grow(np.int32)  # (N,) every token noted, by text position
+        self.codes = _Grow(np.int64)  # (E,) each block's distinct terms, sorted, block after block
+        self.counts = _Grow(np.int32)  # (E,) how often each occurs in its block
+        self.starts = [0]  # block b's entries are codes[starts[b]:starts[b + 1]]
+        self._match: tuple | None = None  # the last query's terms and its matches so far
+
+    @property
+    def blocks(self) -> int:
+        return len(self.starts) - 1
+
+    def note(self, pos: int, ids: Sequence[int]) -> None:
+        """Tokens ``ids`` stand at text positions ``pos``... (a later note at an earlier position replaces what was
+        noted from there: a feed that failed part way is fed again)."""
+        if pos > self.tokens.n:
+            raise ValueError(f"tokens noted from position {pos}, but only {self.tokens.n} are known")
+        self.tokens.cut(pos)
+        self.tokens.extend(np.asarray(ids, dtype=np.int32))
+
+    def block_tokens(self, b: int) -> np.ndarray:
+        start = self.first + b * self.block_size
+        return self.tokens.view()[start : start + self.block_size]
+
+    def sync(self, blocks: int) -> None:
+        """Index blocks up to ``blocks`` (those the memory holds); a block whose tokens were never noted (a
+        benchmark filling memory with made-up keys) gets no terms."""
+        for b in range(self.blocks, blocks):
+            codes, counts = np.unique(terms(self.block_tokens(b)), return_counts=True)
+            self.codes.extend(codes)
+            self.counts.extend(counts.astype(np.int32))
+            self.starts.append(self.codes.n)
+
+    def cut(self, blocks: int) -> None:
+        """Forget blocks from ``blocks`` on (a turn undone)."""
+        if blocks < self.blocks:
+            del self.starts[blocks + 1 :]
+            self.codes.cut(self.starts[-1])
+            self.counts.cut(self.starts[-1])
+            self._match = None
+
+    def scores(self, query: Sequence[int]) -> np.ndarray:
+        """BM25 of every indexed block for the query's tokens -> (Nb,) float64, rounded to 1e-9."""
+        q = np.unique(terms(np.asarray(query, dtype=np.int64)))  # (Q,)
+        n = self.blocks
+        if q.size == 0:
+            return np.zeros(n)
+        entries = self.starts[-1]
+        if self._match is None or not np.array_equal(self._match[0], q) or self._match[1] > entries:
+            self._match = (q, 0, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32))
+        _, scanned, blocks, which, tf = self._match
+        if scanned < entries:
+            new = self.codes.data[scanned:entries]  # (E',)
+            at = np.searchsorted(q, new).clip(max=q.size - 1)  # (E',)
+            hit = np.flatnonzero(q[at] == new)
+            starts = np.asarray(self.starts)
+            blocks = np.concatenate([blocks, np.searchsorted(starts, scanned + hit, side="right") - 1])
+            which = np.concatenate([which, at[hit]])
+            tf = np.concatenate([tf, self.counts.data[scanned:entries][hit]])
+            self._match = (q, entries, blocks, which, tf)
+        df = np.bincount(which, minlength=q.size)  # (Q,) blocks holding each term
+        idf = np.log1p((n - df + 0.5) / (df + 0.5))  # (Q,)
+        part = idf[which] * tf * (K1 + 1) / (tf + K1)  # (matches,)
+        return np.round(np.bincount(blocks, weights=part, minlength=n)[:n], 9)
+
+    def nbytes(self) -> int:
+        return (
+            self.tokens.data.nbytes + self.codes.data.nbytes + self.counts.data.nbytes + 8 * len(self.starts)
+        )
