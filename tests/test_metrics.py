@@ -349,3 +349,17 @@ def test_a_replica_key_goes_to_that_replica_or_any_when_it_is_gone():
 
     assert choose("replica:b") == [["b"]]
     assert choose("replica:gone") == [["a", "b", "c"]]  # the router then sees who answered, and leaves it out
+
+
+def test_an_unexpected_error_counts_as_the_500_it_becomes(tiny, monkeypatch):
+    from streamllm.server.routes import Api
+
+    async def crash(self):
+        raise RuntimeError("a bug in a route")
+
+    monkeypatch.setattr(Api, "models", crash)
+    with ThreadServer(_app(tiny)) as server:
+        assert httpx.get(f"{server.url}/v1/models", headers=AUTH).status_code == 500
+        samples = _scrape(server.url)
+    assert _value(samples, "streamllm_requests_total", route="/v1/models", method="GET", status="500") == 1
+    assert _value(samples, "streamllm_errors_total", route="/v1/models", status="500") == 1

@@ -105,6 +105,11 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, watched)
+        except Exception:
+            # An unexpected error passes through here on its way to Starlette's outermost handler, which answers 500.
+            if access.status is None:
+                access.status = 500
+            raise
         finally:
             self._done(access)
 
