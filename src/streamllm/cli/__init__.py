@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from . import chat, demo, experiment, generate, models, perplexity, serve, serve_ray
+from . import chat, demo, experiment, generate, models, perplexity, pretrain, serve, serve_ray
 from .common import USER_ERRORS, Parser
 
-COMMANDS = (generate, chat, perplexity, models, experiment, demo, serve, serve_ray)
+COMMANDS = (generate, chat, perplexity, models, experiment, pretrain, demo, serve, serve_ray)
 
 
 def build_parser() -> Parser:

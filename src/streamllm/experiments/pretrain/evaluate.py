@@ -1,0 +1,182 @@
+"""Paper Table 3 at our scale: streaming perplexity of each variant on the held-out stream through the engine, with
+caches 0+W, 1+(W-1), 2+(W-2), 4+(W-4) and sliding window with re-computation; and the share of attention on the
+first tokens over training, read from the run's checkpoint probes.
+
+Every variant is scored on the same text tokens (the held-out stream's tokens 1..N-1): the sink-token variant
+streams ``<|sink|>`` first, and its prediction of token 0 from the sink alone is left out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ...config import StreamConfig
+from ...runtime.perplexity import recompute_nll, streaming_nll
+from ..report import Report, figure, table
+from . import data as data_mod
+from . import train as train_mod
+
+SINKS = (0, 1, 2, 4)
+
+
+def _ppl(nll: torch.Tensor) -> float:
+    return math.exp(float(nll.double().mean()))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a run log, the last one per step (a resumed turn writes its steps again)."""
+    if not path.exists():
+        return []
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["step"]] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+@torch.no_grad()
+def variant_ppl(
+    model, variant: str, text: list[int], sink_id: int, cache: int, stride: int, bar: Callable | None = None
+) -> dict[str, float]:
+    """Perplexity of ``text`` under each cache layout, and recompute's on every ``stride``-th token."""
+    import streamllm
+
+    streamllm.prepare(model)
+    ids = [sink_id, *text] if variant == "sink-token" else list(text)
+    lead = len(ids) - len(text)  # nll[k] is token k + 1's; the sink-token stream's token 0 is text token -1
+    out = {}
+    for s in SINKS:
+        nll = streaming_nll(model, ids, StreamConfig(num_sinks=s, window=cache - s)).nll[lead:]
+        out[f"{s}+{cache - s}"] = _ppl(nll)
+        if bar:
+            bar(len(ids))
+    sample = list(range(lead + stride, len(ids), stride))
+    out["recompute"] = _ppl(recompute_nll(model, ids, cache, sample))
+    if bar:
+        bar(len(ids))
+    return out
+
+
+def evaluate(
+    folder: Path,
+    command: str,
+    tokens: int = 16384,
+    cache: int = 256,
+    stride: int = 8,
+    bar: Callable | None = None,
+) -> Report:
+    """The run's table (each variant's newest checkpoint), its sink-share history and both plots."""
+    s = train_mod.open_run(folder)
+    toks = data_mod.Tokens(Path(s.data))
+    held = toks.stream("heldout")
+    text = [int(t) for t in held[: min(tokens, len(held))]]
+    rows, csv_rows = [], []
+    results: dict[str, dict[str, float]] = {}
+    for variant in s.variants:
+        ckpt = train_mod.latest(folder, variant)
+        if ckpt is None:
+            continue
+        step = train_mod.steps_done(folder, variant)
+        model = train_mod.load_model(ckpt).eval()
+        res = variant_ppl(model, variant, text, toks.sink_id, cache, stride, bar)
+        results[variant] = res
+        trained = step * s.tokens_per_step
+        rows.append((variant, step, f"{trained / 1e6:.2f}M", *res.values()))
+        csv_rows += [(variant, step, trained, k, f"{v:.4f}") for k, v in res.items()]
+    columns = [f"{n}+{cache - n}" for n in SINKS] + ["recompute"]
+    report = Report(
+        "pretrain",
+        f"Pre-training with a sink token (Sec. 3.3): {len(text)} held-out tokens, cache {cache}",
+        command,
+        ("variant", "step", "tokens_trained", "cache", "perplexity"),
+        csv_rows,
+    )
+    report.sections.append(
+        table(("variant", "step", "tokens trained", *columns[:-1], f"recompute (every {stride}th)"), rows)
+    )
+    report.sections.append(_observations(results, cache, s.steps, rows))
+    shares = {v: read_jsonl(folder / v / "share.jsonl") for v in s.variants}
+    report.sections.append(_share_table(shares))
+    report.figure = _plots(results, shares, cache, s)
+    return report
+
+
+def _observations(results: dict, cache: int, total: int, rows) -> str:
+    lines = [f"Steps planned per variant: {total}."]
+    if "vanilla" in results:
+        r = results["vanilla"]
+        lines.append(
+            f"Vanilla: 0+{cache} / 4+{cache - 4} = {r[f'0+{cache}'] / r[f'4+{cache - 4}']:.3f} "
+            "(the paper's first observation wants this clearly above 1)."
+        )
+    if "sink-token" in results:
+        r = results["sink-token"]
+        lines.append(
+            f"Sink token: 1+{cache - 1} / 4+{cache - 4} = {r[f'1+{cache - 1}'] / r[f'4+{cache - 4}']:.4f} "
+            "(the paper's second observation wants this within 1.01)."
+        )
+    return "\n\n".join(lines)
+
+
+def _share_table(shares: dict[str, list[dict]]) -> str:
+    rows = []
+    for variant, history in shares.items():
+        if not history:
+            continue
+        last = history[-1]
+        for layer, (p0, p1, sc) in enumerate(
+            zip(last["pos0"], last["pos1"], last["sink_column"], strict=True)
+        ):
+            rows.append((variant, last["step"], layer, p0, p1, "-" if sc is None else sc))
+    head = (
+        "variant",
+        "step",
+        "layer",
+        "share on position 0",
+        "share on position 1",
+        "share on the zero sink",
+    )
+    note = (
+        "Share of attention per layer at the newest checkpoint (held-out probe, mean over heads and queries "
+        f"{train_mod.PROBE_SKIP}..end). Position 0 is the sink token in the sink-token model and an arbitrary "
+        "text token in the others."
+    )
+    return note + "\n\n" + table(head, rows)
+
+
+def _plots(results: dict, shares: dict, cache: int, s):
+    fig, axes = figure(1, 2, size=(12, 4.2))
+    ax = axes[0, 0]
+    for variant, res in results.items():
+        (line,) = ax.plot(SINKS, [res[f"{n}+{cache - n}"] for n in SINKS], marker="o", label=variant)
+        ax.axhline(res["recompute"], color=line.get_color(), ls=":", lw=1)
+    ax.set_yscale("log")
+    ax.set_xticks(SINKS)
+    ax.set_xlabel(f"sinks kept (cache {cache} in all; dotted: recompute)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("Perplexity against number of sinks")
+    ax.legend()
+    ax = axes[0, 1]
+    for variant, history in shares.items():
+        if not history:
+            continue
+        x = [h["tokens"] / 1e6 for h in history]
+        (line,) = ax.plot(x, [sum(h["pos0"]) / len(h["pos0"]) for h in history], marker=".", label=variant)
+        if history[-1]["sink_column"][0] is not None:
+            zero = [sum(h["sink_column"]) / len(h["sink_column"]) for h in history]
+            ax.plot(x, zero, ls="--", color=line.get_color(), label=f"{variant}: on the zero sink")
+        if variant == "sink-token":
+            first_text = [sum(h["pos1"]) / len(h["pos1"]) for h in history]
+            ax.plot(x, first_text, ls=":", color=line.get_color(), label=f"{variant}: on position 1")
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("share of attention on position 0 (mean over layers)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Sink share during training (seq len {s.seq_len})")
+    ax.legend(fontsize=8)
+    return fig
