@@ -56,6 +56,10 @@ class Access:
     first_token: float | None = None
     last_token: float | None = None
 
+    def began(self, session: str, prompt_tokens: int, cached_tokens: int) -> None:
+        """The request's turn: its session, and its prompt as ``usage`` counts it."""
+        self.session, self.prompt_tokens, self.cached_tokens = session, prompt_tokens, cached_tokens
+
     def fields(self, route: str, seconds: float) -> dict:
         return {
             "method": self.method,

@@ -186,11 +186,7 @@ class Api:
         events = self.turns.run(turn, sampling, deadline)
         access = getattr(request.state, "access", None)
         if access is not None:  # the access log's record of this request: its line carries these
-            access.session, access.prompt_tokens, access.cached_tokens = (
-                turn.session.id,
-                turn.prompt_tokens,
-                turn.cached,
-            )
+            access.began(turn.session.id, turn.prompt_tokens, turn.cached)
             events = self.metrics.timed(events, access)
         make = _ChatFormat(self.config.model_id, turn) if chat else _TextFormat(self.config.model_id, turn)
         if body.stream:
