@@ -30,7 +30,7 @@ from .common import (
 
 HELP = """Commands:
   /help    this list
-  /stats   turns, tokens streamed, cache fill, sampling, memory
+  /stats   turns, tokens streamed, cache fill, sampling, memory (and what the last reply recalled from it)
   /reset   start a new conversation (empties the cache)
   /quit    leave (also Ctrl-D, or Ctrl-C twice at an empty prompt)
 Ctrl-C while the model answers stops the reply; the conversation keeps what it said so far.
@@ -169,6 +169,22 @@ def _stats(session, config, choice) -> str:
     )
 
 
+def _recall_lines(session) -> list[str]:
+    """What the last reply's prompt recalled from memory, one block a line ([] without a memory)."""
+    recalls = session.last_recalls
+    if session.stream.memory is None:
+        return []
+    if recalls is None:
+        return ["[memory: no reply yet]"]
+    if not recalls:
+        return ["[memory: the last reply recalled nothing]"]
+    lines = [f"[memory: the last reply recalled {len(recalls)} block{'s' if len(recalls) > 1 else ''}]"]
+    for r in recalls:
+        text = f'"{r.text}"' if r.text else "(its text was not kept)"
+        lines.append(f"  said {r.tokens_ago:,} tokens ago, chosen by {r.layers:.0%} of memory layers: {text}")
+    return lines
+
+
 def _reply(session, user: str) -> tuple[str, object, bool]:
     """Stream one reply to the terminal: (its text, the last event, whether the user stopped it)."""
     reply, last = [], None
@@ -222,7 +238,7 @@ def run(args) -> int:
                 print("[conversation reset]")
                 continue
             if command == "/stats":
-                print(_stats(session, config, path_choice(args)))
+                print("\n".join([_stats(session, config, path_choice(args)), *_recall_lines(session)]))
                 continue
             if command.startswith("/") and " " not in command:
                 print(f"unknown command {command}; /help lists them")

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from ..config import StreamConfig
 from .generate import Event, Sampling, stream_generate
+from .recalls import Recall
 from .stream import Stream
 from .templates import ChatTemplate
 from .tokens import encode
@@ -49,10 +50,11 @@ class ChatSession:
         self.stream = Stream(model, config)
         self.turns = 0
         self._close = ""  # template text that ends the previous assistant turn, not yet fed
+        self.last_recalls: list[Recall] | None = None  # what the last reply's prompt recalled (with a memory)
 
     def reset(self) -> None:
         self.stream.reset()
-        self.turns, self._close = 0, ""
+        self.turns, self._close, self.last_recalls = 0, "", None
 
     def turn_text(self, user: str) -> str:
         """The text this turn adds to the stream: the previous turn's closing, the user message, the reply prompt."""
@@ -72,6 +74,8 @@ class ChatSession:
         try:
             for event in stream_generate(self.model, self.tokenizer, ids, self.sampling, stream=self.stream):
                 finish = event.finish_reason
+                if event.recalls is not None:
+                    self.last_recalls = event.recalls
                 yield event
         except GeneratorExit:
             self._end_turn(None)  # every token yielded so far is in the stream

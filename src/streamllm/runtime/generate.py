@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import ConfigError, StreamConfig
+from .recalls import Recall, recalled
 from .stream import Stream
 from .tokens import encode
 
@@ -58,6 +59,7 @@ class Event:
     tok_per_s: float
     prefill_s: float
     finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", or None while running
+    recalls: list[Recall] | None = None  # first event only, with a memory: what the prompt's end recalled
 
 
 @dataclass
@@ -118,7 +120,7 @@ class Generation:
     once the reply is over)."""
 
     def __init__(self, model, tokenizer, prompt_ids: Sequence[int], sampling: Sampling):
-        self.sampling = sampling
+        self.sampling, self.tokenizer = sampling, tokenizer
         self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         self.eos = set() if sampling.ignore_eos else eos_ids(model, tokenizer)
         self.detok = Detokenizer(tokenizer)
@@ -129,11 +131,14 @@ class Generation:
         self.recent: list[int] = list(prompt_ids[-64:])
         self.generated = 0
         self.prefill_s = 0.0
+        self.recalls: list[Recall] | None = None
         self.started = time.perf_counter()
 
-    def prefilled(self) -> None:
-        """The prompt is in: from here on time counts as decoding."""
+    def prefilled(self, stream: Stream) -> None:
+        """The prompt is in: from here on time counts as decoding. What the prompt's last token recalled is taken
+        now, since a selection later in a long reply may replace it."""
         self.prefill_s = time.perf_counter() - self.started
+        self.recalls = recalled(stream, self.tokenizer)
         self.started = time.perf_counter()
 
     def next_token(self, logits: torch.Tensor) -> int:
@@ -153,7 +158,10 @@ class Generation:
         text, self.pending = self.pending[:cut], self.pending[cut:]
         elapsed = time.perf_counter() - self.started
         rate = n / elapsed if elapsed else 0.0
-        return Event(token, text, stream.cache_length, stream.tokens_seen, n, rate, self.prefill_s, finish)
+        recalls = self.recalls if n == 1 else None
+        return Event(
+            token, text, stream.cache_length, stream.tokens_seen, n, rate, self.prefill_s, finish, recalls
+        )
 
 
 def stream_generate(
@@ -179,7 +187,7 @@ def stream_generate(
         raise ValueError("the prompt is empty")
     loop = Generation(model, tokenizer, ids, sampling)
     logits = stream.feed(ids, recall=True)  # with a memory, the prompt's last token selects what is recalled
-    loop.prefilled()
+    loop.prefilled(stream)
     while True:
         token = loop.next_token(logits)
         logits = stream.feed([token])

@@ -1,4 +1,4 @@
-"""The chat page at ``GET /``: three static files shipped with the package (no build step, nothing fetched from
+"""The chat page at ``GET /``: four static files shipped with the package (no build step, nothing fetched from
 elsewhere), served with a Content-Security-Policy that allows scripts, styles and requests from this origin only.
 The page talks to the server through the same OpenAI endpoints and API key as any other client."""
 
@@ -13,6 +13,7 @@ from starlette.responses import Response
 FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/ui/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/ui/recalls.js": ("recalls.js", "text/javascript; charset=utf-8"),
     "/ui/style.css": ("style.css", "text/css; charset=utf-8"),
 }
 PATHS = frozenset(FILES) | {"/favicon.ico"}  # served without an API key: the page asks for the key itself

@@ -278,7 +278,14 @@ class _ChatFormat:
     def whole(self, text: str, finish: str, count: int) -> dict:
         message = {"role": "assistant", "content": text}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-        return self._head("chat.completion") | {"choices": [choice], "usage": _usage(self.turn, count)}
+        body = {"choices": [choice], "usage": _usage(self.turn, count)}
+        return self._head("chat.completion") | body | self._recalls()
+
+    def _recalls(self) -> dict:
+        # Not OpenAI's either, and only with a memory: what this reply's prompt recalled from it.
+        if self.turn.recalls is None:
+            return {}
+        return {"memory_recalls": [r.as_dict() for r in self.turn.recalls]}
 
 
 class _TextFormat(_ChatFormat):
@@ -297,4 +304,5 @@ class _TextFormat(_ChatFormat):
 
     def whole(self, text: str, finish: str, count: int) -> dict:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return self._head("text_completion") | {"choices": [choice], "usage": _usage(self.turn, count)}
+        body = {"choices": [choice], "usage": _usage(self.turn, count)}
+        return self._head("text_completion") | body | self._recalls()

@@ -77,7 +77,7 @@ class Job:
         loop = Generation(model, tokenizer, ids, sampling)
         # with a memory, the prompt's end selects what is recalled, by what the whole turn says
         logits = stream.feed(ids[-1:], recall=True, query=ids)
-        loop.prefilled()
+        loop.prefilled(stream)
         while True:
             token = loop.next_token(logits)
             if self.batched:

@@ -7,6 +7,7 @@ import hashlib
 import time
 
 from ..config import StreamConfig
+from ..runtime.recalls import Recall
 from ..runtime.stream import Stream
 from .persist import Conversation
 from .store import Lease
@@ -31,6 +32,8 @@ class Session:
         self.saved_memory: dict | None = None  # the memory of the state on disk: blocks per layer, file bytes
         self.saved_meta: dict | None = None  # the meta.json of the state on disk, as last read or written
         self.lease: Lease | None = None  # held during a turn (with a store)
+        # What the last reply's prompt recalled from memory; this process's, not saved: gone after a restart.
+        self.last_recalls: list[Recall] | None = None
 
     @property
     def loaded(self) -> bool:
@@ -64,12 +67,13 @@ class Session:
         }
 
     def _memory_stats(self, config: StreamConfig) -> dict | None:
-        """Blocks held, where and how many bytes; for a session only on disk, what its saved state holds."""
+        """Blocks held, where and how many bytes (for a session only on disk, what its saved state holds), and
+        what the last reply recalled."""
         if config.memory is None:
             return None
-        if self.stream is not None:
-            return self.stream.memory.stats()
-        return self.saved_memory
+        held = self.stream.memory.stats() if self.stream is not None else self.saved_memory
+        recalls = [r.as_dict() for r in self.last_recalls or ()]
+        return None if held is None else held | {"last_recalls": recalls}
 
 
 def saved_memory(meta: dict, config: StreamConfig) -> dict | None:

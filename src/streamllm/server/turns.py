@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from ..config import StreamConfig
 from ..runtime.generate import Event, Sampling, eos_ids
+from ..runtime.recalls import Recall
 from .config import ServerConfig
 from .errors import NOT_FOUND, TIMEOUT, APIError, internal_error
 from .persist import Conversation, restore_stream, stream_tensors
@@ -51,6 +52,7 @@ class Turn:
     state: str = "open"  # -> "committing" -> "closed"
     generated: list[int] = field(default_factory=list)
     failure: APIError | None = None  # why the store did not take the turn (it was undone)
+    recalls: list[Recall] | None = None  # what the prompt's end recalled from memory (None: no memory)
 
     @property
     def prompt_tokens(self) -> int:
@@ -206,6 +208,8 @@ class Turns:
                 if kind == "done":
                     break
                 turn.generated.append(payload.token)
+                if payload.recalls is not None:
+                    turn.recalls = payload.recalls
                 reply.append(payload.text)
                 last = payload
                 yield payload
@@ -237,6 +241,8 @@ class Turns:
                 turn.failure = exc
             except Exception:
                 log.exception("session %s: could not save its state; it stays in memory", session.id)
+            if turn.failure is None:
+                session.last_recalls = turn.recalls
         finally:
             turn.state = "closed"
             self._release(session)

@@ -8,7 +8,7 @@ const $ = (id) => document.getElementById(id);
 const STORE = {
   key: "streamllm.key",             // the API key, only when "remember" is ticked
   current: "streamllm.current",     // the session shown last
-  chat: (id) => `streamllm.chat.${id}`, // [{role, content}] of one session
+  chat: (id) => `streamllm.chat.${id}`, // [{role, content, recalls?}] of one session
 };
 
 const state = {
@@ -132,7 +132,10 @@ function showTranscript() {
       "but their text was not kept in this browser.");
     note.setAttribute("data-note", "missing");
   }
-  for (const m of messages) addMessage(m.role, m.content);
+  for (const m of messages) {
+    const li = addMessage(m.role, m.content);
+    if (m.recalls) showRecalls(li, m.recalls);
+  }
 }
 
 function number(n) {
@@ -153,6 +156,7 @@ function showStats(info) {
     $("stat-cache").textContent = info && info.tokens_seen !== null ? "on disk; loads with the next turn" : "-";
     $("stat-seen").textContent = number(info && info.tokens_seen);
     $("stat-evicted").textContent = "-";
+    showMemory(info);
     return;
   }
   const { size, num_sinks: sinks, window } = info.cache;
@@ -167,6 +171,13 @@ function showStats(info) {
   $("stat-cache").textContent = `${number(held)} / ${number(size)} (${sinks} sinks + ${window} window)`;
   $("stat-seen").textContent = number(info.tokens_seen);
   $("stat-evicted").textContent = number(info.evicted);
+  showMemory(info);
+}
+
+function showMemory(info) {
+  const summary = memorySummary(info && info.memory);
+  $("memory-stat").hidden = summary === null;
+  $("stat-memory").textContent = summary || "-";
 }
 
 function showSessions() {
@@ -214,12 +225,16 @@ async function refreshSessions() {
   showSessions();
 }
 
+// Shows the session's counters; returns them (null when there is no session or they could not be read).
 async function refreshStats() {
   if (!state.sessionId) return showStats(null);
   try {
-    showStats(await api(`/v1/sessions/${encodeURIComponent(state.sessionId)}`));
+    const info = await api(`/v1/sessions/${encodeURIComponent(state.sessionId)}`);
+    showStats(info);
+    return info;
   } catch (err) {
     if (!state.running) showError(err, "key");
+    return null;
   }
 }
 
@@ -316,8 +331,12 @@ async function send(text) {
     if (first !== null && last > first && tokens > 1) {
       $("stat-rate").textContent = ((1000 * (tokens - 1)) / (last - first)).toFixed(1);
     }
+    // What this reply recalled: the session holds it until its next turn, which this page has not sent yet.
+    const info = await refreshStats();
+    const recalls = info && info.memory ? info.memory.last_recalls : undefined;
+    showRecalls(reply, recalls);
     const messages = transcript(state.sessionId);
-    messages.push({ role: "user", content: text }, { role: "assistant", content });
+    messages.push({ role: "user", content: text }, { role: "assistant", content, recalls });
     saveTranscript(state.sessionId, messages);
   } catch (err) {
     // The server undoes a turn that did not finish, so the page does too: the message goes back in the box.
