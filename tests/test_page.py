@@ -220,7 +220,8 @@ def test_markup_from_the_model_is_shown_as_text(page):
     reply = page.ask("Show me a minimal HTML page with a script tag that calls alert.")
     assert "<script>" in reply
     assert page.js("return document.querySelectorAll('#messages script').length") == 0
-    assert page.js("return document.querySelectorAll('script').length") == 1  # the page's own
+    scripts = page.js("return [...document.querySelectorAll('script')].map(s => new URL(s.src).pathname)")
+    assert scripts == ["/ui/recalls.js", "/ui/app.js"]  # the page's own
     # The reply is also drawn again from this browser's storage after a reload: still text.
     page.driver.refresh()
     page.until(lambda: page.replies(), "the conversation after the reload")
@@ -282,3 +283,76 @@ def test_the_page_is_served_with_a_strict_content_security_policy(server):
     assert httpx.get(f"{server.url}/ui/app.js?name=../persist.py", timeout=30).text.startswith(
         "// The streamllm"
     )
+
+
+# A memory session on the tiny random model, served in this process: a cache of 4 + 60 and blocks of 16 evict and
+# recall blocks within four short turns. Markup in the messages must reach the page as text, recalled or not.
+MEMORY_MESSAGES = [
+    "The keeper <b>Orla</b> painted the tower red and white every spring, before the storms came in.",
+    "Her brother <img src=x onerror=alert(1)> Tomas kept bees on the cliff and sold honey on Saturdays.",
+    "A ship called the <i>Marigold</i> ran aground on the northern rocks in the winter of the great fog.",
+    "Which of them kept bees, and where did they sell the honey?",
+]
+
+
+@pytest.fixture(scope="module")
+def memory_server(tiny, one_torch_thread):
+    from server_helpers import ThreadServer
+
+    from streamllm import StreamConfig
+    from streamllm.config import MemoryConfig
+    from streamllm.server import ServerConfig, create_app
+
+    model, tokenizer = tiny
+    stream = StreamConfig(num_sinks=4, window=60, chunk_size=16, memory=MemoryConfig(block_size=16, blocks=2))
+    config = ServerConfig(model_id="tiny", stream=stream, max_tokens_limit=64)
+    with ThreadServer(create_app(model, tokenizer, config)) as server:
+        yield server
+
+
+def test_what_a_reply_recalled_is_folded_under_it(browser, memory_server):
+    page = Page(browser, memory_server.url)
+    page.open(key=None)
+    page.js("document.querySelector('#settings summary').click()")
+    for field, value in (("temperature", "0"), ("max-tokens", "3")):
+        page.el(field).clear()
+        page.el(field).send_keys(value)
+    for message in MEMORY_MESSAGES:
+        page.ask(message)
+    recalls = httpx.get(f"{memory_server.url}/v1/sessions/{page.session_id()}", timeout=30).json()["memory"]
+    recalls = recalls["last_recalls"]
+    assert recalls and page.el("memory-stat").is_displayed() and "blocks" in page.el("stat-memory").text
+
+    def last_section() -> dict:
+        return page.js(
+            "const li = [...document.querySelectorAll('#messages li.assistant')].pop().nextElementSibling;"
+            "const d = li && li.classList.contains('recalls') && li.querySelector('details');"
+            "return d && {open: d.open, summary: d.querySelector('summary').textContent,"
+            " ago: [...d.querySelectorAll('.ago')].map(e => e.textContent),"
+            " text: [...d.querySelectorAll('q')].map(e => e.textContent)}"
+        )
+
+    shown = page.until(last_section, "the recall section under the last reply", 10)
+    assert not shown["open"] and shown["summary"] == f"Recalled from memory: {len(recalls)} blocks"
+    assert shown["text"] == [r["text"] for r in recalls]
+    assert shown["ago"] == [f"said {r['tokens_ago']:,} tokens ago" for r in recalls]
+    assert any("<" in text for text in shown["text"])  # the messages' markup, recalled as text
+    assert page.js("return document.querySelectorAll('#messages b, #messages i, #messages img').length") == 0
+    page.screenshot("memory-recalls-folded.png")
+    page.js("document.querySelector('#messages li.recalls:last-child summary').click()")
+    assert page.js("return document.querySelector('#messages li.recalls:last-child details').open")
+    assert page.el("messages").find_element("css selector", "li.recalls:last-child q").is_displayed()
+    page.until(  # opening it scrolled it into view
+        lambda: page.js(
+            "const box = document.getElementById('messages').getBoundingClientRect();"
+            "const li = document.querySelector('#messages li.recalls:last-child').getBoundingClientRect();"
+            "return li.bottom <= box.bottom + 1 && li.top >= box.top"
+        ),
+        "the opened list to scroll into view",
+        10,
+    )
+    page.screenshot("memory-recalls-open.png")
+    page.driver.refresh()  # drawn again from this browser's storage, still folded and still text
+    page.until(lambda: len(page.replies()) == len(MEMORY_MESSAGES), "the conversation after the reload")
+    assert last_section() == shown
+    assert page.js("return document.querySelectorAll('#messages b, #messages i, #messages img').length") == 0

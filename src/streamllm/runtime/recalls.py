@@ -14,10 +14,10 @@ SNIPPET_CHARS = 200
 
 @dataclass(frozen=True)
 class Recall:
-    """One recalled block. ``text``: a snippet of it, whitespace collapsed ("" where its tokens were not kept,
-    as in a session restored from disk); ``tokens_ago``: tokens fed after the block's last one, up to the
-    selection; ``layers``: the share of memory layers that chose it (0..1); ``start`` .. ``end`` - 1: its text
-    positions."""
+    """One recalled block. ``text``: a snippet of it, whitespace collapsed ("" where its tokens were never
+    noted, as in a memory filled with made-up keys); ``tokens_ago``: tokens fed after the block's last one, up
+    to the selection; ``layers``: the share of memory layers that chose it (0..1); ``start`` .. ``end`` - 1: its
+    text positions."""
 
     text: str
     tokens_ago: int

@@ -28,6 +28,10 @@ function recallSection(recalls) {
     list.append(item);
   }
   details.append(summary, list);
+  // Opened under the last reply, the list would fall below the fold of the conversation: bring it into view.
+  details.addEventListener("toggle", () => {
+    if (details.open) li.scrollIntoView({ block: "nearest" });
+  });
   li.append(details);
   return li;
 }
