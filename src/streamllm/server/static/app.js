@@ -174,12 +174,6 @@ function showStats(info) {
   showMemory(info);
 }
 
-function showMemory(info) {
-  const summary = memorySummary(info && info.memory);
-  $("memory-stat").hidden = summary === null;
-  $("stat-memory").textContent = summary || "-";
-}
-
 function showSessions() {
   const list = $("sessions");
   list.replaceChildren();

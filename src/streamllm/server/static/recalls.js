@@ -44,10 +44,12 @@ function showRecalls(reply, recalls) {
   if (section) reply.after(section);
 }
 
-// The stats line for the memory: blocks and tokens held, or null for a session without one.
-function memorySummary(memory) {
-  if (!memory) return null;
+// The stats line for the memory: blocks and tokens held, hidden for a session without one.
+function showMemory(info) {
+  const memory = info && info.memory;
+  document.getElementById("memory-stat").hidden = !memory;
+  if (!memory) return;
   const blocks = memory.blocks || 0;
-  return `${blocks.toLocaleString("en-US")} block${blocks === 1 ? "" : "s"} ` +
-    `(${(memory.tokens || 0).toLocaleString("en-US")} tokens)`;
+  document.getElementById("stat-memory").textContent = `${blocks.toLocaleString("en-US")} block` +
+    `${blocks === 1 ? "" : "s"} (${(memory.tokens || 0).toLocaleString("en-US")} tokens)`;
 }
