@@ -163,8 +163,9 @@ def test_engine_streams_each_variant_like_the_oracle(run, variant):
 def test_eval_and_status(run, tmp_path, capsys):
     folder, s, tokens = run
     report = evaluate.evaluate(folder, "cmd", tokens=60, cache=16, stride=4)
-    assert [r[0] for r in report.csv_rows[::5]] == list(model.VARIANTS)
-    assert {r[3] for r in report.csv_rows} == {"0+16", "1+15", "2+14", "4+12", "recompute"}
+    assert [r[0] for r in report.csv_rows[::6]] == list(model.VARIANTS)
+    configs = {"0+16", "1+15", "2+14", "4+12", "recompute", "4+12, recompute's tokens"}
+    assert {r[3] for r in report.csv_rows} == configs
     paths = report.write(tmp_path)
     assert [p.suffix for p in paths] == [".csv", ".md", ".png"]
     assert "zero-sink" in paths[1].read_text()
@@ -173,3 +174,11 @@ def test_eval_and_status(run, tmp_path, capsys):
         assert main(["pretrain", "status", "--run", "tiny"]) == 0
     out = capsys.readouterr().out
     assert "zero-sink  checkpoint 4/4" in out
+
+
+def test_logs_survive_a_line_cut_short(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')  # killed mid-line
+    with train._appending(path) as f:
+        f.write('{"step": 2, "loss": 1.5}\n')
+    assert evaluate.read_jsonl(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]

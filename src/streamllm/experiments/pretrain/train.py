@@ -186,7 +186,7 @@ def _turn(folder, s: Settings, tokens, stream, variant: str, start: int, on_step
     model.train()
     end = min(s.steps, (start // s.segment + 1) * s.segment)
     (folder / variant).mkdir(parents=True, exist_ok=True)
-    with open(folder / variant / "log.jsonl", "a") as logf:
+    with _appending(folder / variant / "log.jsonl") as logf:
         for step in range(start, end):
             began = time.perf_counter()
             lr = learning_rate(s, step)
@@ -209,6 +209,16 @@ def _turn(folder, s: Settings, tokens, stream, variant: str, start: int, on_step
     model.eval()
     _save(folder, s, tokens, variant, model, optimizer, end)
     _probe(folder, s, tokens, variant, model, end)
+
+
+def _appending(path: Path):
+    """``path`` opened for appending lines; a line cut short by a killed run is ended first."""
+    f = open(path, "a+")
+    if f.tell():
+        f.seek(f.tell() - 1)
+        if f.read(1) != "\n":
+            f.write("\n")
+    return f
 
 
 def _save(folder: Path, s: Settings, tokens, variant: str, model, optimizer, step: int) -> None:
@@ -268,5 +278,5 @@ def _probe(folder: Path, s: Settings, tokens, variant: str, model, step: int) ->
     row = {"step": step, "tokens": step * s.tokens_per_step}
     row |= probe(model, variant, probe_batch(s, tokens), tokens.sink_id)
     (folder / variant).mkdir(parents=True, exist_ok=True)
-    with open(folder / variant / "share.jsonl", "a") as f:
+    with _appending(folder / variant / "share.jsonl") as f:
         f.write(json.dumps(row) + "\n")
