@@ -182,3 +182,30 @@ def test_logs_survive_a_line_cut_short(tmp_path):
     with train._appending(path) as f:
         f.write('{"step": 2, "loss": 1.5}\n')
     assert evaluate.read_jsonl(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+
+
+def test_cli_trains_and_resumes(run, capsys):
+    folder, _, tokens = run
+    home = folder.parents[2]
+    args = [
+        "pretrain",
+        "train",
+        "--run",
+        "cli",
+        "--data",
+        str(tokens.folder),
+        "--steps",
+        "2",
+        "--segment",
+        "1",
+    ]
+    args += ["--size", "32,2,2,48", "--batch-size", "2", "--seq-len", "24", "--variants", "vanilla,zero-sink"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STREAMLLM_HOME", str(home))
+        assert main([*args, "--max-turns", "1"]) == 0
+        assert "steps done: {'vanilla': 1, 'zero-sink': 0}" in capsys.readouterr().out
+        assert main(["pretrain", "train", "--run", "cli", "--steps", "9"]) == 0
+        captured = capsys.readouterr()
+        assert "the ones given are ignored" in captured.err
+        assert "steps done: {'vanilla': 2, 'zero-sink': 2}" in captured.out
+        assert main(["pretrain", "train", "--run", "cli", "--size", "1,2"]) == 0  # settings saved: not parsed
