@@ -79,17 +79,18 @@ def _select(state: OracleState, i: int, q_pre: torch.Tensor) -> None:
     state.chosen[i] = _choose(state, scores)
 
 
-def _bm25(query: list[int], blocks: list[list[int]]) -> list[float]:
-    """BM25 over token n-grams (n = 1..3) inside each block, k1 = 1.2, b = 0, rounded to 1e-9."""
+def _grams(ids: list[int]) -> list[tuple[int, ...]]:
+    return [tuple(ids[j : j + n]) for n in (1, 2, 3) for j in range(len(ids) - n + 1)]
 
-    def grams(ids):
-        return [tuple(ids[j : j + n]) for n in (1, 2, 3) for j in range(len(ids) - n + 1)]
 
-    bags = [grams(b) for b in blocks]
+def _bm25(query: list[tuple[int, ...]], blocks: list[list[int]]) -> list[float]:
+    """BM25 of the query's n-grams over token n-grams (n = 1..3) inside each block, k1 = 1.2, b = 0, rounded
+    to 1e-9. The query's n-grams are those its tokens hold that the window before it does not."""
+    bags = [_grams(b) for b in blocks]
     out = []
     for bag in bags:
         total = 0.0
-        for term in set(grams(query)):
+        for term in set(query):
             tf = bag.count(term)
             if tf:
                 df = sum(term in other for other in bags)
@@ -98,29 +99,56 @@ def _bm25(query: list[int], blocks: list[list[int]]) -> list[float]:
     return out
 
 
+def _seeds(query: set, blocks: list[list[int]], k: int) -> list[int]:
+    """Greedy cover: the block with the best BM25 over the query terms no chosen block holds, while that is at
+    least half the first one's."""
+    chosen, covered, first = [], set(), 0.0
+    for _ in range(k):
+        gains = _bm25(query - covered, blocks)
+        gains = [0.0 if b in chosen else g for b, g in enumerate(gains)]
+        best = max(range(len(gains)), key=lambda b: (gains[b], -b), default=None)
+        if best is None or gains[best] <= 0 or gains[best] < 0.5 * first:
+            break
+        first = first or gains[best]
+        chosen.append(best)
+        covered |= set(_grams(blocks[best])) & query
+    return chosen
+
+
 def _choose(state: OracleState, attention: list[float]) -> list[int]:
     """The blocks to recall by the memory's rule, from one layer's attention scores, written plainly."""
     mem, n, count = state.memory, state.n_recall, len(attention)
     marks = [p for p in state.queries if p <= state.t]
-    content = None
+    content = seeds = None
     if mem.select != "attention" and marks:
         bs, S = mem.block_size, state.num_sinks
         blocks = [state.ids[S + b * bs : S + (b + 1) * bs] for b in range(count)]
-        content = _bm25(state.queries[max(marks)][-512:], blocks)
+        mark = max(marks)
+        query = state.queries[mark][-512:]
+        end = max(mark + 1 - len(query), 0)
+        before = {g for g in _grams(state.ids[max(end - state.window, 0) : end])}
+        terms = {g for g in _grams(query) if g not in before}
+        content = _bm25(terms, blocks)
+        seeds = _seeds(terms, blocks, n)
     by_attention = sorted(range(count), key=lambda b: (-attention[b], b))
-    if content is None or not any(content):
-        order = by_attention
-    elif mem.select == "content":
-        order = sorted(range(count), key=lambda b: (-content[b], -attention[b], b))
-    else:
+    nb = mem.neighbours
+
+    def with_next(blocks):
+        return [j for b in blocks for j in range(b, min(b + 1 + nb, count))]
+
+    if mem.select == "content" and seeds:  # the seeds, their neighbours, then around them
+        around = [j for d in range(1, count) for s in seeds for j in (s - d, s + nb + d) if 0 <= j < count]
+        order = with_next(seeds) + around + by_attention
+    elif mem.select != "hybrid" or content is None or not any(content):
+        order = with_next(by_attention)
+    else:  # content proposes, attention chooses
         proposed = sorted(range(count), key=lambda b: (-content[b], -attention[b], b))[: 4 * n]
         chosen = sorted((b for b in proposed if content[b] > 0), key=lambda b: (-attention[b], b))
-        order = chosen + [b for b in by_attention if b not in chosen]
+        order = with_next(chosen) + with_next(by_attention)
     picked = []
     for b in order:
-        for j in range(b, min(b + 1 + mem.neighbours, count)):
-            if j not in picked and len(picked) < n:
-                picked.append(j)
+        if b not in picked and len(picked) < n:
+            picked.append(b)
     return sorted(picked)
 
 

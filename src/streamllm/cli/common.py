@@ -14,6 +14,7 @@ from ..config import (
     METHODS,
     POSITIONS,
     RECALL_POSITIONS,
+    RECALL_SELECT,
     ConfigError,
     MemoryConfig,
     StreamConfig,
@@ -110,6 +111,7 @@ MEMORY_FLAGS = {  # option -> MemoryConfig field
     "--memory-reps": "reps",
     "--memory-refresh": "refresh",
     "--memory-ram": "ram_mb",
+    "--memory-neighbours": "neighbours",
 }
 
 
@@ -125,6 +127,7 @@ def memory_args(p: argparse.ArgumentParser) -> None:
         "reps": f"representative keys per block and kv head (default {d.reps})",
         "refresh": f"tokens between selections (default {d.refresh})",
         "ram_mb": f"MiB of blocks kept in RAM; older blocks go to a file (default {d.ram_mb})",
+        "neighbours": f"blocks after each chosen one recalled with it (default {d.neighbours})",
     }
     for flag, field in MEMORY_FLAGS.items():
         g.add_argument(flag, dest=f"memory_{field}", type=int, default=None, help=helps[field])
@@ -133,6 +136,13 @@ def memory_args(p: argparse.ArgumentParser) -> None:
         choices=RECALL_POSITIONS,
         default=None,
         help="recalled tokens between the sinks and the window (cache, default) or all just past it (fixed)",
+    )
+    g.add_argument(
+        "--memory-select",
+        choices=RECALL_SELECT,
+        default=None,
+        help=f"choose blocks by attention, by the tokens they share with the prompt (content), or content "
+        f"proposing and attention choosing (hybrid) (default {d.select})",
     )
     g.add_argument("--memory-dir", type=Path, default=None, help="folder for the memory file (default: temp)")
 
@@ -163,6 +173,7 @@ def memory_config(args) -> MemoryConfig | None:
     """The ``MemoryConfig`` the options ask for, or None when no memory option is given."""
     fields = {f: getattr(args, f"memory_{f}", None) for f in MEMORY_FLAGS.values()}
     fields["positions"] = getattr(args, "memory_positions", None)
+    fields["select"] = getattr(args, "memory_select", None)
     fields["dir"] = getattr(args, "memory_dir", None)
     given = {k: v for k, v in fields.items() if v is not None}
     if not given and not getattr(args, "memory", False):

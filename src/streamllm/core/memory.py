@@ -12,10 +12,10 @@ limits to a sliding window keep none. The rules (derivation and the reasons in `
   ``recall_at``), each layer scores every block with the query of that token: per query head, the largest
   logit its representative keys would get at distance ``window + 1`` (just past the window), summed over the
   heads. With ``select="content"`` or ``"hybrid"`` the blocks are also scored by the tokens they share with the
-  query tokens the caller gave with its latest mark at or before the point (``textindex.py``, BM25): content
-  first, attention breaking ties; or content proposing candidates and attention choosing among them. The
-  ``blocks`` best (ties: the older block), each with its ``neighbours`` next blocks, are recalled, in text
-  order, until the next selection point.
+  query tokens the caller gave with its latest mark at or before the point (``textindex.py``, BM25): the few
+  blocks that together hold what the query says and what surrounds them; or content proposing candidates and
+  attention choosing among them (``selection.py``). The ``blocks`` chosen (ties: the older block) are
+  recalled, in text order, until the next selection point.
   Selection points depend only on positions, and a chunk never spans one (``KVCache.plan`` refuses it,
   ``hf.forward`` splits there), so a chunk selects exactly what token-by-token processing selects.
 - **Positions.** The query sees recalled keys like the sinks, from its anchor position: ``cache`` places block j
@@ -46,7 +46,8 @@ from ..config import MemoryConfig
 from .blockfile import HEADER, MemoryFileError
 from .blockstore import BlockStore
 from .rotary import rotate
-from .textindex import TextIndex
+from .selection import CLOSE, choose
+from .textindex import TextIndex, query_terms
 
 QUERY_TOKENS = 512  # the most query tokens a mark keeps (the end of what was fed, when no query is given)
 
@@ -107,7 +108,10 @@ class Memory:
         self.marks: set[int] = set()  # positions where the caller asked for a selection
         self.queries: dict[int, list[int]] = {}  # mark -> the query tokens the caller gave with it
         self.text = TextIndex(config.block_size, num_sinks)
-        self.content: np.ndarray | None = None  # (Nb,) the blocks' content scores at the current selection
+        # at the current selection: the blocks' content scores (Nb,) (hybrid), or the seed blocks (content)
+        self.content: np.ndarray | None = None
+        self.seeds: list[int] | None = None
+        self.forced: list[int] = []  # blocks every selection takes first (``force``)
         self.recalled_len = 0  # M: recalled tokens every memory layer holds now
         self.selections = 0
 
@@ -135,6 +139,11 @@ class Memory:
         if query is not None:
             self.queries[int(pos)] = [int(i) for i in query][-QUERY_TOKENS:]
 
+    def force(self, blocks: Sequence[int]) -> None:
+        """Selections take these blocks first, until ``force([])`` (an experiment's ceiling: the block that
+        holds the answer, recalled whatever the scores say)."""
+        self.forced = [int(b) for b in blocks]
+
     def note(self, pos: int, ids: Sequence[int]) -> None:
         """The stream is about to process tokens ``ids`` at text positions ``pos``...: what the blocks will hold."""
         self.text.note(pos, ids)
@@ -146,10 +155,14 @@ class Memory:
         self.queries = {p: q for p, q in self.queries.items() if current is None or p >= current}
         if self.is_point(pos):
             self.recalled_len = min(self.config.blocks, self.blocks) * self.config.block_size
-            self.content = None
+            self.content = self.seeds = None
             if self.config.select != "attention" and current is not None and self.recalled_len:
                 self.text.sync(self.blocks)
-                self.content = self.text.scores(self.queries[current])
+                q = self._query_terms(current)
+                if self.config.select == "content":
+                    self.seeds = self.text.seeds(q, self.recalled_len // self.config.block_size, CLOSE)
+                else:
+                    self.content = self.text.scores(q)
             return self.recalled_len > 0, self.recalled_len
         return False, self.recalled_len
 
@@ -259,35 +272,20 @@ class Memory:
         reps = mem.reps[:, : mem.count * r].float()  # (Hkv, Nb * r, D)
         logits = torch.bmm(reps, q.transpose(1, 2))  # (Hkv, Nb * r, G)
         scores = logits.view(Hkv, mem.count, r, -1).amax(2).sum((0, 2))  # (Nb,)
-        mem.selected = self.choose(scores.numpy(), n)
+        cfg = self.config
+        mem.selected = choose(
+            scores.numpy(), n, cfg.select, cfg.neighbours, self.content, self.seeds, self.forced
+        )
         mem.at = anchor - self.window - 1
         self.selections += 1
         return self.recalled(layer)
 
-    def choose(self, attention: np.ndarray, n: int) -> list[int]:
-        """The ``n`` blocks to recall, ascending, from one layer's attention scores (Nb,) and the selection's
-        content scores, by ``config.select``; each chosen block brings its ``neighbours`` next ones."""
-        count = attention.size
-        ids = np.arange(count)
-        by_attention = np.lexsort((ids, -attention))
-        content = self.content
-        if content is None or not content.any():
-            order = by_attention
-        elif self.config.select == "content":
-            order = np.lexsort((ids, -attention, -content))
-        else:
-            proposed = np.lexsort((ids, -attention, -content))[: 4 * n]
-            proposed = proposed[content[proposed] > 0]
-            chosen = proposed[np.lexsort((proposed, -attention[proposed]))]
-            order = np.concatenate([chosen, by_attention[~np.isin(by_attention, chosen)]])
-        picked: list[int] = []
-        for b in order.tolist():
-            for j in range(b, min(b + 1 + self.config.neighbours, count)):
-                if j not in picked and len(picked) < n:
-                    picked.append(j)
-            if len(picked) == n:
-                break
-        return sorted(picked)
+    def _query_terms(self, mark: int) -> np.ndarray:
+        """The terms of the query marked at ``mark`` that the ``window`` tokens before it do not hold (the query
+        is taken to end at its mark: a question just fed)."""
+        query = self.queries[mark]
+        end = max(mark + 1 - len(query), 0)
+        return query_terms(query, self.text.tokens.view()[max(end - self.window, 0) : end])
 
     def recalled(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values (1, Hkv, M, D) of ``layer``'s selected blocks, keys rotated where the query sees
@@ -406,6 +404,29 @@ class Memory:
         self.kept.fit()
 
     # -- reporting ---------------------------------------------------------------------------------------------
+    def recalls(self) -> list[dict]:
+        """What the latest selection recalled, for people to read: one entry per block any memory layer holds
+        now, in text order, with its text positions (``start`` .. ``end`` - 1), the share of memory layers that
+        chose it and its token ids (empty where the tokens were never noted)."""
+        chosen: dict[int, int] = {}
+        for mem in self.layers.values():
+            for b in mem.selected:
+                chosen[b] = chosen.get(b, 0) + 1
+        bs, out = self.config.block_size, []
+        for b in sorted(chosen):
+            start = self.num_sinks + b * bs
+            tokens = self.text.block_tokens(b).tolist()
+            out.append(
+                {
+                    "block": b,
+                    "start": start,
+                    "end": start + bs,
+                    "layers": round(chosen[b] / len(self.layers), 3),
+                    "tokens": tokens,
+                }
+            )
+        return out
+
     def stats(self) -> dict:
         return {
             "blocks": self.blocks,

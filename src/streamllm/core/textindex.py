@@ -41,6 +41,15 @@ def terms(ids: np.ndarray) -> np.ndarray:
     return np.concatenate([uni, bi, tri])
 
 
+def query_terms(query: Sequence[int], context: Sequence[int] = ()) -> np.ndarray:
+    """The distinct terms of ``query`` (sorted int64) that ``context`` does not hold: what the query says that
+    the text in view does not (a question's own template, words the window repeats) is what points back."""
+    q = np.unique(terms(np.asarray(query, dtype=np.int64)))
+    if len(context) == 0:
+        return q
+    return np.setdiff1d(q, terms(np.asarray(context, dtype=np.int64)), assume_unique=False)
+
+
 class _Grow:
     """A numpy array that grows by doubling: ``data[:n]`` holds what was appended."""
 
@@ -109,12 +118,38 @@ class TextIndex:
             self.counts.cut(self.starts[-1])
             self._match = None
 
-    def scores(self, query: Sequence[int]) -> np.ndarray:
-        """BM25 of every indexed block for the query's tokens -> (Nb,) float64, rounded to 1e-9."""
-        q = np.unique(terms(np.asarray(query, dtype=np.int64)))  # (Q,)
+    def scores(self, q: np.ndarray) -> np.ndarray:
+        """BM25 of every indexed block for the distinct query terms ``q`` (Q,) sorted (``query_terms``) -> (Nb,)
+        float64, rounded to 1e-9."""
+        blocks, _, part = self._parts(q)
+        return np.round(np.bincount(blocks, weights=part, minlength=self.blocks), 9)
+
+    def seeds(self, q: np.ndarray, k: int, close: float) -> list[int]:
+        """Up to ``k`` blocks that together say most of what the query says, greedily: each next one is the block
+        with the best BM25 over the query terms that the blocks before it do not hold (ties: the older block),
+        while that score is at least ``close`` times the first one's. A look-alike of the first block (another
+        door's pass key, another register line) holds only terms the first one covers, and is left out."""
+        blocks, which, part = self._parts(q)
+        covered = np.zeros(q.size, dtype=bool)  # (Q,)
+        chosen: list[int] = []
+        first = 0.0
+        for _ in range(k):
+            gain = np.round(np.bincount(blocks, weights=part * ~covered[which], minlength=self.blocks), 9)
+            gain[chosen] = 0.0
+            best = int(np.argmax(gain)) if gain.size else 0
+            if not gain.size or gain[best] <= 0 or gain[best] < close * first:
+                break
+            first = first or float(gain[best])
+            chosen.append(best)
+            covered[which[blocks == best]] = True
+        return chosen
+
+    def _parts(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every (block, query term) match of the indexed blocks: the block (M,), the term's index in ``q`` (M,)
+        and its BM25 part (M,). Only blocks added since ``q`` was last asked about are read."""
         n = self.blocks
         if q.size == 0:
-            return np.zeros(n)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
         entries = self.starts[-1]
         if self._match is None or not np.array_equal(self._match[0], q) or self._match[1] > entries:
             self._match = (q, 0, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int32))
@@ -130,8 +165,7 @@ class TextIndex:
             self._match = (q, entries, blocks, which, tf)
         df = np.bincount(which, minlength=q.size)  # (Q,) blocks holding each term
         idf = np.log1p((n - df + 0.5) / (df + 0.5))  # (Q,)
-        part = idf[which] * tf * (K1 + 1) / (tf + K1)  # (matches,)
-        return np.round(np.bincount(blocks, weights=part, minlength=n)[:n], 9)
+        return blocks, which, idf[which] * tf * (K1 + 1) / (tf + K1)
 
     def nbytes(self) -> int:
         return (

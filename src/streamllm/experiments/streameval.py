@@ -26,16 +26,24 @@ from .context import Context
 from .report import Report, figure, table
 
 QUERY_EVERY = 10  # lines
-METHODS = ("sink", "memory", "memory-fixed")  # memory-fixed: recalled tokens at InfLLM's fixed distance
+# memory: blocks chosen by attention; -content / -hybrid: by the question's tokens (alone, or proposing blocks
+# for attention to choose from); -fixed: recalled tokens at InfLLM's fixed distance; -oracle: the blocks
+# holding the answer forced in (the ceiling of any selection); dense: no eviction (the model's own ceiling)
+METHODS = ("sink", "dense", "memory", "memory-content", "memory-hybrid", "memory-fixed", "memory-oracle")
+SELECT = {"memory-content": "content", "memory-hybrid": "hybrid", "memory-oracle": "content"}
 
 
 def method_config(ctx: Context, method: str, window: int) -> StreamConfig:
     """The cache ``method`` names, with ``window``; --quick uses memory blocks of 16 tokens (about a line)."""
     if method not in METHODS:
         raise ValueError(f"streameval runs {', '.join(METHODS)}; not {method!r}")
+    if method == "dense":
+        return StreamConfig(method="dense", num_sinks=4, window=window)
     memory = ctx.memory_or(MemoryConfig(block_size=16) if ctx.quick else MemoryConfig())
     if method == "memory-fixed":
         memory = replace(memory, positions="fixed")
+    if method in SELECT:
+        memory = replace(memory, select=SELECT[method])
     return StreamConfig(num_sinks=4, window=window, memory=None if method == "sink" else memory)
 
 
@@ -108,12 +116,16 @@ def run_stream(
             )  # the value's first token
             memory = stream.memory
             before = memory.selections if memory is not None else 0
+            line_end = starts[asked] if asked < len(starts) else prompt_at
+            if method == "memory-oracle":
+                memory.force(answer_blocks(config, value_at, line_end))
             pieces, recalled = [], None
             for event in stream_generate(ctx.model, ctx.tokenizer, prompt, sampling, stream=stream):
                 if not pieces and memory is not None and memory.selections - before == len(memory.layers):
-                    line_end = starts[asked] if asked < len(starts) else prompt_at
                     recalled = value_recalled(memory, config, value_at, line_end)
                 pieces.append(event.text)
+            if method == "memory-oracle":
+                memory.force([])
             answer = "".join(pieces)
             stream.feed(ctx.encode(">\n" if not answer.endswith(">") else "\n"))
             results.append(
@@ -132,11 +144,16 @@ def run_stream(
     return results
 
 
+def answer_blocks(config: StreamConfig, start: int, end: int) -> list[int]:
+    """The memory blocks holding a token of text positions ``start .. end - 1`` (an asked line's value)."""
+    bs = config.memory.block_size
+    return sorted({(p - config.num_sinks) // bs for p in range(start, end)})
+
+
 def value_recalled(memory, config: StreamConfig, start: int, end: int) -> float:
     """The share of memory layers whose current selection holds a block with a token of text positions
     ``start .. end - 1`` (an asked line's value)."""
-    bs = config.memory.block_size
-    blocks = {(p - config.num_sinks) // bs for p in range(start, end)}
+    blocks = answer_blocks(config, start, end)
     layers = memory.layers.values()
     return sum(any(b in blocks for b in m.selected) for m in layers) / len(layers)
 
@@ -145,7 +162,7 @@ def streameval(ctx: Context) -> Report:
     if ctx.quick:
         windows, lines_back, rounds = (60,), [1, 4, 12], 2
     else:
-        windows, lines_back, rounds = (252, 508, 1020), [1, 5, 10, 20, 40, 60, 80, 100, 140], 6
+        windows, lines_back, rounds = (252, 1020), [1, 5, 10, 20, 40, 60, 80, 100, 140], 6
     methods = ctx.methods or ["sink", "memory"]
     configs = [(m, method_config(ctx, m, w)) for m in methods for w in windows]  # refuses unknown ones first
     results: list[Query] = []
@@ -242,7 +259,15 @@ def streameval(ctx: Context) -> Report:
     )
     fig, axes = figure()
     ax = axes[0, 0]
-    styles = {"sink": "-", "memory": "--", "memory-fixed": ":"}
+    styles = {
+        "sink": "-",
+        "dense": (0, (1, 3)),
+        "memory": "--",
+        "memory-content": "-.",
+        "memory-hybrid": (0, (5, 1)),
+        "memory-fixed": ":",
+        "memory-oracle": (0, (3, 1, 1, 1)),
+    }
     for i, window in enumerate(windows):
         cache = window + 4
         for method in methods:

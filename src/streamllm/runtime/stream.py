@@ -77,6 +77,22 @@ class Stream:
         """The stream's ``core.memory.Memory``, or None."""
         return getattr(self.cache, "memory", None)
 
+    def snapshot(self) -> dict:
+        """A copy of this stream's state, to come back to with ``rewind`` (ask a question, then take it back)."""
+        if isinstance(self.cache, Recompute):
+            raise ValueError("a recompute stream keeps no state to snapshot")
+        return _copy(self.cache.state_dict())
+
+    def rewind(self, state: dict) -> None:
+        """Go back to a ``snapshot`` of this stream: the cache as it was, and the memory rolled back in place (the
+        blocks kept since are dropped, the older ones stay where they are)."""
+        memory = self.memory
+        self.reset()
+        if memory is not None:
+            self.cache.memory.close()
+            self.cache.memory = memory
+        self.cache.load_state_dict(_copy(state))
+
     @torch.no_grad()
     def feed(
         self, ids: Sequence[int], recall: bool = False, query: Sequence[int] | None = None
@@ -109,3 +125,12 @@ class Stream:
             else:
                 # A failed pass leaves layers that committed the chunk: the caller should reset().
                 yield forward(self.model, self.cache, torch.tensor([chunk]), keep_all)[0]  # (T, V) or (1, V)
+
+
+def _copy(state):
+    """A deep copy of a cache state, whose tensors are the live ones."""
+    if isinstance(state, dict):
+        return {k: _copy(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_copy(v) for v in state)
+    return state.clone() if isinstance(state, torch.Tensor) else state
