@@ -182,6 +182,8 @@ def _plots(results: dict, shares: dict, cache: int, s):
             continue
         x = [h["tokens"] / 1e6 for h in history]
         (line,) = ax.plot(x, [sum(h["pos0"]) / len(h["pos0"]) for h in history], marker=".", label=variant)
+        top = [max(h["pos0"]) for h in history]
+        ax.plot(x, top, color=line.get_color(), lw=0.8, alpha=0.5, label=f"{variant}: the layer with most")
         if history[-1]["sink_column"][0] is not None:
             zero = [sum(h["sink_column"]) / len(h["sink_column"]) for h in history]
             ax.plot(x, zero, ls="--", color=line.get_color(), label=f"{variant}: on the zero sink")
@@ -189,7 +191,7 @@ def _plots(results: dict, shares: dict, cache: int, s):
             first_text = [sum(h["pos1"]) / len(h["pos1"]) for h in history]
             ax.plot(x, first_text, ls=":", color=line.get_color(), label=f"{variant}: on position 1")
     ax.set_xlabel("training tokens (M)")
-    ax.set_ylabel("share of attention on position 0 (mean over layers)")
+    ax.set_ylabel("share of attention on position 0 (mean over layers; faint: the layer with most)")
     ax.set_ylim(0, 1)
     ax.set_title(f"Sink share during training (seq len {s.seq_len})")
     ax.legend(fontsize=8)
