@@ -292,7 +292,7 @@ def _router(monkeypatch, texts, **options):
     """The ``serve-ray`` router's class itself (no Ray cluster), its replicas ``texts``."""
     ray_serve = pytest.importorskip("streamllm.server.ray_serve")
     monkeypatch.setattr(ray_serve, "configure", lambda _: None)  # leaves this process's logging alone
-    monkeypatch.setattr(ray_serve.SessionAffinity, "running", frozenset(texts))
+    monkeypatch.setattr(ray_serve, "running_replicas", frozenset(texts))
     mine = next(
         c for c in ray_serve.Router.func_or_class.__mro__ if "scrape" in vars(c)
     )  # the class as written, under Serve's wrapper

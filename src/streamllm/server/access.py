@@ -28,6 +28,7 @@ ROUTES = (
     "/v1/sessions/{session_id}",
     "/",
     "/ui/app.js",
+    "/ui/recalls.js",
     "/ui/style.css",
     "/favicon.ico",
 )

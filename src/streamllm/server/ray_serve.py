@@ -78,6 +78,20 @@ def rank(key: str, replica_ids: list[str]) -> list[str]:
     return sorted(replica_ids, key=lambda r: hashlib.sha256(f"{key}\0{r}".encode()).digest(), reverse=True)
 
 
+# The ids of the running replicas, as Ray last told ``SessionAffinity``. Ray creates that router itself, in the
+# process of the deployment that holds the handle (``Router``), so a module global is how ``Router`` reads them;
+# one assignment replaces it whole, as Ray may call from another thread.
+running_replicas: frozenset[str] = frozenset()
+
+
+def _imported():
+    """This module as imported in this process. Ray sends ``SessionAffinity`` and ``Router`` to their process by
+    value, each with its own copy of this module's globals, so the state they share lives in the imported one."""
+    from streamllm.server import ray_serve
+
+    return ray_serve
+
+
 class SessionAffinity(PowerOfTwoChoicesRequestRouter):
     """Ray Serve's router, except that a request with an affinity key (its first argument) goes to the replica
     its key ranks first. Ray asks again, with backoff, while the chosen replica does not confirm that it has
@@ -85,14 +99,9 @@ class SessionAffinity(PowerOfTwoChoicesRequestRouter):
     may the others, in the key's order, take the request. A dead replica leaves the candidates at once."""
 
     STICKY_S = 30.0
-    # The ids of the running replicas, as Ray last told them. Ray creates this router itself, in the process of
-    # the deployment that holds the handle (``Router``), so a class attribute is how ``Router`` reads them; one
-    # assignment replaces it whole, as Ray may call from another thread.
-    running: frozenset[str] = frozenset()
-
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        SessionAffinity.running = frozenset(r.replica_id.unique_id for r in replicas)
+        _imported().running_replicas = frozenset(r.replica_id.unique_id for r in replicas)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
@@ -248,11 +257,11 @@ class Router:
 
     async def _replica_metrics(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """(replica name, its /metrics text) of every running replica that answers in time."""
-        if not SessionAffinity.running:  # Ray tells the router its replicas with the first request it routes
+        if not _imported().running_replicas:  # Ray tells the router its replicas with the first request it routes
             answer, _ = await self._first(("", "GET", "/health", b"", headers, b""))
             async for _ in answer:
                 pass
-        ids = sorted(SessionAffinity.running)
+        ids = sorted(_imported().running_replicas)
         results = await asyncio.gather(*(self._scrape(i, headers) for i in ids), return_exceptions=True)
         texts = []
         for replica_id, result in zip(ids, results, strict=True):
