@@ -99,6 +99,7 @@ class SessionAffinity(PowerOfTwoChoicesRequestRouter):
     may the others, in the key's order, take the request. A dead replica leaves the candidates at once."""
 
     STICKY_S = 30.0
+
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
         _imported().running_replicas = frozenset(r.replica_id.unique_id for r in replicas)
@@ -257,7 +258,8 @@ class Router:
 
     async def _replica_metrics(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """(replica name, its /metrics text) of every running replica that answers in time."""
-        if not _imported().running_replicas:  # Ray tells the router its replicas with the first request it routes
+        # Ray tells the router its replicas with the first request it routes
+        if not _imported().running_replicas:
             answer, _ = await self._first(("", "GET", "/health", b"", headers, b""))
             async for _ in answer:
                 pass
