@@ -380,9 +380,8 @@ class KVCache:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` returned into this (fresh) cache; the policies must be the same."""
-        snapshot.load_state_dict(self, state)
+        self._resume(*snapshot.load_state_dict(self, state))
         self.changed = [None] * len(self.groups)
-        self._rings = {}
 
     def changes(self) -> dict | None:
         """What changed since ``mark_saved`` (``snapshot.changes``), or None where everything may have."""
@@ -392,7 +391,12 @@ class KVCache:
 
     def load_changes(self, state: dict) -> None:
         """Apply what ``changes`` returned to the cache it was taken from, as it was when last saved."""
-        snapshot.load_changes(self, state)
+        self._resume(*snapshot.load_changes(self, state))
+
+    def _resume(self, seen: int, offset: int) -> None:
+        """Go on from restored layers: ``seen`` tokens, rotated at ``offset``; a ring is found again on the next
+        token."""
+        self.seen, self.offset = seen, offset
         self._rings = {}
 
     def mark_saved(self) -> None:

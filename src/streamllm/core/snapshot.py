@@ -1,8 +1,9 @@
 """Saving and restoring a ``KVCache``: the whole state, or only what changed since it was last saved.
 
 ``state_dict`` holds, per layer, the slots ever written (as stored: the model's dtype, or int8 with scales), every
-slot's text position, the counters and the policy's shape; ``load_state_dict`` puts it into a fresh cache of the
-same policies, converting between 8-bit and the model's dtype where the two caches differ.
+slot's text position, the counters and the policy's shape; ``load_state_dict`` puts it into the layers of a fresh
+cache of the same policies, converting between 8-bit and the model's dtype where the two caches differ, and hands
+the counters back for the cache to take (``KVCache.load_state_dict``).
 
 ``changes`` holds, per layer, only the slots written since ``KVCache.mark_saved`` (``slots``, their tensors as
 stored), with every slot's position and the counters; ``load_changes`` applies it on top of the state it was
@@ -55,19 +56,21 @@ def state_dict(cache: KVCache) -> dict:
     return state
 
 
-def load_state_dict(cache: KVCache, state: dict) -> None:
-    """Restore what ``state_dict`` returned into a fresh cache; the policies must be the same."""
+def load_state_dict(cache: KVCache, state: dict) -> tuple[int, int]:
+    """Restore what ``state_dict`` returned into the layers of a fresh cache (the policies must be the same) and
+    its memory. -> the counters (seen, offset)"""
     layers = state["layers"]
     if layers and len(layers) != len(cache.layers):
         raise ValueError(f"the state has {len(layers)} layers, the model {len(cache.layers)}")
+    counters = cache.seen, cache.offset
     for idx, (store, saved) in enumerate(zip(cache.layers, layers, strict=False)):
         policy = store.policy
         mine = (policy.num_sinks, getattr(policy, "window", None), bool(getattr(policy, "text_positions", 0)))
         theirs = (saved["num_sinks"], saved["window"], bool(saved.get("text_positions", False)))
         if saved["num_sinks"] is not None and mine != theirs:
             raise ValueError(f"layer {idx}: saved under another policy {theirs}, this cache has {mine}")
-        cache.seen, cache.offset = int(saved["seen"]), int(saved["offset"])
-        keys = saved["keys"]
+        counters = int(saved["seen"]), int(saved["offset"])
+        keys = saved.get("keys")
         if keys is None:
             continue
         used = keys.shape[2]
@@ -76,6 +79,7 @@ def load_state_dict(cache: KVCache, state: dict) -> None:
         store.load_raw(saved, slice(0, used))
         store.slot_pos[:used] = saved["slot_pos"]
     _load_memory(cache, state)
+    return counters
 
 
 def changes(cache: KVCache, changed: list[torch.Tensor], groups: list[int]) -> dict:
@@ -97,13 +101,15 @@ def changes(cache: KVCache, changed: list[torch.Tensor], groups: list[int]) -> d
     return state
 
 
-def load_changes(cache: KVCache, state: dict) -> None:
-    """Apply ``changes`` to the cache as it was when they were counted from."""
+def load_changes(cache: KVCache, state: dict) -> tuple[int, int]:
+    """Apply ``changes`` to the layers of the cache as it was when they were counted from, and to its memory.
+    -> the counters (seen, offset)"""
     layers = state["layers"]
     if len(layers) != len(cache.layers):
         raise ValueError(f"the changes have {len(layers)} layers, the model {len(cache.layers)}")
+    counters = cache.seen, cache.offset
     for store, saved in zip(cache.layers, layers, strict=True):
-        cache.seen, cache.offset = int(saved["seen"]), int(saved["offset"])
+        counters = int(saved["seen"]), int(saved["offset"])
         if "keys" not in saved:
             continue
         owner = layers[int(saved["positions_of"])] if "positions_of" in saved else saved
@@ -116,6 +122,7 @@ def load_changes(cache: KVCache, state: dict) -> None:
         store.load_raw(saved, slots)
         store.slot_pos[:C] = slot_pos
     _load_memory(cache, state)
+    return counters
 
 
 def _load_memory(cache: KVCache, state: dict) -> None:

@@ -18,6 +18,7 @@ from ..config import StreamConfig
 from ..core.cache import Evicted, KVCache
 from ..core.policy import Policy
 from .recompute import Recompute
+from .state import State, flatten, unflatten, with_memory_of
 
 
 class Stream:
@@ -77,6 +78,63 @@ class Stream:
         """The stream's ``core.memory.Memory``, or None."""
         return getattr(self.cache, "memory", None)
 
+    # -- saving and restoring (``state.py``) --------------------------------------------------------------------
+    def state(self) -> State:
+        """(tensors, meta): everything needed to continue this stream later, named as ``state.py`` says; the
+        tensors are copies on the CPU. The memory's blocks are not in it (``persist``)."""
+        if isinstance(self.cache, Recompute):  # it keeps only its recent tokens (and its windows' BOS)
+            tensors = {f"recompute.{name}": t for name, t in self.cache.state_dict().items()}
+            return tensors, {"layers": [], "memory": None, "tokens_seen": self.tokens_seen}
+        tensors, meta = flatten(self.cache.state_dict())
+        return tensors, meta | {"tokens_seen": self.tokens_seen}
+
+    def changes(self) -> State | None:
+        """What changed since ``mark_saved``, in the form of ``state``: per layer only the slots written since
+        (``layers.<i>.slots``). None where the whole state must be saved instead: nothing was saved yet, a state
+        was loaded, a rebase turned every window key, or the method keeps no slots."""
+        changed = self.cache.changes()
+        return None if changed is None else flatten(changed)
+
+    def mark_saved(self) -> None:
+        """The stream as it is now is saved: ``changes`` counts from here."""
+        self.cache.mark_saved()
+
+    def persist(self) -> None:
+        """Append the blocks the memory kept since the last call to its file and sync it (a no-op without a
+        memory), so that a ``state`` or ``changes`` taken after it can be restored from that file. Raises
+        ``state.MemoryFileError``; then the file counts as it was before."""
+        if self.memory is not None:
+            self.memory.persist()
+
+    def load(self, state: State, changes: Sequence[State] = ()) -> None:
+        """Go on from a ``state`` of this model and configuration, and the ``changes`` saved after it, in order.
+        A fresh stream restores its memory from its memory file; the stream the state was taken from rolls its
+        memory back to it (the blocks kept since are dropped). Raises ``ValueError`` (or ``KeyError``,
+        ``TypeError``, ``RuntimeError``) where the state does not fit, ``state.MemoryFileError`` where the memory
+        file does not."""
+        tensors, meta = state
+        if changes:
+            tensors, meta = with_memory_of(state, changes[-1])
+        self._reset_keeping_memory()
+        if isinstance(self.cache, Recompute):
+            if changes:
+                raise ValueError("a recompute stream keeps no changes")
+            saved = {
+                name: tensors[f"recompute.{name}"]
+                for name in ("recent", "prefix")
+                if f"recompute.{name}" in tensors
+            }
+            self.cache.load_state_dict(saved, int(meta["tokens_seen"]))
+            return
+        if (meta.get("memory") is None) != (self.memory is None):
+            raise ValueError("the state and the stream disagree on whether there is a memory")
+        device = next(self.model.parameters()).device
+        self.cache.load_state_dict(unflatten((tensors, meta), device))
+        if self.tokens_seen != int(meta["tokens_seen"]):
+            raise ValueError(f"the cache has seen {self.tokens_seen} tokens, the state {meta['tokens_seen']}")
+        for later in changes:  # the memory is already as the last of them left it
+            self.cache.load_changes(unflatten(later, device, memory=False))
+
     def snapshot(self) -> dict:
         """A copy of this stream's state, to come back to with ``rewind`` (ask a question, then take it back)."""
         if isinstance(self.cache, Recompute):
@@ -86,12 +144,16 @@ class Stream:
     def rewind(self, state: dict) -> None:
         """Go back to a ``snapshot`` of this stream: the cache as it was, and the memory rolled back in place (the
         blocks kept since are dropped, the older ones stay where they are)."""
+        self._reset_keeping_memory()
+        self.cache.load_state_dict(_copy(state))
+
+    def _reset_keeping_memory(self) -> None:
+        """A fresh cache that keeps this stream's memory (whose blocks a state loaded next rolls back)."""
         memory = self.memory
         self.reset()
         if memory is not None:
             self.cache.memory.close()
             self.cache.memory = memory
-        self.cache.load_state_dict(_copy(state))
 
     @torch.no_grad()
     def feed(

@@ -6,9 +6,9 @@ save a turn instead appends one **record** to ``journal-<generation>.bin`` (the 
 follows), holding only what the turn changed:
 
 - the tokens fed and the text added since the last save (the log and the text only ever grow);
-- per layer, the cache slots written since the last save (``KVCache.changes``: one per token, as stored) with
-  every slot's position and the counters;
-- the memory's state (its counters and unfinished block; its blocks are in ``memory.bin`` already).
+- the stream's changes (``Stream.changes``): per layer, the cache slots written since the last save (one per
+  token, as stored) with every slot's position and the counters, and the memory's state (its counters and
+  unfinished block; its blocks are in ``memory.bin`` already).
 
 A record is ``<payload length: 8 bytes little-endian><sha256 of the payload: 32 bytes><payload>``, the payload a
 safetensors blob whose metadata ``record`` is a JSON header. ``meta.json`` stays the commit point: it names the
@@ -39,7 +39,6 @@ from safetensors.torch import save as save_tensors
 from ..runtime.stream import Stream
 
 RECORD_HEAD = struct.Struct("<Q32s")  # payload bytes, sha256 of the payload
-LAYER_TENSORS = ("slots", "slot_pos", "keys", "values", "key_scales", "value_scales")
 
 
 class JournalError(Exception):
@@ -50,10 +49,24 @@ def journal_name(generation: int) -> str:
     return f"journal-{generation:08d}.bin"
 
 
+def log_tensors(text: bytes, tokens: array) -> dict[str, torch.Tensor]:
+    """The conversation's text (UTF-8) and tokens as the tensors a state file or a record holds them in."""
+    return {
+        "log.tokens": torch.from_numpy(np.frombuffer(tokens.tobytes(), dtype=np.int32).copy()),
+        "log.text": torch.from_numpy(np.frombuffer(bytes(text), dtype=np.uint8).copy()),
+    }
+
+
+def log_of(tensors: dict[str, torch.Tensor]) -> tuple[bytearray, array]:
+    """The text and tokens that ``log_tensors`` made tensors of."""
+    text = bytearray(tensors["log.text"].numpy().tobytes())
+    return text, array("i", tensors["log.tokens"].to(torch.int32).numpy().tobytes())
+
+
 def encode_record(saved: dict, convo, stream: Stream) -> tuple[bytes, dict] | None:
     """(the record, its header) of what changed since the save ``saved`` (its meta) described: the
-    conversation's unsaved text and tokens, and the cache's changes; or None where a whole state must be written
-    instead. A memory's new blocks are appended to its file first (``Memory.persist``)."""
+    conversation's unsaved text and tokens, and the stream's changes; or None where a whole state must be written
+    instead. A memory's new blocks are appended to its file first (``Stream.persist``)."""
     text_from, tokens_from = int(saved["text_bytes"]), int(saved["tokens_seen"])
     follows = (
         text_from + len(convo.unsaved_text) == convo.text_bytes
@@ -61,65 +74,32 @@ def encode_record(saved: dict, convo, stream: Stream) -> tuple[bytes, dict] | No
     )
     if "journal" not in saved or not follows:
         return None
-    if stream.memory is not None:  # first: the memory's state names the file's length after it
-        stream.memory.persist()
-    changes = stream.cache.changes()
+    stream.persist()  # first: the memory's state names the file's length after it
+    changes = stream.changes()
     if changes is None:
         return None
-    tensors = {
-        "log.tokens": torch.from_numpy(np.frombuffer(convo.unsaved_tokens.tobytes(), dtype=np.int32).copy()),
-        "log.text": torch.from_numpy(np.frombuffer(bytes(convo.unsaved_text), dtype=np.uint8).copy()),
-    }
-    layers = []
-    for i, layer in enumerate(changes["layers"]):
-        layers.append({k: layer[k] for k in ("seen", "offset", "dtype", "positions_of") if k in layer})
-        for name in LAYER_TENSORS:
-            if name in layer:
-                tensors[f"layers.{i}.{name}"] = layer[name].detach().to("cpu", copy=True).contiguous()
-    memory = None
-    if "memory" in changes:
-        memory, pending = changes["memory"]
-        tensors |= {f"memory.{name}": t.detach().to("cpu", copy=True) for name, t in pending.items()}
-    header = {"text_from": text_from, "tokens_from": tokens_from, "layers": layers, "memory": memory}
+    tensors, changed = changes
+    tensors |= log_tensors(convo.unsaved_text, convo.unsaved_tokens)
+    header = {"text_from": text_from, "tokens_from": tokens_from} | changed
     payload = save_tensors(tensors, metadata={"record": json.dumps(header)})
     return RECORD_HEAD.pack(len(payload), hashlib.sha256(payload).digest()) + payload, header
 
 
 def parse(data: bytes) -> list[tuple[dict, dict]]:
     """The records in a journal's committed bytes: (header, tensors) each, checked against its digest; raises
-    ``JournalError``."""
+    ``JournalError``. A header and its tensors, less the log's, are one of the stream's ``changes``."""
     return list(_records(data))
 
 
-def last_memory(records: list[tuple[dict, dict]]) -> tuple[dict, dict] | None:
-    """The memory's state as the last record left it (its counters, and its unfinished block's tensors named as
-    a state file names them), or None without records or memory. A stream restores its memory from this, not
-    from the state file's: its blocks file has grown since."""
-    if not records or records[-1][0]["memory"] is None:
-        return None
-    header, tensors = records[-1]
-    return header["memory"], {k: t for k, t in tensors.items() if k.startswith("memory.")}
-
-
-def replay(records: list[tuple[dict, dict]], tokens: array, text: bytearray, stream: Stream) -> None:
-    """Apply the records to a stream restored from the state file they follow (its memory already as the last
-    record left it, ``last_memory``), and to its token log and text (extended in place); raises
-    ``JournalError``."""
-    device = next(stream.model.parameters()).device
+def extend_log(records: list[tuple[dict, dict]], text: bytearray, tokens: array) -> None:
+    """Extend the text and token log of the state file the records follow (in place) by what each adds; raises
+    ``JournalError`` where one does not follow the one before."""
     for n, (header, tensors) in enumerate(records):
         if header["tokens_from"] != len(tokens) or header["text_from"] != len(text):
             raise JournalError(f"journal record {n + 1} does not follow the state before it")
-        tokens.extend(array("i", tensors["log.tokens"].to(torch.int32).numpy().tobytes()))
-        text.extend(tensors["log.text"].numpy().tobytes())
-        layers = []
-        for i, counters in enumerate(header["layers"]):
-            layer = dict(counters)
-            for name in LAYER_TENSORS:
-                tensor = tensors.get(f"layers.{i}.{name}")
-                if tensor is not None:
-                    layer[name] = tensor if name in ("slots", "slot_pos") else tensor.to(device)
-            layers.append(layer)
-        stream.cache.load_changes({"layers": layers})
+        added, fed = log_of(tensors)
+        text.extend(added)
+        tokens.extend(fed)
 
 
 def logs(data: bytes):

@@ -28,18 +28,15 @@ import re
 import secrets
 from array import array
 
-import numpy as np
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from ..config import StreamConfig
-from ..core.memory import MemoryFileError
-from ..runtime.recompute import Recompute
+from ..runtime.state import MemoryFileError
 from ..runtime.stream import Stream
 from . import journal
-from .journal import JournalError
+from .journal import JournalError, log_of, log_tensors
 
 log = logging.getLogger(__name__)
 
@@ -118,76 +115,21 @@ class Conversation:
         return other
 
 
-# -- a stream <-> tensors ---------------------------------------------------------------------------------------
-COUNTERS = ("seen", "offset", "num_sinks", "window", "text_positions", "dtype")  # per layer, in meta.json
-LAYER_TENSORS = ("keys", "values", "slot_pos", "key_scales", "value_scales")  # the scales: an 8-bit cache's
+# per layer, the counters of a stream's state that meta.json repeats (``runtime/state.py``)
+COUNTERS = ("seen", "offset", "num_sinks", "window", "text_positions", "dtype")
 
 
-def stream_tensors(stream: Stream) -> tuple[dict[str, torch.Tensor], list[dict], dict | None]:
-    """The stream's state as named tensors, per-layer counters and the memory's counters (both JSON-able; the
-    memory's are None without one). Tensors are copies on CPU. The memory's blocks are not in it: they stay in
-    the stream's memory (a rollback) and in its file, up to what the last ``Memory.persist`` wrote."""
-    tensors: dict[str, torch.Tensor] = {}
-    layers: list[dict] = []
-    if isinstance(stream.cache, Recompute):  # recompute keeps only its recent tokens (and its windows' BOS)
-        tensors |= {f"recompute.{name}": t for name, t in stream.cache.state_dict().items()}
-        return tensors, layers, None
-    state = stream.cache.state_dict()
-    for i, layer in enumerate(state["layers"]):
-        layers.append({k: layer[k] for k in COUNTERS})
-        if layer["keys"] is not None:
-            for name in LAYER_TENSORS:
-                if name in layer:  # the scales only where the cache is 8-bit
-                    tensors[f"layers.{i}.{name}"] = layer[name].detach().to("cpu", copy=True).contiguous()
-    memory = None
-    if "memory" in state:
-        memory, pending = state["memory"]
-        tensors |= {f"memory.{name}": tensor for name, tensor in pending.items()}
-    return tensors, layers, memory
+def stream_tensors(stream: Stream) -> tuple[dict, list[dict], dict | None]:
+    """``Stream.state()`` in the older shape (tensors, per-layer counters, the memory's counters)."""
+    tensors, meta = stream.state()
+    return tensors, meta["layers"], meta["memory"]
 
 
 def restore_stream(
-    stream: Stream,
-    tensors: dict[str, torch.Tensor],
-    layers: list[dict],
-    tokens_seen: int,
-    memory: dict | None = None,
+    stream: Stream, tensors: dict, layers: list[dict], tokens_seen: int, memory: dict | None = None
 ) -> None:
-    """Put a saved state into ``stream`` (of the same model and configuration): a fresh stream restores its
-    memory from its memory file; the stream the state was taken from rolls its memory back to it."""
-    kept = stream.memory  # its blocks: what a rollback truncates
-    stream.reset()
-    if isinstance(stream.cache, Recompute):
-        saved = {
-            name: tensors[f"recompute.{name}"]
-            for name in ("recent", "prefix")
-            if f"recompute.{name}" in tensors
-        }
-        stream.cache.load_state_dict(saved, tokens_seen)
-        return
-    device = next(stream.model.parameters()).device
-    states = []
-    for i, counters in enumerate(layers):
-        state = dict(counters)
-        for name in LAYER_TENSORS:
-            tensor = tensors.get(f"layers.{i}.{name}")
-            if tensor is not None or name in ("keys", "values", "slot_pos"):
-                state[name] = None if tensor is None else tensor.to(device if name != "slot_pos" else "cpu")
-        states.append(state)
-    state = {"layers": states}
-    if (memory is None) != (stream.memory is None):
-        raise ValueError("the state and the stream disagree on whether there is a memory")
-    if memory is not None:
-        stream.cache.memory = kept
-        pending = {
-            name.removeprefix("memory."): t.to(device)
-            for name, t in tensors.items()
-            if name.startswith("memory.")
-        }
-        state["memory"] = (memory, pending)
-    stream.cache.load_state_dict(state)
-    if stream.tokens_seen != tokens_seen:
-        raise ValueError(f"the cache has seen {stream.tokens_seen} tokens, the session {tokens_seen}")
+    """``Stream.load`` of what ``stream_tensors`` returned."""
+    stream.load((tensors, {"layers": layers, "memory": memory, "tokens_seen": tokens_seen}))
 
 
 def encode_state(
@@ -201,20 +143,13 @@ def encode_state(
 ) -> tuple[dict, bytes]:
     """(meta, safetensors bytes) of a session whose whole text and token log are ``log`` (the saved ones and the
     conversation's unsaved ones: ``StateDir.read_log``); meta still lacks the state file's name and digest. A
-    memory's new blocks are appended to its file first (``Memory.persist``; raises ``MemoryFileError``)."""
+    memory's new blocks are appended to its file first (``Stream.persist``; raises ``MemoryFileError``)."""
     text, tokens = log
     if len(text) != convo.text_bytes or hashlib.sha256(text).hexdigest() != convo.sha256:
         raise StateError("the saved conversation and this one differ; the session cannot be saved whole")
-    if stream.memory is not None:
-        stream.memory.persist()
-    tensors, layers, memory = stream_tensors(stream)
-    tensors["log.tokens"] = torch.from_numpy(np.frombuffer(tokens.tobytes(), dtype=np.int32).copy())
-    tensors["log.text"] = torch.from_numpy(np.frombuffer(bytes(text), dtype=np.uint8).copy())
-    own = {
-        "layers": layers,
-        "memory": memory,
-        "tokens_seen": stream.tokens_seen,
-    }  # the journal moves meta's on
+    stream.persist()
+    tensors, own = stream.state()  # the journal moves meta's counters on, not these
+    tensors |= log_tensors(text, tokens)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -227,8 +162,8 @@ def encode_state(
         "close": convo.close,
         "text_bytes": convo.text_bytes,
         "text_sha256": convo.sha256,
-        "layers": layers,
-        "memory": memory,
+        "layers": own["layers"],
+        "memory": own["memory"],
     }
     return meta, save_tensors(tensors, metadata={"state": json.dumps(own)})
 
@@ -260,22 +195,17 @@ def decode_state(meta: dict, blob: bytes, stream: Stream, records: bytes = b"") 
     except (SafetensorError, ValueError) as exc:
         raise StateError(f"the state file is not valid safetensors ({exc})") from None
     try:
-        tokens = array("i", tensors["log.tokens"].to(torch.int32).numpy().tobytes())
-        text = bytearray(tensors["log.text"].numpy().tobytes())
+        text, tokens = log_of(tensors)
         parsed = journal.parse(records)
-        memory = own.get("memory")
-        if (last := journal.last_memory(parsed)) is not None:  # the memory as the last turn left it
-            memory = last[0]
-            tensors = {k: t for k, t in tensors.items() if not k.startswith("memory.")} | last[1]
-        restore_stream(stream, tensors, own["layers"], int(own["tokens_seen"]), memory)
-        journal.replay(parsed, tokens, text, stream)
+        journal.extend_log(parsed, text, tokens)
+        stream.load((tensors, own), [(changed, header) for header, changed in parsed])
         if hashlib.sha256(text).hexdigest() != meta["text_sha256"]:
             raise StateError("the conversation text does not match its digest")
         if stream.tokens_seen != meta["tokens_seen"] or len(tokens) != meta["tokens_seen"]:
             raise StateError(
                 f"the saved state holds {stream.tokens_seen} tokens, meta.json {meta['tokens_seen']}"
             )
-        stream.cache.mark_saved()
+        stream.mark_saved()
     except JournalError as exc:
         stream.reset()
         raise StateError(str(exc)) from None

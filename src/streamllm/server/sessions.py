@@ -387,7 +387,7 @@ class SessionStore:
         seconds = time.perf_counter() - start
         self.metrics.store_op("save", seconds)
         log.info("session %s saved: %s, %d bytes in %.1f ms", session.id, kind, written, 1000 * seconds)
-        stream.cache.mark_saved()
+        stream.mark_saved()
         convo.saved()
         session.generation += 1
         session.saved_meta = meta

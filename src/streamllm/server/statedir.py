@@ -18,7 +18,6 @@ import shutil
 from array import array
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from ..config import StreamConfig
@@ -121,8 +120,9 @@ class StateDir(Store):
         folder = self.folder(session_id)
         try:
             with safe_open(folder / meta["state_file"], framework="pt") as f:
-                text = bytearray(f.get_tensor("log.text").numpy().tobytes())
-                tokens = array("i", f.get_tensor("log.tokens").to(torch.int32).numpy().tobytes())
+                text, tokens = journal.log_of(
+                    {name: f.get_tensor(name) for name in ("log.text", "log.tokens")}
+                )
             record = meta.get("journal") or {"file": "", "bytes": 0}
             for added, fed in journal.logs(journal.read(folder / record["file"], record["bytes"])):
                 text.extend(added)

@@ -19,7 +19,7 @@ from ..runtime.generate import Event, Sampling, eos_ids
 from ..runtime.recalls import Recall
 from .config import ServerConfig
 from .errors import NOT_FOUND, TIMEOUT, APIError, internal_error
-from .persist import Conversation, restore_stream, stream_tensors
+from .persist import Conversation
 from .prompts import Renderer
 from .scheduler import Job, Scheduler
 from .schemas import ChatMessage
@@ -176,7 +176,7 @@ class Turns:
     def _turn(self, session: Session, ids: list[int], added: str, kind: str) -> Turn:
         snapshot = None
         if session.convo.turns and (self.store.disk is None or session.dirty):
-            snapshot = (stream_tensors(session.stream), session.stream.tokens_seen, session.convo.copy())
+            snapshot = (session.stream.state(), session.convo.copy())
         return Turn(session, ids, added, session.convo.token_count, kind, snapshot)
 
     def _release(self, session: Session) -> None:
@@ -266,8 +266,8 @@ class Turns:
         session = turn.session
         try:
             if turn.snapshot is not None:
-                (tensors, layers, memory), tokens_seen, convo = turn.snapshot
-                restore_stream(session.stream, tensors, layers, tokens_seen, memory)
+                state, convo = turn.snapshot
+                session.stream.load(state)
                 session.convo = convo
             elif session.convo.turns and self.store.disk is not None:
                 self.store.unload(session)  # the state before this turn is on disk; it reloads on demand
