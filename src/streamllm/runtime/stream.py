@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..backends.batched import batchable, decode_step
 from ..backends.decode import decoder_for
 from ..backends.hf import cache_for, forward, prepare
 from ..config import StreamConfig
@@ -69,6 +70,12 @@ class Stream:
     def cache_length(self) -> int:
         """Tokens held in the cache now (recompute: in its context window)."""
         return self.cache.cache_length()
+
+    @property
+    def batchable(self) -> bool:
+        """Whether this stream's next token can share a pass with other streams' (``feed_together``): a bounded
+        cache whose layers share one policy, no memory, and something in it already."""
+        return not isinstance(self.cache, Recompute) and batchable(self.cache)
 
     def cache_bytes(self) -> int:
         return self.cache.memory_bytes()
@@ -187,6 +194,19 @@ class Stream:
             else:
                 # A failed pass leaves layers that committed the chunk: the caller should reset().
                 yield forward(self.model, self.cache, torch.tensor([chunk]), keep_all)[0]  # (T, V) or (1, V)
+
+
+@torch.no_grad()
+def feed_together(streams: Sequence[Stream], tokens: Sequence[int]) -> torch.Tensor:
+    """Feed one token to each of ``streams`` (of one model, every one ``batchable``) in a single pass; each stream
+    goes on exactly as ``feed([token])`` would take it, up to rounding (``backends/batched.py``). -> the logits
+    (R, V) that predict each stream's next token"""
+    if not all(s.batchable for s in streams):
+        raise ValueError("a stream that cannot share a pass was given to feed_together")
+    decoder = streams[0].decoder
+    if any(s.decoder is not decoder for s in streams):
+        decoder = None
+    return decode_step(streams[0].model, [s.cache for s in streams], tokens, decoder)  # (R, V)
 
 
 def _copy(state):

@@ -5,7 +5,7 @@ round-robin order, so a long prompt pasted into one session delays the others by
 and every session's tokens keep coming while others run.
 
 Decode steps of different sessions share one pass (``--batch-decode N``, 16 by default: batched jobs, and
-``backends.batched.decode_step``, which reads the weights once for all of them): on a 2-core CPU with the default
+``runtime.stream.feed_together``, which reads the weights once for all of them): on a 2-core CPU with the default
 path that gives 1.5x the aggregate tokens/s at 16 sessions (``docs/performance.md``, "The server"). It is on by
 default because on the default paths it moves no result: over 8 sessions x 64 tokens of real text, batched and
 one-at-a-time decoding gave the same next-token NLL to 4 decimals and the same greedy choice every time, in
@@ -25,9 +25,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from ..backends.batched import batchable, decode_step
 from ..runtime.generate import Event, Generation, Sampling
-from ..runtime.stream import Stream
+from ..runtime.stream import Stream, feed_together
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +158,7 @@ class Scheduler:
     """Owns the model: every forward pass runs on its one worker thread, turns in round-robin order.
 
     With ``batch > 1``, turns that wait for their next token to be fed (batched jobs) share one forward pass,
-    up to ``batch`` of them (``batched.decode_step``); prompt chunks still go one turn at a time. ``on_batch`` is
+    up to ``batch`` of them (``feed_together``); prompt chunks still go one turn at a time. ``on_batch`` is
     told the size of each such decode pass (1 when a waiting token found no company); it must not raise.
     """
 
@@ -200,13 +199,13 @@ class Scheduler:
 
     def _companions(self, job: Job) -> list[Job]:
         """Other queued turns whose next token can share ``job``'s forward pass (taken off the queue)."""
-        if self.batch < 2 or job.waiting is None or not batchable(job.stream.cache):
+        if self.batch < 2 or job.waiting is None or not job.stream.batchable:
             return []
         with self._cv:
             found = [
                 j
                 for j in self._jobs
-                if j.waiting is not None and not j.cancelled.is_set() and batchable(j.stream.cache)
+                if j.waiting is not None and not j.cancelled.is_set() and j.stream.batchable
             ][: self.batch - 1]
             for j in found:
                 self._jobs.remove(j)
@@ -239,11 +238,7 @@ class Scheduler:
 
     def _step_together(self, group: list[Job]) -> list[bool]:
         try:
-            decoder = group[0].stream.decoder
-            if any(j.stream.decoder is not decoder for j in group):
-                decoder = None
-            caches = [j.stream.cache for j in group]
-            logits = decode_step(self.model, caches, [j.waiting for j in group], decoder)  # (K, V)
+            logits = feed_together([j.stream for j in group], [j.waiting for j in group])  # (K, V)
         except Exception as exc:  # noqa: BLE001 - every turn in the batch reports it
             log.exception("a batched decode step failed")
             for j in group:
