@@ -253,8 +253,13 @@ def load(args):
 
         hf_logging.disable_progress_bar()
     if args.model in BUILTINS and not is_pulled(args.model):
-        pull(args.model, progress=lambda msg: print(f"[streamllm] {msg}", file=sys.stderr))
+        pull(args.model, progress=say)
     return load_model(args.model, path_choice(args).dtype)
+
+
+def say(message: str) -> None:
+    """A line of progress for the person at the terminal."""
+    print(f"[streamllm] {message}", file=sys.stderr)
 
 
 def read_text(path: Path) -> str:

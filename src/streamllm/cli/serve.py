@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-from dataclasses import replace
 from pathlib import Path
 
 from ..config import HISTORY, ConfigError
 from .common import (
     InputError,
     int_at_least,
-    load,
     path_choice,
     positive,
     read_text,
+    say,
     stream_args,
     stream_config,
 )
@@ -116,12 +114,14 @@ def _api_keys(args) -> tuple[str, ...]:
 
 
 def _store_password(args) -> str | None:
+    from ..server.config import store_password
+
     if args.store_password_file is not None:
-        lines = read_text(args.store_password_file).splitlines()
-        if not lines or not lines[0].strip():
-            raise InputError(f"{args.store_password_file}: the first line must hold the store's password")
-        return lines[0].strip()
-    return os.environ.get("STREAMLLM_STORE_PASSWORD") or None
+        read_text(args.store_password_file)  # a missing or empty file: the message every command gives
+    try:
+        return store_password(args.store_password_file)
+    except ConfigError as exc:
+        raise InputError(str(exc)) from None
 
 
 def _check_store(config) -> None:
@@ -145,6 +145,7 @@ def _check_store(config) -> None:
 
 def run(args) -> int:
     from ..server import serve
+    from ..server.app import load_server
     from ..server.logs import configure
 
     configure(args.log_format)
@@ -153,10 +154,18 @@ def run(args) -> int:
         logging.getLogger("streamllm.server").warning(
             "listening on %s without --api-key: anyone who can reach it can use it", args.host
         )
-    model, tokenizer, config = load_server(args, config)
+    model, tokenizer, config = load_server(model_choice(args), config, progress=say)
     level = "debug" if args.verbose else "info"
     serve(model, tokenizer, config, args.host, args.port, log_level=level, log_format=args.log_format)
     return 0
+
+
+def model_choice(args):
+    """The ``ModelChoice`` the options give ("auto" resolved for this model and CPU)."""
+    from ..server.config import ModelChoice
+
+    choice = path_choice(args)
+    return ModelChoice(args.model, choice.dtype, choice.decode, choice.why, args.threads)
 
 
 def server_config(args):
@@ -197,14 +206,3 @@ def server_config(args):
     if config.store is not None:
         _check_store(config)
     return config
-
-
-def load_server(args, config):
-    """(model, tokenizer, config with the path taken)."""
-    from ..backends.arch import lookup
-
-    model, tokenizer = load(args)
-    choice = path_choice(args)
-    taken = choice.decode if lookup(model.config).fast_decode else "transformers"  # as ``Stream`` does
-    config = replace(config, path=choice.as_dict() | {"decode": taken, "kv_dtype": config.stream.kv_dtype})
-    return model, tokenizer, config

@@ -11,12 +11,10 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from dataclasses import replace
 
 from .common import InputError, positive
-from .serve import server_args, server_config
-
-# Options of this command only: the replicas are built from the others, as ``streamllm serve`` would be.
-OWN = {"--replicas", "--cpus-per-replica", "--ray-address", "--host", "--port"}
+from .serve import model_choice, server_args, server_config
 
 
 def add_parser(sub) -> None:
@@ -32,20 +30,6 @@ def add_parser(sub) -> None:
     )
     s.add_argument("--ray-address", help="join this Ray cluster (default: start one on this machine)")
     s.set_defaults(run=run)
-
-
-def replica_argv(argv: list[str]) -> list[str]:
-    """The options after ``serve-ray`` that a replica is built from: all but this command's own."""
-    rest = argv[argv.index("serve-ray") + 1 :]
-    out, skip = [], False
-    for arg in rest:
-        if skip:
-            skip = False
-        elif arg in OWN:
-            skip = True
-        elif arg.split("=", 1)[0] not in OWN:
-            out.append(arg)
-    return out
 
 
 def run(args) -> int:
@@ -71,8 +55,15 @@ def run(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
+        # the password is read again where each replica runs, so that it is never sent through Ray
+        replicas = replace(config, store_password=None)
         app = application(
-            replica_argv(args.argv), args.replicas, args.cpus_per_replica, config, args.log_format
+            model_choice(args),
+            replicas,
+            args.replicas,
+            args.cpus_per_replica,
+            args.log_format,
+            password_file=args.store_password_file,
         )
         serve.run(app, name="streamllm", route_prefix="/")
         logging.getLogger("streamllm.server").warning(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..backends.arch import lookup
 from ..backends.batched import batchable, decode_step
 from ..backends.decode import decoder_for
 from ..backends.hf import cache_for, forward, prepare
@@ -20,6 +21,17 @@ from ..core.cache import Evicted, KVCache
 from ..core.policy import Policy
 from .recompute import Recompute
 from .state import State, flatten, unflatten, with_memory_of
+
+# the weights a decode path reads (``backends.decode.decoder_for``)
+WEIGHTS = {"fast": "model", "int4": "int4"}
+
+
+def decode_path(model, config: StreamConfig) -> str:
+    """The path single tokens of a stream of ``model`` under ``config`` really take: ``config.decode``, or
+    transformers' forward where the model has no fast step or the method rebuilds every window."""
+    if config.decode not in WEIGHTS or config.method == "recompute" or not lookup(model.config).fast_decode:
+        return "transformers"
+    return config.decode
 
 
 class Stream:
@@ -41,9 +53,8 @@ class Stream:
         self.memory_file = memory_file
         self.config = config or StreamConfig()
         self.policy, self.on_evict = policy, on_evict
-        weights = {"fast": "model", "int4": "int4"}.get(self.config.decode)  # config.decode: see StreamConfig
-        recompute = self.config.method == "recompute"  # rebuilds every window through the model
-        self.decoder = decoder_for(self.model, weights) if weights and not recompute else None
+        path = decode_path(self.model, self.config)
+        self.decoder = decoder_for(self.model, WEIGHTS[path]) if path in WEIGHTS else None
         self.reset()
 
     def reset(self) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from fastapi import FastAPI
 
 from . import errors, page
 from .access import AccessLog
-from .config import ServerConfig
+from .config import ModelChoice, ServerConfig
 from .guards import AuthGuard, BodyLimit
 from .metrics import Metrics, SessionGauges
 from .routes import Api
@@ -63,6 +66,30 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     app.add_middleware(AuthGuard, config=config)
     app.add_middleware(AccessLog, metrics=metrics)
     return app
+
+
+def load_server(
+    choice: ModelChoice, config: ServerConfig, progress: Callable[[str], None] | None = None
+) -> tuple:
+    """(model, tokenizer, ``config`` with the path the model takes): the model ``choice`` names, a built-in one
+    pulled first where it is not yet (``progress`` hears how that goes), with torch's threads set. ``serve`` and
+    every Ray replica are built by this."""
+    import torch
+
+    from ..models import BUILTINS, is_pulled, load_model, pull
+    from ..runtime.stream import decode_path
+
+    if choice.threads:
+        torch.set_num_threads(choice.threads)
+    if not sys.stderr.isatty():  # a log or a pipe gets no progress bars from transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    if choice.name in BUILTINS and not is_pulled(choice.name):
+        pull(choice.name, progress=progress or log.info)
+    model, tokenizer = load_model(choice.name, choice.dtype)
+    path = {"dtype": choice.dtype, "decode": decode_path(model, config.stream), "why": choice.why}
+    return model, tokenizer, replace(config, path=path | {"kv_dtype": config.stream.kv_dtype})
 
 
 def _version() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,34 @@ def owner_of(api_key: str | None) -> str:
     if api_key is None:
         return "anonymous"
     return hashlib.sha256(b"streamllm-session-owner\0" + api_key.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model a server runs, as the command line chose it once: ``name`` (built in, a folder, a .gguf file
+    or a hub id), ``dtype`` and ``decode`` with "auto" resolved and ``why`` (``defaults.Choice``), and torch's
+    CPU ``threads`` (None: torch's default). With a ``ServerConfig`` it is all a server process is built from
+    (``app.load_server``); both pickle, so every Ray replica is built from the same two."""
+
+    name: str
+    dtype: str
+    decode: str
+    why: str = ""
+    threads: int | None = None
+
+
+def store_password(path: Path | None) -> str | None:
+    """The store's password: the first line of ``path``, else ``STREAMLLM_STORE_PASSWORD``, else None. Raises
+    ``ConfigError``."""
+    if path is None:
+        return os.environ.get("STREAMLLM_STORE_PASSWORD") or None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the store's password ({exc})") from None
+    if not lines or not lines[0].strip():
+        raise ConfigError(f"{path}: the first line must hold the store's password")
+    return lines[0].strip()
 
 
 @dataclass(frozen=True)

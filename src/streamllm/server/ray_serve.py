@@ -3,7 +3,7 @@
 Two deployments:
 
 - **Replica** (N of them): the whole single-process server (``create_app``: its sessions, scheduler, batching,
-  limits and keys), built from the same options as ``streamllm serve`` and driven through a small ASGI bridge.
+  limits and keys), built as ``streamllm serve`` builds its own and driven through a small ASGI bridge.
   Its sessions live in the shared store (``--store``, or ``--state-dir`` when every replica is on one machine),
   so any replica can serve any turn (``sessions.py``: a turn runs under the session's lease, and a replica whose
   copy in memory is older than the store's reloads it).
@@ -33,6 +33,8 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -42,6 +44,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest, RunningReplica
 
 from .access import log_line, route_of
+from .config import ModelChoice, ServerConfig, store_password
 from .errors import AUTHENTICATION, SERVER_ERROR, error_body
 from .guards import bearer_key
 from .logs import configure
@@ -126,18 +129,25 @@ class SessionAffinity(PowerOfTwoChoicesRequestRouter):
     health_check_period_s=5,
 )
 class Replica:
-    """One server process's app, built from ``streamllm serve`` options. Its lifespan (the model worker, the store)
-    starts with its first request and ends with the process: it holds no lease between turns, and a turn cut off
-    by the replica's end is never committed."""
+    """One server process's app, built as ``streamllm serve`` builds its own (``app.load_server``) from the
+    ``ModelChoice`` and ``ServerConfig`` the command made once. The store's password is not in that config: it is
+    read here from ``password_file`` or the environment, so that it never travels through Ray. Its lifespan (the
+    model worker, the store) starts with its first request and ends with the process: it holds no lease between
+    turns, and a turn cut off by the replica's end is never committed."""
 
-    def __init__(self, argv: list[str]):
-        from ..cli import build_parser
-        from ..cli.serve import load_server, server_config
-        from .app import create_app
+    def __init__(
+        self,
+        choice: ModelChoice,
+        config: ServerConfig,
+        log_format: str = "text",
+        password_file: Path | None = None,
+    ):
+        from .app import create_app, load_server
 
-        args = build_parser().parse_args(["serve", *argv])
-        configure(args.log_format)
-        model, tokenizer, config = load_server(args, server_config(args))
+        configure(log_format)
+        if config.store is not None:
+            config = replace(config, store_password=store_password(password_file))
+        model, tokenizer, config = load_server(choice, config)
         self.app = create_app(model, tokenizer, config)
         self.name = f"{serve.get_replica_context().replica_id.unique_id}@{socket.gethostname()}:{os.getpid()}"
         self._lifespan = None
@@ -361,12 +371,19 @@ def _failed(exc: BaseException):
     return one(), (503, [("content-type", "application/json")])
 
 
-def application(argv: list[str], replicas: int, cpus_per_replica: float, config, log_format: str = "text"):
-    """The Ray Serve application: ``replicas`` replicas built from ``argv`` behind one router; ``config`` (the
-    ``ServerConfig`` the same options give) tells the router the body limit and who may scrape ``/metrics``."""
+def application(
+    choice: ModelChoice,
+    config: ServerConfig,
+    replicas: int,
+    cpus_per_replica: float,
+    log_format: str = "text",
+    password_file: Path | None = None,
+):
+    """The Ray Serve application: ``replicas`` replicas of the server ``choice`` and ``config`` describe, behind one
+    router, which reads the body limit and who may scrape ``/metrics`` from ``config`` too."""
     replica = Replica.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica})
     return Router.bind(
-        replica.bind(argv),
+        replica.bind(choice, config, log_format, password_file),
         config.max_body_bytes,
         api_keys=config.api_keys,
         metrics_public=config.metrics_public,
