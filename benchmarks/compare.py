@@ -10,7 +10,9 @@ of the native kernels do not rebuild over each other; its models folder can be a
 Figures (SmolLM2-135M, 2 threads):
 - decode tok/s at a full 4+1020 cache, float32, bfloat16 and int4 (bfloat16 activations), one token at a time;
 - chunked perplexity tok/s over ``--ppl-tokens`` tokens of Hamlet, chunks of 512, float32 and bfloat16;
-- batched decode: 16 sessions with full 4+1020 caches, one token each per native pass, float32, tokens/s.
+- batched decode: 16 sessions with full 4+1020 caches, one token each per native pass, float32, tokens/s;
+- saving a session at a full 4+1020 cache, float32, saves/s (median of ``--steps``): a whole state file
+  (``persist.encode_state``, 47 MB) and a journal record of 32 decoded tokens (``journal.encode_record``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ CASES = {
     "perplexity float32": ("perplexity", {"dtype": "float32"}),
     "perplexity bfloat16": ("perplexity", {"dtype": "bfloat16"}),
     "batched 16 float32": ("batched", {"dtype": "float32", "rows": 16}),
+    "save whole float32": ("save", {"dtype": "float32", "part": "whole"}),
+    "save record float32": ("save", {"dtype": "float32", "part": "record"}),
 }
+UNITS = {"save": "saves/s"}
 
 # Runs inside the subprocess, against whichever streamllm its PYTHONPATH finds first.
 WORKER = r"""
@@ -58,6 +63,31 @@ elif kind == "perplexity":
         from streamllm.perplexity import streaming_nll
     n = opts["ppl_tokens"]
     rate = streaming_nll(model, ids[:n], StreamConfig(chunk_size=512)).tok_per_s
+elif kind == "save":
+    from array import array
+    from streamllm.server.journal import encode_record
+    from streamllm.server.persist import Conversation, encode_state
+    stream = Stream(model, StreamConfig())
+    stream.feed(ids[:1024])
+    convo = Conversation()
+    convo.extend(b"x" * 1024, ids[:1024])
+    log = (b"x" * 1024, array("i", ids[:1024]))
+    save = lambda: encode_state("s" * 32, "owner", "m", stream.config, convo, stream, log)
+    if opts["part"] == "record":
+        meta, _ = save()
+        meta["journal"] = {"file": "journal-00000001.bin", "bytes": 0}
+        stream.cache.mark_saved()
+        convo.saved()
+        for t in ids[1024:1056]:
+            stream.feed([t])
+        convo.extend(b"y" * 32, ids[1024:1056])
+        save = lambda: encode_record(meta, convo, stream)
+    times = []
+    for _ in range(opts["steps"]):
+        start = time.perf_counter()
+        save()
+        times.append(time.perf_counter() - start)
+    rate = 1 / sorted(times)[len(times) // 2]
 else:
     streams = [Stream(model, StreamConfig()) for _ in range(opts["rows"])]
     for s in streams:
@@ -130,7 +160,7 @@ def main() -> None:
                 best[name] = max(best[name], run_case(tree, home, kind, opts))
         ratio = best[names[-1]] / best[names[0]] if len(names) > 1 else 1.0
         cells = " | ".join(f"{best[n]:.1f}" for n in names)
-        print(f"| {case} (tok/s) | {cells} | {ratio:.3f} |", flush=True)
+        print(f"| {case} ({UNITS.get(kind, 'tok/s')}) | {cells} | {ratio:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
