@@ -19,7 +19,7 @@ from .metrics import Metrics, SessionGauges
 from .routes import Api
 from .scheduler import Scheduler
 from .sessions import SessionStore
-from .store import store_name
+from .stores import store_name
 from .turns import Turns
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        store.scan_disk()
+        store.scan_storage()
         scheduler.start()
         log.info("serving %s; %s", config.model_id, _describe(config))
         try:

@@ -39,7 +39,7 @@ from .persist import (
     new_session_id,
 )
 from .session import Session, saved_memory
-from .store import open_store
+from .stores import open_store
 
 log = logging.getLogger(__name__)
 
@@ -48,28 +48,28 @@ class SessionStore:
     def __init__(self, model, config: ServerConfig, metrics: Metrics | None = None):
         self.model, self.config = model, config
         self.metrics = metrics or Metrics()
-        self.disk = open_store(config)
+        self.storage = open_store(config)
         self.sessions: dict[str, Session] = {}
         self._index = TextIndex()
-        self._memory: OrderedDict[str, None] = OrderedDict()  # loaded sessions, least recently used first
+        self._loaded: OrderedDict[str, None] = OrderedDict()  # loaded sessions, least recently used first
         self._waiters: list[asyncio.Future] = []
 
     # -- the index --------------------------------------------------------------------------------------------
-    def scan_disk(self) -> None:
-        """Index the sessions saved under ``--state-dir`` (metadata only; caches load on demand)."""
-        if self.disk is None:
+    def scan_storage(self) -> None:
+        """Index the sessions saved in the store (metadata only; caches load on demand)."""
+        if self.storage is None:
             return
-        self.disk.sweep()
-        for session_id in self.disk.ids():
+        self.storage.sweep()
+        for session_id in self.storage.ids():
             self._index_saved(session_id)
-        log.info("%d saved sessions indexed from %s", len(self.sessions), self.disk.where)
+        log.info("%d saved sessions indexed from %s", len(self.sessions), self.storage.where)
 
     def _index_saved(self, session_id: str) -> Session:
         """Index one session saved on disk from its ``meta.json`` (one that cannot be read is known, with its
         error, so that its owner gets a clear one rather than a 404)."""
         session = Session(session_id, owner="")
         try:
-            meta = self.disk.read_meta(session_id)
+            meta = self.storage.read_meta(session_id)
         except StateError as exc:
             log.warning("session %s cannot be restored: %s", session_id, exc)
             session.error = str(exc)
@@ -85,12 +85,12 @@ class SessionStore:
         session.saved_tokens_seen = meta["tokens_seen"]
         session.saved_memory = saved_memory(meta, self.config.stream)
         session.saved_meta = meta
-        session.updated = self.disk.saved_at(session.id) if updated is None else updated
+        session.updated = self.storage.saved_at(session.id) if updated is None else updated
 
     def _discover(self) -> None:
         """Index the sessions other processes saved since this one last looked."""
-        if self.disk is not None:
-            for session_id in self.disk.ids():
+        if self.storage is not None:
+            for session_id in self.storage.ids():
                 if session_id not in self.sessions:
                     self._index_saved(session_id)
 
@@ -115,7 +115,7 @@ class SessionStore:
         A busy session stays a candidate: a client that retries a request whose first try is still running (or
         being cancelled) should continue the same session once it is free, not fork a new one."""
         found = self._candidates(owner, text)
-        if not found and self.disk is not None:  # perhaps a session another process started
+        if not found and self.storage is not None:  # perhaps a session another process started
             self._discover()
             found = self._candidates(owner, text)
         return found
@@ -146,8 +146,8 @@ class SessionStore:
     def get(self, session_id: str, owner: str) -> Session:
         """The session with this id if ``owner`` may use it; else 404 (whether it exists or not)."""
         session = self.sessions.get(session_id) if SESSION_ID.fullmatch(session_id) else None
-        if session is None and SESSION_ID.fullmatch(session_id) and self.disk is not None:
-            if session_id in self.disk.ids():  # saved by another process sharing the state folder
+        if session is None and SESSION_ID.fullmatch(session_id) and self.storage is not None:
+            if session_id in self.storage.ids():  # saved by another process sharing the state folder
                 session = self._index_saved(session_id)
         if session is None or (session.owner != owner and session.error is None):
             raise APIError(
@@ -182,16 +182,16 @@ class SessionStore:
 
     def forget(self, session: Session) -> None:
         """Drop the session everywhere, its files included; 409 while another process holds it."""
-        if self.disk is not None and session.generation and session.lease is None:
-            session.lease = self.disk.lease(session.id)
+        if self.storage is not None and session.generation and session.lease is None:
+            session.lease = self.storage.lease(session.id)
             if session.lease is None:
                 raise self.elsewhere(session)
         self._remove_from_index(session)
         self.sessions.pop(session.id, None)
-        self._memory.pop(session.id, None)
+        self._loaded.pop(session.id, None)
         session.stream = session.convo = None
-        if self.disk is not None and session.generation:
-            self.disk.delete(session.id)
+        if self.storage is not None and session.generation:
+            self.storage.delete(session.id)
         self.end_turn(session)
 
     def close(self) -> None:
@@ -199,8 +199,8 @@ class SessionStore:
         serving again) can go on with those sessions."""
         for session in self.sessions.values():
             self.end_turn(session)
-        if self.disk is not None:
-            self.disk.close()
+        if self.storage is not None:
+            self.storage.close()
 
     @staticmethod
     def end_turn(session: Session) -> None:
@@ -215,7 +215,7 @@ class SessionStore:
         start = time.monotonic()
         give_up = min(deadline, start + self.config.lease_wait_s)
         try:
-            while (lease := await asyncio.to_thread(self.disk.lease, session.id)) is None:
+            while (lease := await asyncio.to_thread(self.storage.lease, session.id)) is None:
                 if time.monotonic() >= give_up:
                     raise self.elsewhere(session)
                 await asyncio.sleep(0.05)
@@ -227,7 +227,7 @@ class SessionStore:
         """The (leased) session goes on from what the store holds: a cache in memory is reused only if the store
         still holds the state it came from (else another process moved the session on, and it is reloaded), and
         a session deleted by another process is gone (404)."""
-        stored = await asyncio.to_thread(self.disk.generation, session.id)
+        stored = await asyncio.to_thread(self.storage.generation, session.id)
         if stored == session.generation:
             return
         if session.loaded:
@@ -237,10 +237,10 @@ class SessionStore:
                 stored,
                 session.generation,
             )
-            self._memory.pop(session.id, None)
+            self._loaded.pop(session.id, None)
             session.stream = session.convo = None
             session.dirty = False
-            self.disk.discard(session.id)
+            self.storage.discard(session.id)
         if stored == 0:
             self._remove_from_index(session)
             self.sessions.pop(session.id, None)
@@ -252,7 +252,7 @@ class SessionStore:
     async def load(self, session: Session, deadline: float) -> None:
         """Take the (locked) session's lease for a turn and make sure it holds its cache in memory, as stored,
         making room if needed."""
-        if self.disk is not None and session.lease is None:
+        if self.storage is not None and session.lease is None:
             await self._take_lease(session, deadline)
             if session.generation:
                 try:
@@ -261,7 +261,7 @@ class SessionStore:
                     self.end_turn(session)
                     raise
         if session.loaded:
-            self._memory.move_to_end(session.id)
+            self._loaded.move_to_end(session.id)
             session.last_used = time.monotonic()
             return
         try:
@@ -269,13 +269,13 @@ class SessionStore:
         except BaseException:
             self.end_turn(session)
             raise
-        self._memory[session.id] = None  # the room is taken now, before anything else can take it
-        memory_file = self.disk.memory_file(session.id) if self.disk is not None else None
+        self._loaded[session.id] = None  # the room is taken now, before anything else can take it
+        memory_file = self.storage.memory_file(session.id) if self.storage is not None else None
         stream = Stream(self.model, self.config.stream, memory_file=memory_file)
         if session.convo is None:  # saved on disk: its latest turn, whichever process saved it
             try:
                 start = time.perf_counter()
-                meta, blob, records = await asyncio.to_thread(self.disk.read, session.id)
+                meta, blob, records = await asyncio.to_thread(self.storage.read, session.id)
                 if meta["owner"] != session.owner:
                     raise StateError("meta.json names another owner")
                 session.convo = await asyncio.to_thread(decode_state, meta, blob, stream, records)
@@ -284,11 +284,11 @@ class SessionStore:
                 log.warning("session %s cannot be restored: %s", session.id, exc)
                 session.error = str(exc)
                 self._remove_from_index(session)
-                self._memory.pop(session.id, None)
+                self._loaded.pop(session.id, None)
                 self.end_turn(session)
                 raise self.broken(session) from None
             except BaseException:
-                self._memory.pop(session.id, None)
+                self._loaded.pop(session.id, None)
                 self.end_turn(session)
                 raise
             self._remove_from_index(session)
@@ -300,18 +300,18 @@ class SessionStore:
     def unload(self, session: Session) -> None:
         """Drop the cache from memory. A session saved on disk stays known and reloads on demand; one that was
         never saved (no ``--state-dir``) has nowhere else to live and is forgotten."""
-        self._memory.pop(session.id, None)
-        if self.disk is not None and session.generation > 0 and not session.dirty:
+        self._loaded.pop(session.id, None)
+        if self.storage is not None and session.generation > 0 and not session.dirty:
             session.stream = session.convo = None
-            self.disk.discard(session.id)
+            self.storage.discard(session.id)
             return
         if session.turns:
             log.info("session %s forgotten to make room (nothing keeps it on disk)", session.id)
         self.forget(session)
 
     async def _make_room(self, session: Session, deadline: float) -> None:
-        while len(self._memory) >= self.config.max_sessions:
-            victim = next((self.sessions[i] for i in self._memory if self._evictable(self.sessions[i])), None)
+        while len(self._loaded) >= self.config.max_sessions:
+            victim = next((self.sessions[i] for i in self._loaded if self._evictable(self.sessions[i])), None)
             if victim is not None:
                 self.unload(victim)
                 continue
@@ -338,10 +338,10 @@ class SessionStore:
     def revert(self, session: Session) -> None:
         """The store did not take the (locked) session's turn: forget the turn, so that the session goes on from
         its stored state (reloaded on demand), or is gone if it never had one."""
-        self._memory.pop(session.id, None)
+        self._loaded.pop(session.id, None)
         session.stream = session.convo = None
         session.dirty = False
-        self.disk.discard(session.id)
+        self.storage.discard(session.id)
         self._remove_from_index(session)
         if session.saved_meta is None:
             self.sessions.pop(session.id, None)
@@ -353,7 +353,7 @@ class SessionStore:
     async def save(self, session: Session) -> None:
         """Commit the (locked) session's turn: a journal record of what changed since the last save, or a whole
         state where one is due (``journal.py``); a no-op without ``--state-dir``."""
-        if self.disk is None:
+        if self.storage is None:
             session.convo.saved()  # nothing keeps the text: its digest is all a session needs
             return
         session.dirty = True
@@ -364,12 +364,12 @@ class SessionStore:
             record = await asyncio.to_thread(encode_record, saved, convo, stream)
         if record is not None and saved["journal"]["bytes"] + len(record[0]) <= saved.get("state_bytes", 0):
             meta = advance_meta(saved, convo, stream, record[1])
-            meta = await asyncio.to_thread(self.disk.append, session.id, saved, meta, record[0])
+            meta = await asyncio.to_thread(self.storage.append, session.id, saved, meta, record[0])
             kind, written = "a journal record", len(record[0])
         else:  # a whole state: the first save, after a rebase or a restore, or once the journal is as big
             text, tokens = bytearray(), array("i")
             if saved is not None:  # the conversation as saved, then what was said since
-                text, tokens = await asyncio.to_thread(self.disk.read_log, session.id, saved)
+                text, tokens = await asyncio.to_thread(self.storage.read_log, session.id, saved)
             text += convo.unsaved_text
             tokens.extend(convo.unsaved_tokens)
             meta, blob = await asyncio.to_thread(
@@ -382,7 +382,7 @@ class SessionStore:
                 stream,
                 (bytes(text), tokens),
             )
-            meta = await asyncio.to_thread(self.disk.write, session.id, saved, meta, blob)
+            meta = await asyncio.to_thread(self.storage.write, session.id, saved, meta, blob)
             kind, written = "a whole state", len(blob)
         seconds = time.perf_counter() - start
         self.metrics.store_op("save", seconds)

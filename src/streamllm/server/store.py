@@ -1,4 +1,4 @@
-"""Where saved sessions live: one interface, two backends.
+"""Where saved sessions live: one interface, two backends (``stores.open_store`` opens the one a config names).
 
 - ``statedir.StateDir`` (``--state-dir DIR``): a folder per session on a local or shared file system. Embedded,
   nothing to start; several processes on one machine may share it.
@@ -122,23 +122,3 @@ class Store(ABC):
 
     def close(self) -> None:  # noqa: B027 (a hook: nothing to do unless a backend needs it)
         """The server stops."""
-
-
-def open_store(config) -> Store | None:
-    """The store ``ServerConfig`` names (``state_dir`` or ``store``), or None to keep sessions in memory only."""
-    if config.store is not None:
-        from .redis_store import RedisStore
-
-        return RedisStore(
-            config.store, config.store_password, config.model_id, config.stream, config.lease_ttl_s
-        )
-    if config.state_dir is not None:
-        from .statedir import StateDir
-
-        return StateDir(config.state_dir, config.model_id, config.stream)
-    return None
-
-
-def store_name(config) -> str:
-    """The store as logs name it: the folder, or the URL (which never carries a password)."""
-    return config.store if config.store is not None else str(config.state_dir)

@@ -175,7 +175,7 @@ class Turns:
 
     def _turn(self, session: Session, ids: list[int], added: str, kind: str) -> Turn:
         snapshot = None
-        if session.convo.turns and (self.store.disk is None or session.dirty):
+        if session.convo.turns and (self.store.storage is None or session.dirty):
             snapshot = (session.stream.state(), session.convo.copy())
         return Turn(session, ids, added, session.convo.token_count, kind, snapshot)
 
@@ -269,7 +269,7 @@ class Turns:
                 state, convo = turn.snapshot
                 session.stream.load(state)
                 session.convo = convo
-            elif session.convo.turns and self.store.disk is not None:
+            elif session.convo.turns and self.store.storage is not None:
                 self.store.unload(session)  # the state before this turn is on disk; it reloads on demand
             else:  # a new session: back to empty
                 session.stream.reset()
