@@ -8,6 +8,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(2)
 
 
+# Fixtures that load the bundled real model (a test reaches one directly or through another fixture): every test
+# that uses one is marked ``real``, so that ``pytest -m "not real"`` runs the tiny models alone.
+REAL_MODEL_FIXTURES = {"real", "real_auto", "server"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real)
+
+
 def pytest_sessionstart(session):
     """Build the native decode kernels (about a minute, once per machine) before any test starts a server or a
     CLI process with a timeout, so that no such process pays for the build."""

@@ -71,6 +71,7 @@ def chat_home(tmp_path):
 
 
 @needs_tmux
+@pytest.mark.real
 def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(tmp_path, chat_home):
     transcript = tmp_path / "t.jsonl"
     command = (

