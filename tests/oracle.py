@@ -16,6 +16,7 @@ own code instead.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 from transformers import AttentionInterface
@@ -125,9 +126,9 @@ def _choose(state: OracleState, attention: list[float]) -> list[int]:
         blocks = [state.ids[S + b * bs : S + (b + 1) * bs] for b in range(count)]
         mark = max(marks)
         query = state.queries[mark][-512:]
-        end = max(mark + 1 - len(query), 0)
-        before = {g for g in _grams(state.ids[max(end - state.window, 0) : end])}
-        terms = {g for g in _grams(query) if g not in before}
+        view = Counter(_grams(state.ids[max(mark + 1 - state.window, 0) : mark + 1]))
+        asked = Counter(_grams(query))
+        terms = {g for g in asked if view[g] <= asked[g]}
         content = _bm25(terms, blocks)
         seeds = _seeds(terms, blocks, n)
     by_attention = sorted(range(count), key=lambda b: (-attention[b], b))

@@ -120,9 +120,8 @@ def _scores(
     if recalled is not None:  # every query sees all of them, from its anchor
         visible = torch.cat([visible, visible.new_ones(visible.shape[0], recalled[0].shape[2])], dim=1)
     scores = scores.masked_fill(~visible, float("-inf"))
-    if (
-        sinks is not None
-    ):  # head h = kv head * G + g; rows (g, t): the column after the last key, dropped below
+    # head h = kv head * G + g; rows (g, t): the column after the last key, dropped below
+    if sinks is not None:
         column = (
             sinks.float().view(1, -1, G, 1).expand(scores.shape[0], -1, G, T).reshape(*scores.shape[:3], 1)
         )
@@ -146,9 +145,9 @@ def _block_scores(q_win, q_anchor, keys, anchored):
 
 
 def _fused(plan, stored, k_new, v_new, q_win, q_anchor, scaling, recalled=None):
-    """Fused kernel over the window keys; the few anchored keys and the recalled ones (seen by the turned query)
-    are merged into the same softmax through the kernel's log-sum-exp. Used for chunks, where it is several
-    times faster."""
+    """Fused kernel over the window keys; the few anchored keys and the recalled ones (both seen by the turned
+    query) go through a second call of the kernel, and the two merge into one softmax through their
+    log-sum-exps. Used for chunks, where it is several times faster than explicit scores."""
     T = plan.text_pos.numel()
     if stored is None:
         keys, values = k_new, v_new  # (B, Hkv, T, D)
@@ -159,23 +158,34 @@ def _fused(plan, stored, k_new, v_new, q_win, q_anchor, scaling, recalled=None):
     turned = plan.turns and m.anchor_cols is not None  # anchored keys seen by the turned query
     if not turned and recalled is None:
         return FLASH_CPU(q_win.contiguous(), keys, values, attn_mask=m.all_bias, scale=scaling)[0]
-    scores, vals = [], []
     if turned:
-        out, lse = FLASH_CPU(q_win.contiguous(), keys, values, attn_mask=m.win_bias, scale=scaling)
+        out, lse = FLASH_CPU(q_win.contiguous(), keys, values, attn_mask=m.win_bias, scale=scaling)[:2]
         lse = lse.float().masked_fill(m.anchor_only, float("-inf"))  # (B, Hkv, G*T)
-        a_keys = keys[:, :, m.anchor_cols].float()  # (B, Hkv, s, D)
-        a_scores = (q_anchor.float() @ a_keys.transpose(-1, -2)) * scaling  # (B, Hkv, G*T, s)
-        scores.append(a_scores.masked_fill(m.anchor_hidden, float("-inf")))
-        vals.append(values[:, :, m.anchor_cols].float())
+        a_keys, a_values, a_bias = keys[:, :, m.anchor_cols], values[:, :, m.anchor_cols], m.anchor_bias
     else:
         out, lse = FLASH_CPU(q_win.contiguous(), keys, values, attn_mask=m.all_bias, scale=scaling)[:2]
         lse = lse.float()
-    if recalled is not None:
-        scores.append(
-            (q_anchor.float() @ recalled[0].float().transpose(-1, -2)) * scaling
-        )  # (B, Hkv, G*T, M)
-        vals.append(recalled[1].float())
-    return _join((out, lse), torch.cat(scores, dim=-1), torch.cat(vals, dim=2), values.dtype)
+        a_keys = a_values = a_bias = None
+    if recalled is not None:  # every query sees all of them
+        r_keys, r_values = recalled[0].to(keys.dtype), recalled[1].to(values.dtype)
+        if a_keys is None:
+            a_keys, a_values = r_keys, r_values
+        else:
+            a_keys, a_values = torch.cat([a_keys, r_keys], dim=2), torch.cat([a_values, r_values], dim=2)
+            a_bias = torch.cat([a_bias, a_bias.new_zeros(*a_bias.shape[:-1], r_keys.shape[2])], dim=-1)
+    a_out, a_lse = FLASH_CPU(q_anchor.contiguous(), a_keys, a_values, attn_mask=a_bias, scale=scaling)[:2]
+    return _merge(out, lse, a_out, a_lse.float(), values.dtype)
+
+
+def _merge(out, lse, a_out, a_lse, dtype):
+    """One softmax from two blocks of keys, each attended by the fused kernel: outputs (B, Hkv, R, D) and
+    float32 log-sum-exps (B, Hkv, R), -inf where a row sees no key of the block (every row sees at least one
+    key of one block). -> (B, Hkv, R, D) in ``dtype``"""
+    top = torch.maximum(lse, a_lse)  # (B, Hkv, R)
+    w, a_w = torch.exp(lse - top)[..., None], torch.exp(a_lse - top)[..., None]  # (B, Hkv, R, 1)
+    # a row that sees no key of a block has weight 0 there, whatever the kernel wrote for it
+    total = torch.where(w > 0, out.float() * w, 0.0) + torch.where(a_w > 0, a_out.float() * a_w, 0.0)
+    return (total / (w + a_w)).to(dtype)
 
 
 def _fused_one(plan, stored, k_new, v_new, q_win, q_anchor, scaling, recalled=None):
@@ -233,7 +243,7 @@ class _Masks(NamedTuple):
     win_bias: torch.Tensor | None  # the same without the anchored columns
     anchor_cols: torch.Tensor | None  # (K,) bool, the anchored keys; None when there are none
     anchor_only: torch.Tensor | None  # (G*T,) bool, rows that see no window key
-    anchor_hidden: torch.Tensor | None  # (G*T, s) bool, anchored keys a row does not see
+    anchor_bias: torch.Tensor | None  # (1, 1, G*T, s) additive: 0 where a row sees an anchored key, -inf elsewhere
 
 
 def _masks(plan: Plan, with_stored: bool, G: int, dtype: torch.dtype) -> _Masks:
@@ -251,7 +261,7 @@ def _masks(plan: Plan, with_stored: bool, G: int, dtype: torch.dtype) -> _Masks:
 
     if bool(anchored.any()):
         window = visible & ~anchored
-        m = _Masks(bias(visible), bias(window), anchored, ~window.any(-1), ~visible[:, anchored])
+        m = _Masks(bias(visible), bias(window), anchored, ~window.any(-1), bias(visible[:, anchored]))
     else:
         m = _Masks(bias(visible), None, None, None, None)
     plan.memo[key] = m
@@ -277,9 +287,8 @@ def attend_layer(
         cache.plans[layer_idx],
         query,
         store.stored(),
-        store.as_stored(
-            key, value
-        ),  # an 8-bit cache: new tokens see each other as stored, so a chunk is exact
+        # an 8-bit cache: new tokens see each other as stored, so a chunk is exact
+        store.as_stored(key, value),
         store.inv_freq,
         scaling,
         softcap,

@@ -281,11 +281,10 @@ class Memory:
         return self.recalled(layer)
 
     def _query_terms(self, mark: int) -> np.ndarray:
-        """The terms of the query marked at ``mark`` that the ``window`` tokens before it do not hold (the query
-        is taken to end at its mark: a question just fed)."""
-        query = self.queries[mark]
-        end = max(mark + 1 - len(query), 0)
-        return query_terms(query, self.text.tokens.view()[max(end - self.window, 0) : end])
+        """The terms of the query marked at ``mark`` that the ``window`` tokens up to it hold no more often than
+        the query does (``textindex.query_terms``)."""
+        view = self.text.tokens.view()[max(mark + 1 - self.window, 0) : mark + 1]
+        return query_terms(self.queries[mark], view)
 
     def recalled(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values (1, Hkv, M, D) of ``layer``'s selected blocks, keys rotated where the query sees

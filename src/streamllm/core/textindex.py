@@ -42,12 +42,16 @@ def terms(ids: np.ndarray) -> np.ndarray:
 
 
 def query_terms(query: Sequence[int], context: Sequence[int] = ()) -> np.ndarray:
-    """The distinct terms of ``query`` (sorted int64) that ``context`` does not hold: what the query says that
-    the text in view does not (a question's own template, words the window repeats) is what points back."""
-    q = np.unique(terms(np.asarray(query, dtype=np.int64)))
-    if len(context) == 0:
+    """The distinct terms of ``query`` (sorted int64) that ``context`` (the text in view, the query usually
+    among it) does not hold more often than the query itself: what the query shares with the rest of what is in
+    view (a chat template, a question's own boilerplate, words the window repeats) does not point back."""
+    q, q_count = np.unique(terms(np.asarray(query, dtype=np.int64)), return_counts=True)
+    if len(context) == 0 or q.size == 0:
         return q
-    return np.setdiff1d(q, terms(np.asarray(context, dtype=np.int64)), assume_unique=False)
+    c, c_count = np.unique(terms(np.asarray(context, dtype=np.int64)), return_counts=True)
+    at = np.searchsorted(c, q).clip(max=c.size - 1)
+    seen = np.where(c[at] == q, c_count[at], 0)
+    return q[seen <= q_count]
 
 
 class _Grow:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import attention_map, chat, curves, passkey, sampling, streameval
+from . import attention_map, chat, curves, passkey, recall, sampling, streameval
 from .context import Context
 from .report import Report
 
@@ -22,6 +22,7 @@ EXPERIMENTS: dict[str, Callable[[Context], Report]] = {
     "chat": chat.chat,
     "sampling": sampling.sampling,
     "passkey": passkey.passkey,
+    "recall": recall.recall,
 }
 
 __all__ = ["EXPERIMENTS", "Context", "Report"]

@@ -134,7 +134,7 @@ def run_stream(
                     config.cache_size,
                     back,
                     distance,
-                    distance <= config.window,
+                    config.method == "dense" or distance <= config.window,
                     answer,
                     values[asked - 1],
                     recalled,
@@ -163,8 +163,11 @@ def streameval(ctx: Context) -> Report:
         windows, lines_back, rounds = (60,), [1, 4, 12], 2
     else:
         windows, lines_back, rounds = (252, 1020), [1, 5, 10, 20, 40, 60, 80, 100, 140], 6
-    methods = ctx.methods or ["sink", "memory"]
+    methods = ctx.methods or ["sink", "dense", "memory", "memory-content", "memory-oracle"]
     configs = [(m, method_config(ctx, m, w)) for m in methods for w in windows]  # refuses unknown ones first
+    # dense only where the whole stream (about 25 tokens a line) fits the model's trained context
+    longest = rounds * len(lines_back) * QUERY_EVERY * 25
+    configs = [(m, c) for m, c in configs if m != "dense" or longest <= (ctx.max_positions or 0)]
     results: list[Query] = []
     for method, config in configs:
         results += run_stream(ctx, config, rounds * len(lines_back), lines_back, method=method)
