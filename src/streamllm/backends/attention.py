@@ -243,7 +243,7 @@ class _Masks(NamedTuple):
     win_bias: torch.Tensor | None  # the same without the anchored columns
     anchor_cols: torch.Tensor | None  # (K,) bool, the anchored keys; None when there are none
     anchor_only: torch.Tensor | None  # (G*T,) bool, rows that see no window key
-    anchor_bias: torch.Tensor | None  # (1, 1, G*T, s) additive: 0 where a row sees an anchored key, -inf elsewhere
+    anchor_bias: torch.Tensor | None  # (1, 1, G*T, s) additive: 0 where an anchored key is seen
 
 
 def _masks(plan: Plan, with_stored: bool, G: int, dtype: torch.dtype) -> _Masks:
