@@ -45,9 +45,8 @@ class BuiltinModel:
     license: str
     size: str  # parameters and the download
     weights: str  # the published file's quantization
-    decode: dict[
-        str, str
-    ]  # per dtype, the faster of "int4" and "fast" as measured: the default (``defaults.py``)
+    # per dtype, the faster of "int4" and "fast" as measured: the default (``defaults.py``)
+    decode: dict[str, str]
 
 
 BUILTINS: dict[str, BuiltinModel] = {

@@ -72,9 +72,8 @@ def build_extension(name: str, source: Path, build: Path, cflags: list[str], ldf
 
     build.mkdir(parents=True, exist_ok=True)
     with _build_lock(build / "build.flock"):
-        stale = (
-            build / "lock"
-        )  # torch's marker of a build in progress: nobody holds our lock, so nobody builds
+        # torch's marker of a build in progress: nobody holds our lock, so nobody builds
+        stale = build / "lock"
         if stale.exists():
             log.warning("removing %s, left by a build that was interrupted", stale)
             stale.unlink(missing_ok=True)

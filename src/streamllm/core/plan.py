@@ -26,13 +26,11 @@ class Plan:
     policy: Policy
     text_pos: torch.Tensor  # (T,) text positions of the new tokens
     model_pos: torch.Tensor  # (T,) positions the model rotates them at: text position - offset
-    anchor_shift: (
-        torch.Tensor
-    )  # (T,) how far each query turns to see the anchored keys: anchor - model position
+    # (T,) how far each query turns to see the anchored keys: anchor - model position
+    anchor_shift: torch.Tensor
     key_pos: torch.Tensor  # (K,) text position of each key (-1: an empty slot)
-    anchored: (
-        torch.Tensor
-    )  # (K,) bool: keys stored at their anchor positions 0..S-1, seen by the turned query
+    # (K,) bool: keys stored at their anchor positions 0..S-1, seen by the turned query
+    anchored: torch.Tensor
     visible: torch.Tensor  # (T, K) bool: what each query attends to
     slots: torch.Tensor  # (T,) slot each new token is stored in; -1 for one that leaves within these T tokens
     leaving: torch.Tensor  # (C,) bool: stored slots whose token leaves once the plan is committed
@@ -45,9 +43,8 @@ class Plan:
     departures: bool  # whether any token leaves (a stored one, or a new one within these T tokens)
     recalled: int = 0  # M: tokens recalled from memory, seen by every query from its anchor (``memory.py``)
     select: bool = False  # the first token selects what is recalled (a selection point of the memory)
-    memo: dict = field(
-        default_factory=dict, compare=False, repr=False
-    )  # what a backend derives once per plan
+    # what a backend derives once per plan
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
     steady: bool = False  # a ``RingPlan``: one token into a full ring, which sees every key it holds
 
     @property

@@ -60,9 +60,8 @@ class Policy:
         keeps no sinks: it keeps its own window, or the whole cache budget if that is smaller."""
         if sliding_window is None:
             return self
-        own = (
-            sliding_window - 1
-        )  # transformers: a query sees itself and the sliding_window - 1 keys before it
+        # transformers: a query sees itself and the sliding_window - 1 keys before it
+        own = sliding_window - 1
         budget = self.capacity
         return WindowPolicy(own if budget is None else min(own, budget))
 

@@ -104,9 +104,8 @@ def sample(
     probs = torch.softmax(logits, dim=-1)
     if sampling.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
-        cut = (
-            torch.cumsum(sorted_p, dim=-1) - sorted_p > sampling.top_p
-        )  # keep the smallest set reaching top_p
+        # keep the smallest set reaching top_p
+        cut = torch.cumsum(sorted_p, dim=-1) - sorted_p > sampling.top_p
         sorted_p = sorted_p.masked_fill(cut, 0.0)
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator))
@@ -124,9 +123,8 @@ class Generation:
         self.generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
         self.eos = set() if sampling.ignore_eos else eos_ids(model, tokenizer)
         self.detok = Detokenizer(tokenizer)
-        self.hold = (
-            max((len(s) for s in sampling.stop), default=1) - 1
-        )  # text held back while a stop may start
+        # text held back while a stop may start
+        self.hold = max((len(s) for s in sampling.stop), default=1) - 1
         self.pending = ""
         self.recent: list[int] = list(prompt_ids[-64:])
         self.generated = 0

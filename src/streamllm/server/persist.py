@@ -231,9 +231,8 @@ def _config_dict(config: StreamConfig) -> dict:
         "positions": config.positions,
         "rebase_every": config.rebase_every,
     }
-    if (
-        config.memory is not None
-    ):  # what shapes a memory file and what it recalls; not where, or the RAM it uses
+    # what shapes a memory file and what it recalls; not where, or the RAM it uses
+    if config.memory is not None:
         m = config.memory
         settings["memory"] = {
             "block_size": m.block_size,

@@ -35,9 +35,8 @@ class Renderer:
         try:
             with self._lock:
                 return render(self.template)
-        except (
-            Exception
-        ) as exc:  # a template's own checks (raise_exception), jinja errors, or no way to append
+        except Exception as exc:
+            # a template's own checks (raise_exception), jinja errors, or no way to append
             raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from None
 
     def chat_prompt(self, messages: Sequence[ChatMessage]) -> str:

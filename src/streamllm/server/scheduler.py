@@ -232,9 +232,8 @@ class Scheduler:
                         j.fail(exc)
                 more = [False] * len(group)
             with self._cv:
-                self._jobs.extend(
-                    j for j, m in zip(group, more, strict=True) if m
-                )  # to the back: round-robin
+                # to the back: round-robin
+                self._jobs.extend(j for j, m in zip(group, more, strict=True) if m)
 
     def _step_together(self, group: list[Job]) -> list[bool]:
         try:
