@@ -1,16 +1,19 @@
-"""The cost of memory: decode and chunked tok/s with 10K, 100K and 1M tokens of memory behind the cache, beside
-plain sink, with peak RSS against the RAM budget and disk bytes per token.
+"""The cost of memory on real text: decode and chunked tok/s with 10K, 100K and 1M tokens of memory behind the
+cache, beside plain sink, with the time to feed that much text, the time of one selection, the text index's RAM
+per token, peak RSS against the RAM budget and disk bytes per token.
 
-    .venv/bin/python benchmarks/memory.py [--sizes 10240,102400,1048576] [--refresh 64,256] [--dtype bfloat16]
+    .venv/bin/python benchmarks/memory.py [--sizes 10240,102400,1048576] [--refresh 256] [--dtype bfloat16]
 
-Every stream has 4 sinks + 1020 window and takes the same 2048 tokens of Hamlet first, so its cache is full. A
-memory stream is then given ``size`` tokens of memory as whole blocks (``Memory.keep_block``) of random keys and
-values: what a block holds does not change what it costs to score, move to disk, read back and attend. Then, side
-by side in this one process: the next ``--tokens`` tokens of the text decoded one at a time (decode tok/s, on the
-default decode path: the C++ step, and with memory the Python step at each selection point), and 2048 more tokens
-fed in chunks (chunked tok/s). Selections happen every ``refresh`` tokens as in any stream, so their cost is in
-both figures; at the first size each ``--refresh`` interval is run, since chunks are split at every selection
-point. Writes memory.csv and memory.md into --out.
+Every stream has 4 sinks + 1020 window. A memory stream (content selection) is fed ``size`` tokens of the
+Shakespeare works, for real, in pieces of 4096 tokens, so its memory holds the model's own keys and values of
+real text and its text index real tokens (``fill s`` and ``fill tok/s`` say what that took). Then, side by side
+with a plain sink stream fed the same text (its cost does not depend on how much it was fed, so it is fed 2048
+tokens): a question is fed with ``recall=True`` (a new query: its content score reads every block once, and every
+layer scores every block), the next ``--tokens`` tokens of the text are decoded one at a time (decode tok/s: the C++ step, and at each selection
+point the Python step), and 2048 more are fed in chunks (chunked tok/s). Selections happen every ``refresh``
+tokens as in any stream, so their cost is in both figures. Last, ``selection ms`` times one selection alone: the
+text index brought up to date and searched for a new question's seeds, and every memory layer's blocks scored
+(``Memory.select``) with a query. Writes memory.csv and memory.md into --out.
 """
 
 from __future__ import annotations
@@ -22,60 +25,72 @@ from _bench import PeakRSS, command, parser, text_ids, time_tokens
 
 from streamllm import StreamConfig, load_model
 from streamllm.config import MemoryConfig
+from streamllm.core.selection import CLOSE
+from streamllm.core.textindex import query_terms
 from streamllm.experiments.report import Report, table
 from streamllm.runtime.stream import Stream
 from streamllm.sysinfo import current_rss_mb
 
-PREFIX = 2048
+PREFIX = 2048  # what the sink stream is fed before it is timed
 CHUNKED = 2048
+PIECE = 4096
+QUESTION = "Who was it that spoke of the ghost of the king, and what did he say about Denmark?"
 
 
-def fill(stream: Stream, tokens: int, generator: torch.Generator) -> None:
-    """Give every memory layer ``tokens`` tokens of blocks drawn from a pool of random ones."""
-    memory = stream.memory
-    store = stream.cache.layers[0]
-    _, Hkv, _, D = store.keys.shape
-    bs = memory.config.block_size
-    pool = torch.randn(64, 2, 1, Hkv, bs, D, generator=generator).to(store.keys.dtype)  # cycled through
-    n = 0
-    for _ in range(tokens // bs):
-        for layer in memory.layers:
-            keys, values = pool[n % len(pool)]
-            memory.keep_block(layer, keys, values)
-            n += 1
-
-
-def run(model, ids, size: int | None, tokens: int, ram_mb: int, refresh: int = 64) -> dict:
-    memory = MemoryConfig(ram_mb=ram_mb, refresh=refresh) if size is not None else None
+def run(model, tokenizer, ids, size: int | None, tokens: int, ram_mb: int, refresh: int) -> dict:
+    memory = MemoryConfig(ram_mb=ram_mb, refresh=refresh, select="content") if size else None
     stream = Stream(model, StreamConfig(num_sinks=4, window=1020, memory=memory))
-    stream.feed(ids[:PREFIX])
+    fed = size + 1024 if size else PREFIX  # memory holds what left the window: the window more is fed
+    start = time.perf_counter()
+    for s in range(0, fed, PIECE):
+        stream.feed(ids[s : min(s + PIECE, fed)])
+    fill_s = time.perf_counter() - start
     start_rss = current_rss_mb()
-    fill_s = 0.0
-    if size:
-        start = time.perf_counter()
-        fill(stream, size, torch.Generator().manual_seed(0))
-        fill_s = time.perf_counter() - start
+    question = tokenizer.encode(QUESTION, add_special_tokens=False)
+    rest = ids[fed:]
     with PeakRSS() as rss:
-        seconds = time_tokens(stream, ids[PREFIX : PREFIX + tokens])
+        stream.feed(question, recall=True, query=question)
+        seconds = time_tokens(stream, rest[:tokens])
         start = time.perf_counter()
-        stream.feed(ids[PREFIX + tokens : PREFIX + tokens + CHUNKED])
+        stream.feed(rest[tokens : tokens + CHUNKED])
         chunked = CHUNKED / (time.perf_counter() - start)
     stats = stream.memory.stats() if stream.memory else {}
+    select_s = (
+        selection_seconds(stream.memory, tokenizer.encode(QUESTION.upper()), model.config.num_attention_heads)
+        if size
+        else 0.0
+    )
+    index = stream.memory.text.nbytes() if stream.memory else 0
     row = {
         "memory_tokens": size or 0,
         "refresh": refresh if size else "",
+        "fill_s": fill_s,
+        "fill_tok_s": fed / fill_s,
+        "selection_ms": 1000 * select_s,
         "decode": len(seconds) / sum(seconds),
         "chunked": chunked,
+        "index_bytes_per_token": index / size if size else 0.0,
         "peak_rss_mb": rss.peak,
         "rss_rise_mb": rss.peak - start_rss,
         "ram_mb": stats.get("ram_bytes", 0) / 2**20,
         "disk_mb": stats.get("disk_bytes", 0) / 2**20,
         "disk_bytes_per_token": _disk_per_token(stats, stream),
-        "fill_s": fill_s,
     }
     if stream.memory:
         stream.memory.close()
     return row
+
+
+def selection_seconds(memory, question: list[int], heads: int) -> float:
+    """One selection with a question the index has not seen: its terms looked up in every block, the seeds
+    chosen, and every memory layer's blocks scored with a query and chosen."""
+    start = time.perf_counter()
+    memory.text.sync(memory.blocks)
+    memory.seeds = memory.text.seeds(query_terms(question), memory.config.blocks, CLOSE)
+    for layer in memory.layers:
+        query = torch.randn(1, heads, memory.head_dim, generator=torch.Generator().manual_seed(layer))
+        memory.select(layer, query.to(memory.kept.dtype), model_pos=0, anchor=0)
+    return time.perf_counter() - start
 
 
 def _disk_per_token(stats: dict, stream: Stream) -> float:
@@ -92,62 +107,66 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--tokens", type=int, default=64, help="tokens decoded one at a time per stream")
     p.add_argument("--ram-mb", type=int, default=MemoryConfig().ram_mb)
-    p.add_argument(
-        "--refresh",
-        default="64,256",
-        help="selection intervals: all at the first size, the first at the others",
-    )
+    p.add_argument("--refresh", type=int, default=MemoryConfig().refresh, help="tokens between selections")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, args.dtype)
-    ids = text_ids(tokenizer, PREFIX + args.tokens + CHUNKED)
     sizes = [int(s) for s in args.sizes.split(",")]
-    refreshes = [int(r) for r in args.refresh.split(",")]
-    runs = [(sizes[0], r) for r in refreshes] + [(size, refreshes[0]) for size in sizes[1:]]
-    rows = [run(model, ids, None, args.tokens, args.ram_mb)]
-    base = rows[0]
-    for size, refresh in runs:
-        rows.append(run(model, ids, size, args.tokens, args.ram_mb, refresh))
-        r = rows[-1]
+    ids = text_ids(tokenizer, max(sizes) + 1024 + 256 + args.tokens + CHUNKED)
+    rows = []
+    for size in sizes:
+        base = run(model, tokenizer, ids, None, args.tokens, args.ram_mb, args.refresh)
+        r = run(model, tokenizer, ids, size, args.tokens, args.ram_mb, args.refresh)
+        r["decode_ratio"], r["chunked_ratio"] = r["decode"] / base["decode"], r["chunked"] / base["chunked"]
+        base["decode_ratio"] = base["chunked_ratio"] = 1.0
+        rows += [base, r]
         print(
-            f"memory {size}, refresh {refresh}: decode {r['decode']:.1f} tok/s ({r['decode'] / base['decode']:.2f}x sink), chunked "
-            f"{r['chunked']:.0f} tok/s ({r['chunked'] / base['chunked']:.2f}x), peak RSS {r['peak_rss_mb']:.0f} MB, "
-            f"memory RAM {r['ram_mb']:.0f} MB, disk {r['disk_mb']:.0f} MB",
+            f"memory {size}: fed in {r['fill_s']:.0f} s ({r['fill_tok_s']:.0f} tok/s); selection "
+            f"{r['selection_ms']:.0f} ms; decode {r['decode']:.1f} tok/s ({r['decode_ratio']:.2f}x sink), "
+            f"chunked {r['chunked']:.0f} tok/s ({r['chunked_ratio']:.2f}x); index {r['index_bytes_per_token']:.0f} "
+            f"B/token; peak RSS {r['peak_rss_mb']:.0f} MB, memory RAM {r['ram_mb']:.0f} MB, disk "
+            f"{r['disk_mb']:.0f} MB",
             flush=True,
         )
     header = (
         "memory tokens",
-        "refresh",
+        "fed in (s)",
+        "selection ms",
         "decode tok/s",
         "vs sink",
         "chunked tok/s",
         "vs sink",
+        "index B/token",
         "peak RSS MB",
         "memory RAM MB",
         "memory disk MB",
-        "disk bytes/token",
     )
     table_rows = [
         (
             r["memory_tokens"] or "none (plain sink)",
-            r["refresh"],
+            round(r["fill_s"]) if r["memory_tokens"] else "-",
+            round(r["selection_ms"]) if r["memory_tokens"] else "-",
             round(r["decode"], 1),
-            f"{r['decode'] / base['decode']:.2f}x",
+            f"{r['decode_ratio']:.2f}x",
             round(r["chunked"]),
-            f"{r['chunked'] / base['chunked']:.2f}x",
+            f"{r['chunked_ratio']:.2f}x",
+            round(r["index_bytes_per_token"]) if r["memory_tokens"] else "-",
             round(r["peak_rss_mb"]),
             round(r["ram_mb"]),
             round(r["disk_mb"]),
-            round(r["disk_bytes_per_token"]),
         )
         for r in rows
     ]
     report = Report(
         "memory",
-        f"The cost of memory ({args.model}, {args.dtype}, cache 4+1020, RAM budget {args.ram_mb} MiB)",
+        f"The cost of memory on real text ({args.model}, {args.dtype}, cache 4+1020, content selection, refresh "
+        f"{args.refresh}, RAM budget {args.ram_mb} MiB)",
         command(),
         list(rows[0]),
         [list(r.values()) for r in rows],
+    )
+    report.sections.append(
+        "Each memory row follows the plain sink row it was timed beside, in the same process."
     )
     report.sections.append(table(header, table_rows))
     for path in report.write(args.out):

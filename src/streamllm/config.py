@@ -53,7 +53,7 @@ class MemoryConfig:
     block_size: int = 128
     blocks: int = 4
     reps: int = 4
-    refresh: int = 64
+    refresh: int = 256
     ram_mb: int = 1024
     positions: str = "cache"
     select: str = "attention"
