@@ -26,7 +26,7 @@ from _bench import PeakRSS, command, parser, text_ids, time_tokens
 from streamllm import StreamConfig, load_model
 from streamllm.config import MemoryConfig
 from streamllm.core.selection import CLOSE
-from streamllm.core.textindex import query_terms
+from streamllm.core.textindex import TextIndex, query_terms
 from streamllm.experiments.report import Report, table
 from streamllm.runtime.stream import Stream
 from streamllm.sysinfo import current_rss_mb
@@ -93,6 +93,19 @@ def selection_seconds(memory, question: list[int], heads: int) -> float:
     return time.perf_counter() - start
 
 
+def index_cost(ids: list[int], block_size: int, question: list[int]) -> tuple[float, float, float]:
+    """The text index alone over ``ids``: (seconds to index every block, ms of one search for a new question's
+    seeds, bytes per token)."""
+    index = TextIndex(block_size, 4)
+    index.note(0, ids)
+    start = time.perf_counter()
+    index.sync((len(ids) - 4) // block_size)
+    built = time.perf_counter() - start
+    start = time.perf_counter()
+    index.seeds(query_terms(question), MemoryConfig().blocks, CLOSE)
+    return built, 1000 * (time.perf_counter() - start), index.nbytes() / len(ids)
+
+
 def _disk_per_token(stats: dict, stream: Stream) -> float:
     """Bytes in the memory file per token whose blocks are there (each entry is one layer's block)."""
     if not stats or not stats["layer_blocks_on_disk"]:
@@ -108,6 +121,11 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64, help="tokens decoded one at a time per stream")
     p.add_argument("--ram-mb", type=int, default=MemoryConfig().ram_mb)
     p.add_argument("--refresh", type=int, default=MemoryConfig().refresh, help="tokens between selections")
+    p.add_argument(
+        "--index-sizes",
+        default="1048576",
+        help="tokens of text indexed alone (no model: the index's build and search time, and its bytes)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, args.dtype)
@@ -169,6 +187,19 @@ def main() -> None:
         "Each memory row follows the plain sink row it was timed beside, in the same process."
     )
     report.sections.append(table(header, table_rows))
+    question = tokenizer.encode(QUESTION, add_special_tokens=False)
+    index_rows = []
+    for n in [int(x) for x in args.index_sizes.split(",") if x]:
+        built, search_ms, per_token = index_cost(text_ids(tokenizer, n), MemoryConfig().block_size, question)
+        index_rows.append((n, f"{built:.1f}", f"{search_ms:.0f}", f"{per_token:.1f}"))
+        print(
+            f"text index of {n} tokens: built in {built:.1f} s, a new question searched in {search_ms:.0f} ms, "
+            f"{per_token:.1f} bytes/token",
+            flush=True,
+        )
+    if index_rows:
+        report.sections.append("The text index alone, over the same text:")
+        report.sections.append(table(("tokens", "indexed in (s)", "search ms", "bytes/token"), index_rows))
     for path in report.write(args.out):
         print(path)
 

@@ -262,33 +262,25 @@ def streameval(ctx: Context) -> Report:
     )
     fig, axes = figure()
     ax = axes[0, 0]
-    styles = {
-        "sink": "-",
-        "dense": (0, (1, 3)),
-        "memory": "--",
-        "memory-content": "-.",
-        "memory-hybrid": (0, (5, 1)),
-        "memory-fixed": ":",
-        "memory-oracle": (0, (3, 1, 1, 1)),
-    }
+    caches = ["-", "--", "-."]  # line style by cache, colour by method
     for i, window in enumerate(windows):
         cache = window + 4
-        for method in methods:
+        for j, method in enumerate(methods):
             pts = [(r[3], r[5]) for r in rows if r[0] == method and r[1] == cache]
             ax.plot(
                 [p[0] for p in pts],
                 [p[1] for p in pts],
                 marker="o",
-                ls=styles[method],
+                ls=caches[i % len(caches)],
                 label=f"{method}, cache 4+{window}",
-                color=f"C{i}",
+                color=f"C{j}",
             )
-        ax.axvline(window, color=f"C{i}", ls=":", lw=1)
+        ax.axvline(window, color="grey", ls=caches[i % len(caches)], lw=1)
     ax.set_xscale("log")
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("distance from the query back to the asked line (tokens)")
     ax.set_ylabel("exact-match accuracy")
-    ax.set_title(f"{ctx.model_name}: StreamEval (dotted vertical: window size)")
+    ax.set_title(f"{ctx.model_name}: StreamEval (grey vertical: window size)")
     ax.legend()
     report.figure = fig
     return report
