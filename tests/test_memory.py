@@ -15,7 +15,7 @@ from streamllm.backends import native
 from streamllm.config import ConfigError, MemoryConfig
 from streamllm.runtime.stream import Stream
 
-MEMORY = MemoryConfig(block_size=4, blocks=2, reps=2, refresh=5, ram_mb=1)
+MEMORY = MemoryConfig(block_size=4, blocks=2, reps=2, refresh=5, ram_mb=1, select="attention")
 CONFIG = StreamConfig(num_sinks=2, window=6, rebase_every=7, memory=MEMORY)
 N = 60
 

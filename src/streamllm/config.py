@@ -32,14 +32,16 @@ class MemoryConfig:
 
     Evicted tokens are kept per layer in blocks of ``block_size`` consecutive tokens, each with ``reps``
     representative keys per kv head. Every ``refresh`` tokens (and wherever the caller asks for a recall) each
-    layer selects the ``blocks`` blocks whose representative keys score highest against that token's query;
-    attention then sees the sinks, those blocks and the window until the next selection.
+    layer selects ``blocks`` blocks: by default those that hold what the caller's query says (``content``), and
+    where there is no query or no such block, those whose representative keys score highest against that
+    token's query; attention then sees the sinks, those blocks and the window until the next selection.
 
     ``positions``: where recalled tokens sit. ``cache`` (default): in text order between the sinks and the window,
     at in-cache positions, as the paper places everything it keeps. ``fixed``: every recalled token at one
     distance from the query, just past the window (InfLLM's choice).
 
-    ``select``: how blocks are chosen. ``attention``: the query's logits against each block's representative
+    ``select``: how blocks are chosen (``content`` by default: it finds a line among look-alikes, which attention
+    scores do not, and is the same as ``attention`` on text fed without a query). ``attention``: the query's logits against each block's representative
     keys, per layer. ``content``: BM25 of the caller's query tokens (``Stream.feed(..., recall=True)``) against
     the tokens of each block, the same blocks in every layer (attention breaks ties and chooses when no block
     shares a term). ``hybrid``: content proposes ``4 * blocks`` candidates, attention chooses among them per
@@ -56,7 +58,7 @@ class MemoryConfig:
     refresh: int = 256
     ram_mb: int = 1024
     positions: str = "cache"
-    select: str = "attention"
+    select: str = "content"
     neighbours: int = 0
     dir: Path | None = None
 
