@@ -255,8 +255,6 @@ def _restored(model, config, meta, blob, path):
 def test_a_saved_memory_restores_and_rolls_back_exactly(tmp_path, decode, positions):
     """Saved mid-stream (some blocks spilled past the budget, the last selection in force), a fresh stream
     restored from the file continues bit for bit; the live stream rolled back to the state does too."""
-    from streamllm.server.persist import restore_stream, stream_tensors
-
     model = streamllm.prepare(tiny_model("llama"))
     memory = dataclasses.replace(MEMORY, positions=positions)
     config = dataclasses.replace(CONFIG, decode=decode, memory=memory)
@@ -270,10 +268,9 @@ def test_a_saved_memory_restores_and_rolls_back_exactly(tmp_path, decode, positi
     assert path.stat().st_size == meta["memory"]["file_bytes"]
     restored = _restored(model, config, meta, blob, path)
     assert restored.memory.stats()["blocks"] == stats["blocks"]
-    snapshot = stream_tensors(live), live.tokens_seen
+    snapshot = live.state()
     ahead = [live.feed([t]) for t in ids[63:100]]  # more blocks, selections, spills
-    (tensors, layers, info), seen = snapshot
-    restore_stream(live, tensors, layers, seen, info)
+    live.load(snapshot)
     for i, token in enumerate(ids[63:]):
         got, back = restored.feed([token]), live.feed([token])
         assert torch.equal(got, back), i

@@ -38,16 +38,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ..config import MemoryConfig
 from .blockfile import HEADER, MemoryFileError
 from .blockstore import BlockStore
 from .rotary import rotate
 from .selection import CLOSE, choose
 from .textindex import TextIndex, query_terms
+
+if TYPE_CHECKING:  # the configuration is made outside core; memory only reads it
+    from ..config import MemoryConfig
 
 QUERY_TOKENS = 512  # the most query tokens a mark keeps (the end of what was fed, when no query is given)
 

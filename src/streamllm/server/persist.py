@@ -119,19 +119,6 @@ class Conversation:
 COUNTERS = ("seen", "offset", "num_sinks", "window", "text_positions", "dtype")
 
 
-def stream_tensors(stream: Stream) -> tuple[dict, list[dict], dict | None]:
-    """``Stream.state()`` in the older shape (tensors, per-layer counters, the memory's counters)."""
-    tensors, meta = stream.state()
-    return tensors, meta["layers"], meta["memory"]
-
-
-def restore_stream(
-    stream: Stream, tensors: dict, layers: list[dict], tokens_seen: int, memory: dict | None = None
-) -> None:
-    """``Stream.load`` of what ``stream_tensors`` returned."""
-    stream.load((tensors, {"layers": layers, "memory": memory, "tokens_seen": tokens_seen}))
-
-
 def encode_state(
     session_id: str,
     owner: str,
