@@ -78,7 +78,7 @@ def _check_methods(name: str, methods: list[str]) -> None:
         raise InputError(f"--methods applies to {' and '.join(known)}, not to {name}")
     unknown = [m for m in methods if m not in known[name]]
     if unknown:
-        raise InputError(f"{name} runs {', '.join(known[name])}; not {', '.join(unknown)}")
+        raise InputError(f"--methods: {name} runs {', '.join(known[name])}; not {', '.join(unknown)}")
 
 
 def run(args) -> int:
