@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from dataclasses import replace
 
-from ..config import MemoryConfig, StreamConfig
+from ..config import StreamConfig
 from ..runtime.stream import Stream
 from ..runtime.templates import ChatTemplate
+from . import passkey
 from .chat import load_questions
 from .context import Context
 from .report import Report, figure, table
 
 LENGTHS = (2048, 4096, 16384, 65536)
-METHODS = ("sink", "memory", "memory-attention", "dense")
+METHODS = passkey.METHODS
 ANSWER_TOKENS = 12
 REPLY_TOKENS = 200  # a filler turn's assistant passage
 NAMES = [
@@ -93,19 +93,8 @@ def question_ids(ctx: Context, template: ChatTemplate, asked: str, start: str) -
 
 
 def methods_for(ctx: Context, length: int) -> list[tuple[str, StreamConfig]]:
-    window, memory = (252, MemoryConfig(block_size=64)) if ctx.quick else (1020, MemoryConfig())
-    memory = ctx.memory_or(replace(memory, select="content"))
-    out = [
-        ("sink", StreamConfig(num_sinks=4, window=window)),
-        ("memory", StreamConfig(num_sinks=4, window=window, memory=memory)),
-        (
-            "memory-attention",
-            StreamConfig(num_sinks=4, window=window, memory=replace(memory, select="attention")),
-        ),
-    ]
-    if length + 64 <= (ctx.max_positions or 0):
-        out.append(("dense", StreamConfig(method="dense")))
-    return [(name, config) for name, config in out if name in (ctx.methods or METHODS)]
+    """Passkey's methods and caches; dense where the conversation and a question with its answer fit."""
+    return passkey.methods_for(ctx, length + 64)
 
 
 def ask_all(ctx: Context, stream: Stream, template: ChatTemplate, told: list) -> list[str]:
