@@ -139,7 +139,8 @@ def _choose(state: OracleState, attention: list[float]) -> list[int]:
 
     if mem.select == "content" and seeds:  # the seeds, their neighbours, then around them
         around = [j for d in range(1, count) for s in seeds for j in (s - d, s + nb + d) if 0 <= j < count]
-        order = with_next(seeds) + around + by_attention
+        alike = [b for b in range(count) if content[b] >= 0.5 * content[seeds[0]]]  # look-alikes go last
+        order = with_next(seeds) + [b for b in around + by_attention if b not in alike] + alike
     elif mem.select != "hybrid" or content is None or not any(content):
         order = with_next(by_attention)
     else:  # content proposes, attention chooses

@@ -4,6 +4,7 @@ by token, blocks spill to a file past the RAM budget and come back intact, and b
 import dataclasses
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from oracle import oracle_logits
@@ -13,6 +14,7 @@ import streamllm
 from streamllm import StreamConfig
 from streamllm.backends import native
 from streamllm.config import ConfigError, MemoryConfig
+from streamllm.core.selection import choose
 from streamllm.runtime.stream import Stream
 
 MEMORY = MemoryConfig(block_size=4, blocks=2, reps=2, refresh=5, ram_mb=1, select="attention")
@@ -83,6 +85,16 @@ def test_content_selection_finds_the_block_that_holds_the_query():
     for mem in stream.memory.layers.values():
         assert mem.selected == [needle, needle + 1]
     assert stream.memory.stats()["text_index_bytes"] > 0
+
+
+def test_look_alikes_of_a_seed_fill_a_slot_only_when_nothing_else_is_left():
+    """Content selection recalls the seed and the blocks around it, but not a block that scores nearly as
+    well (another door's pass key): a small model would copy that one instead."""
+    attention = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 9.0, 0.0, 0.0])  # attention alone would take block 5
+    content = np.array([0.0, 1.0, 0.0, 10.0, 0.0, 6.0, 1.0, 0.0])  # block 5 looks like the seed, block 3
+    assert choose(attention, 3, "content", 0, content, seeds=[3]) == [2, 3, 4]
+    assert choose(attention, 4, "content", 0, content, seeds=[3]) == [1, 2, 3, 4]
+    assert choose(attention[:6], 6, "content", 0, content[:6], seeds=[3]) == [0, 1, 2, 3, 4, 5]  # last resort
 
 
 def test_memory_changes_what_the_stream_computes():

@@ -111,7 +111,7 @@ class Memory:
         self.marks: set[int] = set()  # positions where the caller asked for a selection
         self.queries: dict[int, list[int]] = {}  # mark -> the query tokens the caller gave with it
         self.text = TextIndex(config.block_size, num_sinks)
-        # at the current selection: the blocks' content scores (Nb,) (hybrid), or the seed blocks (content)
+        # at the current selection: the blocks' content scores (Nb,), and the seed blocks (content)
         self.content: np.ndarray | None = None
         self.seeds: list[int] | None = None
         self.forced: list[int] = []  # blocks every selection takes first (``force``)
@@ -162,10 +162,9 @@ class Memory:
             if self.config.select != "attention" and current is not None and self.recalled_len:
                 self.text.sync(self.blocks)
                 q = self._query_terms(current)
+                self.content = self.text.scores(q)
                 if self.config.select == "content":
                     self.seeds = self.text.seeds(q, self.recalled_len // self.config.block_size, CLOSE)
-                else:
-                    self.content = self.text.scores(q)
             return self.recalled_len > 0, self.recalled_len
         return False, self.recalled_len
 

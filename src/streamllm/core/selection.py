@@ -8,8 +8,9 @@ where the caller gave no query. Ties always go to the older block.
 - ``attention``: the best ``n`` by attention, each bringing its ``neighbours`` next blocks.
 - ``content``: the seeds, each with its ``neighbours`` next blocks; the slots left go to the blocks around the
   seeds, nearest first (what was said just before and after), and only then to attention. Look-alikes of a
-  seed (another door's pass key, another line of the register) are never seeds, so they are not recalled beside
-  the answer for a small model to copy instead.
+  seed (another door's pass key, another line of the register: a block whose content score is at least
+  ``CLOSE`` times the first seed's) are never seeds, and they fill a slot only when no other block is left, so
+  they are not recalled beside the answer for a small model to copy instead.
 - ``hybrid``: content proposes ``4 n`` candidates (those with any content score), attention chooses among
   them, each bringing its neighbours; attention fills what is left.
 - ``forced`` blocks (an experiment's ceiling) come first under every rule.
@@ -35,16 +36,19 @@ def choose(
     seeds: Sequence[int] | None = None,
     forced: Sequence[int] = (),
 ) -> list[int]:
-    """The ``n`` blocks to recall, ascending."""
+    """The ``n`` blocks to recall, ascending. ``content``: every block's content score (Nb,), under ``content``
+    the score that tells a seed's look-alikes."""
     count = attention.size
     ids = np.arange(count)
     by_attention = np.lexsort((ids, -attention)).tolist()
     first = [b for b in forced if b < count]
     if rule == "content" and seeds:
         seeds = list(seeds)
-        order = chain(
-            first, _with_next(seeds, neighbours, count), _around(seeds, neighbours, count), by_attention
+        alike = (
+            set() if content is None else set(np.flatnonzero(content >= CLOSE * content[seeds[0]]).tolist())
         )
+        near = [b for b in chain(_around(seeds, neighbours, count), by_attention) if b not in alike]
+        order = chain(first, _with_next(seeds, neighbours, count), near, sorted(alike))
     elif rule != "hybrid" or content is None or not content.any():
         order = chain(first, _with_next(by_attention, neighbours, count))
     else:

@@ -6,24 +6,37 @@ filler text, each asked for at the end.
     ... (more filler, and the other doors' keys at their depths) ...
     What is the pass key of door 3? The pass key of door 3 is
 
-One stream per (length, method) holds every key, so a million-token length costs one million-token stream, not
-ten. At its end the stream's state is taken once; each question is asked, answered greedily, and the stream is
-put back to that state (its memory drops what the question and answer added) before the next one, so every
-question sees the same stream. A trial is right when the key's digits come first in the answer. Methods:
-``sink`` (the paper), ``memory`` (sink with memory of evicted blocks: ``--memory-*`` options, else the defaults
-with content selection), ``memory-attention`` (the same, blocks chosen by attention alone) and ``dense`` where
-the model was trained on that length. Besides the heat maps, the longest memory stream records, per layer, the
-blocks recalled for the middle door's question and whether the block holding its key was among them.
+One stream per length holds every key, so a million-token length costs one million-token stream, not ten, and
+``sink``, ``memory`` and ``memory-attention`` share it: its memory keeps what leaves the window but recalls
+nothing while the filler streams by (no refresh: the filler asks for nothing), so its cache is, bit for bit, a
+plain sink stream's. At its end the stream's state is taken once; each question is asked three ways (no recall:
+``sink``, the paper; recall chosen by content: ``memory``, the default selection; by attention alone:
+``memory-attention``), answered greedily, and the stream is put back to that state (its memory drops what the
+question and answer added) before the next one. ``dense`` runs its own stream where the model was trained on
+that length. A trial is right when the key's digits come first in the answer. Besides the heat maps, the longest
+stream records, per layer, the blocks recalled for the middle door's question and whether the block holding its
+key was among them.
+
+Streams of ``CHECKPOINT`` tokens or more save their state every ``CHECKPOINT`` tokens under
+``$STREAMLLM_HOME/experiments/passkey/`` (the memory's blocks go to a file there as they are made), and a run
+started again with the same model, length, keys and cache goes on from the last one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
 import re
 from collections import defaultdict
 from dataclasses import replace
 
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
 from ..config import MemoryConfig, StreamConfig
+from ..home import home
 from ..runtime.stream import Stream
 from .context import Context
 from .report import Report, figure, table
@@ -35,6 +48,9 @@ METHODS = ("sink", "memory", "memory-attention", "dense")
 ANSWER_TOKENS = 8
 CACHE = StreamConfig(num_sinks=4, window=1020)  # --quick: 4+252, memory blocks of 64
 FEED = 4096  # tokens fed at a time (the stream chunks them further)
+CHECKPOINT = 65536  # streams this long save their state every this many tokens
+SHARED = ("sink", "memory", "memory-attention")  # asked from one stream: the recall each question makes
+NEVER = 1 << 62  # a refresh no stream reaches: the memory recalls only where a question asks it to
 
 
 def key_text(door: int, key: str) -> str:
@@ -97,9 +113,34 @@ def methods_for(ctx: Context, length: int) -> list[tuple[str, StreamConfig]]:
     return [(name, config) for name, config in out if name in (ctx.methods or METHODS)]
 
 
-def ask(ctx: Context, stream: Stream, door: int) -> str:
-    """Ask for door ``door``'s key; the greedy answer. The question's last token selects what is recalled."""
-    logits = stream.feed(ctx.encode(question_text(door)), recall=True)
+def streams_for(ctx: Context, length: int) -> list[tuple[StreamConfig, list[tuple[str, str | None]]]]:
+    """The streams run at ``length``, each with the methods asked from it: (method, how its questions recall:
+    None, or the memory's ``select``)."""
+    requested = dict(methods_for(ctx, length))
+    out: list[tuple[StreamConfig, list[tuple[str, str | None]]]] = []
+    shared = [m for m in SHARED if m in requested]
+    if shared:
+        memory = requested.get("memory", requested.get("memory-attention"))
+        asked = {"sink": None, "memory": "content", "memory-attention": "attention"}
+        if memory is None or memory.memory is None:  # sink alone
+            out.append((requested["sink"], [("sink", None)]))
+        else:
+            config = replace(memory, memory=replace(memory.memory, refresh=NEVER))
+            if "memory" in requested:
+                asked["memory"] = memory.memory.select
+            out.append((config, [(m, asked[m]) for m in shared]))
+    if "dense" in requested:
+        out.append((requested["dense"], [("dense", None)]))
+    return out
+
+
+def ask(ctx: Context, stream: Stream, door: int, select: str | None) -> str:
+    """Ask for door ``door``'s key; the greedy answer. With ``select``, the question's last token recalls what
+    its memory chooses that way."""
+    memory = stream.memory
+    if select is not None:
+        memory.config = replace(memory.config, select=select)
+    logits = stream.feed(ctx.encode(question_text(door)), recall=select is not None)
     answer = []
     for _ in range(ANSWER_TOKENS):
         token = int(logits.argmax())
@@ -108,25 +149,82 @@ def ask(ctx: Context, stream: Stream, door: int) -> str:
     return ctx.tokenizer.decode(answer)
 
 
-def run_stream(ctx: Context, config: StreamConfig, length: int, keys: list[str], at_depths: list[float]):
-    """One stream holding every key, each asked from the same state -> (answers, the blocks each memory layer
-    recalled for the middle door's question or None, where each key sentence starts)."""
+def run_stream(
+    ctx: Context,
+    config: StreamConfig,
+    asks: list[tuple[str, str | None]],
+    length: int,
+    keys: list[str],
+    at_depths: list[float],
+):
+    """One stream holding every key, each door asked each way of ``asks`` from the same state -> ({method:
+    answers}, the blocks each memory layer recalled for the middle door's content question or None, where each
+    key sentence starts)."""
     ids, at = stream_ids(ctx, length, keys, at_depths)
-    stream = Stream(ctx.model, config)
+    saved = _Checkpoint(ctx, config, ids) if len(ids) >= CHECKPOINT else None
+    stream = Stream(ctx.model, config, memory_file=saved and saved.memory_file)
+    fed = saved.resume(stream) if saved else 0
     with ctx.progress(len(ids), f"passkey {length}") as bar:
-        for s in range(0, len(ids), FEED):
+        bar.update(fed)
+        for s in range(fed, len(ids), FEED):
             stream.feed(ids[s : s + FEED])
             bar.update(min(FEED, len(ids) - s))
-    saved = stream.snapshot()
-    answers, recalled = [], None
+            if saved:
+                saved.save(stream, min(s + FEED, len(ids)), done=s + FEED >= len(ids))
+    start = stream.snapshot()
+    answers: dict[str, list[str]] = {m: [] for m, _ in asks}
+    recalled = None
     middle = len(keys) // 2 + 1
     for door in range(1, len(keys) + 1):
-        answers.append(ask(ctx, stream, door))
-        if stream.memory is not None and door == middle:
-            layers = {i: list(m.selected) for i, m in stream.memory.layers.items()}
-            recalled = {"blocks": stream.memory.blocks, "layers": layers}
-        stream.rewind(saved)
+        for method, select in asks:
+            answers[method].append(ask(ctx, stream, door, select))
+            if select == "content" and door == middle:
+                layers = {i: list(m.selected) for i, m in stream.memory.layers.items()}
+                recalled = {"blocks": stream.memory.blocks, "layers": layers}
+            stream.rewind(start)
     return answers, recalled, at
+
+
+class _Checkpoint:
+    """Where a long stream saves itself as it goes (``$STREAMLLM_HOME/experiments/passkey/<run>/``): the state
+    (``state.safetensors``, its meta and the tokens fed so far in the file's metadata, written whole and then
+    renamed into place) and the memory's blocks (``memory.bin``, appended after every feed). ``<run>`` names
+    the model and length and a digest of the tokens and the configuration, so a changed run never resumes
+    another's stream."""
+
+    def __init__(self, ctx: Context, config: StreamConfig, ids: list[int]):
+        digest = hashlib.sha256(json.dumps([ids, repr(config)]).encode()).hexdigest()[:12]
+        self.folder = home() / "experiments" / "passkey" / f"{ctx.model_name}-{len(ids)}-{digest}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.memory_file = self.folder / "memory.bin" if config.memory is not None else None
+        self.state_file = self.folder / "state.safetensors"
+        self.last = 0
+
+    def resume(self, stream: Stream) -> int:
+        """Load the last state saved, if any; -> the tokens it had fed."""
+        if not self.state_file.exists():
+            return 0
+        tensors = load_file(self.state_file)
+        with safe_open(self.state_file, "pt") as f:
+            meta = json.loads(f.metadata()["meta"])
+        stream.load((tensors, meta["state"]))
+        self.last = int(meta["fed"])
+        return self.last
+
+    def save(self, stream: Stream, fed: int, done: bool) -> None:
+        """Append the memory's new blocks; every ``CHECKPOINT`` tokens (and when ``done``), the state too."""
+        stream.persist()
+        if fed - self.last < CHECKPOINT and not done:
+            return
+        tensors, meta = stream.state()
+        part = self.state_file.with_suffix(".part")
+        save_file(
+            {k: t.contiguous() for k, t in tensors.items()},
+            part,
+            metadata={"meta": json.dumps({"state": meta, "fed": fed})},
+        )
+        os.replace(part, self.state_file)
+        self.last = fed
 
 
 def passkey(ctx: Context) -> Report:
@@ -137,14 +235,18 @@ def passkey(ctx: Context) -> Report:
     for length in lengths:
         keys = [f"{rng.randrange(10_000, 100_000)}" for _ in range(n)]
         at_depths = depths(n, length, 252 if ctx.quick else CACHE.window)
-        for method, config in methods_for(ctx, length):
-            answers, recalled, at = run_stream(ctx, config, length, keys, at_depths)
-            for door, (key, answer, depth) in enumerate(zip(keys, answers, at_depths, strict=True), 1):
-                rows.append((length, depth, method, door, key, answer.strip(), right(answer, key)))
-            if recalled is not None and method == "memory":  # the longest such stream is shown
+        for config, asks in streams_for(ctx, length):
+            answers, recalled, at = run_stream(ctx, config, asks, length, keys, at_depths)
+            for method, _ in asks:
+                for door, (key, answer, depth) in enumerate(
+                    zip(keys, answers[method], at_depths, strict=True), 1
+                ):
+                    rows.append((length, depth, method, door, key, answer.strip(), right(answer, key)))
+            if recalled is not None:  # the longest such stream is shown
                 middle = n // 2
                 needle = (at[middle] - config.num_sinks) // config.memory.block_size
                 probe = dict(recalled, length=length, key=keys[middle], needle_block=needle)
+    rows.sort(key=lambda r: (r[0], METHODS.index(r[2]), r[3]))
     return _report(ctx, rows, probe)
 
 
@@ -171,9 +273,11 @@ def _report(ctx: Context, rows: list, probe: dict | None) -> Report:
     memory = dict(methods_for(ctx, 0)).get("memory")
     total = {m: sum(ok for r in rows if r[2] == m for ok in [r[6]]) for m in methods}
     report.sections.append(
-        "One stream per length and method holds every key; each question is asked from the same saved state. "
-        f"Cache 4+{window}; memory: {memory.memory if memory else '-'} (memory-attention: the same with "
-        f"select='attention'); dense where the length is within the model's trained context "
+        "One stream per length holds every key; each question is asked from the same saved state, once per "
+        "method: sink, memory and memory-attention share the stream (its memory recalls only at the question, "
+        f"so its cache is a plain sink cache). Cache 4+{window}; memory: {memory.memory if memory else '-'} "
+        "(memory-attention: the same with select='attention'); dense, its own stream, where the length is "
+        "within the model's trained context "
         f"({ctx.max_positions} tokens). Right answers per cell, by stream length and key depth; in all: "
         + ", ".join(f"{m} {total[m]}/{sum(r[2] == m for r in rows)}" for m in methods)
         + "."
