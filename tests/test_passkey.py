@@ -1,6 +1,5 @@
 """The passkey experiment's long-stream machinery: the stream sink and memory share, and checkpoints."""
 
-
 import pytest
 import torch
 
