@@ -220,6 +220,22 @@ def test_passkey(outputs):
     assert "the key's block was recalled by" in md and "Key depths" in md
 
 
+def test_recall(outputs):
+    out, report = outputs("recall")
+    rows, md = read(out, "recall")
+    assert [r["method"] for r in rows] == [
+        m for m in ["sink", "memory", "memory-attention", "dense"] for _ in range(5)
+    ]
+    right = {
+        m: sum(r["right"] == "True" for r in rows if r["method"] == m) for m in ("sink", "memory", "dense")
+    }
+    assert right["sink"] == 0  # every fact left the 4+252 cache before the questions
+    assert (
+        right["memory"] >= 2 and right["dense"] >= 2
+    )  # memory brings facts back, as dense attention sees them
+    assert "Facts recalled" in md and "| memory |" in md
+
+
 def test_memory(outputs):
     out, report = outputs("memory")
     rows, md = read(out, "memory")
