@@ -189,11 +189,12 @@ class _Checkpoint:
     """Where a long stream saves itself as it goes (``$STREAMLLM_HOME/experiments/passkey/<run>/``): the state
     (``state.safetensors``, its meta and the tokens fed so far in the file's metadata, written whole and then
     renamed into place) and the memory's blocks (``memory.bin``, appended after every feed). ``<run>`` names
-    the model and length and a digest of the tokens and the configuration, so a changed run never resumes
-    another's stream."""
+    the model and length and a digest of the tokens, the configuration and the weights' dtype, so a changed run
+    never resumes another's stream."""
 
     def __init__(self, ctx: Context, config: StreamConfig, ids: list[int]):
-        digest = hashlib.sha256(json.dumps([ids, repr(config)]).encode()).hexdigest()[:12]
+        dtype = str(next(ctx.model.parameters()).dtype)
+        digest = hashlib.sha256(json.dumps([ids, repr(config), dtype]).encode()).hexdigest()[:12]
         self.folder = home() / "experiments" / "passkey" / f"{ctx.model_name}-{len(ids)}-{digest}"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.memory_file = self.folder / "memory.bin" if config.memory is not None else None
