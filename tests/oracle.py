@@ -22,7 +22,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from streamllm.backends.arch import layer_inv_freqs, position_limit, rotary_order
+from streamllm.backends.arch import position_limit, shape_of
 from streamllm.core.rotary import rotate
 
 NAME = "streamllm_oracle"
@@ -250,9 +250,9 @@ def oracle_logits(
     model.set_attn_implementation(NAME)
     try:
         state = OracleState(
-            layer_inv_freqs(model), num_sinks, window, text_positions, keep, memory, recall_at
+            shape_of(model).inv_freqs, num_sinks, window, text_positions, keep, memory, recall_at
         )
-        state.order = rotary_order(model)
+        state.order = shape_of(model).rotary_order
         state.ids = list(ids)
         limit = position_limit(model.config)  # past it the model's rotary would change its frequencies
         rows = []
@@ -283,7 +283,7 @@ class _TrimCache(Cache):
     is handed, so it sees in-cache distances; a rotary model is handed the query at position n."""
 
     def __init__(self, model, num_sinks: int, window: int):
-        self.inv_freqs = layer_inv_freqs(model)
+        self.inv_freqs = shape_of(model).inv_freqs
         self.num_sinks, self.window = num_sinks, window
         self.keys: list[list[torch.Tensor]] = [[] for _ in self.inv_freqs]  # (B, Hkv, 1, D) each
         self.values: list[list[torch.Tensor]] = [[] for _ in self.inv_freqs]

@@ -12,7 +12,7 @@ from transformers import AttentionInterface
 
 import streamllm
 from streamllm import StreamConfig
-from streamllm.backends.arch import layer_inv_freqs, rotary_order
+from streamllm.backends.arch import shape_of
 from streamllm.core.rotary import rotate
 
 S, W = 2, 14
@@ -45,7 +45,7 @@ def _any_model(name: str):
 )
 def test_rotate_moves_keys_as_the_model_does(name):
     model = _any_model(name)
-    freqs, order = layer_inv_freqs(model), rotary_order(model)
+    freqs, order = shape_of(model).inv_freqs, shape_of(model).rotary_order
     model.set_attn_implementation("streamllm_test_keys")
     keys = {}
     for pos in (3, 40):  # below every original context in tiny.py

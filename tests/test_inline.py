@@ -13,7 +13,7 @@ from transformers.cache_utils import DynamicCache
 
 import streamllm
 from streamllm import SinkCache, StreamConfig
-from streamllm.backends.arch import UnsupportedModelError, alibi_slopes, layer_inv_freqs
+from streamllm.backends.arch import UnsupportedModelError, alibi_slopes, shape_of
 from streamllm.backends.hf import cache_for, forward
 from streamllm.backends.inline import uninstall
 from streamllm.config import MemoryConfig
@@ -103,7 +103,7 @@ def test_falcon_rotary_moves_keys_as_the_model_does():
             )
         keys[pos] = [layer.keys for layer in cache.layers]
     assert alibi_slopes(model.config) is None
-    for i, inv_freq in enumerate(layer_inv_freqs(model)):
+    for i, inv_freq in enumerate(shape_of(model).inv_freqs):
         assert inv_freq.abs().min() > 0
         assert (rotate(keys[3][i], torch.tensor([37]), inv_freq) - keys[40][i]).abs().max() < 1e-5
 

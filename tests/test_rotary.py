@@ -3,7 +3,7 @@ from tiny import tiny_model
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb as neox_apply
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_apply
 
-from streamllm.backends.arch import layer_inv_freqs
+from streamllm.backends.arch import shape_of
 from streamllm.core.rotary import rotate
 
 
@@ -18,7 +18,7 @@ def _model_rotation(model, x, pos, apply):
 def test_rotate_matches_the_models_own_rotary():
     for arch, apply in (("llama", llama_apply), ("gpt_neox", neox_apply)):
         model = tiny_model(arch)
-        inv_freq = layer_inv_freqs(model)[0]
+        inv_freq = shape_of(model).inv_freqs[0]
         x = torch.randn(1, 2, 5, 16)
         pos = [0, 3, 17, 250, 1000]
         expected = _model_rotation(model, x, pos, apply)

@@ -1,7 +1,10 @@
-"""The one table of architectures: which model families stream exactly, and why the others don't.
+"""The one table of architectures: which model families stream exactly, and why the others don't; and
+``ModelShape``, the one record of a model's shape that every backend reads.
 
-``hf.prepare(model)`` checks a model against it; ``layer_inv_freqs`` and ``attention_modules`` read what a cache
-made for a model needs (``hf.cache_for``).
+``hf.prepare(model)`` checks a model against the table and reads its ``ModelShape`` (``shape_of``): sizes, rotary
+frequencies per layer, the spans of its sliding-window layers. Nothing else reads them off ``model.config``.
+
+Letters: L layers, H query heads, Hkv kv heads, D head dim, R rotated dims (<= D).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ class Arch:
     fast_decode: bool = False  # decode.Decoder runs it (q/k/v and gate/up projections, RMSNorm, SiLU or GELU)
     # Rotary turns neighbouring dims (0, 1), (2, 3), ... instead of the two halves (Cohere, GLM): streamllm then
     # reorders the rotated dims of queries and keys alike (evens, then odds), which leaves every logit as it is
-    # and makes the rotation the halves form it computes (``rotary_order``).
+    # and makes the rotation the halves form it computes (``ModelShape.rotary_order``).
     rotary_pairs: bool = False
     # config -> which layers apply no rotary at all (SmolLM3, Cohere2's global layers): their keys never turn
     no_rope: Callable | None = None
@@ -144,23 +147,101 @@ def inline_of(config) -> _inline.Inline | None:
     return None if arch is None else arch.inline
 
 
+def _sizes(config) -> tuple[int, int, int]:
+    """(H, Hkv, D) as a config states them: the one place they are read off a config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, kv_heads, head_dim
+
+
 def alibi_slopes(config) -> torch.Tensor | None:
     """An ALiBi model's slopes (H,): the bias per position of distance; None for every other model."""
     inline = inline_of(config)
-    return None if inline is None else inline.slopes(config)
+    if inline is None:
+        return None
+    heads, _, head_dim = _sizes(config)
+    return inline.slopes(config, heads, head_dim)
 
 
-def layer_inv_freqs(model: nn.Module) -> list[torch.Tensor]:
-    """The rotary ``inv_freq`` of every decoder layer, read from the model's own rotary module (zeros for an
-    ALiBi model: its keys never turn)."""
+@dataclass(frozen=True, eq=False)
+class ModelShape:
+    """What streamllm needs to know of a model, read off it once (``shape_of``) and kept on the model: the
+    backends take sizes, rotary and local attention spans from here, never from ``model.config``."""
+
+    # per layer (L,): "full_attention", "sliding_attention", ... as the config names them
+    layer_types: tuple[str, ...]
+    # H
+    num_heads: int
+    # Hkv
+    num_kv_heads: int
+    # D
+    head_dim: int
+    # per layer (R/2,) float64, the frequencies at init; zeros for a layer whose keys never turn (ALiBi, no rotary)
+    inv_freqs: tuple[torch.Tensor, ...]
+    # per attention module: the span the model itself limits that layer to (its ``sliding_window``), or None
+    sliding_windows: tuple[int | None, ...]
+    # (D,) the head dims in the order that makes a neighbouring-dims rotary the halves form, or None
+    rotary_order: torch.Tensor | None
+    # (H,) ALiBi slopes, or None for a rotary model
+    alibi: torch.Tensor | None
+    # the first model position at which the rotary changes its frequencies, or None
+    position_limit: int | None
+
+    @property
+    def num_layers(self) -> int:
+        """L"""
+        return len(self.layer_types)
+
+
+# the model attribute ``shape_of`` keeps the model's ``ModelShape`` in
+SHAPE = "streamllm_shape"
+
+
+def shape_of(model: nn.Module) -> ModelShape:
+    """The model's ``ModelShape``: read when the model is prepared (``hf.prepare``), or on first use, and kept on
+    the model. Raises ``UnsupportedModelError`` for a rotary model without a rotary module."""
+    shape = model.__dict__.get(SHAPE)
+    if shape is None:
+        shape = model.__dict__[SHAPE] = _read_shape(model)
+    return shape
+
+
+def _read_shape(model: nn.Module) -> ModelShape:
     config = model.config
-    if alibi_slopes(config) is not None:
-        half = config.hidden_size // config.num_attention_heads // 2
-        return [torch.zeros(half, dtype=torch.float64) for _ in range(config.num_hidden_layers)]
+    heads, kv_heads, head_dim = _sizes(config)
+    layer_types = tuple(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+    alibi = alibi_slopes(config)
+    if alibi is not None:
+        # nothing turns: zero frequencies over the whole head
+        inv_freqs = tuple(torch.zeros(head_dim // 2, dtype=torch.float64) for _ in layer_types)
+    else:
+        inv_freqs = layer_inv_freqs(model, layer_types)
+    # transformers gives a layer limited to a local span its ``sliding_window``; a config's applies to every layer
+    sliding_windows = tuple(
+        getattr(m, "sliding_window", getattr(config, "sliding_window", None))
+        for m in attention_modules(model)
+    )
+    return ModelShape(
+        layer_types=layer_types,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        inv_freqs=inv_freqs,
+        sliding_windows=sliding_windows,
+        rotary_order=_rotary_order(config, head_dim, 2 * inv_freqs[0].numel()),
+        alibi=alibi,
+        position_limit=position_limit(config),
+    )
+
+
+def layer_inv_freqs(model: nn.Module, layer_types: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """The rotary ``inv_freq`` (R/2,) of every decoder layer (of the types ``layer_types``), read from the model's
+    own rotary module. ``shape_of`` calls it once; everything else reads ``ModelShape.inv_freqs``."""
+    config = model.config
     rotary = next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
     if rotary is None:
         raise UnsupportedModelError("the model has no rotary embedding module")
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     freqs = []
     arch = ARCHITECTURES.get(getattr(config, "model_type", None))
     no_rope = arch.no_rope(config) if arch is not None and arch.no_rope else [False] * len(layer_types)
@@ -170,20 +251,19 @@ def layer_inv_freqs(model: nn.Module) -> list[torch.Tensor]:
         if inv_freq is None:
             inv_freq = getattr(rotary, "original_inv_freq", rotary.inv_freq)
         inv_freq = inv_freq.detach().to(torch.float64).cpu()
-        freqs.append(torch.zeros_like(inv_freq) if unturned else inv_freq)  # zero frequencies: no turn at all
-    return freqs
+        # zero frequencies: no turn at all
+        freqs.append(torch.zeros_like(inv_freq) if unturned else inv_freq)
+    return tuple(freqs)
 
 
-def rotary_order(model: nn.Module) -> torch.Tensor | None:
+def _rotary_order(config, head_dim: int, rotary_dims: int) -> torch.Tensor | None:
     """For a family whose rotary turns neighbouring dims: the order of head dims (the rotated ones' evens, their
     odds, then the unrotated ones) in which that rotation is the halves form ``core/rotary.py`` computes. None
     for the others."""
-    arch = ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    arch = ARCHITECTURES.get(getattr(config, "model_type", None))
     if arch is None or not arch.rotary_pairs:
         return None
-    config = model.config
-    D = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    R = 2 * layer_inv_freqs(model)[0].numel()
+    D, R = head_dim, rotary_dims
     return torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2), torch.arange(R, D)])
 
 

@@ -38,7 +38,7 @@ from ..core.plan import Plan
 from ..core.rotary import rotate_half
 from . import native
 from .angles import RotaryRows, Turns
-from .arch import layer_inv_freqs, lookup
+from .arch import lookup, shape_of
 from .attention import attend
 from .blocks import Layer, Norm, fuse, linears, norm_form
 from .quant import WEIGHTS, MatVec
@@ -64,15 +64,12 @@ class Decoder:
         if not arch.fast_decode:
             raise ValueError(f"{arch.family} has no fast decode path")
         config = model.config
+        shape = shape_of(model)
         self.model = model
-        self.H = config.num_attention_heads
-        self.Hkv = config.num_key_value_heads
-        self.D = getattr(config, "head_dim", None) or config.hidden_size // self.H
-        self.inv_freqs = layer_inv_freqs(model)  # per layer (R/2,)
-        self._turns = Turns(self.inv_freqs[0])
+        self.H, self.Hkv, self.D = shape.num_heads, shape.num_kv_heads, shape.head_dim
+        self._turns = Turns(shape.inv_freqs[0])
         self._masks: dict[tuple, torch.Tensor] = {}  # native_mask of the steady plans, by ring shape
-        L = len(self.inv_freqs)
-        self.layer_types = getattr(config, "layer_types", None) or ["full_attention"] * L
+        self.layer_types = shape.layer_types
         self.rotary = model.model.rotary_emb
         self.typed_rotary = "layer_type" in inspect.signature(self.rotary.forward).parameters  # Gemma3's
         self._angle_rows = None if self.typed_rotary else RotaryRows(self.rotary, model.dtype)

@@ -33,21 +33,13 @@ from ..config import StreamConfig
 from ..core.cache import Evicted, KVCache, NotPreparedError
 from ..core.memory import Memory
 from ..core.policy import Policy, SinkPolicy
-from .arch import (
-    UnsupportedModelError,
-    alibi_slopes,
-    attention_modules,
-    inline_of,
-    layer_inv_freqs,
-    lookup,
-    position_limit,
-    rotary_order,
-)
+from .arch import UnsupportedModelError, attention_modules, inline_of, lookup, shape_of
 from .attention import TAG, attend_tagged
 from .inline import install
 
 ATTENTION_NAME = "streamllm"
-ORDER = "streamllm_rotary_order"  # the attention module attribute ``prepare`` sets for ``arch.rotary_order``
+# the attention module attribute ``prepare`` sets to ``ModelShape.rotary_order``
+ORDER = "streamllm_rotary_order"
 
 
 def register() -> None:
@@ -57,22 +49,23 @@ def register() -> None:
 
 
 def prepare(model: nn.Module) -> nn.Module:
-    """Make ``model`` attend through streamllm caches. Idempotent; returns the model.
+    """Make ``model`` attend through streamllm caches, and read its ``ModelShape`` (kept on the model). Idempotent;
+    returns the model.
 
     Raises ``UnsupportedModelError`` naming the reason for architectures that cannot stream exactly."""
     arch = lookup(model.config)
+    shape = shape_of(model)
     if arch.inline is not None:  # no registry to go through: the modules' forwards take the cache
         try:
-            install(model, arch.inline, attention_modules(model))
+            install(arch.inline, attention_modules(model), shape.alibi)
         except ValueError as exc:
             raise UnsupportedModelError(str(exc)) from None
         return model
     register()
     if model.config._attn_implementation != ATTENTION_NAME:
         model.set_attn_implementation(ATTENTION_NAME)
-    order = rotary_order(model)
     for module in attention_modules(model):
-        setattr(module, ORDER, order)
+        setattr(module, ORDER, shape.rotary_order)
     return model
 
 
@@ -85,27 +78,24 @@ def cache_for(
     memory_file: Path | None = None,
 ) -> KVCache:
     """An empty cache made for ``model``: each layer's policy (``policy``, or the one ``config`` names; a layer the
-    model limits to a sliding window keeps its own window) and rotary frequencies, read off the model once, here.
+    model limits to a sliding window keeps to it) and rotary frequencies, from the model's ``ModelShape``.
     ``memory_file``: where the memory (``config.memory``) persists its blocks when asked to (``Memory.persist``)."""
     lookup(model.config)
+    shape = shape_of(model)
     base = policy or config.policy()
-    freqs = layer_inv_freqs(model)
-    modules = attention_modules(model)
-    if len(modules) != len(freqs):
-        raise NotPreparedError(f"found {len(modules)} attention modules for {len(freqs)} layers")
-    windows = [getattr(m, "sliding_window", getattr(model.config, "sliding_window", None)) for m in modules]
-    policies = [base.for_layer(w) for w in windows]
+    if len(shape.sliding_windows) != shape.num_layers:
+        raise NotPreparedError(
+            f"found {len(shape.sliding_windows)} attention modules for {shape.num_layers} layers"
+        )
+    policies = [base.for_layer(span) for span in shape.sliding_windows]
     memory = None
     if config.memory is not None:
         if not isinstance(base, SinkPolicy) or base.text_positions:
             raise ValueError("memory needs the sink policy at in-cache positions")
-        if alibi_slopes(model.config) is not None:
+        if shape.alibi is not None:
             raise UnsupportedModelError(
                 "memory places recalled tokens by rotary, and an ALiBi model has none: stream it without memory"
             )
-        cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         itemsize = next(model.parameters()).element_size()
         layers = [p == base for p in policies]
         memory = Memory(
@@ -113,13 +103,13 @@ def cache_for(
             layers,
             base.num_sinks,
             base.window,
-            freqs,
-            kv_heads,
-            head_dim,
+            shape.inv_freqs,
+            shape.num_kv_heads,
+            shape.head_dim,
             itemsize,
             memory_file,
         )
-    limit = position_limit(model.config)
+    limit = shape.position_limit
     capacity = max((p.capacity for p in policies if p.capacity is not None), default=None)
     if limit is not None and capacity is not None and capacity >= limit:
         raise UnsupportedModelError(
@@ -128,7 +118,13 @@ def cache_for(
         )
     rebase_every = config.rebase_every if rebase else None
     return KVCache(
-        policies, freqs, rebase_every, on_evict, memory, position_limit=limit, kv_dtype=config.kv_dtype
+        policies,
+        shape.inv_freqs,
+        rebase_every,
+        on_evict,
+        memory,
+        position_limit=limit,
+        kv_dtype=config.kv_dtype,
     )
 
 

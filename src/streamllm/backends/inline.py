@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MethodType
+from typing import Any
 
 import torch
 import transformers
@@ -50,8 +51,8 @@ class Inline:
     cache: str
     reads: tuple[str, ...]
     run: Callable[[nn.Module, dict], tuple]
-    # config -> per-head bias per position of distance, or None
-    slopes: Callable[[object], torch.Tensor | None]
+    # (config, H, D) -> per-head bias per position of distance (H,), or None
+    slopes: Callable[[Any, int, int], torch.Tensor | None]
 
     def mismatch(self, module: nn.Module) -> str | None:
         """Why ``module``'s forward cannot be streamed by ``run`` (a parameter it reads is gone), or None."""
@@ -72,14 +73,14 @@ def streams(cache) -> bool:
     return getattr(cache, "tags_keys", False)
 
 
-def install(model: nn.Module, inline: Inline, modules: list[nn.Module]) -> None:
-    """Give each attention module in ``modules`` a forward that streams through streamllm caches (idempotent).
-    Raises ValueError, before changing anything, where a module's forward no longer takes what ``inline`` reads."""
+def install(inline: Inline, modules: list[nn.Module], slopes: torch.Tensor | None) -> None:
+    """Give each attention module in ``modules`` a forward that streams through streamllm caches (idempotent), with
+    the model's ALiBi ``slopes`` (H,) or None. Raises ValueError, before changing anything, where a module's forward
+    no longer takes what ``inline`` reads."""
     for module in modules:
         problem = inline.mismatch(module)
         if problem is not None:
             raise ValueError(problem)
-    slopes = inline.slopes(model.config)
     for module in modules:
         if not hasattr(module, ORIGINAL):
             setattr(module, ORIGINAL, module.forward)
@@ -132,13 +133,13 @@ def _geometric(n: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def _bloom_slopes(config) -> torch.Tensor:
-    return _geometric(config.num_attention_heads)
+def _bloom_slopes(config, heads: int, head_dim: int) -> torch.Tensor:
+    return _geometric(heads)
 
 
-def _mpt_slopes(config) -> torch.Tensor:
+def _mpt_slopes(config, heads: int, head_dim: int) -> torch.Tensor:
     """MPT's variant: the power of two at or above n heads, ``alibi_bias_max`` in place of 8, the odd slopes first."""
-    n = config.num_attention_heads
+    n = heads
     p = 2 ** math.ceil(math.log2(n))
     bias_max = config.attn_config.alibi_bias_max
     slopes = torch.tensor([2 ** (-i * bias_max / p) for i in range(1, p + 1)], dtype=torch.float32)  # (p,)
@@ -147,12 +148,11 @@ def _mpt_slopes(config) -> torch.Tensor:
     return slopes
 
 
-def _falcon_slopes(config) -> torch.Tensor | None:
+def _falcon_slopes(config, heads: int, head_dim: int) -> torch.Tensor | None:
     """Falcon rounds BLOOM's slopes to bfloat16 and adds the bias to the scaled scores, divided by sqrt(D)."""
     if not config.alibi:
         return None
-    D = config.hidden_size // config.num_attention_heads
-    return _geometric(config.num_attention_heads).bfloat16().float() / math.sqrt(D)
+    return _geometric(heads).bfloat16().float() / math.sqrt(head_dim)
 
 
 # -- the families' forwards: each reads its module's arguments by name ------------------------------------------
