@@ -15,7 +15,7 @@ from tiny import tiny_model
 import streamllm
 from streamllm import StreamConfig
 from streamllm.backends import native
-from streamllm.backends.angles import RotaryRows, Turns
+from streamllm.backends.angles import RotaryRows, RotaryTurns
 from streamllm.backends.arch import ARCHITECTURES
 from streamllm.backends.decode import decoder_for
 from streamllm.backends.quant import INT4_MAX_ERROR, Int4MatVec, Int8MatVec, kept_quantized, quantized
@@ -181,12 +181,13 @@ def test_rotary_rows_are_the_rotary_modules_own(arch, dtype):
 
 
 def test_turn_values_rotate_as_the_rotary_does():
-    """The sinks' turn: its values laid out as the native step's matrix (``Turns``) rotate as the rotary does."""
+    """The sinks' turn: its values laid out as the native step's matrix (``RotaryTurns``) rotate as the rotary
+    does."""
     from streamllm.core.rotary import rotate
 
     D, R = 8, 6  # partial rotary: the last two dims stay
     inv_freq = 1.0 / (10000 ** (torch.arange(0, R, 2) / R))
-    turns = Turns(inv_freq)
+    turns = RotaryTurns(inv_freq)
     x = torch.randn(5, D)
     j = torch.arange(R // 2)
     for shift in (0, -1, -300, -turns.LIMIT, -turns.LIMIT - 1, 7):  # kept blocks and computed ones

@@ -59,7 +59,7 @@ class RotaryRows:
         return row if stacked else (row[0], row[1])
 
 
-class Turns:
+class RotaryTurns:
     """The rotary rotation by ``shift`` positions as the values (2R,) float32 cos, cos, -sin, sin of its R/2
     angles, float64 until then as ``rotary.shift_angles`` computes them: the rotation M (D, D) with cos on the
     diagonal of the first R dims, -sin at (j + R/2, j) and sin at (j, j + R/2), so that ``x @ M`` equals

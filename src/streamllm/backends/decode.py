@@ -37,7 +37,7 @@ from ..core.cache import KVCache
 from ..core.plan import Plan
 from ..core.rotary import rotate_half
 from . import native
-from .angles import RotaryRows, Turns
+from .angles import RotaryRows, RotaryTurns
 from .arch import lookup, shape_of
 from .attention import attend
 from .blocks import Layer, Norm, fuse, linears, norm_form
@@ -67,7 +67,7 @@ class Decoder:
         shape = shape_of(model)
         self.model = model
         self.H, self.Hkv, self.D = shape.num_heads, shape.num_kv_heads, shape.head_dim
-        self._turns = Turns(shape.inv_freqs[0])
+        self._turns = RotaryTurns(shape.inv_freqs[0])
         self._masks: dict[tuple, torch.Tensor] = {}  # native_mask of the steady plans, by ring shape
         self.layer_types = shape.layer_types
         self.rotary = model.model.rotary_emb
