@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/latency.py [--sizes 256,512,1024,2048,4096] [--dtype bfloat16] [--out DIR]
 
-For each cache size C (sink: 4 sinks + C-4 window; recompute: windows of C tokens; dense: C tokens of context),
+For each cache size C (sink: 4 sinks + C-4 window; recompute: contexts of C tokens; dense: C tokens of context),
 the stream is first filled past C tokens of Hamlet in chunks, then ``--steps`` tokens are fed one at a time and
 timed (recompute: ``--recompute-steps``, each rebuilds C tokens from scratch). Prints the median and p90 latency,
 the cache's analytic size, the peak RSS rise during the timed tokens, and the recompute/sink ratio beside the

@@ -56,8 +56,9 @@ class Policy:
         return (k >= 0) & ((k == q) | ((k < q) & self.kept(k, q)))  # (T, K)
 
     def for_layer(self, sliding_window: int | None) -> Policy:
-        """The policy of one layer. A layer the model itself limits to a local window (Gemma3's sliding layers)
-        keeps no sinks: it keeps its own window, or the whole cache budget if that is smaller."""
+        """The policy of one layer. A layer the model itself limits to a local span (its ``sliding_window``:
+        Gemma3's sliding layers) keeps no sinks: a ``WindowPolicy`` whose window is what that span lets a query see,
+        or the whole cache budget if that is smaller."""
         if sliding_window is None:
             return self
         # transformers: a query sees itself and the sliding_window - 1 keys before it

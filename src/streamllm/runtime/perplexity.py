@@ -18,7 +18,7 @@ import torch
 
 from ..config import StreamConfig
 from ..sysinfo import current_rss_mb
-from .recompute import RECOMPUTE_BATCH_TOKENS, window_prefix
+from .recompute import RECOMPUTE_BATCH_TOKENS, context_prefix
 from .stream import Stream
 
 
@@ -158,13 +158,13 @@ def recompute_nll(
     """NLL (len(targets),) of the tokens at stream indices ``targets`` (each >= 1) under sliding window with
     re-computation, the ``recompute`` method: token j is predicted from the ``cache_size + 1`` tokens before it
     (what token j - 1 sees when it is processed), rebuilt from scratch. For sampling a long stream.
-    ``prefix`` starts every full window in place of its oldest tokens; by default the stream's BOS, when it starts
-    with one (``recompute.window_prefix``), as ``--method recompute`` does."""
+    ``prefix`` starts every full context in place of its oldest tokens; by default the stream's BOS, when it
+    starts with one (``recompute.context_prefix``), as ``--method recompute`` does."""
     if prefix is None:
-        prefix = window_prefix(model, ids)
+        prefix = context_prefix(model, ids)
     out: dict[int, torch.Tensor] = {}
     full = [j for j in targets if j - 1 >= cache_size]
-    for j in (j for j in targets if j - 1 < cache_size):  # the stream's start: shorter windows, one by one
+    for j in (j for j in targets if j - 1 < cache_size):  # the stream's start: shorter contexts, one by one
         logits = model(input_ids=torch.tensor([list(ids[:j])]), use_cache=False, logits_to_keep=1).logits
         out[j] = _target_nll(logits[:, -1], [ids[j]])[0]
         if on_batch:
@@ -173,8 +173,8 @@ def recompute_nll(
     for b in range(0, len(full), per_batch):
         group = full[b : b + per_batch]
         P = len(prefix)
-        windows = torch.tensor([[*prefix, *ids[j - 1 - cache_size + P : j]] for j in group])  # (b, C+1)
-        logits = model(input_ids=windows, use_cache=False, logits_to_keep=1).logits[:, -1]  # (b, V)
+        contexts = torch.tensor([[*prefix, *ids[j - 1 - cache_size + P : j]] for j in group])  # (b, C+1)
+        logits = model(input_ids=contexts, use_cache=False, logits_to_keep=1).logits[:, -1]  # (b, V)
         out.update(zip(group, _target_nll(logits, [ids[j] for j in group]), strict=True))
         if on_batch:
             on_batch(len(group))

@@ -28,14 +28,14 @@ WEIGHTS = {"fast": "model", "int4": "int4"}
 
 def decode_path(model, config: StreamConfig) -> str:
     """The path single tokens of a stream of ``model`` under ``config`` really take: ``config.decode``, or
-    transformers' forward where the model has no fast step or the method rebuilds every window."""
+    transformers' forward where the model has no fast step or the method rebuilds every context."""
     if config.decode not in WEIGHTS or config.method == "recompute" or not lookup(model.config).fast_decode:
         return "transformers"
     return config.decode
 
 
 class Stream:
-    """A model, a configuration and the state of one stream: a ``KVCache`` (or ``Recompute``'s window).
+    """A model, a configuration and the state of one stream: a ``KVCache`` (or ``Recompute``'s recent tokens).
 
     ``policy`` replaces the one ``config.method`` names (any ``core.policy.Policy``); ``on_evict`` receives every
     batch of tokens that leaves the cache (``core.cache.Evicted``); ``memory_file``: the file the memory's blocks
@@ -70,7 +70,7 @@ class Stream:
     @property
     def decode_path(self) -> str:
         """The path single tokens really take: ``config.decode``, or transformers' forward where the model has no
-        fast step (or the method rebuilds every window)."""
+        fast step (or the method rebuilds every context)."""
         return self.config.decode if self.decoder is not None else "transformers"
 
     @property
@@ -79,7 +79,7 @@ class Stream:
 
     @property
     def cache_length(self) -> int:
-        """Tokens held in the cache now (recompute: in its context window)."""
+        """Tokens held in the cache now (recompute: in its context)."""
         return self.cache.cache_length()
 
     @property
@@ -100,7 +100,7 @@ class Stream:
     def state(self) -> State:
         """(tensors, meta): everything needed to continue this stream later, named as ``state.py`` says; the
         tensors are copies on the CPU. The memory's blocks are not in it (``persist``)."""
-        if isinstance(self.cache, Recompute):  # it keeps only its recent tokens (and its windows' BOS)
+        if isinstance(self.cache, Recompute):  # it keeps only its recent tokens (and its contexts' BOS)
             tensors = {f"recompute.{name}": t for name, t in self.cache.state_dict().items()}
             return tensors, {"layers": [], "memory": None, "tokens_seen": self.tokens_seen}
         tensors, meta = flatten(self.cache.state_dict())
