@@ -228,13 +228,21 @@ class _Checkpoint:
         self.last = fed
 
 
+def keys_for(lengths: list[int], n: int) -> dict[int, list[str]]:
+    """``n`` keys per length, drawn in the order of ``LENGTHS`` and then of the other lengths asked for: a length
+    holds the same keys whichever lengths a run names (and a long stream resumes whichever run started it)."""
+    rng = random.Random(1234)
+    order = [*LENGTHS, *(length for length in lengths if length not in LENGTHS)]
+    return {length: [f"{rng.randrange(10_000, 100_000)}" for _ in range(n)] for length in order}
+
+
 def passkey(ctx: Context) -> Report:
     lengths = ctx.lengths or ((1024,) if ctx.quick else LENGTHS)
     n = ctx.keys or (3 if ctx.quick else KEYS)
-    rng = random.Random(1234)
+    drawn = keys_for(lengths, n)
     rows, probe = [], None
     for length in lengths:
-        keys = [f"{rng.randrange(10_000, 100_000)}" for _ in range(n)]
+        keys = drawn[length]
         at_depths = depths(n, length, 252 if ctx.quick else CACHE.window)
         for config, asks in streams_for(ctx, length):
             answers, recalled, at = run_stream(ctx, config, asks, length, keys, at_depths)

@@ -170,7 +170,16 @@ def _report(ctx: Context, rows: list, lengths) -> Report:
     ax = axes[0, 0]
     for j, method in enumerate(methods):
         pts = [(n, sum(cells[method, n]) / len(cells[method, n])) for n in lengths if cells.get((method, n))]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{j}", label=method)
+        # methods that score the same would hide each other: each is nudged sideways and marked its own way
+        nudge = 1.06 ** (j - (len(methods) - 1) / 2)
+        ax.plot(
+            [p[0] * nudge for p in pts],
+            [p[1] for p in pts],
+            marker="osD^v"[j % 5],
+            ls=("-", "--", "-.", ":")[j % 4],
+            color=f"C{j}",
+            label=method,
+        )
     ax.axvline(window + 4, color="grey", ls=":", lw=1, label="cache size")
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.05, 1.05)
