@@ -158,8 +158,9 @@ def run_stream(
     at_depths: list[float],
 ):
     """One stream holding every key, each door asked each way of ``asks`` from the same state -> ({method:
-    answers}, the blocks each memory layer recalled for the middle door's content question or None, where each
-    key sentence starts)."""
+    [(answer, the share of memory layers that recalled the block holding the key's first digit, or None)]},
+    the blocks each memory layer recalled for the middle door's content question or None, where each key
+    sentence starts)."""
     ids, at = stream_ids(ctx, length, keys, at_depths)
     saved = _Checkpoint(ctx, config, ids) if len(ids) >= CHECKPOINT else None
     stream = Stream(ctx.model, config, memory_file=saved and saved.memory_file)
@@ -172,12 +173,19 @@ def run_stream(
             if saved:
                 saved.save(stream, min(s + FEED, len(ids)), done=s + FEED >= len(ids))
     start = stream.snapshot()
-    answers: dict[str, list[str]] = {m: [] for m, _ in asks}
+    answers: dict[str, list[tuple[str, float | None]]] = {m: [] for m, _ in asks}
     recalled = None
     middle = len(keys) // 2 + 1
     for door in range(1, len(keys) + 1):
+        digit = at[door - 1] + len(ctx.encode(f"The pass key of door {door} is"))
         for method, select in asks:
-            answers[method].append(ask(ctx, stream, door, select))
+            answer = ask(ctx, stream, door, select)
+            share = None
+            if select is not None:
+                needle = (digit - config.num_sinks) // config.memory.block_size
+                layers = stream.memory.layers.values()
+                share = round(sum(needle in m.selected for m in layers) / len(layers), 3)
+            answers[method].append((answer, share))
             if select == "content" and door == middle:
                 layers = {i: list(m.selected) for i, m in stream.memory.layers.items()}
                 recalled = {"blocks": stream.memory.blocks, "layers": layers}
@@ -247,10 +255,13 @@ def passkey(ctx: Context) -> Report:
         for config, asks in streams_for(ctx, length):
             answers, recalled, at = run_stream(ctx, config, asks, length, keys, at_depths)
             for method, _ in asks:
-                for door, (key, answer, depth) in enumerate(
+                for door, (key, (answer, share), depth) in enumerate(
                     zip(keys, answers[method], at_depths, strict=True), 1
                 ):
-                    rows.append((length, depth, method, door, key, answer.strip(), right(answer, key)))
+                    ok = right(answer, key)
+                    rows.append(
+                        (length, depth, method, door, key, answer.strip(), ok, "" if share is None else share)
+                    )
             if recalled is not None:  # the longest such stream is shown
                 middle = n // 2
                 needle = (at[middle] - config.num_sinks) // config.memory.block_size
@@ -261,7 +272,7 @@ def passkey(ctx: Context) -> Report:
 
 def _report(ctx: Context, rows: list, probe: dict | None) -> Report:
     cells: dict[tuple, list[bool]] = defaultdict(list)
-    for length, _depth, method, door, _key, _answer, ok in rows:
+    for length, _depth, method, door, _key, _answer, ok, _share in rows:
         cells[method, length, door].append(ok)
     levels = sorted({r[3] for r in rows})  # doors: door d's key sits at the d-th of the spread depths
     methods = list(dict.fromkeys(r[2] for r in rows))
@@ -275,7 +286,7 @@ def _report(ctx: Context, rows: list, probe: dict | None) -> Report:
         "passkey",
         f"Passkey retrieval: sink, sink with memory, dense ({ctx.model_name})",
         ctx.command,
-        ("length", "depth", "method", "door", "key", "answer", "right"),
+        ("length", "depth", "method", "door", "key", "answer", "right", "key_recalled"),
         rows,
     )
     window = 252 if ctx.quick else CACHE.window
@@ -292,6 +303,19 @@ def _report(ctx: Context, rows: list, probe: dict | None) -> Report:
         + "."
     )
     report.sections.append(table(("method", "length", *[f"door {d}" for d in levels]), table_rows))
+    found = {m: [r for r in rows if r[2] == m and r[7] != ""] for m in methods}
+    report.sections.append(
+        "Selection and reading told apart (`key_recalled` in the CSV: the share of memory layers whose recall "
+        "held the block with the key's first digit): "
+        + "; ".join(
+            f"{m}: the key's block recalled by half the layers or more for "
+            f"{sum(r[7] >= 0.5 for r in found[m])}/{len(found[m])} questions, answered right for "
+            f"{sum(r[6] for r in found[m] if r[7] >= 0.5)} of them"
+            for m in methods
+            if found[m]
+        )
+        + "."
+    )
     where = {length: sorted({(r[3], r[1]) for r in rows if r[0] == length}) for length in lengths}
     report.sections.append(
         "Key depths (share of the stream before the key): "
