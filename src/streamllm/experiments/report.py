@@ -11,6 +11,11 @@ from pathlib import Path
 
 import torch
 
+from ..defaults import cpu_flags
+
+# /proc/cpuinfo flags -> how a figure names them, the best unit first: a machine is named by the first it has
+ISA = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+
 
 def machine() -> str:
     """One line naming where a figure came from."""
@@ -20,6 +25,11 @@ def machine() -> str:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
+    # "AMD EPYC" names several kinds of machine: the vector units that set the speed name the kind
+    flags = cpu_flags()
+    unit = next((name for flag, name in ISA if flag in flags), None)
+    if unit:
+        cpu += f" ({unit})"
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
 
 
