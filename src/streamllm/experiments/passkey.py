@@ -343,7 +343,8 @@ def _report(ctx: Context, rows: list, probe: dict | None) -> Report:
         ]
         ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(lengths)), [_k(n) for n in lengths])
-        ax.set_yticks(range(len(levels)), [f"door {d}" for d in levels])
+        # only the first panel names the doors: the others' labels would run into the panel before
+        ax.set_yticks(range(len(levels)), [f"door {d}" for d in levels] if j == 0 else [])
         for y, row in enumerate(grid):
             for x, v in enumerate(row):
                 ax.text(x, y, "-" if v != v else f"{v:.0%}", ha="center", va="center", fontsize=9)
