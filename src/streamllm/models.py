@@ -177,8 +177,10 @@ def convert_gguf(gguf: Path, out: Path) -> None:
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # transformers refuses to save a "quantized" model; the weights are already dequantized.
-    model.hf_quantizer = None
+    # transformers refuses to save a "quantized" model; the weights are already dequantized. The ignore: mypy
+    # sees ``hf_quantizer`` only through nn.Module's ``__getattr__``, as transformers declares it on a class the
+    # type ``from_pretrained`` returns does not name.
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(str(out))

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from . import inline as _inline
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 
 class UnsupportedModelError(ValueError):
@@ -101,11 +105,16 @@ FIXED_ROPE = ("default", "linear", "llama3", "yarn", "proportional")
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
-def lookup(config) -> Arch:
-    """The table's entry for a model config; raises ``UnsupportedModelError`` with the reason."""
+def _entry(config: PretrainedConfig) -> Arch | None:
     model_type = getattr(config, "model_type", None)
-    arch = ARCHITECTURES.get(model_type)
+    return ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+
+
+def lookup(config: PretrainedConfig) -> Arch:
+    """The table's entry for a model config; raises ``UnsupportedModelError`` with the reason."""
+    arch = _entry(config)
     if arch is None:
+        model_type = getattr(config, "model_type", None)
         known = ", ".join(k for k, a in ARCHITECTURES.items() if a.supported)
         raise UnsupportedModelError(f"model type {model_type!r} is not supported (supported: {known})")
     if not arch.supported:
@@ -120,7 +129,7 @@ def lookup(config) -> Arch:
     return arch
 
 
-def position_limit(config) -> int | None:
+def position_limit(config: PretrainedConfig) -> int | None:
     """The first model position at which the model's rotary changes its frequencies (``dynamic``: past
     ``max_position_embeddings``; ``longrope``: past ``original_max_position_embeddings``), or None when they never
     change. A streamed cache keeps every position it hands the model below it."""
@@ -134,20 +143,20 @@ def position_limit(config) -> int | None:
     return min(limits, default=None)
 
 
-def _rope_parameter_sets(config) -> list[dict]:
+def _rope_parameter_sets(config: PretrainedConfig) -> list[dict]:
     params = getattr(config, "rope_parameters", None) or {}
     if params and all(isinstance(v, dict) or v is None for v in params.values()):
         return [v for v in params.values() if v]  # per layer type (Gemma3)
     return [params]
 
 
-def inline_of(config) -> _inline.Inline | None:
+def inline_of(config: PretrainedConfig) -> _inline.Inline | None:
     """The table's ``inline`` entry for a model whose attention modules take the cache (``inline.py``), or None."""
-    arch = ARCHITECTURES.get(getattr(config, "model_type", None))
+    arch = _entry(config)
     return None if arch is None else arch.inline
 
 
-def _sizes(config) -> tuple[int, int, int]:
+def _sizes(config: PretrainedConfig) -> tuple[int, int, int]:
     """(H, Hkv, D) as a config states them: the one place they are read off a config."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -155,7 +164,7 @@ def _sizes(config) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
-def alibi_slopes(config) -> torch.Tensor | None:
+def alibi_slopes(config: PretrainedConfig) -> torch.Tensor | None:
     """An ALiBi model's slopes (H,): the bias per position of distance; None for every other model."""
     inline = inline_of(config)
     if inline is None:
@@ -198,7 +207,7 @@ class ModelShape:
 SHAPE = "streamllm_shape"
 
 
-def shape_of(model: nn.Module) -> ModelShape:
+def shape_of(model: PreTrainedModel) -> ModelShape:
     """The model's ``ModelShape``: read when the model is prepared (``hf.prepare``), or on first use, and kept on
     the model. Raises ``UnsupportedModelError`` for a rotary model without a rotary module."""
     shape = model.__dict__.get(SHAPE)
@@ -207,7 +216,7 @@ def shape_of(model: nn.Module) -> ModelShape:
     return shape
 
 
-def _read_shape(model: nn.Module) -> ModelShape:
+def _read_shape(model: PreTrainedModel) -> ModelShape:
     config = model.config
     heads, kv_heads, head_dim = _sizes(config)
     layer_types = tuple(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
@@ -235,7 +244,7 @@ def _read_shape(model: nn.Module) -> ModelShape:
     )
 
 
-def layer_inv_freqs(model: nn.Module, layer_types: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+def layer_inv_freqs(model: PreTrainedModel, layer_types: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
     """The rotary ``inv_freq`` (R/2,) of every decoder layer (of the types ``layer_types``), read from the model's
     own rotary module. ``shape_of`` calls it once; everything else reads ``ModelShape.inv_freqs``."""
     config = model.config
@@ -243,24 +252,23 @@ def layer_inv_freqs(model: nn.Module, layer_types: tuple[str, ...]) -> tuple[tor
     if rotary is None:
         raise UnsupportedModelError("the model has no rotary embedding module")
     freqs = []
-    arch = ARCHITECTURES.get(getattr(config, "model_type", None))
+    arch = _entry(config)
     no_rope = arch.no_rope(config) if arch is not None and arch.no_rope else [False] * len(layer_types)
     for layer_type, unturned in zip(layer_types, no_rope, strict=True):
         # the frequencies at init (dynamic rope rewrites ``inv_freq`` after a pass beyond the original context)
-        inv_freq = getattr(rotary, f"{layer_type}_original_inv_freq", None)
-        if inv_freq is None:
-            inv_freq = getattr(rotary, "original_inv_freq", rotary.inv_freq)
-        inv_freq = inv_freq.detach().to(torch.float64).cpu()
+        names = (f"{layer_type}_original_inv_freq", "original_inv_freq", "inv_freq")
+        found = next(t for name in names if isinstance(t := getattr(rotary, name, None), torch.Tensor))
+        inv_freq = found.detach().to(torch.float64).cpu()
         # zero frequencies: no turn at all
         freqs.append(torch.zeros_like(inv_freq) if unturned else inv_freq)
     return tuple(freqs)
 
 
-def _rotary_order(config, head_dim: int, rotary_dims: int) -> torch.Tensor | None:
+def _rotary_order(config: PretrainedConfig, head_dim: int, rotary_dims: int) -> torch.Tensor | None:
     """For a family whose rotary turns neighbouring dims: the order of head dims (the rotated ones' evens, their
     odds, then the unrotated ones) in which that rotation is the halves form ``core/rotary.py`` computes. None
     for the others."""
-    arch = ARCHITECTURES.get(getattr(config, "model_type", None))
+    arch = _entry(config)
     if arch is None or not arch.rotary_pairs:
         return None
     D, R = head_dim, rotary_dims
@@ -270,8 +278,8 @@ def _rotary_order(config, head_dim: int, rotary_dims: int) -> torch.Tensor | Non
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The self-attention module of every decoder layer, in layer order."""
     found = [
-        m
+        (idx, m)
         for m in model.modules()
-        if type(m).__name__.endswith("Attention") and isinstance(getattr(m, "layer_idx", None), int)
+        if type(m).__name__.endswith("Attention") and isinstance(idx := getattr(m, "layer_idx", None), int)
     ]
-    return sorted(found, key=lambda m: m.layer_idx)
+    return [m for _, m in sorted(found, key=lambda pair: pair[0])]

@@ -21,10 +21,13 @@ class Norm:
     after the cast back to the model dtype, Gemma's by ``1 + weight`` before it (``norm_form`` tells them apart)."""
 
     def __init__(self, module: nn.Module, form: str):
-        weight = module.weight.detach()  # (N,)
+        weight = module.get_parameter("weight").detach()  # (N,)
+        eps = _eps(module)
+        if eps is None:
+            raise ValueError(f"{type(module).__name__} names no epsilon")
         self.gemma = form == "gemma"
         self.weight = 1 + weight.float() if self.gemma else weight  # (N,)
-        self.eps = _eps(module)
+        self.eps = eps
         self.shape = tuple(weight.shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +48,7 @@ def _eps(module: nn.Module) -> float | None:
 
 def norm_form(module: nn.Module) -> str | None:
     """Which RMSNorm ``module`` computes, found by running it: "llama", "gemma", or None for anything else."""
-    weight = module.weight.detach()
+    weight = module.get_parameter("weight").detach()
     eps = _eps(module)
     if eps is None:
         return None

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from ..core.cache import KVCache
@@ -42,6 +42,9 @@ from .arch import lookup, shape_of
 from .attention import attend
 from .blocks import Layer, Norm, fuse, linears, norm_form
 from .quant import WEIGHTS, MatVec
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class Decoder:
@@ -55,7 +58,7 @@ class Decoder:
     bytes of bfloat16 to read per token, at the cost of a small change in the logits.
     """
 
-    def __init__(self, model: nn.Module, weights: str = "model"):
+    def __init__(self, model: PreTrainedModel, weights: str = "model"):
         if weights not in WEIGHTS:
             raise ValueError(f"unknown decode weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
         matvec = WEIGHTS[weights]
@@ -74,9 +77,9 @@ class Decoder:
         self.typed_rotary = "layer_type" in inspect.signature(self.rotary.forward).parameters  # Gemma3's
         self._angle_rows = None if self.typed_rotary else RotaryRows(self.rotary, model.dtype)
         forms = {norm_form(m) for m in model.modules() if type(m).__name__.endswith("RMSNorm")}
-        if None in forms or len(forms) != 1:
+        form = forms.pop() if len(forms) == 1 else None
+        if form is None:
             raise ValueError("the fast decode path needs one known RMSNorm form")
-        form = forms.pop()
         self.layers = []
         for block in model.model.layers:
             attn, mlp = block.self_attn, block.mlp
@@ -196,7 +199,7 @@ class Decoder:
     def _angles(self, x: torch.Tensor, pos: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's rotary cos and sin (1, R) at the model positions ``pos`` (1,), from the model's own rotary
         module (one call per kind of layer)."""
-        if not self.typed_rotary:
+        if self._angle_rows is not None:
             cos, sin = self._angle_rows(int(pos[0]))  # (R,) each
             return [(cos[None], sin[None])] * len(self.layers)
         kinds = {}
@@ -209,7 +212,8 @@ class Decoder:
     def step_many(self, caches: Sequence[KVCache], tokens: Sequence[int]) -> torch.Tensor:
         """Feed one token to each of several streams (each its own ``ready`` cache, all of one policy and size) in
         one pass of the native step, which reads every weight once for all of them. -> logits (R, V)"""
-        if self.native is None:
+        # (the native step runs only models of one attention kind, whose rotary takes no layer type)
+        if self.native is None or self._angle_rows is None:
             raise RuntimeError("several streams at once need the native decode step")
         plans = [cache.plan(1)[0] for cache in caches]
         numbers = [plan.numbers for plan in plans]  # (slot, model position, anchor shift) of each token
@@ -217,7 +221,7 @@ class Decoder:
         # replaces first; then the commit stores it from the scratch slot.
         slots = [n[0] if not c.hooked else -1 for n, c in zip(numbers, caches, strict=True)]
         S = plans[0].policy.num_sinks
-        C = caches[0].layers[0].keys.shape[2]
+        C = caches[0].layers[0].slot_pos.numel()
         room = caches[0].layers[0].recall_slots  # M_max: scratch slots of keys recalled from memory
         if any(plan.select for plan in plans):
             raise RuntimeError("a token that selects from memory goes through the Python step")
@@ -324,14 +328,25 @@ def _buffers(caches: Sequence[KVCache], L: int) -> list[list[list[torch.Tensor]]
 
 def _view(caches: Sequence[KVCache], L: int) -> list[list[list[torch.Tensor]]]:
     stores = [[cache.layers[i] for cache in caches] for i in range(L)]
-    keys = [[s.full_keys for s in layer] for layer in stores]
-    values = [[s.full_values for s in layer] for layer in stores]
+    keys = [[_held(s.full_keys) for s in layer] for layer in stores]
+    values = [[_held(s.full_values) for s in layer] for layer in stores]
     if not any(s.quantized for layer in stores for s in layer):
         scales = [[native.NONE] * len(caches)] * L
         return [keys, values, scales, scales]
-    key_scales = [[s.full_key_scales if s.quantized else native.NONE for s in layer] for layer in stores]
-    value_scales = [[s.full_value_scales if s.quantized else native.NONE for s in layer] for layer in stores]
+    key_scales = [
+        [_held(s.full_key_scales) if s.quantized else native.NONE for s in layer] for layer in stores
+    ]
+    value_scales = [
+        [_held(s.full_value_scales) if s.quantized else native.NONE for s in layer] for layer in stores
+    ]
     return [keys, values, key_scales, value_scales]
+
+
+def _held(t: torch.Tensor | None) -> torch.Tensor:
+    """A store's tensor, which a ``ready`` cache holds."""
+    if t is None:
+        raise RuntimeError("the cache holds nothing yet")
+    return t
 
 
 def native_mask(plan: Plan, room: int = 0) -> torch.Tensor:
@@ -344,7 +359,7 @@ def native_mask(plan: Plan, room: int = 0) -> torch.Tensor:
     return torch.cat([visible, torch.arange(room) < plan.recalled])
 
 
-def decoder_for(model: nn.Module, weights: str = "model") -> Decoder | None:
+def decoder_for(model: PreTrainedModel, weights: str = "model") -> Decoder | None:
     """The model's ``Decoder`` for these weights, built once and kept on the model (building one twice would
     store its weights twice), or None when its architecture has no fast path."""
     if not lookup(model.config).fast_decode:

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -37,6 +37,9 @@ from .arch import UnsupportedModelError, attention_modules, inline_of, lookup, s
 from .attention import TAG, attend_tagged
 from .inline import install
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 ATTENTION_NAME = "streamllm"
 # the attention module attribute ``prepare`` sets to ``ModelShape.rotary_order``
 ORDER = "streamllm_rotary_order"
@@ -48,7 +51,7 @@ def register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-def prepare(model: nn.Module) -> nn.Module:
+def prepare(model: PreTrainedModel) -> PreTrainedModel:
     """Make ``model`` attend through streamllm caches, and read its ``ModelShape`` (kept on the model). Idempotent;
     returns the model.
 
@@ -70,7 +73,7 @@ def prepare(model: nn.Module) -> nn.Module:
 
 
 def cache_for(
-    model: nn.Module,
+    model: PreTrainedModel,
     config: StreamConfig,
     on_evict=None,
     rebase: bool = True,
@@ -170,7 +173,7 @@ def _plain_explicit(query, key, value, mask, scaling: float, softcap, sinks) -> 
 
 @torch.no_grad()
 def forward(
-    model: nn.Module, target: KVCache | Sequence[KVCache], ids: torch.Tensor, keep_all: bool = True
+    model: PreTrainedModel, target: KVCache | Sequence[KVCache], ids: torch.Tensor, keep_all: bool = True
 ) -> torch.Tensor:
     """Feed ``ids`` (R, T) through the model, row r into cache r (one cache: R = 1), every layer attending through
     its cache's plan. -> logits (R, T, V) float32, or (R, 1, V) without ``keep_all``.
@@ -306,7 +309,7 @@ class SinkCache(Cache):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: PreTrainedModel,
         num_sinks: int = 4,
         window: int = 1020,
         method: str = "sink",

@@ -257,7 +257,7 @@ def kept_quantized(weight: torch.Tensor) -> MatVec | Int4MatVec | Int8MatVec:
     w = weight.detach().contiguous()
     layout = "tiles" if native.kernels() is not None else "torch"
     digest = hashlib.sha256(f"{_SOURCE}|{layout}|{w.dtype}|{tuple(w.shape)}|".encode())
-    digest.update(memoryview(w.view(torch.uint8).reshape(-1).numpy()))
+    digest.update(w.view(torch.uint8).reshape(-1).numpy().data)
     path = home() / "quant" / f"{digest.hexdigest()[:32]}.safetensors"
     try:
         return _read_kept(path)
@@ -272,7 +272,10 @@ def kept_quantized(weight: torch.Tensor) -> MatVec | Int4MatVec | Int8MatVec:
 
 
 _SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-_KEPT = {"int4": (Int4MatVec, ("packed", "scale_zero")), "int8": (Int8MatVec, ("q", "scale"))}
+_KEPT: dict[str, tuple[type[Int4MatVec] | type[Int8MatVec], tuple[str, str]]] = {
+    "int4": (Int4MatVec, ("packed", "scale_zero")),
+    "int8": (Int8MatVec, ("q", "scale")),
+}
 
 
 def _write_kept(path: Path, made) -> None:
@@ -285,7 +288,7 @@ def _write_kept(path: Path, made) -> None:
     os.replace(partial, path)
 
 
-def _read_kept(path: Path):
+def _read_kept(path: Path) -> Int4MatVec | Int8MatVec:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         cls, names = _KEPT[meta["kind"]]
@@ -293,9 +296,9 @@ def _read_kept(path: Path):
         for n in names:
             setattr(made, n, f.get_tensor(n))
     made.kernels = native.kernels()
-    if cls is Int8MatVec and made.kernels is None:  # torch's layout: see _with_room
+    if isinstance(made, Int8MatVec) and made.kernels is None:  # torch's layout: see _with_room
         made.q, made.scale = _with_room(made.q), _with_room(made.scale)
-    if cls is Int4MatVec:
+    if isinstance(made, Int4MatVec):
         made.error = float(meta["error"])
     return made
 

@@ -12,6 +12,7 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..home import home
 from ..sysinfo import current_rss_mb
@@ -27,6 +28,9 @@ from .common import (
     stream_args,
     stream_config,
 )
+
+if TYPE_CHECKING:
+    from ..runtime.generate import Event
 
 HELP = """Commands:
   /help    this list
@@ -70,7 +74,8 @@ class Prompt:
     """Reads one message at a time from the terminal. ``read`` returns None when the user leaves."""
 
     def __init__(self, interactive: bool):
-        self.interactive, self.history = interactive, None
+        self.interactive = interactive
+        self.history: Path | None = None
         self.interrupted = False  # the last thing at the prompt was a Ctrl-C
         if interactive:
             self._start_readline()
@@ -185,7 +190,7 @@ def _recall_lines(session) -> list[str]:
     return lines
 
 
-def _reply(session, user: str) -> tuple[str, object, bool]:
+def _reply(session, user: str) -> tuple[str, Event | None, bool]:
     """Stream one reply to the terminal: (its text, the last event, whether the user stopped it)."""
     reply, last = [], None
     events = session.send(user)
@@ -224,7 +229,7 @@ def run(args) -> int:
                 if user is not None:
                     print(f"> {user}")
             else:
-                user = prompt.read()
+                user = prompt.read() if prompt is not None else None
             if user is None:
                 break
             command = user.strip()

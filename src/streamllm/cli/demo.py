@@ -59,6 +59,8 @@ def run(args) -> int:
                     f"{event.tok_per_s:5.1f} tok/s | RSS {current_rss_mb():6.0f} MB]",
                     file=out,
                 )
+        if last is None:
+            raise RuntimeError("the model gave no reply")
         rows.append(
             (turn, last.tokens_seen, last.cache_length, last.generated, last.tok_per_s, current_rss_mb())
         )

@@ -68,14 +68,15 @@ class BlockFile:
     def open(self, file_id: str, size: int) -> None:
         """Open the named file a saved state refers to: it must carry ``file_id`` and this layout, and hold at
         least ``size`` bytes (anything past them is a turn that was never committed, and is cut off)."""
+        path = self.path
+        if path is None:
+            raise MemoryFileError("a temporary memory file cannot be opened again")
         try:
-            fd = os.open(self.path, os.O_RDWR)
+            fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
-            raise MemoryFileError(f"the memory file {self.path.name} is missing") from None
+            raise MemoryFileError(f"the memory file {path.name} is missing") from None
         except OSError as exc:
-            raise MemoryFileError(
-                f"the memory file {self.path.name} cannot be opened: {exc.strerror}"
-            ) from None
+            raise MemoryFileError(f"the memory file {path.name} cannot be opened: {exc.strerror}") from None
         self.fd = fd
         head = os.pread(fd, HEADER, 0)
         try:
@@ -83,14 +84,14 @@ class BlockFile:
         except ValueError:
             found = None
         if not isinstance(found, dict):
-            raise MemoryFileError(f"{self.path.name} is not a streamllm memory file")
+            raise MemoryFileError(f"{path.name} is not a streamllm memory file")
         if found.pop("id", None) != file_id:
-            raise MemoryFileError(f"{self.path.name} belongs to another session (its id does not match)")
+            raise MemoryFileError(f"{path.name} belongs to another session (its id does not match)")
         if found != self.layout:
-            raise MemoryFileError(f"{self.path.name} was written for another model or memory layout: {found}")
+            raise MemoryFileError(f"{path.name} was written for another model or memory layout: {found}")
         have = os.fstat(fd).st_size
         if have < size:
-            raise MemoryFileError(f"the memory file {self.path.name} is truncated: {have} of {size} bytes")
+            raise MemoryFileError(f"the memory file {path.name} is truncated: {have} of {size} bytes")
         if have > size:
             os.ftruncate(fd, size)
         self.id, self.size = file_id, size
@@ -135,19 +136,24 @@ class BlockFile:
             except OSError as exc:
                 raise MemoryFileError(f"memory file sync failed: {exc.strerror}") from None
 
+    def _open_fd(self) -> int:
+        if self.fd is None:
+            raise MemoryFileError("the memory file is not open")
+        return self.fd
+
     def _pwrite(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
+        fd, view = self._open_fd(), memoryview(data)
         try:
             done = 0
             while done < len(view):
-                done += os.pwrite(self.fd, view[done:], offset + done)
+                done += os.pwrite(fd, view[done:], offset + done)
         except OSError as exc:
             raise MemoryFileError(f"memory file write failed: {exc.strerror}") from None
 
     def _pread(self, offset: int, n: int) -> bytes:
         if offset + n > self.size:
             raise MemoryFileError(f"memory file: no record at offset {offset}")
-        data = os.pread(self.fd, n, offset)
+        data = os.pread(self._open_fd(), n, offset)
         if len(data) != n:
             raise MemoryFileError(f"memory file truncated: {len(data)} of {n} bytes at offset {offset}")
         return data

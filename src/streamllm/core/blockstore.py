@@ -32,7 +32,7 @@ class BlockStore:
         self,
         budget: int,
         layers: Iterable[int],
-        folder: str | None,
+        folder: Path | None,
         path: Path | None,
         layout: Callable[[], dict],
         reps: Callable[[int, int], torch.Tensor],
@@ -76,10 +76,10 @@ class BlockStore:
         if key in self.ram:
             return self.ram[key]
         saved = self.saved[layer]
-        data = (
-            self.store.read_kv(saved[block]) if block < len(saved) else self.spill.read_kv(self.spilled[key])
-        )
-        both = torch.frombuffer(bytearray(data), dtype=self.dtype).view(2, *shape)
+        file, offset = (self.store, saved[block]) if block < len(saved) else (self.spill, self.spilled[key])
+        if file is None or self.dtype is None:
+            raise MemoryFileError(f"block {block} of layer {layer} was never written")
+        both = torch.frombuffer(bytearray(file.read_kv(offset)), dtype=self.dtype).view(2, *shape)
         return both[0], both[1]
 
     def persist(self, todo: list[Key], shape: tuple[int, ...]) -> None:

@@ -118,9 +118,13 @@ class KVCache:
 
     def position_ids(self) -> torch.Tensor:
         """The positions to hand the model for the planned tokens. (1, T)"""
+        return self._pending()[0].model_pos[None]
+
+    def _pending(self) -> list[Plan]:
+        """Every layer's pending plan; refuses where no tokens are planned."""
         if self.plans is None:
             raise RuntimeError("no tokens are planned; call plan(T) first")
-        return self.plans[0].model_pos[None]
+        return self.plans
 
     # -- the contract --------------------------------------------------------------------------------------------
     def plan(self, T: int) -> list[Plan]:
@@ -143,7 +147,8 @@ class KVCache:
                 f"{T} tokens at once would take model positions past {limit - 1}, the last this model's rotary "
                 f"keeps its frequencies at; feed at most {limit - cap} at a time"
             )
-        recall = {}
+        # the memory layers' (recalled, anchor_extra, select) for ``make_plan``
+        recall: tuple[int, int, bool] | None = None
         if self.memory is not None:
             if self.memory.next_point(self.seen) < self.seen + T:
                 raise ValueError(
@@ -151,19 +156,21 @@ class KVCache:
                     "split them there (streamllm's forward does)"
                 )
             select, M = self.memory.start(self.seen)
-            recall = {"recalled": M, "anchor_extra": self.memory.extra_anchor(), "select": select}
+            recall = (M, self.memory.extra_anchor(), select)
         self._maybe_rebase(T)
-        made = []
+        made: list[Plan] = []
         for g, group in enumerate(self.groups):
             first = self.layers[group[0]]
             if first.policy.capacity is None and first.keys is not None:
                 self._grow(group, first.length + T)
-            extra = recall if recall and group[0] in self.memory.layers else {}
-            ring = self._ring(g) if T == 1 and not extra else None
-            if ring is None:
-                made.append(make_plan(first.policy, first.slot_pos, self.seen, self.offset, T, **extra))
-            else:
+            extra = recall if self.memory is not None and group[0] in self.memory.layers else None
+            ring = self._ring(g) if T == 1 and extra is None else None
+            if ring is not None:
                 made.append(ring.plan(first.policy, first.slot_pos, self.offset))
+            else:
+                made.append(
+                    make_plan(first.policy, first.slot_pos, self.seen, self.offset, T, *(extra or ()))
+                )
         self._group_plans = made
         self.plans = [made[g] for g in self._group_of]
         self.uncommitted = len(self.layers)
@@ -179,20 +186,26 @@ class KVCache:
         ``written``: the backend has stored them at the plan's slots itself, in the same pass as attending (the
         C++ step does), and passes None for them. It may do so only when there is no ``on_evict``, which must see a
         leaving token before its slot is overwritten."""
-        plan = self.plans[layer_idx]
+        plan = self._pending()[layer_idx]
         store = self.layers[layer_idx]
-        if self.hooked and plan.departures:
-            if written:
+        if written:
+            if self.hooked and plan.departures:
                 raise RuntimeError("a backend wrote over the slots of tokens that on_evict had not seen yet")
-            self._evict(layer_idx, plan, k_new, v_new)
-        if plan.last_slot >= 0 and not written:
-            if store.keys is None or plan.last_slot >= store.keys.shape[2]:
-                store.allocate(k_new, self.size_for(store.policy, plan.last_slot + 1, store))
-            stays = plan.stays  # plans live on the CPU; the storage may not
-            if not plan.all_stay:
-                stays = stays if k_new.is_cpu else stays.to(k_new.device)
-                k_new, v_new = k_new[:, :, stays], v_new[:, :, stays]
-            store.write(plan.stay_slots, k_new, v_new)
+        elif k_new is None or v_new is None:
+            raise ValueError(
+                "commit takes the new keys and values unless the backend wrote them (written=True)"
+            )
+        else:
+            if self.hooked and plan.departures:
+                self._evict(layer_idx, plan, k_new, v_new)
+            if plan.last_slot >= 0:
+                if store.keys is None or plan.last_slot >= store.keys.shape[2]:
+                    store.allocate(k_new, self.size_for(store.policy, plan.last_slot + 1, store))
+                stays = plan.stays  # plans live on the CPU; the storage may not
+                if not plan.all_stay:
+                    stays = stays if k_new.is_cpu else stays.to(k_new.device)
+                    k_new, v_new = k_new[:, :, stays], v_new[:, :, stays]
+                store.write(plan.stay_slots, k_new, v_new)
         self.uncommitted -= 1
         if self.uncommitted == 0:
             self._finish()
@@ -227,8 +240,8 @@ class KVCache:
     def recall(self, layer_idx: int, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The recalled keys and values (1, Hkv, M, D) layer ``layer_idx`` attends to besides its plan's, or None.
         At a selection point the layer first selects them with the query (1, H, T, D) of the first token."""
-        plan = self.plans[layer_idx]
-        if not plan.recalled:
+        plan = self._pending()[layer_idx]
+        if not plan.recalled or self.memory is None:
             return None
         if plan.select:  # into the scratch slots, where the C++ decode step reads them too
             pos = int(plan.model_pos[0])
@@ -236,9 +249,13 @@ class KVCache:
             return self.recall_into(layer_idx, keys, values)
         return self.recall_into(layer_idx)
 
-    def recall_into(self, i: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+    def recall_into(
+        self, i: int, keys: torch.Tensor | None = None, values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``i``'s recall scratch slots (after the decoded token's), filled with ``keys`` and ``values``
         when given: -> the M slots in use."""
+        if self.memory is None:
+            raise RuntimeError("this cache keeps no memory")
         store = self.layers[i]
         start = store.slot_pos.numel() + 1
         end = start + self.memory.recalled_len
@@ -289,16 +306,13 @@ class KVCache:
                 slot_pos[plan.stay_slots] = plan.text_pos[plan.stays]
                 for i in group:
                     self.layers[i].slot_pos = slot_pos
-            if self.changed[g] is not None:
-                if self.changed[g].numel() < slot_pos.numel():  # the storage grew
-                    self.changed[g] = torch.cat(
-                        [
-                            self.changed[g],
-                            torch.ones(slot_pos.numel() - self.changed[g].numel(), dtype=torch.bool),
-                        ]
-                    )
-                self.changed[g][plan.last_slot if isinstance(plan, RingPlan) else plan.stay_slots] = True
-        self.seen = self.plans[0].seen
+            changed = self.changed[g]
+            if changed is not None:
+                if changed.numel() < slot_pos.numel():  # the storage grew
+                    grown = torch.ones(slot_pos.numel() - changed.numel(), dtype=torch.bool)
+                    changed = self.changed[g] = torch.cat([changed, grown])
+                changed[plan.last_slot if isinstance(plan, RingPlan) else plan.stay_slots] = True
+        self.seen = self._pending()[0].seen
         self.plans = None
         self._departing = None
 
@@ -345,7 +359,7 @@ class KVCache:
     def _grow(self, group: list[int], need: int) -> None:
         for i in group:
             store = self.layers[i]
-            if need > store.slot_pos.numel():
+            if need > store.slot_pos.numel() and store.keys is not None:
                 store.allocate(store.keys, self.size_for(store.policy, need, store))
 
     # -- rebasing ------------------------------------------------------------------------------------------------
@@ -385,9 +399,10 @@ class KVCache:
 
     def changes(self) -> dict | None:
         """What changed since ``mark_saved`` (``snapshot.changes``), or None where everything may have."""
-        if any(c is None for c in self.changed):
+        changed = [c for c in self.changed if c is not None]
+        if len(changed) < len(self.changed):
             return None
-        return snapshot.changes(self, [self.changed[g] for g in self._group_of], self._group_of)
+        return snapshot.changes(self, [changed[g] for g in self._group_of], self._group_of)
 
     def load_changes(self, state: dict) -> None:
         """Apply what ``changes`` returned to the cache it was taken from, as it was when last saved."""

@@ -126,6 +126,14 @@ def ring_order(policy: Policy, slot_pos: torch.Tensor, seen: int) -> list[int] |
     return order.tolist()
 
 
+@cache
+def _ring_constants(C: int, S: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every ring plan of C slots and S sinks shares (plans are read-only): anchored (C+1,), visible
+    (1, C+1), stays (1,)."""
+    anchored = torch.arange(C + 1) < S
+    return anchored, torch.ones(1, C + 1, dtype=torch.bool), torch.ones(1, dtype=torch.bool)
+
+
 class RingPlan(Plan):
     """``make_plan``'s plan for one token in the steady state of a ring (``ring_order``), given the slot of the
     token that leaves (the oldest of the window), which the new one takes. The token sees every slot.
@@ -134,6 +142,10 @@ class RingPlan(Plan):
     are made when a backend first reads them: no tensor work per token. It is the same plan as ``make_plan``'s
     (tested field by field) as long as it is pending: the commit writes the new token's position into
     ``slot_pos``."""
+
+    # (slot, model position, anchor shift) of the token, and the group's slot positions (C,)
+    _numbers: tuple[int, int, int]
+    _slot_pos: torch.Tensor
 
     def __init__(self, policy: Policy, slot_pos: torch.Tensor, seen: int, offset: int, slot: int):
         C = slot_pos.numel()
@@ -239,11 +251,3 @@ class Ring:
             return plan.seen < C
         self.order.rotate(-1)  # the slot of the token that left now holds the newest
         return True
-
-
-@cache
-def _ring_constants(C: int, S: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """What every ring plan of C slots and S sinks shares (plans are read-only): anchored (C+1,), visible
-    (1, C+1), stays (1,)."""
-    anchored = torch.arange(C + 1) < S
-    return anchored, torch.ones(1, C + 1, dtype=torch.bool), torch.ones(1, dtype=torch.bool)

@@ -27,9 +27,13 @@ class Policy:
     share one plan) and define ``kept``; ``num_sinks``, ``capacity`` and ``anchor`` have defaults."""
 
     num_sinks = 0  # the anchored first tokens (a dataclass field in policies that have them)
-    # W where the policy is a ring: it keeps the first num_sinks tokens and the W before ``seen``, and a query past
-    # the capacity stands at the capacity (``plan.RingPlan`` plans its steady tokens without tensor work)
-    ring: int | None = None
+
+    @property
+    def ring(self) -> int | None:
+        """W where the policy is a ring: it keeps the first num_sinks tokens and the W before ``seen``, and a query
+        past the capacity stands at the capacity (``plan.RingPlan`` plans its steady tokens without tensor work);
+        None where it is not."""
+        return None
 
     @property
     def capacity(self) -> int | None:

@@ -17,7 +17,7 @@ whole into both.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,7 +50,7 @@ def state_dict(cache: KVCache) -> dict:
                 "text_positions": bool(getattr(policy, "text_positions", False)),
             }
         )
-    state = {"layers": layers}
+    state: dict[str, Any] = {"layers": layers}
     if cache.memory is not None:
         state["memory"] = cache.memory.state_dict()  # (counters, tensors); the blocks stay where they are
     return state
@@ -88,6 +88,7 @@ def changes(cache: KVCache, changed: list[torch.Tensor], groups: list[int]) -> d
     and every slot's position; the others name it (``positions_of``)."""
     layers, first = [], {}
     for i, (store, mask, group) in enumerate(zip(cache.layers, changed, groups, strict=True)):
+        layer: dict[str, Any]
         if group not in first:
             first[group] = (i, mask.nonzero().flatten())  # (n,)
             layer = {"slots": first[group][1], "slot_pos": store.slot_pos}
@@ -95,7 +96,7 @@ def changes(cache: KVCache, changed: list[torch.Tensor], groups: list[int]) -> d
             layer = {"positions_of": first[group][0]}
         layer |= {"dtype": _dtype_name(store.dtype), "seen": cache.seen, "offset": cache.offset}
         layers.append(layer | (store.raw(first[group][1]) if store.keys is not None else {}))
-    state = {"layers": layers}
+    state: dict[str, Any] = {"layers": layers}
     if cache.memory is not None:
         state["memory"] = cache.memory.state_dict()
     return state

@@ -51,10 +51,15 @@ class LayerStore:
         self.recall_slots = recall_slots  # M_max: scratch slots for keys recalled from memory
         self.quantized = kv_dtype == "int8"
         self.dtype: torch.dtype | None = None  # the model's dtype: what ``read`` gives back
-        self.full_keys = self.full_values = None
-        self.full_key_scales = self.full_value_scales = None
-        self.keys = self.values = None
-        self.key_scales = self.value_scales = None
+        # all None until ``allocate``
+        self.full_keys: torch.Tensor | None = None
+        self.full_values: torch.Tensor | None = None
+        self.full_key_scales: torch.Tensor | None = None
+        self.full_value_scales: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.key_scales: torch.Tensor | None = None
+        self.value_scales: torch.Tensor | None = None
         # (C,) the text position held by each slot, -1 when empty
         self.slot_pos = torch.empty(0, dtype=torch.long)
 
@@ -83,10 +88,11 @@ class LayerStore:
         full = [like.new_zeros(B, Hkv, size + spare, D, dtype=stored) for _ in range(2)]
         scales = [like.new_zeros(B, Hkv, size + spare, dtype=torch.float32) for _ in range(2)]
         slot_pos = torch.full((size,), -1, dtype=torch.long)  # (C,)
-        if self.keys is not None:
-            full[0][:, :, :have], full[1][:, :, :have] = self.keys, self.values
-            if self.quantized:
-                scales[0][:, :, :have], scales[1][:, :, :have] = self.key_scales, self.value_scales
+        held = (self.keys, self.values, self.key_scales, self.value_scales)
+        for new, old in zip((*full, *scales), held, strict=True):
+            # what is held already (scales only where 8-bit)
+            if old is not None:
+                new[:, :, :have] = old
         slot_pos[:have] = self.slot_pos
         self.full_keys, self.full_values = full
         self.keys, self.values = full[0][:, :, :size], full[1][:, :, :size]  # (B, Hkv, C, D)
@@ -102,7 +108,8 @@ class LayerStore:
         if not self.quantized:
             return k, v
         ks, vs = self._pick(self.full_key_scales, at), self._pick(self.full_value_scales, at)
-        return dequantize(k, ks, self.dtype), dequantize(v, vs, self.dtype)
+        dtype = self._model_dtype()
+        return dequantize(k, ks, dtype), dequantize(v, vs, dtype)
 
     def stored(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The C slots' keys and values in the model's dtype, or None before the first write."""
@@ -145,19 +152,29 @@ class LayerStore:
                 self._put(getattr(self, f"full_{name}"), at, saved[name])
             return
         keys, values = saved["keys"], saved["values"]
+        dtype = self._model_dtype()
         if "key_scales" in saved:  # saved 8-bit, kept in the model's dtype here
-            keys = dequantize(keys, saved["key_scales"], self.dtype)
-            values = dequantize(values, saved["value_scales"], self.dtype)
-        self.write(at, keys.to(self.dtype), values.to(self.dtype))
+            keys = dequantize(keys, saved["key_scales"], dtype)
+            values = dequantize(values, saved["value_scales"], dtype)
+        self.write(at, keys.to(dtype), values.to(dtype))
+
+    def _model_dtype(self) -> torch.dtype:
+        if self.dtype is None:
+            raise RuntimeError("this layer holds nothing yet")
+        return self.dtype
 
     @staticmethod
-    def _pick(t: torch.Tensor, at: slice | torch.Tensor) -> torch.Tensor:
+    def _pick(t: torch.Tensor | None, at: slice | torch.Tensor) -> torch.Tensor:
+        if t is None:
+            raise RuntimeError("this layer holds nothing yet")
         if isinstance(at, slice):
             return t[:, :, at]
         return t.index_select(2, at if t.is_cpu else at.to(t.device))
 
     @staticmethod
-    def _put(t: torch.Tensor, at: slice | torch.Tensor, x: torch.Tensor) -> None:
+    def _put(t: torch.Tensor | None, at: slice | torch.Tensor, x: torch.Tensor) -> None:
+        if t is None:
+            raise RuntimeError("this layer holds nothing yet")
         if isinstance(at, slice):
             t[:, :, at] = x
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -17,6 +18,9 @@ from ..config import ConfigError, StreamConfig
 from .recalls import Recall, recalled
 from .stream import Stream
 from .tokens import encode
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -66,15 +70,15 @@ class Event:
 class Detokenizer:
     """Incremental decoding in constant memory: only a short tail of tokens is ever re-decoded."""
 
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     ids: list[int] = field(default_factory=list)
     prefix: int = 0
     read: int = 0
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
-        after = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        before = self._text(self.ids[self.prefix : self.read])
+        after = self._text(self.ids[self.prefix :])
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""
         self.prefix, self.read = self.read, len(self.ids)
@@ -82,6 +86,10 @@ class Detokenizer:
             cut = self.prefix
             self.ids, self.prefix, self.read = self.ids[cut:], 0, self.read - cut
         return after[len(before) :]
+
+    def _text(self, ids: list[int]) -> str:
+        # one flat list of ids decodes to one string (transformers types ``decode`` for batches as well)
+        return cast(str, self.tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def sample(
@@ -197,7 +205,7 @@ def stream_generate(
 
 def eos_ids(model, tokenizer) -> set[int]:
     """Every token id that ends a reply: the model's, its generation config's and the tokenizer's."""
-    ids = set()
+    ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config):
         value = getattr(source, "eos_token_id", None)
         if value is not None:

@@ -129,7 +129,7 @@ def perplexity_run(
             )
             run.tokens += nll.numel()
             run.total_nll += float(nll.double().sum())
-            if writer:
+            if f is not None and writer is not None:
                 index = torch.arange(first, first + len(nll))  # (n,)
                 held = held_after(config, index)  # the token at index i is predicted after i tokens
                 rss = round(current_rss_mb(), 1)

@@ -7,6 +7,7 @@ gets dense attention. Single tokens go through the model's fast decode step wher
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ..backends.decode import decoder_for
 from ..backends.hf import cache_for, forward, prepare
 from ..config import StreamConfig
 from ..core.cache import Evicted, KVCache
+from ..core.memory import Memory
 from ..core.policy import Policy
 from .recompute import Recompute
 from .state import State, flatten, unflatten, with_memory_of
@@ -92,7 +94,7 @@ class Stream:
         return self.cache.memory_bytes()
 
     @property
-    def memory(self):
+    def memory(self) -> Memory | None:
         """The stream's ``core.memory.Memory``, or None."""
         return getattr(self.cache, "memory", None)
 
@@ -162,6 +164,8 @@ class Stream:
     def rewind(self, state: dict) -> None:
         """Go back to a ``snapshot`` of this stream: the cache as it was, and the memory rolled back in place (the
         blocks kept since are dropped, the older ones stay where they are)."""
+        if isinstance(self.cache, Recompute):
+            raise ValueError("a recompute stream keeps no state to rewind to")
         self._reset_keeping_memory()
         self.cache.load_state_dict(_copy(state))
 
@@ -169,7 +173,7 @@ class Stream:
         """A fresh cache that keeps this stream's memory (whose blocks a state loaded next rolls back)."""
         memory = self.memory
         self.reset()
-        if memory is not None:
+        if memory is not None and isinstance(self.cache, KVCache) and self.cache.memory is not None:
             self.cache.memory.close()
             self.cache.memory = memory
 
@@ -184,9 +188,8 @@ class Stream:
             raise ValueError("nothing to feed")
         if recall and self.memory is not None:
             self.memory.recall_at(self.tokens_seen + len(ids) - 1, ids if query is None else query)
-        last = None
-        for logits in self.chunks(ids, keep_all=False):
-            last = logits
+        # every chunk is fed; only the last one's logits (1, V) are kept
+        last = deque(self.chunks(ids, keep_all=False), maxlen=1)[0]
         return last[-1]
 
     @torch.no_grad()
@@ -212,12 +215,13 @@ def feed_together(streams: Sequence[Stream], tokens: Sequence[int]) -> torch.Ten
     """Feed one token to each of ``streams`` (of one model, every one ``batchable``) in a single pass; each stream
     goes on exactly as ``feed([token])`` would take it, up to rounding (``backends/batched.py``). -> the logits
     (R, V) that predict each stream's next token"""
-    if not all(s.batchable for s in streams):
+    caches = [s.cache for s in streams if s.batchable and isinstance(s.cache, KVCache)]
+    if len(caches) < len(streams):
         raise ValueError("a stream that cannot share a pass was given to feed_together")
     decoder = streams[0].decoder
     if any(s.decoder is not decoder for s in streams):
         decoder = None
-    return decode_step(streams[0].model, [s.cache for s in streams], tokens, decoder)  # (R, V)
+    return decode_step(streams[0].model, caches, tokens, decoder)  # (R, V)
 
 
 def _copy(state):

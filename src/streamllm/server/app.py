@@ -130,9 +130,9 @@ def serve(
     """Run the server until interrupted (SIGINT/SIGTERM stop it gracefully). ``log_format`` "json" leaves
     uvicorn's logging config out, so that its lines too go through the root logger's JSON lines (``logs``)."""
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     app = create_app(model, tokenizer, config)
-    own = {"log_config": None} if log_format == "json" else {}
     uvicorn.run(
         app,
         host=host,
@@ -140,5 +140,5 @@ def serve(
         log_level=log_level,
         timeout_graceful_shutdown=5,
         access_log=False,  # the access lines are ours (``access.py``): with sessions and tokens
-        **own,
+        log_config=None if log_format == "json" else LOGGING_CONFIG,
     )

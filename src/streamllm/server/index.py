@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 
 class TextIndex:
-    def __init__(self):
+    def __init__(self) -> None:
         # owner -> text length in bytes -> text digest -> session ids
         self._owners: dict[str, dict[int, dict[str, set[str]]]] = defaultdict(lambda: defaultdict(dict))
 

@@ -13,7 +13,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 
 from fastapi import APIRouter
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -173,7 +173,7 @@ class Metrics:
     def decode_batch(self, size: int) -> None:
         self.batch.observe(size)
 
-    async def timed(self, events: AsyncIterator, access) -> AsyncIterator:
+    async def timed(self, events: AsyncGenerator, access) -> AsyncGenerator:
         """``events`` (a turn's), passed on as they come, each counted as a reply token of ``access``."""
         try:
             async for event in events:

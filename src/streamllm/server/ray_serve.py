@@ -33,6 +33,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from pathlib import Path
 
@@ -111,7 +112,7 @@ class SessionAffinity(PowerOfTwoChoicesRequestRouter):
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
         key = pending_request.args[0] if pending_request is not None and pending_request.args else ""
-        if not key or not candidate_replicas:
+        if not key or not candidate_replicas or pending_request is None:
             return await super().choose_replicas(candidate_replicas, pending_request)
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         if key.startswith(REPLICA_KEY):  # that one; if it is gone, any (the router sees who answered)
@@ -123,8 +124,10 @@ class SessionAffinity(PowerOfTwoChoicesRequestRouter):
         return ranked
 
 
+# The ignore: Ray's config model types its keyword arguments as dicts, though the field takes a class (or the
+# class's import path).
 @serve.deployment(
-    request_router_config=RequestRouterConfig(request_router_class=SessionAffinity),
+    request_router_config=RequestRouterConfig(request_router_class=SessionAffinity),  # type: ignore[arg-type]
     max_ongoing_requests=64,
     health_check_period_s=5,
 )
@@ -150,7 +153,7 @@ class Replica:
         model, tokenizer, config = load_server(choice, config)
         self.app = create_app(model, tokenizer, config)
         self.name = f"{serve.get_replica_context().replica_id.unique_id}@{socket.gethostname()}:{os.getpid()}"
-        self._lifespan = None
+        self._lifespan: AbstractAsyncContextManager | None = None
         self._started = asyncio.Lock()
 
     async def _start(self) -> None:
@@ -253,7 +256,7 @@ class Router:
         start = time.perf_counter()
         header = request.headers.get("authorization", "").encode("latin-1")
         if not self.metrics_public and bearer_key(header, self.keys) is False:
-            answer = JSONResponse(
+            answer: Response = JSONResponse(
                 error_body("missing or incorrect API key", AUTHENTICATION, code="invalid_api_key"),
                 status_code=401,
                 headers={"www-authenticate": "Bearer"},
@@ -297,16 +300,17 @@ class Router:
     @ingress.api_route("/{path:path}", methods=["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS", "HEAD"])
     async def forward(self, request: Request, path: str):
         start = time.perf_counter()
-        body = bytearray()
+        received = bytearray()
         async for part in request.stream():
-            body += part
-            if len(body) > self.max_body_bytes:  # the replica would refuse it too; do not hold it all here
+            received += part
+            # the replica would refuse it too; do not hold it all here
+            if len(received) > self.max_body_bytes:
                 self._answered(request.method, request.url.path, 413, None, start)
                 return JSONResponse(
                     error_body(f"request body over {self.max_body_bytes} bytes", "invalid_request_error"),
                     status_code=413,
                 )
-        body = bytes(body)
+        body = bytes(received)
         headers = {k.lower(): v for k, v in request.headers.items()}
         key = affinity_key(request.method, request.url.path, headers, body)
         key = self.aliases.get(key.removeprefix("session:"), key) if key.startswith("session:") else key
@@ -381,8 +385,11 @@ def application(
 ):
     """The Ray Serve application: ``replicas`` replicas of the server ``choice`` and ``config`` describe, behind one
     router, which reads the body limit and who may scrape ``/metrics`` from ``config`` too."""
-    replica = Replica.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica})
-    return Router.bind(
+    # The ignores: ``serve.deployment`` makes each class a ``Deployment``, but its typing leaves the class's type.
+    replica = Replica.options(  # type: ignore[attr-defined]
+        num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica}
+    )
+    return Router.bind(  # type: ignore[attr-defined]
         replica.bind(choice, config, log_format, password_file),
         config.max_body_bytes,
         api_keys=config.api_keys,

@@ -246,10 +246,12 @@ class RedisStore(Store):
         session's stream is using, are left alone)."""
         _, blob, records = self._read_state(session_id)
         try:
-            (text_dtype, text), (tokens_dtype, tokens) = journal.raw_tensors(blob, ("log.text", "log.tokens"))
+            (text_dtype, raw_text), (tokens_dtype, raw_tokens) = journal.raw_tensors(
+                blob, ("log.text", "log.tokens")
+            )
             if (text_dtype, tokens_dtype) != ("U8", "I32"):
                 raise ValueError(f"the log is {text_dtype} and {tokens_dtype}")
-            text, tokens = bytearray(text), array("i", tokens)
+            text, tokens = bytearray(raw_text), array("i", raw_tokens)
             for added, fed in journal.logs(records):
                 text.extend(added)
                 tokens.extend(fed)

@@ -8,7 +8,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from fastapi import APIRouter, Header, Request
 from starlette.responses import JSONResponse, StreamingResponse
@@ -172,14 +172,14 @@ class Api:
             self.turns.renderer.check_ids(prompt, "prompt")
             turn = await self.turns.begin_ids(list(prompt), owner, deadline)
         else:
-            if isinstance(prompt, list):
-                if len(prompt) != 1:
-                    raise bad_request("exactly one prompt is supported", "prompt")
-                prompt = prompt[0]
-            if not prompt:
+            if isinstance(prompt, list) and len(prompt) != 1:
+                raise bad_request("exactly one prompt is supported", "prompt")
+            # (a list of token ids went the other way)
+            text = prompt[0] if isinstance(prompt, list) else prompt
+            if not text or not isinstance(text, str):
                 raise bad_request("the prompt is empty", "prompt")
-            self._check_length(prompt, "prompt")
-            turn = await self.turns.begin_text(prompt, owner, session_id, deadline)
+            self._check_length(text, "prompt")
+            turn = await self.turns.begin_text(text, owner, session_id, deadline)
         return await self._respond(turn, body, sampling, deadline, request, chat=False)
 
     async def _respond(self, turn: Turn, body, sampling, deadline: float, request: Request, chat: bool):
@@ -225,11 +225,11 @@ async def _collect(events: AsyncIterator[Event], request: Request) -> tuple[list
 
 
 async def _sse_body(
-    events: AsyncIterator[Event], make, include_usage: bool, access=None
+    events: AsyncGenerator[Event, None], make, include_usage: bool, access=None
 ) -> AsyncIterator[str]:
     count = 0
     try:
-        first = make.chunk(None, None, first=True)
+        first = make.first_chunk()
         if first is not None:
             yield _sse(first)
         async for event in events:
@@ -267,8 +267,14 @@ class _ChatFormat:
         head = {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
         return head | {"session_id": self.turn.session.id}
 
-    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict:
-        delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+    def first_chunk(self) -> dict | None:
+        """The chunk a stream starts with, before any text: the role."""
+        return self._chunk({"role": "assistant", "content": ""}, None)
+
+    def chunk(self, text: str | None, finish: str | None) -> dict:
+        return self._chunk({"content": text} if text else {}, finish)
+
+    def _chunk(self, delta: dict, finish: str | None) -> dict:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return self._head("chat.completion.chunk") | {"choices": [choice]}
 
@@ -293,9 +299,11 @@ class _TextFormat(_ChatFormat):
         super().__init__(model_id, turn)
         self.id = f"cmpl-{secrets.token_hex(12)}"
 
-    def chunk(self, text: str | None, finish: str | None, first: bool = False) -> dict | None:
-        if first:  # text completions announce no role
-            return None
+    def first_chunk(self) -> dict | None:
+        # text completions announce no role
+        return None
+
+    def chunk(self, text: str | None, finish: str | None) -> dict:
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         return self._head("text_completion") | {"choices": [choice]}
 

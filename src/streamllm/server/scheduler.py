@@ -21,7 +21,7 @@ import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import torch
 
@@ -67,7 +67,9 @@ class Job:
         self._loop = loop
         self._steps = self._run(model, tokenizer, stream, list(ids), sampling, chunk)
 
-    def _run(self, model, tokenizer, stream, ids, sampling, chunk) -> Iterator[Event | None]:
+    def _run(
+        self, model, tokenizer, stream, ids, sampling, chunk
+    ) -> Generator[Event | None, torch.Tensor, None]:
         """The turn as steps: the prompt in chunks, then the token loop (``Generation``), one token per step."""
         prefix = ids[:-1]
         for start in range(0, len(prefix), chunk):
@@ -94,6 +96,8 @@ class Job:
         self.waiting = None
         try:
             event = self._steps.send(logits)
+            if event is None:
+                raise RuntimeError("a fed token gave no event")
         except Exception as exc:  # noqa: BLE001
             self.fail(exc)
             return False
@@ -237,7 +241,10 @@ class Scheduler:
 
     def _step_together(self, group: list[Job]) -> list[bool]:
         try:
-            logits = feed_together([j.stream for j in group], [j.waiting for j in group])  # (K, V)
+            tokens = [j.waiting for j in group if j.waiting is not None]
+            if len(tokens) < len(group):
+                raise RuntimeError("a job in a batched step has no token waiting")
+            logits = feed_together([j.stream for j in group], tokens)  # (K, V)
         except Exception as exc:  # noqa: BLE001 - every turn in the batch reports it
             log.exception("a batched decode step failed")
             for j in group:

@@ -39,6 +39,12 @@ class Session:
     def loaded(self) -> bool:
         return self.stream is not None
 
+    def live(self) -> tuple[Stream, Conversation]:
+        """The stream and conversation of a session in memory (``loaded``); refuses one only on disk."""
+        if self.stream is None or self.convo is None:
+            raise RuntimeError(f"session {self.id} is not in memory")
+        return self.stream, self.convo
+
     def describe(self, config: StreamConfig) -> dict:
         """The session as the API shows it: counters, the cache's fill and shape, and why it is unusable."""
         seen = self.stream.tokens_seen if self.stream else self.saved_tokens_seen
@@ -71,7 +77,8 @@ class Session:
         what the last reply recalled."""
         if config.memory is None:
             return None
-        held = self.stream.memory.stats() if self.stream is not None else self.saved_memory
+        memory = self.stream.memory if self.stream is not None else None
+        held = memory.stats() if memory is not None else self.saved_memory
         recalls = [r.as_dict() for r in self.last_recalls or ()]
         return None if held is None else held | {"last_recalls": recalls}
 

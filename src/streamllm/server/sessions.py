@@ -39,6 +39,7 @@ from .persist import (
     new_session_id,
 )
 from .session import Session, saved_memory
+from .store import Store
 from .stores import open_store
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class SessionStore:
         error, so that its owner gets a clear one rather than a 404)."""
         session = Session(session_id, owner="")
         try:
-            meta = self.storage.read_meta(session_id)
+            meta = self._store().read_meta(session_id)
         except StateError as exc:
             log.warning("session %s cannot be restored: %s", session_id, exc)
             session.error = str(exc)
@@ -85,7 +86,13 @@ class SessionStore:
         session.saved_tokens_seen = meta["tokens_seen"]
         session.saved_memory = saved_memory(meta, self.config.stream)
         session.saved_meta = meta
-        session.updated = self.storage.saved_at(session.id) if updated is None else updated
+        session.updated = self._store().saved_at(session.id) if updated is None else updated
+
+    def _store(self) -> Store:
+        """The session store, where the server has one (calls that need it are made only then)."""
+        if self.storage is None:
+            raise RuntimeError("this server keeps no sessions on disk")
+        return self.storage
 
     def _discover(self) -> None:
         """Index the sessions other processes saved since this one last looked."""
@@ -104,8 +111,9 @@ class SessionStore:
     def reindex(self, session: Session) -> None:
         """Call after the session's conversation changed."""
         self._remove_from_index(session)
-        session.text_bytes, session.text_sha256 = session.convo.text_bytes, session.convo.sha256
-        session.turns = session.convo.turns
+        _, convo = session.live()
+        session.text_bytes, session.text_sha256 = convo.text_bytes, convo.sha256
+        session.turns = convo.turns
         session.updated = time.time()
         self._index.add(session.id, session.owner, session.text_bytes, session.text_sha256)
 
@@ -215,7 +223,7 @@ class SessionStore:
         start = time.monotonic()
         give_up = min(deadline, start + self.config.lease_wait_s)
         try:
-            while (lease := await asyncio.to_thread(self.storage.lease, session.id)) is None:
+            while (lease := await asyncio.to_thread(self._store().lease, session.id)) is None:
                 if time.monotonic() >= give_up:
                     raise self.elsewhere(session)
                 await asyncio.sleep(0.05)
@@ -227,7 +235,8 @@ class SessionStore:
         """The (leased) session goes on from what the store holds: a cache in memory is reused only if the store
         still holds the state it came from (else another process moved the session on, and it is reloaded), and
         a session deleted by another process is gone (404)."""
-        stored = await asyncio.to_thread(self.storage.generation, session.id)
+        storage = self._store()
+        stored = await asyncio.to_thread(storage.generation, session.id)
         if stored == session.generation:
             return
         if session.loaded:
@@ -240,7 +249,7 @@ class SessionStore:
             self._loaded.pop(session.id, None)
             session.stream = session.convo = None
             session.dirty = False
-            self.storage.discard(session.id)
+            storage.discard(session.id)
         if stored == 0:
             self._remove_from_index(session)
             self.sessions.pop(session.id, None)
@@ -275,7 +284,7 @@ class SessionStore:
         if session.convo is None:  # saved on disk: its latest turn, whichever process saved it
             try:
                 start = time.perf_counter()
-                meta, blob, records = await asyncio.to_thread(self.storage.read, session.id)
+                meta, blob, records = await asyncio.to_thread(self._store().read, session.id)
                 if meta["owner"] != session.owner:
                     raise StateError("meta.json names another owner")
                 session.convo = await asyncio.to_thread(decode_state, meta, blob, stream, records)
@@ -341,7 +350,7 @@ class SessionStore:
         self._loaded.pop(session.id, None)
         session.stream = session.convo = None
         session.dirty = False
-        self.storage.discard(session.id)
+        self._store().discard(session.id)
         self._remove_from_index(session)
         if session.saved_meta is None:
             self.sessions.pop(session.id, None)
@@ -353,16 +362,21 @@ class SessionStore:
     async def save(self, session: Session) -> None:
         """Commit the (locked) session's turn: a journal record of what changed since the last save, or a whole
         state where one is due (``journal.py``); a no-op without ``--state-dir``."""
+        stream, convo = session.live()
         if self.storage is None:
-            session.convo.saved()  # nothing keeps the text: its digest is all a session needs
+            convo.saved()  # nothing keeps the text: its digest is all a session needs
             return
         session.dirty = True
         start = time.perf_counter()
-        convo, stream, saved = session.convo, session.stream, session.saved_meta
+        saved = session.saved_meta
         record = None
         if saved is not None and session.generation == saved.get("generation"):
             record = await asyncio.to_thread(encode_record, saved, convo, stream)
-        if record is not None and saved["journal"]["bytes"] + len(record[0]) <= saved.get("state_bytes", 0):
+        if (
+            saved is not None
+            and record is not None
+            and saved["journal"]["bytes"] + len(record[0]) <= saved.get("state_bytes", 0)
+        ):
             meta = advance_meta(saved, convo, stream, record[1])
             meta = await asyncio.to_thread(self.storage.append, session.id, saved, meta, record[0])
             kind, written = "a journal record", len(record[0])

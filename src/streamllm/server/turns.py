@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 from ..config import StreamConfig
@@ -79,7 +79,7 @@ class Turns:
             if not any(m.role == "assistant" for m in messages):  # only the new turn
                 try:
                     suffix = await asyncio.to_thread(
-                        self.renderer.chat_continuation, messages, session.convo.close
+                        self.renderer.chat_continuation, messages, session.live()[1].close
                     )
                 except BaseException:
                     self._release(session)
@@ -126,7 +126,7 @@ class Turns:
         """What ``text`` adds to the (locked) session's conversation, if it goes on from it (``continued_by``,
         a hash of up to the whole history, off the event loop); the session is let go if this is cancelled."""
         try:
-            return await asyncio.to_thread(session.convo.continued_by, text)
+            return await asyncio.to_thread(session.live()[1].continued_by, text)
         except BaseException:
             self._release(session)
             raise
@@ -157,11 +157,12 @@ class Turns:
         """The turn that feeds ``added``, the text this request adds to the session's conversation; for a new
         session started from an earlier conversation (``history``), only its window under ``--history window``."""
         try:
-            ids = await asyncio.to_thread(self.renderer.encode, added, not session.convo.token_count)
+            _, convo = session.live()
+            ids = await asyncio.to_thread(self.renderer.encode, added, not convo.token_count)
         except BaseException:
             self._release(session)
             raise
-        if history and not session.convo.token_count and self.config.history == "window":
+        if history and not convo.token_count and self.config.history == "window":
             fed = bounded(ids, self.config.stream)
             if len(fed) < len(ids):
                 log.info(
@@ -174,10 +175,11 @@ class Turns:
         return self._turn(session, ids, added, kind)
 
     def _turn(self, session: Session, ids: list[int], added: str, kind: str) -> Turn:
+        stream, convo = session.live()
         snapshot = None
-        if session.convo.turns and (self.store.storage is None or session.dirty):
-            snapshot = (session.stream.state(), session.convo.copy())
-        return Turn(session, ids, added, session.convo.token_count, kind, snapshot)
+        if convo.turns and (self.store.storage is None or session.dirty):
+            snapshot = (stream.state(), convo.copy())
+        return Turn(session, ids, added, convo.token_count, kind, snapshot)
 
     def _release(self, session: Session) -> None:
         if session.lock.locked():
@@ -186,12 +188,13 @@ class Turns:
         self.store.notify()
 
     # -- running it ----------------------------------------------------------------------------------------------
-    async def run(self, turn: Turn, sampling: Sampling, deadline: float) -> AsyncIterator[Event]:
+    async def run(self, turn: Turn, sampling: Sampling, deadline: float) -> AsyncGenerator[Event, None]:
         """Yield the turn's events; once the last one is out, save the session. Any other exit undoes the turn."""
         loop = asyncio.get_running_loop()
         chunk = self.config.stream.chunk_size
         batched = self.config.batch_decode > 1
-        job = Job(self.model, self.tokenizer, turn.session.stream, turn.ids, sampling, loop, chunk, batched)
+        stream, _ = turn.session.live()
+        job = Job(self.model, self.tokenizer, stream, turn.ids, sampling, loop, chunk, batched)
         reply: list[str] = []
         last: Event | None = None
         try:
@@ -225,7 +228,7 @@ class Turns:
     async def _commit(self, turn: Turn, reply: str, last: Event | None) -> None:
         session = turn.session
         try:
-            convo = session.convo
+            _, convo = session.live()
             eos = ""
             if last is not None and last.finish_reason == "stop" and last.token in self.eos_ids:
                 eos = await asyncio.to_thread(self.renderer.decode, [last.token])
@@ -265,14 +268,15 @@ class Turns:
     def _undo(self, turn: Turn) -> None:
         session = turn.session
         try:
+            stream, convo = session.live()
             if turn.snapshot is not None:
-                state, convo = turn.snapshot
-                session.stream.load(state)
-                session.convo = convo
-            elif session.convo.turns and self.store.storage is not None:
+                state, before = turn.snapshot
+                stream.load(state)
+                session.convo = before
+            elif convo.turns and self.store.storage is not None:
                 self.store.unload(session)  # the state before this turn is on disk; it reloads on demand
             else:  # a new session: back to empty
-                session.stream.reset()
+                stream.reset()
                 session.convo = Conversation()
             log.info("session %s: unfinished turn undone", session.id)
         except Exception:
