@@ -18,6 +18,7 @@ text index brought up to date and searched for a new question's seeds, and every
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -93,6 +94,19 @@ def selection_seconds(memory, question: list[int], heads: int) -> float:
     return time.perf_counter() - start
 
 
+def counts(text: str) -> list[int]:
+    """Token counts, comma-separated (none: an empty string)."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = [0]
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give positive token counts, comma-separated ('' for none)"
+        )
+    return values
+
+
 def index_cost(ids: list[int], block_size: int, question: list[int]) -> tuple[float, float, float]:
     """The text index alone over ``ids``: (seconds to index every block, ms of one search for a new question's
     seeds, bytes per token)."""
@@ -116,20 +130,23 @@ def _disk_per_token(stats: dict, stream: Stream) -> float:
 
 def main() -> None:
     p = parser(__doc__, "docs/performance")
-    p.add_argument("--sizes", default="10240,102400,1048576", help="tokens of memory, comma-separated")
+    p.add_argument(
+        "--sizes", type=counts, default="10240,102400,1048576", help="tokens of memory, comma-separated"
+    )
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--tokens", type=int, default=64, help="tokens decoded one at a time per stream")
     p.add_argument("--ram-mb", type=int, default=MemoryConfig().ram_mb)
     p.add_argument("--refresh", type=int, default=MemoryConfig().refresh, help="tokens between selections")
     p.add_argument(
         "--index-sizes",
+        type=counts,
         default="1048576",
         help="tokens of text indexed alone (no model: the index's build and search time, and its bytes)",
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, args.dtype)
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = args.sizes
     ids = text_ids(tokenizer, max(sizes) + 1024 + 256 + args.tokens + CHUNKED)
     rows = []
     for size in sizes:
@@ -189,7 +206,7 @@ def main() -> None:
     report.sections.append(table(header, table_rows))
     question = tokenizer.encode(QUESTION, add_special_tokens=False)
     index_rows = []
-    for n in [int(x) for x in args.index_sizes.split(",") if x]:
+    for n in args.index_sizes:
         built, search_ms, per_token = index_cost(text_ids(tokenizer, n), MemoryConfig().block_size, question)
         index_rows.append((n, f"{built:.1f}", f"{search_ms:.0f}", f"{per_token:.1f}"))
         print(
