@@ -59,7 +59,7 @@ class _LayerMemory:
     """One layer's blocks: representative keys (Hkv, Nb * r, D), the pending tokens of the block being filled,
     and the blocks selected last."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         # (Hkv, capacity * r, D): block b's representative keys are columns b*r .. b*r + r - 1, so that one
         # batched product per kv head scores every block
         self.reps: torch.Tensor | None = None
@@ -241,7 +241,9 @@ class Memory:
 
     def _reps(self, layer: int, block: int) -> torch.Tensor:
         r = self.config.reps
-        return self.layers[layer].reps[:, block * r : (block + 1) * r]
+        stored = self.layers[layer].reps
+        assert stored is not None, "a kept block has its representative keys"
+        return stored[:, block * r : (block + 1) * r]
 
     def _layout(self) -> dict:
         cfg = self.config
@@ -267,11 +269,13 @@ class Memory:
         mem = self.layers[layer]
         # The number of blocks is the same for every layer, fixed when the token was planned.
         n = self.recalled_len // self.config.block_size
-        Hkv, D, r = mem.reps.shape[0], mem.reps.shape[2], self.config.reps
+        stored = mem.reps
+        assert stored is not None, "recall runs once a block is kept"
+        Hkv, D, r = stored.shape[0], stored.shape[2], self.config.reps
         shift = torch.tensor([self.window + 1 - model_pos])  # to distance window + 1 from a key at 0
         q = rotate(query.float()[0, :, None], shift, self.inv_freqs[layer])[:, 0]  # (H, D)
         q = q.view(Hkv, -1, D)  # (Hkv, G, D)
-        reps = mem.reps[:, : mem.count * r].float()  # (Hkv, Nb * r, D)
+        reps = stored[:, : mem.count * r].float()  # (Hkv, Nb * r, D)
         logits = torch.bmm(reps, q.transpose(1, 2))  # (Hkv, Nb * r, G)
         scores = logits.view(Hkv, mem.count, r, -1).amax(2).sum((0, 2))  # (Nb,)
         cfg = self.config

@@ -41,7 +41,7 @@ def terms(ids: np.ndarray) -> np.ndarray:
     return np.concatenate([uni, bi, tri])
 
 
-def query_terms(query: Sequence[int], context: Sequence[int] = ()) -> np.ndarray:
+def query_terms(query: Sequence[int], context: Sequence[int] | np.ndarray = ()) -> np.ndarray:
     """The distinct terms of ``query`` (sorted int64) that ``context`` (the text in view, the query usually
     among it) does not hold more often than the query itself: what the query shares with the rest of what is in
     view (a chat template, a question's own boilerplate, words the window repeats) does not point back."""

@@ -30,6 +30,7 @@ def attention_map(ctx: Context) -> Report:
         probs = attention_probs(ctx.model, ids[s * seg_len : (s + 1) * seg_len])  # L x (H, T, T)
         mean = torch.stack([p.mean(0) for p in probs])  # (L, T, T)
         maps = mean if maps is None else maps + mean
+    assert maps is not None, "at least one segment"
     maps /= segments
     # Shares: one longer sequence, queries past the first ``skip`` tokens, averaged over heads and queries.
     probs = attention_probs(ctx.model, ids[:long_len])

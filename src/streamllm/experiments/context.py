@@ -6,16 +6,20 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import MemoryConfig
 from ..data import DataError, shakespeare_text, shakespeare_works
 from ..runtime.tokens import encode
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 @dataclass
 class Context:
-    model: object
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     model_name: str
     command: str  # the command line that reproduces the run
     quick: bool = False  # a reduced size, for tests

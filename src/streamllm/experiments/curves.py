@@ -93,15 +93,16 @@ def methods(ctx: Context) -> Report:
     ]
     picked = torch.tensor(sample) - 1  # nll index of each sampled token
     limit = ctx.max_positions
-    rows = []
+    # method, then perplexities ("-" where a method has none)
+    rows: list[tuple[str, float | str, float, float | str]] = []
     for method, nll in nlls.items():
         past = nll[limit - 1 :] if limit and nll.numel() >= limit else nll[:0]
         rows.append((method, ppl(nll), ppl(nll[picked]), ppl(past) if past.numel() else "-"))
     rec_past = rec[torch.tensor(sample) > limit] if limit else rec[:0]
     rows.append(("recompute", "-", ppl(rec), ppl(rec_past) if rec_past.numel() else "-"))
     csv_rows = [(m, a, b, f"{y:.5f}") for m, c in curves.items() for a, b, y in c]
-    past = f"past token {limit}" if limit else "past its context (none known)"
-    header = ("method", "perplexity, all tokens", f"on every {stride}th token", past)
+    past_label = f"past token {limit}" if limit else "past its context (none known)"
+    header = ("method", "perplexity, all tokens", f"on every {stride}th token", past_label)
     report = Report(
         "methods",
         f"Methods: dense, window, recompute, sink ({len(ids)} tokens, cache {sink.cache_size})",

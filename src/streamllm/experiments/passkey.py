@@ -30,7 +30,9 @@ import os
 import random
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import replace
+from typing import cast
 
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -73,7 +75,7 @@ def depths(keys: int, length: int, window: int) -> list[float]:
 def right(answer: str, key: str) -> bool:
     """Whether the first number in the answer is the key."""
     found = re.search(r"\d+", answer)
-    return bool(found) and found.group(0) == key
+    return found is not None and found.group(0) == key
 
 
 def stream_ids(
@@ -137,8 +139,9 @@ def streams_for(ctx: Context, length: int) -> list[tuple[StreamConfig, list[tupl
 def ask(ctx: Context, stream: Stream, door: int, select: str | None) -> str:
     """Ask for door ``door``'s key; the greedy answer. With ``select``, the question's last token recalls what
     its memory chooses that way."""
-    memory = stream.memory
     if select is not None:
+        memory = stream.memory
+        assert memory is not None, "a question that recalls needs a stream with memory"
         memory.config = replace(memory.config, select=select)
     logits = stream.feed(ctx.encode(question_text(door)), recall=select is not None)
     answer = []
@@ -146,7 +149,8 @@ def ask(ctx: Context, stream: Stream, door: int, select: str | None) -> str:
         token = int(logits.argmax())
         answer.append(token)
         logits = stream.feed([token])
-    return ctx.tokenizer.decode(answer)
+    # one list of ids decodes to one string
+    return cast(str, ctx.tokenizer.decode(answer))
 
 
 def run_stream(
@@ -163,7 +167,7 @@ def run_stream(
     sentence starts)."""
     ids, at = stream_ids(ctx, length, keys, at_depths)
     saved = _Checkpoint(ctx, config, ids) if len(ids) >= CHECKPOINT else None
-    stream = Stream(ctx.model, config, memory_file=saved and saved.memory_file)
+    stream = Stream(ctx.model, config, memory_file=saved.memory_file if saved else None)
     fed = saved.resume(stream) if saved else 0
     with ctx.progress(len(ids), f"passkey {length}") as bar:
         bar.update(fed)
@@ -181,14 +185,17 @@ def run_stream(
         for method, select in asks:
             answer = ask(ctx, stream, door, select)
             share = None
+            memory = stream.memory
             if select is not None:
+                assert memory is not None and config.memory is not None
                 needle = (digit - config.num_sinks) // config.memory.block_size
-                layers = stream.memory.layers.values()
-                share = round(sum(needle in m.selected for m in layers) / len(layers), 3)
+                per_layer = memory.layers.values()
+                share = round(sum(needle in m.selected for m in per_layer) / len(per_layer), 3)
             answers[method].append((answer, share))
             if select == "content" and door == middle:
-                layers = {i: list(m.selected) for i, m in stream.memory.layers.items()}
-                recalled = {"blocks": stream.memory.blocks, "layers": layers}
+                assert memory is not None
+                layers = {i: list(m.selected) for i, m in memory.layers.items()}
+                recalled = {"blocks": memory.blocks, "layers": layers}
             stream.rewind(start)
     return answers, recalled, at
 
@@ -236,7 +243,7 @@ class _Checkpoint:
         self.last = fed
 
 
-def keys_for(lengths: list[int], n: int) -> dict[int, list[str]]:
+def keys_for(lengths: Sequence[int], n: int) -> dict[int, list[str]]:
     """``n`` keys per length, drawn in the order of ``LENGTHS`` and then of the other lengths asked for: a length
     holds the same keys whichever lengths a run names (and a long stream resumes whichever run started it)."""
     rng = random.Random(1234)
@@ -263,6 +270,7 @@ def passkey(ctx: Context) -> Report:
                         (length, depth, method, door, key, answer.strip(), ok, "" if share is None else share)
                     )
             if recalled is not None:  # the longest such stream is shown
+                assert config.memory is not None
                 middle = n // 2
                 needle = (at[middle] - config.num_sinks) // config.memory.block_size
                 probe = dict(recalled, length=length, key=keys[middle], needle_block=needle)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from typing import cast
 
 from ..config import StreamConfig
 from ..runtime.stream import Stream
@@ -79,7 +80,8 @@ def conversation(ctx: Context, template: ChatTemplate, told: list, length: int) 
     n = 0
     while len(ids) < length:
         piece = prose[n * REPLY_TOKENS : (n + 1) * REPLY_TOKENS]
-        passage = ctx.tokenizer.decode(piece, skip_special_tokens=True).strip()
+        # one list of ids decodes to one string
+        passage = cast(str, ctx.tokenizer.decode(piece, skip_special_tokens=True)).strip()
         user = questions[n % len(questions)]
         ids += ctx.encode(template.continuation([{"role": "user", "content": user}], close) + passage)
         n += 1
@@ -109,7 +111,7 @@ def ask_all(ctx: Context, stream: Stream, template: ChatTemplate, told: list) ->
             token = int(logits.argmax())
             out.append(token)
             logits = stream.feed([token])
-        answers.append(ctx.tokenizer.decode(out))
+        answers.append(cast(str, ctx.tokenizer.decode(out)))
         stream.rewind(saved)
     return answers
 

@@ -8,10 +8,14 @@ import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..defaults import cpu_flags
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # /proc/cpuinfo flags -> how a figure names them, the best unit first: a machine is named by the first it has
 ISA = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
@@ -33,7 +37,7 @@ def machine() -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table."""
 
     def cell(x) -> str:
@@ -52,9 +56,9 @@ class Report:
     title: str
     command: str
     csv_header: Sequence[str]
-    csv_rows: list[Sequence] = field(default_factory=list)
+    csv_rows: Sequence[Sequence[Any]] = field(default_factory=list)
     sections: list[str] = field(default_factory=list)  # Markdown blocks, in order
-    figure: object = None  # a matplotlib Figure
+    figure: Figure | None = None
 
     def paths(self, out: Path) -> list[Path]:
         return [out / f"{self.name}.{ext}" for ext in ("csv", "md", "png")]

@@ -10,7 +10,7 @@ import time
 
 from ..config import StreamConfig
 from ..runtime.chat import CHAT_SAMPLING, SAMPLING_FIELDS, ChatSession
-from ..runtime.generate import Sampling
+from ..runtime.generate import Event, Sampling
 from .chat import MIN_DISTINCT, NGRAM, degenerate, load_questions
 from .context import Context
 from .report import Report, figure, table
@@ -77,17 +77,19 @@ def _is_default(options: dict) -> bool:
     return all(getattr(chosen, f) == getattr(CHAT_SAMPLING, f) for f in SAMPLING_FIELDS)
 
 
-def _reply(session: ChatSession, user: str) -> tuple[str, object, float]:
-    start, reply, last = time.perf_counter(), "", None
+def _reply(session: ChatSession, user: str) -> tuple[str, Event, float]:
+    start, reply = time.perf_counter(), ""
+    last: Event | None = None
     for event in session.send(user):
         reply, last = reply + event.text, event
+    assert last is not None, "a reply ends with the event that says why it finished"
     return reply, last, round(time.perf_counter() - start, 2)
 
 
 def _run(ctx: Context, name: str, options: dict, turns, facts, window: int, max_new: int) -> list[tuple]:
     """One setting: the endless chat over ``turns``, then each fact question in a chat of its own."""
     config = StreamConfig(num_sinks=4, window=window)
-    rows = []
+    rows: list[tuple] = []
     with ctx.progress(len(turns) + len(facts), name) as bar:
         session = ChatSession(ctx.model, ctx.tokenizer, config, _setting(options, max_new), bos=ctx.bos)
         for turn, (qid, user) in enumerate(turns, 1):

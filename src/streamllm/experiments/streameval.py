@@ -18,12 +18,16 @@ import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from ..config import MemoryConfig, StreamConfig
 from ..runtime.generate import Sampling, stream_generate
 from ..runtime.stream import Stream
 from .context import Context
 from .report import Report, figure, table
+
+if TYPE_CHECKING:
+    from ..core.memory import Memory
 
 QUERY_EVERY = 10  # lines
 # memory: blocks chosen by attention; -content / -hybrid: by the question's tokens (alone, or proposing blocks
@@ -60,7 +64,7 @@ def query_text(index: int) -> str:
 def score(answer: str, expected: str) -> bool:
     """Exact match: the digits the model wrote before its closing ``>`` (or the end) are the expected ones."""
     match = re.match(r"\s*(\d+)\s*(>|$)", answer)
-    return bool(match) and match.group(1) == expected
+    return match is not None and match.group(1) == expected
 
 
 @dataclass
@@ -118,13 +122,16 @@ def run_stream(
             before = memory.selections if memory is not None else 0
             line_end = starts[asked] if asked < len(starts) else prompt_at
             if method == "memory-oracle":
+                assert memory is not None, "memory-oracle runs with memory"
                 memory.force(answer_blocks(config, value_at, line_end))
-            pieces, recalled = [], None
+            pieces: list[str] = []
+            recalled: float | None = None
             for event in stream_generate(ctx.model, ctx.tokenizer, prompt, sampling, stream=stream):
                 if not pieces and memory is not None and memory.selections - before == len(memory.layers):
                     recalled = value_recalled(memory, config, value_at, line_end)
                 pieces.append(event.text)
             if method == "memory-oracle":
+                assert memory is not None
                 memory.force([])
             answer = "".join(pieces)
             stream.feed(ctx.encode(">\n" if not answer.endswith(">") else "\n"))
@@ -146,11 +153,12 @@ def run_stream(
 
 def answer_blocks(config: StreamConfig, start: int, end: int) -> list[int]:
     """The memory blocks holding a token of text positions ``start .. end - 1`` (an asked line's value)."""
+    assert config.memory is not None, "the blocks are the memory's"
     bs = config.memory.block_size
     return sorted({(p - config.num_sinks) // bs for p in range(start, end)})
 
 
-def value_recalled(memory, config: StreamConfig, start: int, end: int) -> float:
+def value_recalled(memory: Memory, config: StreamConfig, start: int, end: int) -> float:
     """The share of memory layers whose current selection holds a block with a token of text positions
     ``start .. end - 1`` (an asked line's value)."""
     blocks = answer_blocks(config, start, end)
@@ -159,6 +167,7 @@ def value_recalled(memory, config: StreamConfig, start: int, end: int) -> float:
 
 
 def streameval(ctx: Context) -> Report:
+    windows: tuple[int, ...]
     if ctx.quick:
         windows, lines_back, rounds = (60,), [1, 4, 12], 2
     else:

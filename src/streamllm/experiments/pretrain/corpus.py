@@ -110,7 +110,10 @@ def _sdist_members(keep: Callable[[Path], bool]) -> Iterator[tuple[Path, bytes]]
         with tarfile.open(sdist) as tar:
             for member in tar.getmembers():
                 if member.isfile() and keep(Path(member.name)):
-                    yield Path(member.name), tar.extractfile(member).read()
+                    f = tar.extractfile(member)
+                    # a regular file's member always opens
+                    assert f is not None
+                    yield Path(member.name), f.read()
 
 
 def _read(path: Path) -> str:
@@ -205,7 +208,7 @@ def _pod_text(pod: str) -> str:
 class _Text(html.parser.HTMLParser):
     BLOCKS = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "pre", "dt", "dd", "table", "title"}
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.parts: list[str] = []
         self.skip = 0

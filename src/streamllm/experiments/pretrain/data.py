@@ -81,7 +81,8 @@ def build(docs: Iterable[tuple[str, str, str]], folder: Path, vocab_size: int) -
     the training ones and write both token streams into ``folder``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    train, held = [], []
+    train: list[tuple[str, str, str]] = []
+    held: list[tuple[str, str, str]] = []
     for source, name, text in docs:
         (held if corpus.is_held_out(source, name) else train).append((source, name, text))
     if not train or not held:
@@ -100,11 +101,13 @@ def build(docs: Iterable[tuple[str, str, str]], folder: Path, vocab_size: int) -
     tok.train_from_iterator((text for _, _, text in train), trainer=trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    stats = {"vocab_size": tok.get_vocab_size(), "sources": {}}
+    # source -> split -> [documents, tokens]
+    sources: dict[str, dict[str, list[int]]] = {}
+    stats: dict[str, object] = {"vocab_size": tok.get_vocab_size(), "sources": sources}
     for split, chosen in (("train", train), ("heldout", held)):
         ids = []
         for (source, _, _), enc in zip(chosen, _encode(tok, [t for _, _, t in chosen]), strict=True):
-            row = stats["sources"].setdefault(source, {"train": [0, 0], "heldout": [0, 0]})
+            row = sources.setdefault(source, {"train": [0, 0], "heldout": [0, 0]})
             row[split][0] += 1
             row[split][1] += len(enc) + 1
             ids.append(np.asarray(enc + [SPECIALS.index(EOT)], dtype=np.uint16))

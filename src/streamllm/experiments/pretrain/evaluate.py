@@ -61,6 +61,8 @@ def variant_ppl(
             bar(len(ids))
     sample = list(range(lead + stride, len(ids), stride))
     out["recompute"] = _ppl(recompute_nll(model, ids, cache, sample))
+    # SINKS is never empty: nll is its last layout's, the one compared with recompute on recompute's tokens
+    assert nll is not None
     out[f"{SINKS[-1]}+{cache - SINKS[-1]}, recompute's tokens"] = _ppl(nll[torch.tensor(sample) - 1])
     if bar:
         bar(len(ids))

@@ -19,6 +19,7 @@ Shapes: B batch, H heads, T tokens, D head dim.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +56,8 @@ def build(variant: str, shape: Shape, vocab_size: int, eot_id: int, sink_id: int
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     head_dim = shape.hidden_size // shape.num_heads
-    common = dict(
+    # the keyword arguments both configs take, of several types
+    common: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
@@ -68,6 +70,7 @@ def build(variant: str, shape: Shape, vocab_size: int, eot_id: int, sink_id: int
         pad_token_id=None,
         bos_token_id=sink_id if variant == "sink-token" else None,
     )
+    config: tf.PretrainedConfig
     if variant == "zero-sink":
         config = tf.GraniteSWAConfig(
             **common,

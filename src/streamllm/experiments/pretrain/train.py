@@ -195,17 +195,17 @@ def _turn(folder, s: Settings, tokens, stream, variant: str, start: int, on_step
             x = data_mod.batch(stream, step, s.seed, s.batch_size, s.seq_len)  # (B, T)
             loss = loss_of(model, variant, x, tokens.sink_id)
             loss.backward()
-            loss = float(loss.detach())
+            loss_value = float(loss.detach())
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - began
-            row = {"step": step + 1, "tokens": (step + 1) * s.tokens_per_step, "loss": round(loss, 5)}
+            row = {"step": step + 1, "tokens": (step + 1) * s.tokens_per_step, "loss": round(loss_value, 5)}
             row |= {"lr": lr, "grad_norm": round(float(norm), 4), "seconds": round(seconds, 3)}
             logf.write(json.dumps(row) + "\n")
             logf.flush()
             if on_step:
-                on_step(variant, step + 1, loss, s.tokens_per_step / seconds)
+                on_step(variant, step + 1, loss_value, s.tokens_per_step / seconds)
     model.eval()
     _save(folder, s, tokens, variant, model, optimizer, end)
     _probe(folder, s, tokens, variant, model, end)
@@ -262,14 +262,17 @@ def probe(model, variant: str, x: torch.Tensor, sink_id: int) -> dict:
     queries past ``PROBE_SKIP``) on position 0, on position 1, and on the zero sink's column where there is one."""
     probs: dict[int, torch.Tensor] = {}
     loss = loss_of(model, variant, x, sink_id, probe=probs)
-    out = {"heldout_loss": round(float(loss), 5), "pos0": [], "pos1": [], "sink_column": []}
+    pos0: list[float] = []
+    pos1: list[float] = []
+    sink_column: list[float | None] = []
+    out = {"heldout_loss": round(float(loss), 5), "pos0": pos0, "pos1": pos1, "sink_column": sink_column}
     for layer in sorted(probs):
         p = probs[layer][:, :, PROBE_SKIP:]  # (P, H, T', K)
         T = p.shape[2] + PROBE_SKIP
-        out["pos0"].append(round(float(p[..., 0].mean()), 5))
-        out["pos1"].append(round(float(p[..., 1].mean()), 5))
+        pos0.append(round(float(p[..., 0].mean()), 5))
+        pos1.append(round(float(p[..., 1].mean()), 5))
         extra = p.shape[-1] - T  # 1 for the zero sink's column
-        out["sink_column"].append(round(float(p[..., -1].mean()), 5) if extra else None)
+        sink_column.append(round(float(p[..., -1].mean()), 5) if extra else None)
     return out
 
 
