@@ -35,7 +35,7 @@ from dataclasses import replace
 from typing import cast
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..config import MemoryConfig, StreamConfig
 from ..home import home
@@ -220,8 +220,8 @@ class _Checkpoint:
         """Load the last state saved, if any; -> the tokens it had fed."""
         if not self.state_file.exists():
             return 0
-        tensors = load_file(self.state_file)
         with safe_open(self.state_file, "pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
             meta = json.loads(f.metadata()["meta"])
         stream.load((tensors, meta["state"]))
         self.last = int(meta["fed"])
