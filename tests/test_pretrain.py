@@ -1,6 +1,7 @@
 """Pre-training with a sink token (paper Sec. 3.3) on a tiny corpus, a few steps: the three variants differ as
 designed, a resumed run equals an uninterrupted one, and the engine streams each trained variant exactly."""
 
+import dataclasses
 import random
 
 import pytest
@@ -143,6 +144,27 @@ def test_resumed_run_equals_uninterrupted(run, tmp_path):
     kept = sorted(p.name for p in (other / "vanilla").glob("step-*"))
     assert kept == ["step-2", "step-4"]  # the milestone keeps its weights, only the newest its optimizer
     assert not (other / "vanilla" / "step-2" / "trainer.pt").exists()
+
+
+def test_bfloat16_compute_trains_and_resumes_exactly(run, tmp_path):
+    folder, s, _ = run
+    s = dataclasses.replace(s, compute="bfloat16", variants=("vanilla",))
+    whole, halves = tmp_path / "whole", tmp_path / "halves"
+    train.train(whole, s)
+    train.train(halves, s, max_turns=1)
+    train.train(halves)
+    a = train.load_model(train.latest(whole, "vanilla")).state_dict()
+    b = train.load_model(train.latest(halves, "vanilla")).state_dict()
+    assert all(a[k].dtype == torch.float32 and torch.equal(a[k], b[k]) for k in a)  # float32 master weights
+    losses = {
+        name: [r["loss"] for r in evaluate.read_jsonl(f / "vanilla" / "log.jsonl")]
+        for name, f in (("float32", folder), ("bfloat16", whole))
+    }
+    # the same steps on the same data: rounding apart, not another run
+    assert losses["bfloat16"] != losses["float32"]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.02)
+    with pytest.raises(ValueError, match="compute must be one of"):
+        dataclasses.replace(s, compute="float16")
 
 
 @pytest.mark.parametrize("variant", model.VARIANTS)

@@ -43,6 +43,13 @@ def add_parser(sub) -> None:
     t.add_argument("--size", default=None, help="model shape HIDDEN,LAYERS,HEADS,FFN (default 256,6,4,688)")
     t.add_argument("--variants", default=None, help="comma-separated (default vanilla,sink-token,zero-sink)")
     t.add_argument("--max-turns", type=positive, default=None, help="stop after this many turns")
+    t.add_argument(
+        "--compute",
+        choices=("auto", "float32", "bfloat16"),
+        default=None,
+        help="matrix products of training (default auto: bfloat16 autocast where this CPU has it natively, "
+        "about twice as fast; weights and optimizer stay float32)",
+    )
     t.add_argument("--threads", type=positive, default=1, help="torch threads (default 1)")
     t.set_defaults(run=run_train)
     s = ps.add_parser("status", help="where a run stands")
@@ -88,6 +95,7 @@ def run_corpus(args) -> int:
 def _settings(args, data_folder: Path):
     from dataclasses import replace
 
+    from ..defaults import native_bf16
     from ..experiments.pretrain.model import Shape
     from ..experiments.pretrain.train import Settings
 
@@ -108,7 +116,10 @@ def _settings(args, data_folder: Path):
         s = replace(s, shape=Shape(h, n, heads, ffn))
     if args.variants:
         s = replace(s, variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()))
-    return s
+    compute = args.compute or "auto"
+    if compute == "auto":
+        compute = "bfloat16" if native_bf16() else "float32"
+    return replace(s, compute=compute)
 
 
 def run_train(args) -> int:
@@ -120,7 +131,7 @@ def run_train(args) -> int:
     folder = _folder(args)
     given = any(
         getattr(args, k) is not None
-        for k in ("steps", "batch_size", "seq_len", "lr", "segment", "size", "variants")
+        for k in ("steps", "batch_size", "seq_len", "lr", "segment", "size", "variants", "compute")
     )
     if (folder / "settings.json").exists():
         settings = train.open_run(folder)

@@ -40,6 +40,9 @@ def runs_dir() -> Path:
     return home() / "pretrain" / "runs"
 
 
+COMPUTE = ("float32", "bfloat16")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything that defines a run; saved as ``settings.json`` and read back on resume."""
@@ -59,11 +62,16 @@ class Settings:
     seed: int = 0
     segment: int = 50  # steps per turn; every turn ends with a checkpoint
     milestones: tuple[int, ...] = (50, 100, 200, 400, 800)  # checkpoints kept (weights only) besides the last
+    # The matrix products of the forward and backward passes: "bfloat16" runs them under autocast (weights, their
+    # gradients and the optimizer stay float32), about twice as fast where the CPU multiplies bfloat16 natively.
+    compute: str = "float32"
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in model_mod.VARIANTS]
         if unknown or not self.variants:
             raise ValueError(f"variants must be among {', '.join(model_mod.VARIANTS)}, got {self.variants}")
+        if self.compute not in COMPUTE:
+            raise ValueError(f"compute must be one of {', '.join(COMPUTE)}, got {self.compute!r}")
         for name in ("seq_len", "batch_size", "steps", "segment"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -193,7 +201,8 @@ def _turn(folder, s: Settings, tokens, stream, variant: str, start: int, on_step
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x = data_mod.batch(stream, step, s.seed, s.batch_size, s.seq_len)  # (B, T)
-            loss = loss_of(model, variant, x, tokens.sink_id)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.compute == "bfloat16"):
+                loss = loss_of(model, variant, x, tokens.sink_id)
             loss.backward()
             loss_value = float(loss.detach())
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
