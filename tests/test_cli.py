@@ -55,12 +55,48 @@ def bad_files(tmp_path_factory):
         (["generate", "--prompt", "hi", "--memory-dir", "/no/such/dir"], "does not exist"),
         (["generate", "--prompt", "hi", "--memory-positions", "text"], "--memory-positions"),
         (["serve", "--memory", "--memory-refresh", "0"], "refresh must be >= 1"),
+        (["serve", "--no-memory", "--memory-blocks", "8"], "leave out --memory-blocks"),
+        (["chat", "--no-memory", "--memory-select", "hybrid"], "leave out --memory-select"),
+        (["chat", "--memory", "--method", "recompute"], "sink method"),
     ],
 )
 def test_bad_input_gets_one_line_error(args, needle, bad_files, capsys):
     """In this process, through the command's ``main``; the real process's own handling is checked once below."""
     result = run_here(capsys, *[a.format(d=bad_files) for a in args])
     assert_one_line_error(result, needle)
+
+
+@pytest.mark.parametrize(
+    ("args", "memory"),
+    [
+        (["chat"], True),  # on by default in chat and serve
+        (["chat", "--no-memory"], False),
+        (["chat", "--method", "window"], False),  # where it does not apply, not an error
+        (["chat", "--positions", "text"], False),
+        (["serve"], True),
+        (["serve", "--no-memory"], False),
+        (["generate", "--prompt", "hi"], False),  # opt-in elsewhere
+        (["generate", "--prompt", "hi", "--memory-blocks", "2"], True),
+    ],
+)
+def test_memory_is_on_by_default_in_chat_and_serve(args, memory):
+    from streamllm.cli import build_parser
+    from streamllm.cli.common import memory_config
+
+    assert (memory_config(build_parser().parse_args(args)) is not None) == memory
+
+
+def test_serve_shares_one_memory_budget_among_its_sessions():
+    from streamllm.cli import build_parser
+    from streamllm.cli.serve import SERVER_MEMORY_RAM_MB, server_config
+
+    def ram(*args):
+        return server_config(build_parser().parse_args(["serve", *args])).stream.memory.ram_mb
+
+    assert ram() == SERVER_MEMORY_RAM_MB // 16  # --max-sessions 16
+    assert ram("--max-sessions", "4") == SERVER_MEMORY_RAM_MB // 4
+    assert ram("--max-sessions", "4", "--memory-ram", "300") == 300  # given: per session, as everywhere
+    assert ram("--max-sessions", "100000") == 64  # a floor: a block of a larger model still fits
 
 
 def test_bad_input_in_a_real_process(bad_files):

@@ -326,6 +326,10 @@ def test_a_session_memory_is_saved_undone_restored_and_deleted(tiny, tmp_path):
         )
         assert slow.status_code == 504
         assert _idle_state(server.url, session)["turns"] == 3
+    # restarted without memory: the error says how to continue the session
+    with _serve(tiny, stream=STREAM, state_dir=tmp_path) as server:
+        refused = _chat(server.url, [{"role": "user", "content": "next"}], session=session)
+        assert "saved by a server with memory" in refused.json()["error"]["message"], refused.text
     other_file = tmp_path / "sessions" / other / "memory.bin"
     other_file.write_bytes(other_file.read_bytes()[:-10])  # a damaged memory breaks only its own session
     with _serve(tiny, stream=MEMORY_STREAM, state_dir=tmp_path) as server:

@@ -46,7 +46,7 @@ HISTORY_LINES = 1000
 
 def add_parser(sub) -> None:
     c = sub.add_parser("chat", help="endless interactive chat (/help lists the commands)")
-    stream_args(c)
+    stream_args(c, memory=True)
     sampling_args(c, 512, chat=True)
     c.add_argument("--script", type=Path, help='JSONL file of user turns ({"content": ...} per line)')
     c.add_argument("--transcript", type=Path, help="write every turn as JSONL here")

@@ -70,7 +70,9 @@ def model_args(p: argparse.ArgumentParser, dtype: str = "auto") -> None:
     p.add_argument("--threads", type=positive, default=None, help="torch CPU threads")
 
 
-def stream_args(p: argparse.ArgumentParser) -> None:
+def stream_args(p: argparse.ArgumentParser, memory: bool = False) -> None:
+    """The options that shape a stream; ``memory``: memory is on unless ``--no-memory`` (``chat`` and ``serve``,
+    where it measured no worse than plain sink; see ``docs/results.md``, "Default")."""
     model_args(p)
     p.add_argument("--num-sinks", type=non_negative, default=4)
     p.add_argument("--window", type=positive, default=1020)
@@ -102,7 +104,7 @@ def stream_args(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not start the stream with BOS (by default it does when the tokenizer adds one)",
     )
-    memory_args(p)
+    memory_args(p, memory)
 
 
 MEMORY_FLAGS = {  # option -> MemoryConfig field
@@ -115,12 +117,24 @@ MEMORY_FLAGS = {  # option -> MemoryConfig field
 }
 
 
-def memory_args(p: argparse.ArgumentParser) -> None:
+def memory_args(p: argparse.ArgumentParser, default: bool = False) -> None:
     d = MemoryConfig()
-    g = p.add_argument_group("memory of evicted tokens (any --memory-* option turns it on)")
-    g.add_argument(
-        "--memory", action="store_true", help="keep evicted tokens in blocks and recall the relevant ones"
-    )
+    if default:
+        g = p.add_argument_group(
+            "memory of evicted tokens (on by default with --method sink; --no-memory: off)"
+        )
+        g.add_argument(
+            "--memory", action="store_true", help="keep evicted tokens and recall them (the default)"
+        )
+        g.add_argument(
+            "--no-memory", action="store_true", help="plain sink cache: evicted tokens are gone for good"
+        )
+        p.set_defaults(memory_by_default=True)
+    else:
+        g = p.add_argument_group("memory of evicted tokens (any --memory-* option turns it on)")
+        g.add_argument(
+            "--memory", action="store_true", help="keep evicted tokens in blocks and recall the relevant ones"
+        )
     helps = {
         "block_size": f"tokens per block (default {d.block_size})",
         "blocks": f"blocks recalled at a time (default {d.blocks})",
@@ -170,13 +184,23 @@ class Parser(argparse.ArgumentParser):
 
 
 def memory_config(args) -> MemoryConfig | None:
-    """The ``MemoryConfig`` the options ask for, or None when no memory option is given."""
+    """The ``MemoryConfig`` the options ask for: None when no memory option is given, unless the command has
+    memory on by default (``stream_args(memory=True)``) and the cache can use it."""
     fields = {f: getattr(args, f"memory_{f}", None) for f in MEMORY_FLAGS.values()}
     fields["positions"] = getattr(args, "memory_positions", None)
     fields["select"] = getattr(args, "memory_select", None)
     fields["dir"] = getattr(args, "memory_dir", None)
     given = {k: v for k, v in fields.items() if v is not None}
-    if not given and not getattr(args, "memory", False):
+    if getattr(args, "no_memory", False):
+        if given:
+            flag = {v: k for k, v in MEMORY_FLAGS.items()}.get(name := next(iter(given)), f"--memory-{name}")
+            raise InputError(f"--no-memory turns memory off; leave out {flag}")
+        return None
+    # On by default only where it applies: the other methods keep no sinks to recall between, or evict nothing.
+    default = (
+        getattr(args, "memory_by_default", False) and args.method == "sink" and args.positions == "cache"
+    )
+    if not given and not getattr(args, "memory", False) and not default:
         return None
     if "dir" in given and not given["dir"].is_dir():
         raise InputError(f"memory folder does not exist: {given['dir']}")

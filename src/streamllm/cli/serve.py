@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from ..config import HISTORY, ConfigError
@@ -27,7 +28,7 @@ def add_parser(sub) -> None:
 
 def server_args(s) -> None:
     """The options of ``serve``, which ``serve-ray`` shares (each replica is built from them)."""
-    stream_args(s)
+    stream_args(s, memory=True)
     # Smaller prompt chunks than the other commands: one chunk is what other sessions wait for at most.
     s.set_defaults(chunk_size=128)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -59,7 +60,11 @@ def server_args(s) -> None:
         help="with --store: seconds a session stays blocked after a process dies mid-turn (default 15)",
     )
     s.add_argument(
-        "--max-sessions", type=positive, default=16, help="sessions whose cache stays in memory (LRU)"
+        "--max-sessions",
+        type=positive,
+        default=16,
+        help=f"sessions whose cache stays in memory (LRU); unless --memory-ram says otherwise, each session's "
+        f"memory keeps {SERVER_MEMORY_RAM_MB} MiB / this many (at least 64) of blocks in RAM, the rest in its file",
     )
     s.add_argument("--max-body-bytes", type=positive, default=8 * 2**20, help="largest request body")
     s.add_argument(
@@ -95,6 +100,11 @@ def server_args(s) -> None:
         default="text",
         help="text lines, or one JSON object per line for log shippers (json); either way one line per request",
     )
+
+
+# MiB of memory blocks in RAM for all resident sessions together, by default: a server holds --max-sessions memories
+# where a chat holds one, so each gets its share (``MemoryConfig.ram_mb`` is per memory).
+SERVER_MEMORY_RAM_MB = 1024
 
 
 def port_number(text: str) -> int:
@@ -179,9 +189,15 @@ def server_config(args):
         raise InputError(f"--lease-wait must be >= 0, got {args.lease_wait}")
     if not args.lease_ttl >= 1:
         raise InputError(f"--lease-ttl must be >= 1, got {args.lease_ttl}")
+    stream = stream_config(args)
+    if stream.memory is not None and args.memory_ram_mb is None:
+        share = max(
+            64, SERVER_MEMORY_RAM_MB // args.max_sessions
+        )  # a floor: one block of a 7B model is 16 MiB
+        stream = replace(stream, memory=replace(stream.memory, ram_mb=share))
     config = ServerConfig(
         model_id=args.model,
-        stream=stream_config(args),
+        stream=stream,
         api_keys=_api_keys(args),
         state_dir=args.state_dir,
         store=args.store,

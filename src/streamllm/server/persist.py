@@ -231,6 +231,10 @@ def _config_dict(config: StreamConfig) -> dict:
     return settings
 
 
+def _without_memory(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k != "memory"}
+
+
 def check_meta(meta: object, model_id: str, config: StreamConfig) -> dict:
     """Validate a parsed ``meta.json``; raises ``StateError`` saying what does not fit."""
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -240,10 +244,24 @@ def check_meta(meta: object, model_id: str, config: StreamConfig) -> dict:
             f"saved in format version {meta.get('version')!r}; this server reads versions "
             f"{', '.join(map(str, READABLE))}"
         )
-    if meta.get("model") != model_id or meta.get("config") != _config_dict(config):
+    saved, ours = meta.get("config"), _config_dict(config)
+    same_model = meta.get("model") == model_id
+    if (
+        same_model
+        and isinstance(saved, dict)
+        and saved != ours
+        and _without_memory(saved) == _without_memory(ours)
+    ):
+        if "memory" in saved:
+            raise StateError(
+                f"saved by a server with memory {saved['memory']}; start this one with those --memory-* settings "
+                "to continue it"
+            )
+        raise StateError("saved by a server without memory; start this one with --no-memory to continue it")
+    if not same_model or saved != ours:
         raise StateError(
             f"saved by a server with model {meta.get('model')!r} and cache {meta.get('config')}; this server runs "
-            f"{model_id!r} with {_config_dict(config)}"
+            f"{model_id!r} with {ours}"
         )
     wanted = {"id": str, "owner": str, "turns": int, "tokens_seen": int, "close": str, "text_bytes": int}
     wanted |= {"text_sha256": str, "layers": list, "state_file": str, "state_sha256": str, "generation": int}
