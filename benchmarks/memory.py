@@ -13,16 +13,21 @@ layer scores every block), the next ``--tokens`` tokens of the text are decoded 
 point the Python step), and 2048 more are fed in chunks (chunked tok/s). Selections happen every ``refresh``
 tokens as in any stream, so their cost is in both figures. Last, ``selection ms`` times one selection alone: the
 text index brought up to date and searched for a new question's seeds, and every memory layer's blocks scored
-(``Memory.select``) with a query. Writes memory.csv and memory.md into --out.
+(``Memory.select``) with a query. ``--saved FOLDER`` adds a memory restored, read only, from the stream that
+``streamllm experiment passkey`` saved (a million tokens of real text and keys take over an hour to feed; this
+times what it holds without feeding it again). Writes memory.csv and memory.md into --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 from _bench import PeakRSS, command, parser, text_ids, time_tokens
+from safetensors import safe_open
 
 from streamllm import StreamConfig, load_model
 from streamllm.config import MemoryConfig
@@ -38,17 +43,33 @@ PIECE = 4096
 QUESTION = "Who was it that spoke of the ghost of the king, and what did he say about Denmark?"
 
 
-def run(model, tokenizer, ids, size: int | None, tokens: int, ram_mb: int, refresh: int) -> dict:
-    memory = MemoryConfig(ram_mb=ram_mb, refresh=refresh, select="content") if size else None
-    stream = Stream(model, StreamConfig(num_sinks=4, window=1020, memory=memory))
-    fed = size + 1024 if size else PREFIX  # memory holds what left the window: the window more is fed
+def run(
+    model, tokenizer, ids, size: int | None, tokens: int, ram_mb: int, refresh: int, saved: Path | None = None
+) -> dict:
+    """One stream timed: plain sink (no ``size``), memory fed ``size`` tokens of ``ids``, or memory restored from
+    the stream ``saved`` in a folder of ``streamllm experiment passkey`` (then ``ids`` are what follows it)."""
+    memory = MemoryConfig(ram_mb=ram_mb, refresh=refresh, select="content") if size or saved else None
+    config = StreamConfig(num_sinks=4, window=1020, memory=memory)
     start = time.perf_counter()
-    for s in range(0, fed, PIECE):
-        stream.feed(ids[s : min(s + PIECE, fed)])
+    if saved is not None:
+        # Read only: new blocks go to a spill file of their own, never to the saved memory.bin (nothing here
+        # calls ``persist``), so the experiment's stream stays as it was.
+        stream = Stream(model, config, memory_file=saved / "memory.bin")
+        with safe_open(saved / "state.safetensors", "pt") as f:
+            stream.load(
+                ({name: f.get_tensor(name) for name in f.keys()}, json.loads(f.metadata()["meta"])["state"])
+            )
+        fed, rest = stream.tokens_seen, ids
+        size = stream.memory.stats()["tokens"]
+    else:
+        stream = Stream(model, config)
+        fed = size + 1024 if size else PREFIX  # memory holds what left the window: the window more is fed
+        for s in range(0, fed, PIECE):
+            stream.feed(ids[s : min(s + PIECE, fed)])
+        rest = ids[fed:]
     fill_s = time.perf_counter() - start
     start_rss = current_rss_mb()
     question = tokenizer.encode(QUESTION, add_special_tokens=False)
-    rest = ids[fed:]
     with PeakRSS() as rss:
         stream.feed(question, recall=True, query=question)
         seconds = time_tokens(stream, rest[:tokens])
@@ -64,6 +85,7 @@ def run(model, tokenizer, ids, size: int | None, tokens: int, ram_mb: int, refre
     index = stream.memory.text.nbytes() if stream.memory else 0
     row = {
         "memory_tokens": size or 0,
+        "restored": saved is not None,
         "refresh": refresh if size else "",
         "fill_s": fill_s,
         "fill_tok_s": fed / fill_s,
@@ -143,20 +165,36 @@ def main() -> None:
         default="1048576",
         help="tokens of text indexed alone (no model: the index's build and search time, and its bytes)",
     )
+    p.add_argument(
+        "--saved",
+        type=Path,
+        action="append",
+        default=[],
+        help="also time a memory restored from this folder of `streamllm experiment passkey` (its stream of up "
+        "to a million tokens, saved under $STREAMLLM_HOME/experiments/passkey/), read only (repeatable)",
+    )
     args = p.parse_args()
+    for folder in args.saved:
+        if not (folder / "state.safetensors").is_file() or not (folder / "memory.bin").is_file():
+            p.error(f"--saved {folder}: no state.safetensors and memory.bin there")
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, args.dtype)
     sizes = args.sizes
-    ids = text_ids(tokenizer, max(sizes) + 1024 + 256 + args.tokens + CHUNKED)
+    ids = text_ids(tokenizer, max(sizes, default=0) + 1024 + 256 + args.tokens + CHUNKED)
     rows = []
-    for size in sizes:
+    for size in [*sizes, *args.saved]:
         base = run(model, tokenizer, ids, None, args.tokens, args.ram_mb, args.refresh)
-        r = run(model, tokenizer, ids, size, args.tokens, args.ram_mb, args.refresh)
+        if isinstance(size, Path):
+            r = run(model, tokenizer, ids, None, args.tokens, args.ram_mb, args.refresh, saved=size)
+        else:
+            r = run(model, tokenizer, ids, size, args.tokens, args.ram_mb, args.refresh)
+        size = r["memory_tokens"]
         r["decode_ratio"], r["chunked_ratio"] = r["decode"] / base["decode"], r["chunked"] / base["chunked"]
         base["decode_ratio"] = base["chunked_ratio"] = 1.0
         rows += [base, r]
+        how = "restored" if r["restored"] else "fed"
         print(
-            f"memory {size}: fed in {r['fill_s']:.0f} s ({r['fill_tok_s']:.0f} tok/s); selection "
+            f"memory {size}: {how} in {r['fill_s']:.0f} s ({r['fill_tok_s']:.0f} tok/s); selection "
             f"{r['selection_ms']:.0f} ms; decode {r['decode']:.1f} tok/s ({r['decode_ratio']:.2f}x sink), "
             f"chunked {r['chunked']:.0f} tok/s ({r['chunked_ratio']:.2f}x); index {r['index_bytes_per_token']:.0f} "
             f"B/token; peak RSS {r['peak_rss_mb']:.0f} MB, memory RAM {r['ram_mb']:.0f} MB, disk "
@@ -165,7 +203,7 @@ def main() -> None:
         )
     header = (
         "memory tokens",
-        "fed in (s)",
+        "fed (restored) in s",
         "selection ms",
         "decode tok/s",
         "vs sink",
@@ -179,7 +217,7 @@ def main() -> None:
     table_rows = [
         (
             r["memory_tokens"] or "none (plain sink)",
-            round(r["fill_s"]) if r["memory_tokens"] else "-",
+            (f"({r['fill_s']:.0f})" if r["restored"] else round(r["fill_s"])) if r["memory_tokens"] else "-",
             round(r["selection_ms"]) if r["memory_tokens"] else "-",
             round(r["decode"], 1),
             f"{r['decode_ratio']:.2f}x",
