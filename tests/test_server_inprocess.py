@@ -267,7 +267,46 @@ def test_a_batched_decode_step_matches_single_steps(request, which, decode):
     )
 
 
-def test_batched_decoding_serves_concurrent_sessions_alike(tiny):
+@pytest.mark.parametrize("decode", ["fast", "transformers"])
+def test_memory_streams_share_decode_steps_between_selections(tiny, decode):
+    """Streams with a memory decode together except at a token that selects, which goes alone; either way every
+    stream goes on as it would alone."""
+    from streamllm.runtime.stream import feed_together
+
+    model, _ = tiny
+    config = dataclasses.replace(MEMORY_STREAM, decode=decode)
+    ids = torch.randint(100, 1000, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+    lengths = [60, 90, 137]  # each past its window, with blocks in memory, at different selection phases
+    single, batched = [Stream(model, config) for _ in lengths], [Stream(model, config) for _ in lengths]
+    for a, b, n in zip(single, batched, lengths, strict=True):
+        a.feed(ids[:n])
+        b.feed(ids[:n])
+    shared = alone = 0
+    for step in range(40):
+        tokens = [ids[n + step] for n in lengths]
+        want = torch.stack([s.feed([t]) for s, t in zip(single, tokens, strict=True)])
+        rows = [r for r, s in enumerate(batched) if s.batchable]
+        got = torch.empty_like(want)
+        if len(rows) > 1:
+            got[rows] = feed_together([batched[r] for r in rows], [tokens[r] for r in rows])
+            shared += 1
+        else:
+            rows = []
+        for r, s in enumerate(batched):
+            if r not in rows:
+                got[r] = s.feed([tokens[r]])
+                alone += 1
+        assert (want - got).abs().max() < 2e-4 and torch.equal(want.argmax(-1), got.argmax(-1)), step
+    assert shared > 20 and alone > 0  # most steps shared, and the selecting tokens went alone
+    for a, b in zip(single, batched, strict=True):
+        assert a.memory.stats()["blocks"] == b.memory.stats()["blocks"] > 5
+        assert all(a.memory.layers[i].selected == b.memory.layers[i].selected for i in a.memory.layers)
+
+
+@pytest.mark.parametrize("memory", [False, True], ids=["sink", "memory"])
+def test_batched_decoding_serves_concurrent_sessions_alike(tiny, memory):
+    stream = MEMORY_STREAM if memory else STREAM
+
     def conversations(url):
         replies, threads = {}, []
 
@@ -284,9 +323,9 @@ def test_batched_decoding_serves_concurrent_sessions_alike(tiny):
             t.join()
         return replies
 
-    with _serve(tiny) as server:
+    with _serve(tiny, stream=stream) as server:
         alone = conversations(server.url)
-    app = create_app(*tiny, ServerConfig(model_id="tiny", stream=STREAM, api_keys=(KEY,), batch_decode=4))
+    app = create_app(*tiny, ServerConfig(model_id="tiny", stream=stream, api_keys=(KEY,), batch_decode=4))
     with ThreadServer(app) as server:
         together = conversations(server.url)
         scheduler = app.state.turns.scheduler

@@ -87,7 +87,8 @@ class Stream:
     @property
     def batchable(self) -> bool:
         """Whether this stream's next token can share a pass with other streams' (``feed_together``): a bounded
-        cache whose layers share one policy, no memory, and something in it already."""
+        cache whose layers share one policy, something in it already, and a memory (if any) that does not select at
+        this token."""
         return not isinstance(self.cache, Recompute) and batchable(self.cache)
 
     def cache_bytes(self) -> int:
@@ -218,6 +219,9 @@ def feed_together(streams: Sequence[Stream], tokens: Sequence[int]) -> torch.Ten
     caches = [s.cache for s in streams if s.batchable and isinstance(s.cache, KVCache)]
     if len(caches) < len(streams):
         raise ValueError("a stream that cannot share a pass was given to feed_together")
+    for stream, token in zip(streams, tokens, strict=True):
+        if stream.memory is not None:  # its text index reads every token, as ``chunks`` notes them
+            stream.memory.note(stream.tokens_seen, [int(token)])
     decoder = streams[0].decoder
     if any(s.decoder is not decoder for s in streams):
         decoder = None
