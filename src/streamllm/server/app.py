@@ -40,7 +40,7 @@ def create_app(model, tokenizer, config: ServerConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         store.scan_storage()
         scheduler.start()
-        log.info("serving %s; %s", config.model_id, _describe(config))
+        log.info("serving %s; %s", config.model_id, describe(config))
         try:
             yield
         finally:
@@ -101,8 +101,9 @@ def _version() -> str:
         return "0"
 
 
-def _describe(config: ServerConfig) -> str:
-    where = "sessions in memory only"
+def describe(config: ServerConfig) -> str:
+    """One line for the operator: the cache, memory, where sessions live, the limits."""
+    where = "sessions kept by this process only"
     if config.store or config.state_dir:
         where = f"sessions saved in {store_name(config)}"
     keys = f"{len(config.api_keys)} API key(s)" if config.api_keys else "no API key"
@@ -114,7 +115,7 @@ def _describe(config: ServerConfig) -> str:
     )
     return (
         f"cache {config.stream.num_sinks}+{config.stream.window} ({config.stream.method}){memory}, {where}, "
-        f"{config.max_sessions} sessions in memory at most, decode batches of {config.batch_decode}, {keys}"
+        f"{config.max_sessions} sessions resident at most, decode batches of {config.batch_decode}, {keys}"
     )
 
 
