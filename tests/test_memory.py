@@ -311,7 +311,8 @@ def test_each_save_appends_only_the_new_blocks(tmp_path):
 
 
 def test_a_crash_after_the_memory_was_written_loses_nothing_committed(tmp_path):
-    """Blocks appended for a turn whose meta.json never committed are cut off when the session loads."""
+    """Blocks appended for a turn whose meta.json never committed are never read when the session loads, and the
+    turns after it write over them."""
     model = streamllm.prepare(tiny_model("llama"))
     config = dataclasses.replace(CONFIG, decode="transformers")
     ids = _ids(seed=11, n=120)
@@ -323,7 +324,7 @@ def test_a_crash_after_the_memory_was_written_loses_nothing_committed(tmp_path):
     crashed.memory.persist()  # the next turn's blocks reach the file, then the process dies
     assert path.stat().st_size > committed
     restored = _restored(model, config, meta, blob, path)
-    assert path.stat().st_size == committed
+    assert path.stat().st_size > committed  # opening writes nothing: the torn tail waits to be written over
     for token in ids[50:]:
         assert torch.equal(restored.feed([token]), reference.feed([token]))
 

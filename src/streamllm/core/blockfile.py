@@ -67,7 +67,9 @@ class BlockFile:
 
     def open(self, file_id: str, size: int) -> None:
         """Open the named file a saved state refers to: it must carry ``file_id`` and this layout, and hold at
-        least ``size`` bytes (anything past them is a turn that was never committed, and is cut off)."""
+        least ``size`` bytes. Anything past them is a turn that was never committed: it is never read, and the
+        next ``append`` writes over it. Opening writes nothing, so a reader (a benchmark timing a saved stream)
+        cannot harm a file that its writer is still appending to."""
         path = self.path
         if path is None:
             raise MemoryFileError("a temporary memory file cannot be opened again")
@@ -92,8 +94,6 @@ class BlockFile:
         have = os.fstat(fd).st_size
         if have < size:
             raise MemoryFileError(f"the memory file {path.name} is truncated: {have} of {size} bytes")
-        if have > size:
-            os.ftruncate(fd, size)
         self.id, self.size = file_id, size
 
     # -- records -----------------------------------------------------------------------------------------------
