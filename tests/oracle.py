@@ -85,7 +85,7 @@ def _grams(ids: list[int]) -> list[tuple[int, ...]]:
 
 
 def _bm25(query: list[tuple[int, ...]], blocks: list[list[int]]) -> list[float]:
-    """BM25 of the query's n-grams over token n-grams (n = 1..3) inside each block, k1 = 1.2, b = 0, rounded
+    """BM25 of the query's n-grams over token n-grams (n = 1..3) inside each block's text, k1 = 1.2, b = 0, rounded
     to 1e-9. The query's n-grams are those its tokens hold that the window before it does not."""
     bags = [_grams(b) for b in blocks]
     out = []
@@ -123,7 +123,8 @@ def _choose(state: OracleState, attention: list[float]) -> list[int]:
     content = seeds = None
     if mem.select != "attention" and marks:
         bs, S = mem.block_size, state.num_sinks
-        blocks = [state.ids[S + b * bs : S + (b + 1) * bs] for b in range(count)]
+        over = min(bs // 4, state.window)  # each block's text runs on into the next one's first quarter
+        blocks = [state.ids[S + b * bs : S + (b + 1) * bs + over] for b in range(count)]
         mark = max(marks)
         query = state.queries[mark][-512:]
         view = Counter(_grams(state.ids[max(mark + 1 - state.window, 0) : mark + 1]))
@@ -139,7 +140,8 @@ def _choose(state: OracleState, attention: list[float]) -> list[int]:
 
     if mem.select == "content" and seeds:  # the seeds, their neighbours, then around them
         around = [j for d in range(1, count) for s in seeds for j in (s - d, s + nb + d) if 0 <= j < count]
-        alike = [b for b in range(count) if content[b] >= 0.5 * content[seeds[0]]]  # look-alikes go last
+        touching = {j for s in seeds for j in range(s - 1, s + nb + 2)}  # the rest of a seed's lines
+        alike = [b for b in range(count) if content[b] >= 0.5 * content[seeds[0]] and b not in touching]
         order = with_next(seeds) + [b for b in around + by_attention if b not in alike] + alike
     elif mem.select != "hybrid" or content is None or not any(content):
         order = with_next(by_attention)

@@ -95,6 +95,13 @@ def test_look_alikes_of_a_seed_fill_a_slot_only_when_nothing_else_is_left():
     assert choose(attention, 3, "content", 0, content, seeds=[3]) == [2, 3, 4]
     assert choose(attention, 4, "content", 0, content, seeds=[3]) == [1, 2, 3, 4]
     assert choose(attention[:6], 6, "content", 0, content[:6], seeds=[3]) == [0, 1, 2, 3, 4, 5]  # last resort
+    # the block right after a seed holds the rest of its line (the index reads on across the boundary): it
+    # scores like a look-alike but is the seed's own continuation, and comes first
+    # block 4: the seed's line goes on; block 5: a look-alike. Nearest first: the one before, then after.
+    content = np.array([0.0, 0.0, 0.0, 10.0, 8.0, 9.0, 0.0, 0.0])
+    assert choose(attention, 2, "content", 0, content, seeds=[3]) == [2, 3]
+    assert choose(attention, 3, "content", 0, content, seeds=[3]) == [2, 3, 4]
+    assert choose(attention, 4, "content", 0, content, seeds=[3]) == [1, 2, 3, 4]
 
 
 def test_memory_changes_what_the_stream_computes():

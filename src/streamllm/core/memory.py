@@ -110,7 +110,8 @@ class Memory:
         )
         self.marks: set[int] = set()  # positions where the caller asked for a selection
         self.queries: dict[int, list[int]] = {}  # mark -> the query tokens the caller gave with it
-        self.text = TextIndex(config.block_size, num_sinks)
+        # each block indexed with the first quarter of the next: what a boundary cuts is found whole
+        self.text = TextIndex(config.block_size, num_sinks, overlap=min(config.block_size // 4, window))
         # at the current selection: the blocks' content scores (Nb,), and the seed blocks (content)
         self.content: np.ndarray | None = None
         self.seeds: list[int] | None = None

@@ -9,8 +9,8 @@ where the caller gave no query. Ties always go to the older block.
 - ``content``: the seeds, each with its ``neighbours`` next blocks; the slots left go to the blocks around the
   seeds, nearest first (what was said just before and after), and only then to attention. Look-alikes of a
   seed (another door's pass key, another line of the register: a block whose content score is at least
-  ``CLOSE`` times the first seed's) are never seeds, and they fill a slot only when no other block is left, so
-  they are not recalled beside the answer for a small model to copy instead.
+  ``CLOSE`` times the first seed's, not next to a seed) are never seeds, and they fill a slot only when no
+  other block is left, so they are not recalled beside the answer for a small model to copy instead.
 - ``hybrid``: content proposes ``4 n`` candidates (those with any content score), attention chooses among
   them, each bringing its neighbours; attention fills what is left.
 - ``forced`` blocks (an experiment's ceiling) come first under every rule.
@@ -44,8 +44,13 @@ def choose(
     first = [b for b in forced if b < count]
     if rule == "content" and seeds:
         seeds = list(seeds)
+        # The blocks just before and after a seed's span share its text across the boundary (the index reads
+        # on into the next block): the rest of the same line, never a look-alike.
+        touching = {j for b in seeds for j in range(b - 1, b + neighbours + 2)}
         alike = (
-            set() if content is None else set(np.flatnonzero(content >= CLOSE * content[seeds[0]]).tolist())
+            set()
+            if content is None
+            else set(np.flatnonzero(content >= CLOSE * content[seeds[0]]).tolist()) - touching
         )
         near = [b for b in chain(_around(seeds, neighbours, count), by_attention) if b not in alike]
         order = chain(first, _with_next(seeds, neighbours, count), near, sorted(alike))

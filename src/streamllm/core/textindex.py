@@ -4,8 +4,13 @@ Attention scores find a block that stands out (a pass key in filler), but not on
 models' queries do not single it out. The tokens do. Every layer's memory holds the same tokens in the same
 blocks, so one index serves a whole stream.
 
-- **Terms.** Token n-grams of length 1 to 3 inside a block, each coded exactly as one int64: the ids plus one,
-  21 bits each (so a vocabulary of up to 2^21 - 1 tokens), shorter n-grams below longer ones.
+- **Terms.** Token n-grams of length 1 to 3 inside a block and the first ``overlap`` tokens of the next one,
+  each coded exactly as one int64: the ids plus one, 21 bits each (so a vocabulary of up to 2^21 - 1 tokens),
+  shorter n-grams below longer ones. The overlap is for what a block boundary cuts: "the pass key of door 1 is
+  41039. Remember it. 410|39 is the pass key of door 1." is found whole in the block where it starts, instead
+  of half in each, where a look-alike said whole in one block ("door 10 ...") would outscore both halves. The
+  memory recalls the blocks around a chosen one, so the rest is read too. Every token of the overlap has been
+  noted by the time a block is indexed (it has left the window, ``overlap`` <= window tokens later).
 - **Weights (BM25).** A block's score for a query is the sum, over the query's distinct terms that the block
   holds, of ``idf(t) * tf * (k1 + 1) / (tf + k1)``, with ``idf(t) = ln(1 + (N - df + 0.5) / (df + 0.5))`` over
   the N blocks held. Text that recurs in most blocks (a chat template, filler, the shared part of look-alike
@@ -81,8 +86,8 @@ class TextIndex:
     """The tokens of one stream by text position, and a term index of its evicted blocks: block b holds the
     tokens ``first + b * block_size`` .. ``first + (b + 1) * block_size - 1`` (``first``: the number of sinks)."""
 
-    def __init__(self, block_size: int, first: int):
-        self.block_size, self.first = block_size, first
+    def __init__(self, block_size: int, first: int, overlap: int = 0):
+        self.block_size, self.first, self.overlap = block_size, first, overlap
         self.tokens = _Grow(np.int32)  # (N,) every token noted, by text position
         self.codes = _Grow(np.int64)  # (E,) each block's distinct terms, sorted, block after block
         self.counts = _Grow(np.int32)  # (E,) how often each occurs in its block
@@ -109,7 +114,9 @@ class TextIndex:
         """Index blocks up to ``blocks`` (those the memory holds); a block whose tokens were never noted (a
         benchmark filling memory with made-up keys) gets no terms."""
         for b in range(self.blocks, blocks):
-            codes, counts = np.unique(terms(self.block_tokens(b)), return_counts=True)
+            start = self.first + b * self.block_size
+            text = self.tokens.view()[start : start + self.block_size + self.overlap]
+            codes, counts = np.unique(terms(text), return_counts=True)
             self.codes.extend(codes)
             self.counts.extend(counts.astype(np.int32))
             self.starts.append(self.codes.n)
