@@ -32,7 +32,7 @@ from safetensors import safe_open
 from streamllm import StreamConfig, load_model
 from streamllm.config import MemoryConfig
 from streamllm.core.selection import CLOSE
-from streamllm.core.textindex import TextIndex, query_terms
+from streamllm.core.textindex import TextIndex, overlap_for, query_terms
 from streamllm.experiments.report import Report, table
 from streamllm.runtime.stream import Stream
 from streamllm.sysinfo import current_rss_mb
@@ -132,7 +132,7 @@ def counts(text: str) -> list[int]:
 def index_cost(ids: list[int], block_size: int, question: list[int]) -> tuple[float, float, float]:
     """The text index alone over ``ids``: (seconds to index every block, ms of one search for a new question's
     seeds, bytes per token)."""
-    index = TextIndex(block_size, 4)
+    index = TextIndex(block_size, 4, overlap_for(block_size, 1020))
     index.note(0, ids)
     start = time.perf_counter()
     index.sync((len(ids) - 4) // block_size)
@@ -235,13 +235,14 @@ def main() -> None:
         f"The cost of memory on real text ({args.model}, {args.dtype}, cache 4+1020, content selection, refresh "
         f"{args.refresh}, RAM budget {args.ram_mb} MiB)",
         command(),
-        list(rows[0]),
+        list(rows[0]) if rows else ["memory_tokens"],
         [list(r.values()) for r in rows],
     )
-    report.sections.append(
-        "Each memory row follows the plain sink row it was timed beside, in the same process."
-    )
-    report.sections.append(table(header, table_rows))
+    if rows:
+        report.sections.append(
+            "Each memory row follows the plain sink row it was timed beside, in the same process."
+        )
+        report.sections.append(table(header, table_rows))
     question = tokenizer.encode(QUESTION, add_special_tokens=False)
     index_rows = []
     for n in args.index_sizes:

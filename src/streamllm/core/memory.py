@@ -47,7 +47,7 @@ from .blockfile import HEADER, MemoryFileError
 from .blockstore import BlockStore
 from .rotary import rotate
 from .selection import CLOSE, choose
-from .textindex import TextIndex, query_terms
+from .textindex import TextIndex, overlap_for, query_terms
 
 if TYPE_CHECKING:  # the configuration is made outside core; memory only reads it
     from ..config import MemoryConfig
@@ -110,8 +110,7 @@ class Memory:
         )
         self.marks: set[int] = set()  # positions where the caller asked for a selection
         self.queries: dict[int, list[int]] = {}  # mark -> the query tokens the caller gave with it
-        # each block indexed with the first quarter of the next: what a boundary cuts is found whole
-        self.text = TextIndex(config.block_size, num_sinks, overlap=min(config.block_size // 4, window))
+        self.text = TextIndex(config.block_size, num_sinks, overlap_for(config.block_size, window))
         # at the current selection: the blocks' content scores (Nb,), and the seed blocks (content)
         self.content: np.ndarray | None = None
         self.seeds: list[int] | None = None

@@ -35,6 +35,12 @@ BITS = 21
 K1 = 1.2
 
 
+def overlap_for(block_size: int, window: int) -> int:
+    """How far a block's indexed text runs on into the next block: a quarter block (what a boundary cuts is a
+    line or two), never more than the window (those tokens must have been noted when the block is indexed)."""
+    return min(block_size // 4, window)
+
+
 def terms(ids: np.ndarray) -> np.ndarray:
     """The n-gram codes (n = 1..3) of a run of token ids (N,) -> (<= 3N,) int64, in no particular order."""
     t = ids.astype(np.int64) + 1
