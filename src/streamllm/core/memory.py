@@ -269,6 +269,21 @@ class Memory:
         mem = self.layers[layer]
         # The number of blocks is the same for every layer, fixed when the token was planned.
         n = self.recalled_len // self.config.block_size
+        cfg = self.config
+        if cfg.select == "content" and self.seeds:
+            # Seeds, the blocks around them, then look-alikes fill every slot: attention would order nothing.
+            scores = np.zeros(mem.count)
+        else:
+            scores = self._attention_scores(layer, query, model_pos)
+        mem.selected = choose(scores, n, cfg.select, cfg.neighbours, self.content, self.seeds, self.forced)
+        mem.at = anchor - self.window - 1
+        self.selections += 1
+        return self.recalled(layer)
+
+    def _attention_scores(self, layer: int, query: torch.Tensor, model_pos: int) -> np.ndarray:
+        """Every block's score for ``query`` (1, H, D): per query head the best logit of its representative keys
+        at distance ``window + 1``, summed over the heads. -> (Nb,)"""
+        mem = self.layers[layer]
         stored = mem.reps
         assert stored is not None, "recall runs once a block is kept"
         Hkv, D, r = stored.shape[0], stored.shape[2], self.config.reps
@@ -277,14 +292,7 @@ class Memory:
         q = q.view(Hkv, -1, D)  # (Hkv, G, D)
         reps = stored[:, : mem.count * r].float()  # (Hkv, Nb * r, D)
         logits = torch.bmm(reps, q.transpose(1, 2))  # (Hkv, Nb * r, G)
-        scores = logits.view(Hkv, mem.count, r, -1).amax(2).sum((0, 2))  # (Nb,)
-        cfg = self.config
-        mem.selected = choose(
-            scores.numpy(), n, cfg.select, cfg.neighbours, self.content, self.seeds, self.forced
-        )
-        mem.at = anchor - self.window - 1
-        self.selections += 1
-        return self.recalled(layer)
+        return logits.view(Hkv, mem.count, r, -1).amax(2).sum((0, 2)).numpy()  # (Nb,)
 
     def _query_terms(self, mark: int) -> np.ndarray:
         """The terms of the query marked at ``mark`` that the ``window`` tokens up to it hold no more often than
