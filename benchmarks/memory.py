@@ -156,7 +156,13 @@ def main() -> None:
         "--sizes", type=counts, default="10240,102400,1048576", help="tokens of memory, comma-separated"
     )
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--tokens", type=int, default=64, help="tokens decoded one at a time per stream")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=MemoryConfig().refresh,
+        help="tokens decoded one at a time per stream (default: one refresh period, so that the decode figure "
+        "holds exactly one selection, as every such stretch of a stream does)",
+    )
     p.add_argument("--ram-mb", type=int, default=MemoryConfig().ram_mb)
     p.add_argument("--refresh", type=int, default=MemoryConfig().refresh, help="tokens between selections")
     p.add_argument(

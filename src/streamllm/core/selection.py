@@ -18,7 +18,7 @@ where the caller gave no query. Ties always go to the older block.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
 
 import numpy as np
@@ -40,7 +40,6 @@ def choose(
     the score that tells a seed's look-alikes."""
     count = attention.size
     ids = np.arange(count)
-    by_attention = np.lexsort((ids, -attention)).tolist()
     first = [b for b in forced if b < count]
     if rule == "content" and seeds:
         seeds = list(seeds)
@@ -52,16 +51,17 @@ def choose(
             if content is None
             else set(np.flatnonzero(content >= CLOSE * content[seeds[0]]).tolist()) - touching
         )
-        near = [b for b in chain(_around(seeds, neighbours, count), by_attention) if b not in alike]
+        # lazily: a few are taken of the Nb (a million tokens of memory: 8,000 blocks, in every layer)
+        near = (b for b in chain(_around(seeds, neighbours, count), _ranked(attention)) if b not in alike)
         order = chain(first, _with_next(seeds, neighbours, count), near, sorted(alike))
     elif rule != "hybrid" or content is None or not content.any():
-        order = chain(first, _with_next(by_attention, neighbours, count))
+        order = chain(first, _with_next(_ranked(attention), neighbours, count))
     else:
         proposed = np.lexsort((ids, -attention, -content))[: 4 * n]
         proposed = proposed[content[proposed] > 0]
         chosen = proposed[np.lexsort((proposed, -attention[proposed]))].tolist()
         order = chain(
-            first, _with_next(chosen, neighbours, count), _with_next(by_attention, neighbours, count)
+            first, _with_next(chosen, neighbours, count), _with_next(_ranked(attention), neighbours, count)
         )
     picked: dict[int, None] = {}
     for b in order:
@@ -71,7 +71,12 @@ def choose(
     return sorted(picked)
 
 
-def _with_next(blocks: list[int], neighbours: int, count: int) -> Iterator[int]:
+def _ranked(attention: np.ndarray) -> Iterator[int]:
+    """The blocks by attention score, best first (ties: the older block), sorted only when first asked for."""
+    yield from np.lexsort((np.arange(attention.size), -attention)).tolist()
+
+
+def _with_next(blocks: Iterable[int], neighbours: int, count: int) -> Iterator[int]:
     return (j for b in blocks for j in range(b, min(b + 1 + neighbours, count)))
 
 
