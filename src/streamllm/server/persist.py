@@ -8,10 +8,10 @@ written under a new name first, or a record appended to the journal, then ``meta
 A crash at any moment leaves the previous turn's state intact; the state file's sha256 in ``meta.json`` and each
 record's own sha256 catch a corrupted or truncated file, and a journal tail past the committed length is ignored.
 
-A session with a memory (``--memory``) also has ``memory.bin``, its evicted blocks, only ever appended to: each
+A session with a memory (on by default) also has ``memory.bin``, its evicted blocks, only ever appended to: each
 save appends the blocks kept since the last one and syncs the file before ``meta.json`` commits its length. A
-crash leaves at most an uncommitted tail, which the next load ignores and the next save writes over; the file's id and layout, its length and
-each record's checksum are checked when it is read.
+crash leaves at most an uncommitted tail, which the next load ignores and the next save writes over; the file's
+id and layout, its length and each record's checksum are checked when it is read.
 
 Session ids are checked against ``SESSION_ID`` before they become paths, so no request reaches a file outside
 the state folder.
