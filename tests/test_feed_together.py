@@ -41,6 +41,12 @@ def test_a_stream_that_cannot_share_a_pass_is_refused():
     ]
     for s in streams:
         s.feed([1, 2, 3])
-    assert [s.batchable for s in streams] == [True, False, False]  # the last: its recompute keeps no cache
+    assert [s.batchable for s in streams] == [True, True, False]  # the last: its recompute keeps no cache
     with pytest.raises(ValueError, match="cannot share a pass"):
-        feed_together(streams[:2], [4, 5])
+        feed_together(streams[1:], [4, 5])
+    streams[1].feed(list(range(4, 21)))  # 20 tokens: blocks in memory, and the next (position 20) selects
+    assert streams[1].memory.blocks > 0 and not streams[1].batchable  # a selecting token goes alone
+    with pytest.raises(ValueError, match="cannot share a pass"):
+        feed_together(streams[:2], [6, 6])
+    streams[1].feed([21])
+    assert streams[1].batchable

@@ -155,7 +155,7 @@ def _check_store(config) -> None:
 
 def run(args) -> int:
     from ..server import serve
-    from ..server.app import describe, load_server
+    from ..server.app import load_server
     from ..server.logs import configure
 
     configure(args.log_format)
@@ -165,7 +165,6 @@ def run(args) -> int:
             "listening on %s without --api-key: anyone who can reach it can use it", args.host
         )
     model, tokenizer, config = load_server(model_choice(args), config, progress=say)
-    say(f"serving {config.model_id}: {describe(config)}")
     level = "debug" if args.verbose else "info"
     serve(model, tokenizer, config, args.host, args.port, log_level=level, log_format=args.log_format)
     return 0

@@ -32,7 +32,8 @@ class JsonFormatter(logging.Formatter):
 
 def configure(log_format: str) -> None:
     """Write the root logger's lines (and so the server's, uvicorn's when it leaves its own config out, and the
-    access lines) in ``log_format``; access lines are written whatever the level otherwise."""
+    access lines) in ``log_format``; access lines and the server's opening line are written whatever the level
+    otherwise."""
     if log_format not in FORMATS:
         raise ValueError(f"unknown log format {log_format!r}; choose one of {', '.join(FORMATS)}")
     formatter = JsonFormatter() if log_format == "json" else logging.Formatter(TEXT)
@@ -42,3 +43,5 @@ def configure(log_format: str) -> None:
     for handler in root.handlers:
         handler.setFormatter(formatter)
     logging.getLogger("streamllm.access").setLevel(logging.INFO)
+    # the one line that says what the server runs (cache, memory, store, limits), in the same format
+    logging.getLogger("streamllm.server.app").setLevel(logging.INFO)
