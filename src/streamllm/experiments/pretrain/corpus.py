@@ -24,6 +24,7 @@ import hashlib
 import html.parser
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -89,7 +90,12 @@ def _deb(package: str) -> Path:
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
-        got = subprocess.run(["apt-get", "download", package], cwd=tmp, stdout=sys.stderr, stderr=sys.stderr)
+        download = ["apt-get", "download", package]
+        got = subprocess.run(download, cwd=tmp, stdout=sys.stderr, stderr=sys.stderr)
+        # A new machine's package lists are empty: as root, fetch them once and try again.
+        if got.returncode != 0 and os.geteuid() == 0:
+            subprocess.run(["apt-get", "update", "-qq"], stdout=sys.stderr, stderr=sys.stderr)
+            got = subprocess.run(download, cwd=tmp, stdout=sys.stderr, stderr=sys.stderr)
         debs = list(Path(tmp).glob("*.deb"))
         if got.returncode != 0 or not debs:
             raise DataError(f"apt-get download {package} failed (run `apt-get update` first?)")
