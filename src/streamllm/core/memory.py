@@ -46,7 +46,7 @@ import torch
 from .blockfile import HEADER, MemoryFileError
 from .blockstore import BlockStore
 from .rotary import rotate
-from .selection import CLOSE, choose
+from .selection import CLOSE, choose, uses_attention
 from .textindex import TextIndex, overlap_for, query_terms
 
 if TYPE_CHECKING:  # the configuration is made outside core; memory only reads it
@@ -270,11 +270,10 @@ class Memory:
         # The number of blocks is the same for every layer, fixed when the token was planned.
         n = self.recalled_len // self.config.block_size
         cfg = self.config
-        if cfg.select == "content" and self.seeds:
-            # Seeds, the blocks around them, then look-alikes fill every slot: attention would order nothing.
-            scores = np.zeros(mem.count)
-        else:
+        if uses_attention(cfg.select, self.seeds):
             scores = self._attention_scores(layer, query, model_pos)
+        else:
+            scores = np.zeros(mem.count)
         mem.selected = choose(scores, n, cfg.select, cfg.neighbours, self.content, self.seeds, self.forced)
         mem.at = anchor - self.window - 1
         self.selections += 1

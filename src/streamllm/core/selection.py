@@ -39,7 +39,6 @@ def choose(
     """The ``n`` blocks to recall, ascending. ``content``: every block's content score (Nb,), under ``content``
     the score that tells a seed's look-alikes."""
     count = attention.size
-    ids = np.arange(count)
     first = [b for b in forced if b < count]
     if rule == "content" and seeds:
         seeds = list(seeds)
@@ -57,7 +56,7 @@ def choose(
     elif rule != "hybrid" or content is None or not content.any():
         order = chain(first, _with_next(_ranked(attention), neighbours, count))
     else:
-        proposed = np.lexsort((ids, -attention, -content))[: 4 * n]
+        proposed = np.lexsort((np.arange(count), -attention, -content))[: 4 * n]
         proposed = proposed[content[proposed] > 0]
         chosen = proposed[np.lexsort((proposed, -attention[proposed]))].tolist()
         order = chain(
@@ -69,6 +68,12 @@ def choose(
         if len(picked) == n:
             break
     return sorted(picked)
+
+
+def uses_attention(rule: str, seeds: Sequence[int] | None) -> bool:
+    """Whether ``choose`` reads the attention scores: not under ``content`` with seeds, where the seeds, the blocks
+    around them and then the look-alikes fill every slot (the caller may pass zeros and skip scoring)."""
+    return not (rule == "content" and seeds)
 
 
 def _ranked(attention: np.ndarray) -> Iterator[int]:
