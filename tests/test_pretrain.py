@@ -231,3 +231,17 @@ def test_cli_trains_and_resumes(run, capsys):
         assert "the ones given are ignored" in captured.err
         assert "steps done: {'vanilla': 2, 'zero-sink': 2}" in captured.out
         assert main(["pretrain", "train", "--run", "cli", "--size", "1,2"]) == 0  # settings saved: not parsed
+
+
+@pytest.mark.parametrize(
+    "bad", [["--lr", "-1"], ["--lr", "nan"], ["--weight-decay", "-0.5"], ["--size", "1,2"]]
+)
+def test_cli_refuses_bad_settings(run, capsys, bad):
+    folder, _, tokens = run
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STREAMLLM_HOME", str(folder.parents[2]))
+        args = ["pretrain", "train", "--run", "bad", "--data", str(tokens.folder), *bad]
+        assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("streamllm: error:"), err
+    assert not (folder.parent / "bad").exists()

@@ -39,6 +39,9 @@ def add_parser(sub) -> None:
     t.add_argument("--batch-size", type=positive, default=None, help="sequences per step (default 16)")
     t.add_argument("--seq-len", type=positive, default=None, help="training sequence length (default 512)")
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3)")
+    t.add_argument(
+        "--weight-decay", type=float, default=None, help="AdamW weight decay on the matrices (default 0.1)"
+    )
     t.add_argument("--segment", type=positive, default=None, help="steps per turn (default 50)")
     t.add_argument("--size", default=None, help="model shape HIDDEN,LAYERS,HEADS,FFN (default 256,6,4,688)")
     t.add_argument("--variants", default=None, help="comma-separated (default vanilla,sink-token,zero-sink)")
@@ -105,6 +108,7 @@ def _settings(args, data_folder: Path):
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
         "lr": args.lr,
+        "weight_decay": args.weight_decay,
         "segment": args.segment,
     }
     s = replace(s, **{k: v for k, v in picked.items() if v is not None})
@@ -131,7 +135,17 @@ def run_train(args) -> int:
     folder = _folder(args)
     given = any(
         getattr(args, k) is not None
-        for k in ("steps", "batch_size", "seq_len", "lr", "segment", "size", "variants", "compute")
+        for k in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "lr",
+            "weight_decay",
+            "segment",
+            "size",
+            "variants",
+            "compute",
+        )
     )
     if (folder / "settings.json").exists():
         settings = train.open_run(folder)

@@ -72,6 +72,8 @@ class Settings:
             raise ValueError(f"variants must be among {', '.join(model_mod.VARIANTS)}, got {self.variants}")
         if self.compute not in COMPUTE:
             raise ValueError(f"compute must be one of {', '.join(COMPUTE)}, got {self.compute!r}")
+        if not self.lr > 0 or not self.weight_decay >= 0:
+            raise ValueError(f"lr must be > 0 and weight decay >= 0, got {self.lr} and {self.weight_decay}")
         for name in ("seq_len", "batch_size", "steps", "segment"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
