@@ -245,3 +245,22 @@ def test_cli_refuses_bad_settings(run, capsys, bad):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("streamllm: error:"), err
     assert not (folder.parent / "bad").exists()
+
+
+def test_sink_heads_follow_the_probe(run, monkeypatch):
+    folder, s, tokens = run
+    x = train.probe_batch(s, tokens)
+    res = train.probe(train.load_model(train.latest(folder, "zero-sink")), "zero-sink", x, tokens.sink_id)
+    for key, per_head in (("pos0", "pos0_heads"), ("sink_column", "sink_heads")):
+        for mean, heads in zip(res[key], res[per_head], strict=True):
+            assert len(heads) == s.shape.num_heads and abs(sum(heads) / len(heads) - mean) < 1e-4
+    kept = {v: [n for n, _ in evaluate.kept_checkpoints(folder, v)] for v in model.VARIANTS}
+    assert all(steps and steps[-1] == train.steps_done(folder, v) for v, steps in kept.items())
+    heads = s.shape.num_layers * s.shape.num_heads
+    for threshold, counted in ((0.0, heads), (1.0, 0)):
+        monkeypatch.setattr(evaluate, "SINK_HEAD", threshold)
+        history = evaluate.head_history(folder, s, tokens)
+        assert {v: [r["step"] for r in rows] for v, rows in history.items()} == kept
+        for variant, rows in history.items():
+            assert all(r["pos0_heads"][0] == counted for r in rows)
+            assert all(("sink_heads" in r) == (variant == "zero-sink") for r in rows)

@@ -119,6 +119,7 @@ def evaluate(
     report.sections.append(_observations(results, cache, s.steps, rows))
     shares = {v: read_jsonl(folder / v / "share.jsonl") for v in s.variants}
     report.sections.append(_share_table(shares))
+    report.sections.append(_head_table(head_history(folder, s, toks)))
     report.figure = _plots(results, shares, cache, s)
     return report
 
@@ -162,6 +163,72 @@ def _share_table(shares: dict[str, list[dict]]) -> str:
         "Share of attention per layer at the newest checkpoint (held-out probe, mean over heads and queries "
         f"{train_mod.PROBE_SKIP}..end). Position 0 is the sink token in the sink-token model and an arbitrary "
         "text token in the others."
+    )
+    return note + "\n\n" + table(head, rows)
+
+
+SINK_HEAD = 0.3  # a head "has a sink" when its mean share on the sink exceeds this (Gu et al., ICLR 2025)
+
+
+def kept_checkpoints(folder: Path, variant: str) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint a variant keeps (milestones and the newest), oldest first."""
+    found = []
+    for ckpt in (folder / variant).glob("step-*"):
+        if ckpt.name.endswith(".tmp") or not (ckpt / "config.json").exists():
+            continue
+        found.append((int(ckpt.name.split("-")[1]), ckpt))
+    return sorted(found)
+
+
+@torch.no_grad()
+def head_history(folder: Path, s, toks) -> dict[str, list[dict]]:
+    """Per variant and kept checkpoint, the heads that put more than ``SINK_HEAD`` of their attention on position
+    0 (and, for the zero sink, on its column): the probe's per-head shares, recomputed from the weights so that
+    runs whose logs predate them are covered too."""
+    x = train_mod.probe_batch(s, toks)
+    out: dict[str, list[dict]] = {}
+    for variant in s.variants:
+        rows = []
+        for step, ckpt in kept_checkpoints(folder, variant):
+            try:
+                model = train_mod.load_model(ckpt).eval()
+            except OSError:  # a running trainer replaced it since the listing
+                continue
+            res = train_mod.probe(model, variant, x, toks.sink_id)
+            row = {"step": step, "tokens": step * s.tokens_per_step, "heads": 0}
+            for key in ("pos0_heads", "sink_heads"):
+                shares = [v for layer in res[key] if layer is not None for v in layer]
+                if shares:
+                    row["heads"] = sum(1 for layer in res[key] if layer is not None for _ in layer)
+                    row[key] = (sum(v > SINK_HEAD for v in shares), max(shares))
+            rows.append(row)
+        out[variant] = rows
+    return out
+
+
+def _head_table(history: dict[str, list[dict]]) -> str:
+    rows = []
+    for variant, steps in history.items():
+        for r in steps:
+            cells = []
+            for key in ("pos0_heads", "sink_heads"):
+                if key in r:
+                    n, top = r[key]
+                    cells.append(f"{n}/{r['heads']} (largest {top:.3f})")
+                else:
+                    cells.append("-")
+            rows.append((variant, r["step"], f"{r['tokens'] / 1e6:.2f}M", *cells))
+    head = (
+        "variant",
+        "step",
+        "tokens trained",
+        f"heads with > {SINK_HEAD} on position 0",
+        f"heads with > {SINK_HEAD} on the zero sink",
+    )
+    note = (
+        f"Sink heads at each kept checkpoint (the metric of Gu et al., ICLR 2025, with threshold {SINK_HEAD}: a "
+        "head counts when its mean share of attention on the sink, over the probe's sequences and queries, "
+        "exceeds it; the largest head's share beside)."
     )
     return note + "\n\n" + table(head, rows)
 

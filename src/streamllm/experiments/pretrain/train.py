@@ -270,20 +270,31 @@ def probe_batch(s: Settings, tokens) -> torch.Tensor:
 @torch.no_grad()
 def probe(model, variant: str, x: torch.Tensor, sink_id: int) -> dict:
     """Held-out loss on ``x`` (P, T) and, per layer, the mean share of attention (over heads, sequences and
-    queries past ``PROBE_SKIP``) on position 0, on position 1, and on the zero sink's column where there is one."""
+    queries past ``PROBE_SKIP``) on position 0, on position 1, and on the zero sink's column where there is one;
+    ``pos0_heads`` and ``sink_heads`` give the first and the last of these per head (mean over sequences and
+    queries), since a sink often lives in a few heads only."""
     probs: dict[int, torch.Tensor] = {}
     loss = loss_of(model, variant, x, sink_id, probe=probs)
     pos0: list[float] = []
     pos1: list[float] = []
     sink_column: list[float | None] = []
+    pos0_heads: list[list[float]] = []
+    sink_heads: list[list[float] | None] = []
     out = {"heldout_loss": round(float(loss), 5), "pos0": pos0, "pos1": pos1, "sink_column": sink_column}
+    out |= {"pos0_heads": pos0_heads, "sink_heads": sink_heads}
+
+    def per_head(share: torch.Tensor) -> list[float]:  # (P, H, T') -> H values
+        return [round(float(v), 5) for v in share.mean(dim=(0, 2))]
+
     for layer in sorted(probs):
         p = probs[layer][:, :, PROBE_SKIP:]  # (P, H, T', K)
         T = p.shape[2] + PROBE_SKIP
         pos0.append(round(float(p[..., 0].mean()), 5))
         pos1.append(round(float(p[..., 1].mean()), 5))
+        pos0_heads.append(per_head(p[..., 0]))
         extra = p.shape[-1] - T  # 1 for the zero sink's column
         sink_column.append(round(float(p[..., -1].mean()), 5) if extra else None)
+        sink_heads.append(per_head(p[..., -1]) if extra else None)
     return out
 
 
