@@ -25,10 +25,8 @@ limits to a sliding window keep none. The rules (derivation and the reasons in `
 - **Where blocks live** (``blockstore.py``). Keys and values of blocks stay in RAM up to ``ram_mb``; past it the
   oldest ones move to a file (``dir``; unlinked once open, so it goes when the stream does) and are read back
   when recalled. Representative keys always stay in RAM and count in the budget.
-- **Saving.** A memory made with a named ``file`` (a server session's) can ``persist``: every block the file
-  lacks is appended to it, and ``state_dict`` then names the file's id and length. A fresh memory restores from
-  that (``load_state_dict``), reading only representative keys; the memory the state was taken from rolls back
-  to it instead (a turn undone). A block already in the named file leaves RAM without another write.
+- **Saving** (``memorystate.py``). A memory made with a named ``file`` (a server session's) can ``persist`` its
+  blocks there and be restored from that file with its stream.
 
 Letters: Hkv kv heads, G query heads per kv head, D head dim, N tokens, Nb blocks, r representative keys, M
 recalled tokens.
@@ -43,7 +41,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .blockfile import HEADER, MemoryFileError
+from . import memorystate
+from .blockfile import MemoryFileError
 from .blockstore import BlockStore
 from .rotary import rotate
 from .selection import CLOSE, choose, uses_attention
@@ -221,11 +220,11 @@ class Memory:
         spread = (k - k.mean(dim=1, keepdim=True)).norm(dim=-1)  # (Hkv, bs)
         pick = spread.sort(dim=-1, descending=True, stable=True).indices[:, :r]  # (Hkv, r)
         reps = torch.gather(keys[0], 1, pick[..., None].expand(-1, -1, k.shape[-1]))  # (Hkv, r, D)
-        self._put_reps(mem, mem.count, reps)
+        self.put_reps(mem, mem.count, reps)
         mem.count += 1
         self.kept.put(layer, mem.count - 1, keys, values)
 
-    def _put_reps(self, mem: _LayerMemory, block: int, reps: torch.Tensor) -> None:
+    def put_reps(self, mem: _LayerMemory, block: int, reps: torch.Tensor) -> None:
         """Store block ``block``'s representative keys (Hkv, r, D); the storage grows by an eighth when full
         (little held in reserve)."""
         r = self.config.reps
@@ -257,7 +256,8 @@ class Memory:
             "dtype": str(self.kept.dtype).removeprefix("torch."),
         }
 
-    def _shape(self) -> tuple[int, ...]:
+    def block_shape(self) -> tuple[int, ...]:
+        """One block's keys or values: (1, Hkv, block_size, D)."""
         return (1, self.kv_heads, self.config.block_size, self.head_dim)
 
     # -- recalling ---------------------------------------------------------------------------------------------
@@ -303,7 +303,7 @@ class Memory:
         """The keys and values (1, Hkv, M, D) of ``layer``'s selected blocks, keys rotated where the query sees
         them (``select`` returns them; a restored stream rebuilds its recall slots with them)."""
         mem = self.layers[layer]
-        parts = [self.kept.load(layer, b, self._shape()) for b in mem.selected]
+        parts = [self.kept.load(layer, b, self.block_shape()) for b in mem.selected]
         keys = torch.cat([k for k, _ in parts], dim=2)  # (1, Hkv, M, D) before rotary
         values = torch.cat([v for _, v in parts], dim=2)
         M = keys.shape[2]
@@ -319,101 +319,18 @@ class Memory:
         """How far the recalled tokens move the query's anchor: M under ``cache`` positions, 0 under ``fixed``."""
         return self.recalled_len if self.config.positions == "cache" else 0
 
-    # -- saving and restoring ---------------------------------------------------------------------------------
+    # -- saving and restoring (``memorystate.py``) ----------------------------------------------------------------
     def persist(self) -> None:
-        """Append every block the named file lacks to it, then sync: with ``state_dict`` taken after, the memory
-        can be restored from that file. Raises ``MemoryFileError``; then the file counts as it was before."""
-        if self.file is None:
-            raise RuntimeError("this memory has no named file to persist to")
-        saved = self.kept.saved
-        todo = [(layer, b) for layer, mem in self.layers.items() for b in range(len(saved[layer]), mem.count)]
-        if todo:
-            self.kept.persist(todo, self._shape())
+        """Append every block the named file lacks to it, then sync (``memorystate.persist``)."""
+        memorystate.persist(self)
 
     def state_dict(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """(counters, which can go to JSON; the blocks being filled, as tensors copied to the CPU). Blocks are
-        not in it: they stay where they are (``load_state_dict`` rolls this memory back to the state), and the
-        named file holds the ones ``persist`` wrote (a fresh memory restores from it)."""
-        store = self.kept.store
-        info: dict = {
-            "dtype": None if self.kept.dtype is None else str(self.kept.dtype).removeprefix("torch."),
-            "file": None if store is None else store.id,
-            "file_bytes": 0 if store is None else store.size,
-            "marks": sorted(self.marks),
-            "queries": {str(p): q for p, q in self.queries.items()},
-            "recalled": self.recalled_len,
-            "selections": self.selections,
-            "layers": {},
-        }
-        tensors = {}
-        for i, mem in self.layers.items():
-            info["layers"][str(i)] = {
-                "count": mem.count,
-                "selected": list(mem.selected),
-                "at": mem.at,
-                "next_pos": mem.next_pos,
-            }
-            if mem.held:
-                for name in ("pos", "keys", "values", "offsets"):
-                    part = torch.cat(
-                        getattr(mem, f"pending_{name}"), dim=2 if name in ("keys", "values") else 0
-                    )
-                    tensors[f"{i}.{name}"] = part.detach().to("cpu", copy=True).contiguous()
-        tensors["tokens"] = torch.from_numpy(self.text.tokens.view().copy())
-        return info, tensors
+        """(counters, the blocks being filled): what ``load_state_dict`` goes back to (``memorystate.state``)."""
+        return memorystate.state(self)
 
     def load_state_dict(self, info: dict, tensors: dict[str, torch.Tensor]) -> None:
-        """Go back to what ``state_dict`` returned: this memory drops the blocks kept since (a turn undone), or,
-        when it is fresh, reads the representative keys of the blocks from the named file (a stream restored)."""
-        if set(info["layers"]) != {str(i) for i in self.layers}:
-            raise ValueError(
-                f"memory of layers {sorted(info['layers'])}; this model keeps {sorted(self.layers)}"
-            )
-        counts = {i: int(info["layers"][str(i)]["count"]) for i in self.layers}
-        if self.blocks == 0 and any(counts.values()):
-            self._restore(info, counts)
-        for i, mem in self.layers.items():
-            saved = info["layers"][str(i)]
-            if mem.count < counts[i]:
-                raise ValueError(f"memory of layer {i} holds {mem.count} blocks, the state {counts[i]}")
-            self.kept.drop(i, counts[i])  # the blocks kept after the state was taken
-            mem.count = counts[i]
-            mem.selected, mem.at = [int(b) for b in saved["selected"]], int(saved["at"])
-            mem.next_pos = None if saved["next_pos"] is None else int(saved["next_pos"])
-            if f"{i}.pos" in tensors:
-                mem.pending_pos, mem.pending_offsets = [tensors[f"{i}.pos"]], [tensors[f"{i}.offsets"]]
-                mem.pending_keys, mem.pending_values = [tensors[f"{i}.keys"]], [tensors[f"{i}.values"]]
-                mem.held = mem.pending_pos[0].numel()
-            else:
-                mem.pending_pos, mem.pending_offsets, mem.pending_keys, mem.pending_values = [], [], [], []
-                mem.held = 0
-        self.marks = {int(p) for p in info["marks"]}
-        self.queries = {int(p): [int(i) for i in q] for p, q in info.get("queries", {}).items()}
-        self.recalled_len, self.selections = int(info["recalled"]), int(info["selections"])
-        # A session saved before blocks were indexed by their tokens has none: its blocks get no terms.
-        self.text.cut(min(counts.values(), default=0))
-        self.text.note(0, tensors["tokens"].tolist() if "tokens" in tensors else [])
-
-    def _restore(self, info: dict, counts: dict[int, int]) -> None:
-        """Index the named file a saved state refers to: every record's place, and its representative keys."""
-        if self.file is None or info["file"] is None:
-            raise MemoryFileError("the saved state has memory blocks, but no memory file to read them from")
-        self.kept.dtype = getattr(torch, info["dtype"])
-        store = self.kept.open_named(info["file"], int(info["file_bytes"]))
-        shape = (self.kv_heads, self.config.reps, self.head_dim)
-        for offset in range(HEADER, store.size, store.record):
-            layer, block, raw = store.read_reps(offset)
-            mem = self.layers.get(layer)
-            if mem is None or block != len(self.kept.saved[layer]) or block >= counts[layer]:
-                raise MemoryFileError(f"memory file corrupted: an unexpected record at offset {offset}")
-            reps = torch.frombuffer(bytearray(raw), dtype=self.kept.dtype).view(shape)
-            self._put_reps(mem, block, reps)
-            self.kept.saved[layer].append(offset)
-            mem.count = block + 1
-        for i, mem in self.layers.items():
-            if mem.count != counts[i]:
-                raise MemoryFileError(f"the memory file holds {mem.count} of layer {i}'s {counts[i]} blocks")
-        self.kept.fit()
+        """Go back to what ``state_dict`` returned (``memorystate.load``)."""
+        memorystate.load(self, info, tensors)
 
     # -- reporting ---------------------------------------------------------------------------------------------
     def recalls(self) -> list[dict]:
