@@ -246,22 +246,29 @@ def _plots(results: dict, shares: dict, cache: int, s):
     ax.set_title("Perplexity against number of sinks")
     ax.legend()
     ax = axes[0, 1]
+    highest = 0.0
     for variant, history in shares.items():
         if not history:
             continue
         x = [h["tokens"] / 1e6 for h in history]
         (line,) = ax.plot(x, [sum(h["pos0"]) / len(h["pos0"]) for h in history], marker=".", label=variant)
         top = [max(h["pos0"]) for h in history]
+        highest = max(highest, *top)
         ax.plot(x, top, color=line.get_color(), lw=0.8, alpha=0.5, label=f"{variant}: the layer with most")
         if history[-1]["sink_column"][0] is not None:
             zero = [sum(h["sink_column"]) / len(h["sink_column"]) for h in history]
+            highest = max(highest, *zero)
             ax.plot(x, zero, ls="--", color=line.get_color(), label=f"{variant}: on the zero sink")
         if variant == "sink-token":
             first_text = [sum(h["pos1"]) / len(h["pos1"]) for h in history]
             ax.plot(x, first_text, ls=":", color=line.get_color(), label=f"{variant}: on position 1")
     ax.set_xlabel("training tokens (M)")
-    ax.set_ylabel("share of attention on position 0 (mean over layers; faint: the layer with most)")
-    ax.set_ylim(0, 1)
+    # what position 0 would get if a query spread its attention evenly over the keys it sees
+    queries = range(train_mod.PROBE_SKIP, s.seq_len)
+    even = sum(1 / (q + 1) for q in queries) / len(queries)
+    ax.axhline(even, color="grey", ls=":", lw=1, label="attention spread evenly")
+    ax.set_ylabel("share of attention on position 0 (mean over layers)")
+    ax.set_ylim(0, min(1.0, max(0.05, 1.25 * highest)))
     ax.set_title(f"Sink share during training (seq len {s.seq_len})")
     ax.legend(fontsize=8)
     return fig
