@@ -62,7 +62,7 @@ def state(memory: Memory) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def load(memory: Memory, info: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Go back to what ``state_dict`` returned: this memory drops the blocks kept since (a turn undone), or,
+    """Go back to what ``state`` returned: this memory drops the blocks kept since (a turn undone), or,
     when it is fresh, reads the representative keys of the blocks from the named file (a stream restored)."""
     if set(info["layers"]) != {str(i) for i in memory.layers}:
         raise ValueError(

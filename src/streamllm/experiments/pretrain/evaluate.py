@@ -199,7 +199,7 @@ def head_history(folder: Path, s, toks) -> dict[str, list[dict]]:
             for key in ("pos0_heads", "sink_heads"):
                 shares = [v for layer in res[key] if layer is not None for v in layer]
                 if shares:
-                    row["heads"] = sum(1 for layer in res[key] if layer is not None for _ in layer)
+                    row["heads"] = len(shares)
                     row[key] = (sum(v > SINK_HEAD for v in shares), max(shares))
             rows.append(row)
         out[variant] = rows
