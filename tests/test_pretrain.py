@@ -254,7 +254,7 @@ def test_sink_heads_follow_the_probe(run, monkeypatch):
     for key, per_head in (("pos0", "pos0_heads"), ("sink_column", "sink_heads")):
         for mean, heads in zip(res[key], res[per_head], strict=True):
             assert len(heads) == s.shape.num_heads and abs(sum(heads) / len(heads) - mean) < 1e-4
-    kept = {v: [n for n, _ in evaluate.kept_checkpoints(folder, v)] for v in model.VARIANTS}
+    kept = {v: [n for n, _ in train.kept_checkpoints(folder, v)] for v in model.VARIANTS}
     assert all(steps and steps[-1] == train.steps_done(folder, v) for v, steps in kept.items())
     heads = s.shape.num_layers * s.shape.num_heads
     for threshold, counted in ((0.0, heads), (1.0, 0)):

@@ -170,16 +170,6 @@ def _share_table(shares: dict[str, list[dict]]) -> str:
 SINK_HEAD = 0.3  # a head "has a sink" when its mean share on the sink exceeds this (Gu et al., ICLR 2025)
 
 
-def kept_checkpoints(folder: Path, variant: str) -> list[tuple[int, Path]]:
-    """(step, folder) of every checkpoint a variant keeps (milestones and the newest), oldest first."""
-    found = []
-    for ckpt in (folder / variant).glob("step-*"):
-        if ckpt.name.endswith(".tmp") or not (ckpt / "config.json").exists():
-            continue
-        found.append((int(ckpt.name.split("-")[1]), ckpt))
-    return sorted(found)
-
-
 @torch.no_grad()
 def head_history(folder: Path, s, toks) -> dict[str, list[dict]]:
     """Per variant and kept checkpoint, the heads that put more than ``SINK_HEAD`` of their attention on position
@@ -189,7 +179,7 @@ def head_history(folder: Path, s, toks) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for variant in s.variants:
         rows = []
-        for step, ckpt in kept_checkpoints(folder, variant):
+        for step, ckpt in train_mod.kept_checkpoints(folder, variant):
             try:
                 model = train_mod.load_model(ckpt).eval()
             except OSError:  # a running trainer replaced it since the listing

@@ -123,9 +123,24 @@ def latest(folder: Path, variant: str) -> Path | None:
     return folder / variant / pointer.read_text().strip() if pointer.exists() else None
 
 
+def step_of(ckpt: Path) -> int:
+    """The step a checkpoint folder (``step-N``) was saved at."""
+    return int(ckpt.name.split("-")[1])
+
+
 def steps_done(folder: Path, variant: str) -> int:
     ckpt = latest(folder, variant)
-    return int(ckpt.name.split("-")[1]) if ckpt else 0
+    return step_of(ckpt) if ckpt else 0
+
+
+def kept_checkpoints(folder: Path, variant: str) -> list[tuple[int, Path]]:
+    """(step, folder) of every checkpoint a variant keeps (milestones and the newest), oldest first."""
+    found = []
+    for ckpt in (folder / variant).glob("step-*"):
+        if ckpt.name.endswith(".tmp") or not (ckpt / "config.json").exists():
+            continue
+        found.append((step_of(ckpt), ckpt))
+    return sorted(found)
 
 
 def load_model(ckpt: Path):
@@ -248,8 +263,7 @@ def _save(folder: Path, s: Settings, tokens, variant: str, model, optimizer, ste
     for old in root.glob("step-*"):  # keep milestones' weights; only the newest keeps its optimizer
         if old == target or old.name.endswith(".tmp"):
             continue
-        n = int(old.name.split("-")[1])
-        if n in s.milestones:
+        if step_of(old) in s.milestones:
             (old / "trainer.pt").unlink(missing_ok=True)
         else:
             shutil.rmtree(old)
